@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Idempotent machine setup for development and CI (fresh Debian + Docker).
+# Quiet on success; on failure prints the log (.cache/setup.log).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+mkdir -p .cache
+LOG=.cache/setup.log
+: >"$LOG"
+trap 'rc=$?; if [ $rc -ne 0 ]; then echo "setup.sh: FAILED (exit $rc); log follows:" >&2; cat "$LOG" >&2; fi' EXIT
+
+APT_PACKAGES=(protobuf-compiler busybox-static iproute2 iptables python3-venv)
+
+step() { echo "--- $*" >>"$LOG"; }
+
+step "apt packages"
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed' || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update >>"$LOG" 2>&1
+  apt-get install -y --no-install-recommends "${missing[@]}" >>"$LOG" 2>&1
+fi
+command -v docker >/dev/null || { echo "docker CLI not found" >>"$LOG"; exit 1; }
+
+step "python venv (.cache/venv) with moto[server]"
+[ -x .cache/venv/bin/python ] || python3 -m venv .cache/venv >>"$LOG" 2>&1
+if ! .cache/venv/bin/python -c 'import moto, flask, flask_cors' 2>/dev/null; then
+  # Tolerant: moto is only needed by later tests; do not fail the whole setup.
+  if ! .cache/venv/bin/python -m pip install -q --disable-pip-version-check 'moto[server]' >>"$LOG" 2>&1; then
+    echo "setup.sh: warning: pip install moto[server] failed; see $LOG" >&2
+  fi
+fi
+
+step "runner image (downloads terraform wrappers into .cache/terraform)"
+images/build-runner.sh >>"$LOG" 2>&1
