@@ -27,7 +27,12 @@ mkdir -p "$CACHE"
 : >"$LOG"
 tmp=$(mktemp -d)
 ctx="$tmp/ctx" && mkdir "$ctx"
-trap 'rc=$?; rm -rf "$tmp"; if [ $rc -ne 0 ]; then echo "build-runner.sh: FAILED (exit $rc); log follows:" >&2; cat "$LOG" >&2; fi' EXIT
+on_exit() {
+  local rc=$?
+  rm -rf "$tmp"
+  if [ $rc -ne 0 ]; then echo "build-runner.sh: FAILED (exit $rc); log follows:" >&2; cat "$LOG" >&2; fi
+}
+trap on_exit EXIT
 
 # fetch <pip requirement> <sha256>: sdist into $CACHE (pinned by hash).
 fetch() {
@@ -35,7 +40,8 @@ fetch() {
   file="$CACHE/$name-$version.tar.gz"
   if ! echo "$2  $file" | sha256sum -c --status 2>/dev/null; then
     # The sdists' setup.py writes into $HOME while pip prepares metadata: sandbox HOME.
-    local py; py=$(python3 -c 'import sys; print(sys.executable)')
+    local py=.cache/venv/bin/python  # else resolve pyenv shims before HOME changes
+    [ -x "$py" ] || py=$(python3 -c 'import sys; print(sys.executable)')
     HOME="$tmp" "$py" -m pip download -q --disable-pip-version-check --no-deps \
       --no-binary :all: -d "$CACHE" "$1" >>"$LOG" 2>&1
     echo "$2  $file" | sha256sum -c >>"$LOG" 2>&1

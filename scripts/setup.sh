@@ -7,7 +7,11 @@ cd "$(dirname "$0")/.."
 mkdir -p .cache
 LOG=.cache/setup.log
 : >"$LOG"
-trap 'rc=$?; if [ $rc -ne 0 ]; then echo "setup.sh: FAILED (exit $rc); log follows:" >&2; cat "$LOG" >&2; fi' EXIT
+on_exit() {
+  local rc=$?
+  if [ $rc -ne 0 ]; then echo "setup.sh: FAILED (exit $rc); log follows:" >&2; cat "$LOG" >&2; fi
+}
+trap on_exit EXIT
 
 APT_PACKAGES=(protobuf-compiler busybox-static iproute2 iptables python3-venv)
 
