@@ -1,1 +1,159 @@
-//! placeholder
+//! `outpost-agent`: the Outpost worker agent.
+//!
+//! It dials out to the control plane over mTLS gRPC (`session`), accepts the
+//! leases pushed to it, runs each job in a sandboxed Docker container
+//! (`executor`), streams the output back as acknowledged log chunks
+//! (`runtime`), and drains on SIGTERM. Wire types are converted in `wire` only.
+
+pub mod config;
+pub mod executor;
+pub mod job;
+pub mod runtime;
+pub mod session;
+pub mod units;
+pub mod wire;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{Instrument, info, info_span, warn};
+
+use crate::config::AgentConfig;
+use crate::executor::{DockerExecutor, ExecError};
+use crate::runtime::Runtime;
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("failed to create the state directory {path}")]
+    StateDir {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the Docker engine is not usable")]
+    Docker(#[source] ExecError),
+}
+
+/// Signals that stop the agent.
+#[derive(Debug, Clone, Default)]
+pub struct Shutdown {
+    /// Stop taking leases, let running jobs finish within the drain grace.
+    pub drain: CancellationToken,
+    /// Stop running jobs now (one SIGINT, then SIGKILL), report, exit.
+    pub force: CancellationToken,
+}
+
+/// Runs the agent until it has drained. `ready` is called once the agent is
+/// really ready (Docker checked, leftovers cleaned, connecting).
+pub async fn run(
+    cfg: AgentConfig,
+    shutdown: Shutdown,
+    ready: impl FnOnce(),
+) -> Result<(), AgentError> {
+    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
+        path: cfg.state_dir.clone(),
+        source,
+    })?;
+    let executor = DockerExecutor::connect(cfg.sandbox.clone())
+        .await
+        .map_err(AgentError::Docker)?;
+    match executor.cleanup_orphans().await {
+        Ok(0) => {}
+        Ok(n) => info!(containers = n, "removed containers left by an earlier run"),
+        Err(e) => warn!(error = %e, "could not clean up containers left by an earlier run"),
+    }
+    let cfg = Arc::new(cfg);
+    let rt = Runtime::new(Arc::new(executor), cfg.capacity, cfg.log_buffer_bytes);
+    let stop = CancellationToken::new();
+
+    let session = tokio::spawn(
+        session::maintain(
+            cfg.clone(),
+            rt.clone(),
+            shutdown.drain.clone(),
+            stop.clone(),
+        )
+        .instrument(info_span!("session")),
+    );
+    let fencer = {
+        let rt = rt.clone();
+        let stop = stop.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    for k in rt.fence_expired() {
+                        warn!(job = %k.job_id, epoch = k.epoch, "lease could not be renewed; stopping the job");
+                    }
+                }
+            }
+            .instrument(info_span!("fencer")),
+        )
+    };
+    info!(capacity = cfg.capacity, server = %cfg.server, "agent ready");
+    ready();
+
+    tokio::select! {
+        _ = shutdown.drain.cancelled() => {}
+        _ = shutdown.force.cancelled() => {}
+    }
+    rt.start_draining();
+    info!(
+        running = rt.len(),
+        grace_s = cfg.drain_grace.as_secs(),
+        "draining"
+    );
+    let deadline = tokio::time::Instant::now() + cfg.drain_grace;
+    let ended = wait_empty(&rt, deadline, &shutdown.force).await;
+    if !ended {
+        warn!(running = rt.len(), "interrupting the jobs still running");
+        rt.cancel_all("stopped: the agent was shut down before the job finished");
+        // The executor sends one SIGINT, then SIGKILL after its grace; allow
+        // time to report the final states afterwards.
+        let report = cfg.sandbox.stop_grace + Duration::from_secs(30);
+        if !wait_empty(
+            &rt,
+            tokio::time::Instant::now() + report,
+            &CancellationToken::new(),
+        )
+        .await
+        {
+            warn!(
+                unreported = rt.len(),
+                "exiting with final states not yet acknowledged by the control plane"
+            );
+        }
+    }
+    stop.cancel();
+    rt.tracker.close();
+    let _ = tokio::time::timeout(Duration::from_secs(10), rt.tracker.wait()).await;
+    let _ = session.await;
+    let _ = fencer.await;
+    info!("agent stopped");
+    Ok(())
+}
+
+/// Waits until the agent holds no job, `deadline` passes or `force` fires.
+async fn wait_empty(
+    rt: &Runtime,
+    deadline: tokio::time::Instant,
+    force: &CancellationToken,
+) -> bool {
+    loop {
+        let gone = rt.gone.notified();
+        if rt.is_empty() {
+            return true;
+        }
+        tokio::select! {
+            _ = gone => {}
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = tokio::time::sleep_until(deadline) => return rt.is_empty(),
+            _ = force.cancelled() => return rt.is_empty(),
+        }
+    }
+}

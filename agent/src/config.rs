@@ -1,0 +1,253 @@
+//! The agent's configuration: one TOML file (unknown keys are an error) with
+//! environment overrides. Everything is validated before anything starts;
+//! `main` exits with code 64 on any error here.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::executor::SandboxConfig;
+
+/// Errors in the configuration. Messages name the file, key or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("failed to read the config file {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid environment variable {var}: {message}")]
+    Env { var: &'static str, message: String },
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+}
+
+/// TLS material of the agent's identity.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM file with the Outpost CA certificate that signed the control plane's certificate.
+    pub ca: PathBuf,
+    /// PEM file with this agent's client certificate (role `agent`).
+    pub cert: PathBuf,
+    /// PEM file with this agent's private key. Never leaves this host.
+    pub key: PathBuf,
+}
+
+/// The agent's configuration file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentConfig {
+    /// Control plane URL, e.g. `https://outpost.internal:7443`. The agent only dials out.
+    pub server: String,
+    /// Name expected in the control plane's certificate (default: the URL's host).
+    #[serde(default)]
+    pub server_name: Option<String>,
+    /// Informational agent name sent in the hello (the certificate is authoritative).
+    #[serde(default)]
+    pub agent_id: Option<String>,
+    /// Jobs run at once.
+    #[serde(default = "default_capacity")]
+    pub capacity: u32,
+    /// Labels jobs can select on.
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    /// Directory for the agent's own state.
+    #[serde(default = "default_state_dir")]
+    pub state_dir: PathBuf,
+    /// Grace period on SIGTERM for running jobs to finish before they are interrupted.
+    #[serde(default = "default_drain_grace", with = "crate::units::serde_duration")]
+    pub drain_grace: Duration,
+    /// Longest wait between reconnect attempts (jittered exponential backoff).
+    #[serde(default = "default_max_backoff", with = "crate::units::serde_duration")]
+    pub max_backoff: Duration,
+    /// Bytes of unacknowledged log kept per job before the job's output is slowed down.
+    #[serde(default = "default_log_buffer")]
+    pub log_buffer_bytes: usize,
+    pub tls: TlsConfig,
+    /// Sandbox defaults and limits for every job.
+    #[serde(default)]
+    pub sandbox: SandboxConfig,
+}
+
+fn default_capacity() -> u32 {
+    1
+}
+fn default_state_dir() -> PathBuf {
+    PathBuf::from("/var/lib/outpost-agent")
+}
+fn default_drain_grace() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_backoff() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_log_buffer() -> usize {
+    64 << 20
+}
+
+impl AgentConfig {
+    /// Reads `path`, applies `OUTPOST_AGENT_*` overrides from `env`, validates.
+    pub fn load(
+        path: &Path,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<AgentConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut cfg = Self::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        cfg.apply_env(env)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// Parses TOML text (no overrides, no validation).
+    pub fn parse(text: &str) -> Result<AgentConfig, String> {
+        toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
+    }
+
+    /// Applies `OUTPOST_AGENT_SERVER`, `OUTPOST_AGENT_ID`, `OUTPOST_AGENT_CAPACITY`,
+    /// `OUTPOST_AGENT_LABELS` (`k=v,k=v`, merged) and `OUTPOST_AGENT_STATE_DIR`.
+    pub fn apply_env(
+        &mut self,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<(), ConfigError> {
+        for (k, v) in env {
+            match k.as_str() {
+                "OUTPOST_AGENT_SERVER" => self.server = v,
+                "OUTPOST_AGENT_ID" => self.agent_id = Some(v),
+                "OUTPOST_AGENT_STATE_DIR" => self.state_dir = PathBuf::from(v),
+                "OUTPOST_AGENT_CAPACITY" => {
+                    self.capacity = v.parse().map_err(|_| ConfigError::Env {
+                        var: "OUTPOST_AGENT_CAPACITY",
+                        message: format!("{v:?} is not a whole number"),
+                    })?
+                }
+                "OUTPOST_AGENT_LABELS" => {
+                    for pair in v.split(',').filter(|p| !p.trim().is_empty()) {
+                        let (lk, lv) = pair.split_once('=').ok_or_else(|| ConfigError::Env {
+                            var: "OUTPOST_AGENT_LABELS",
+                            message: format!("{pair:?} is not key=value"),
+                        })?;
+                        self.labels
+                            .insert(lk.trim().to_string(), lv.trim().to_string());
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks values that parse but make no sense.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if !(self.server.starts_with("https://")) {
+            return Err(ConfigError::Invalid(format!(
+                "server {:?} must be an https:// URL (the agent only speaks mTLS)",
+                self.server
+            )));
+        }
+        if self.capacity == 0 || self.capacity > 256 {
+            return Err(ConfigError::Invalid(format!(
+                "capacity {} must be between 1 and 256",
+                self.capacity
+            )));
+        }
+        if self.log_buffer_bytes < 64 * 1024 {
+            return Err(ConfigError::Invalid(
+                "log_buffer_bytes must be at least 65536".into(),
+            ));
+        }
+        for (what, p) in [
+            ("tls.ca", &self.tls.ca),
+            ("tls.cert", &self.tls.cert),
+            ("tls.key", &self.tls.key),
+        ] {
+            if !p.is_file() {
+                return Err(ConfigError::Invalid(format!(
+                    "{what}: {} does not exist or is not a file",
+                    p.display()
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    /// TLS name of the control plane.
+    pub fn server_name(&self) -> String {
+        if let Some(n) = &self.server_name {
+            return n.clone();
+        }
+        let rest = self.server.trim_start_matches("https://");
+        let host = rest.split('/').next().unwrap_or(rest);
+        let host = if let Some(h) = host.strip_prefix('[') {
+            h.split(']').next().unwrap_or(h)
+        } else {
+            host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+        };
+        host.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIN: &str = r#"
+server = "https://127.0.0.1:7443"
+[tls]
+ca = "/ca.pem"
+cert = "/agent.pem"
+key = "/agent.key"
+"#;
+
+    #[test]
+    fn minimal_config_has_defaults() {
+        let c = AgentConfig::parse(MIN).unwrap();
+        assert_eq!(c.capacity, 1);
+        assert_eq!(c.server_name(), "127.0.0.1");
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let e = AgentConfig::parse(&format!("{MIN}\nbogus = 1\n")).unwrap_err();
+        assert!(e.contains("bogus"), "{e}");
+        let e = AgentConfig::parse(&MIN.replace("[tls]", "[tls]\nkey_file = \"x\"")).unwrap_err();
+        assert!(e.contains("key_file"), "{e}");
+    }
+
+    #[test]
+    fn env_overrides_apply_and_are_checked() {
+        let mut c = AgentConfig::parse(MIN).unwrap();
+        c.apply_env([
+            ("OUTPOST_AGENT_CAPACITY".to_string(), "4".to_string()),
+            (
+                "OUTPOST_AGENT_LABELS".to_string(),
+                "zone=a, pool=tf".to_string(),
+            ),
+        ])
+        .unwrap();
+        assert_eq!(c.capacity, 4);
+        assert_eq!(c.labels.get("pool").map(String::as_str), Some("tf"));
+        let e = c
+            .apply_env([("OUTPOST_AGENT_CAPACITY".to_string(), "many".to_string())])
+            .unwrap_err();
+        assert!(e.to_string().contains("OUTPOST_AGENT_CAPACITY"));
+    }
+
+    #[test]
+    fn validation_rejects_plaintext_and_zero_capacity() {
+        let mut c = AgentConfig::parse(MIN).unwrap();
+        c.server = "http://x".into();
+        assert!(c.validate().unwrap_err().to_string().contains("https"));
+    }
+}

@@ -1,0 +1,779 @@
+//! Drives one job container through the Docker engine: image, workspace,
+//! create, attach, start, supervise (cancel, timeout), collect, remove.
+
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::time::Duration;
+
+use bollard::Docker;
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, SystemInfo};
+use bollard::query_parameters::{
+    AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
+    ListContainersOptions, RemoveContainerOptions,
+};
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::AbortOnDropHandle;
+use tracing::Instrument;
+
+use super::spec::{self, LABEL_JOB, LABEL_WORK_DIR};
+use super::{ExecError, PullPolicy, SandboxConfig, error_chain, workspace};
+use crate::job::{JobSpec, LeaseKey, Outcome};
+
+/// Reason reported when `cancel` stops a job (the token carries no reason;
+/// the caller knows it and may replace this one).
+const CANCEL_REASON: &str = "the job was cancelled";
+/// How long to wait for a container to go after `SIGKILL`.
+const KILL_WAIT: Duration = Duration::from_secs(30);
+/// How long to wait for the rest of the output of a container whose end could
+/// not be observed (it is killed first).
+const ORPHAN_OUTPUT_WAIT: Duration = Duration::from_secs(5);
+/// Attempts at re-following a container whose wait request failed.
+const WAIT_ATTEMPTS: u32 = 3;
+/// Attempts at removing a container while the engine reports a conflict.
+const REMOVE_ATTEMPTS: u32 = 5;
+
+/// Runs jobs as sandboxed containers on the local Docker engine.
+#[derive(Debug, Clone)]
+pub struct DockerExecutor {
+    docker: Docker,
+    /// The configuration, with `work_dir` made canonical.
+    cfg: SandboxConfig,
+    uid: u32,
+    gid: u32,
+    /// Whether the engine's init binary runs as PID 1 of job containers.
+    init: bool,
+}
+
+type OutputStream = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
+
+/// Why the executor stopped a job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    Cancelled,
+    TimedOut,
+}
+
+impl Stop {
+    fn outcome(self) -> Outcome {
+        match self {
+            Stop::Cancelled => Outcome::Cancelled {
+                reason: CANCEL_REASON.to_string(),
+            },
+            Stop::TimedOut => Outcome::TimedOut,
+        }
+    }
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Stop::Cancelled => "cancelled",
+            Stop::TimedOut => "timed out",
+        }
+    }
+}
+
+impl DockerExecutor {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket),
+    /// negotiates the API version down to the engine's, pings it, checks the
+    /// configured runtime is registered and prepares `work_dir`.
+    pub async fn connect(cfg: SandboxConfig) -> Result<Self, ExecError> {
+        let (uid, gid) = cfg.validate()?;
+        let docker = Docker::connect_with_local_defaults()
+            .map_err(|source| ExecError::Connect { source })?;
+        let docker = docker
+            .negotiate_version()
+            .await
+            .map_err(|source| ExecError::NegotiateVersion { source })?;
+        docker
+            .ping()
+            .await
+            .map_err(|source| ExecError::Ping { source })?;
+        let info = docker
+            .info()
+            .await
+            .map_err(|source| ExecError::EngineInfo {
+                what: "info",
+                source,
+            })?;
+        if let Some(runtime) = &cfg.runtime {
+            check_runtime(runtime, &info)?;
+        }
+        let init = init_available(&docker, &info).await;
+        if !init {
+            tracing::warn!(
+                "the docker engine has no init binary: a job's first process runs as PID 1 and a \
+                 SIGINT reaches only that process"
+            );
+        }
+        let work_dir = workspace::prepare_work_dir(&cfg.work_dir).await?;
+        tracing::info!(
+            api_version = %docker.client_version(),
+            engine_version = info.server_version.as_deref().unwrap_or("unknown"),
+            storage_driver = info.driver.as_deref().unwrap_or("unknown"),
+            cgroup_version = ?info.cgroup_version,
+            runtime = cfg.runtime.as_deref().unwrap_or("default"),
+            init,
+            work_dir = %work_dir.display(),
+            "docker engine ready"
+        );
+        Ok(DockerExecutor {
+            docker,
+            cfg: SandboxConfig { work_dir, ..cfg },
+            uid,
+            gid,
+            init,
+        })
+    }
+
+    /// The configuration in force (`work_dir` canonical).
+    pub fn config(&self) -> &SandboxConfig {
+        &self.cfg
+    }
+
+    /// Whether job containers get the engine's init as PID 1.
+    pub fn uses_init(&self) -> bool {
+        self.init
+    }
+
+    /// Runs one job to its end.
+    ///
+    /// Output (stdout and stderr, combined in arrival order, raw bytes) goes
+    /// to `output`; a full channel slows the container's stream
+    /// (backpressure), never drops bytes, so the caller must keep receiving
+    /// while this runs. If the receiver is dropped the rest is discarded.
+    ///
+    /// `cancel` stops the job with exactly one `SIGINT` (to the job's process
+    /// group when the engine has an init), then `SIGKILL` after `stop_grace`
+    /// if it still runs; `spec.timeout`, counted from the start of the
+    /// process, does the same. `started` fires once the process runs.
+    ///
+    /// Never panics; every error becomes [`Outcome::Failed`] with a reason
+    /// meant for the job's owner. The container and the workspace are always
+    /// removed before this returns (or in a background task if this future
+    /// is dropped). A key must not be run twice at once.
+    pub async fn run(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        output: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        started: oneshot::Sender<()>,
+    ) -> Outcome {
+        let span = tracing::info_span!("job", job_id = %key.job_id, epoch = key.epoch);
+        async move {
+            let (name, workspace) = match (
+                spec::container_name(key),
+                spec::workspace_dir(key, &self.cfg.work_dir),
+            ) {
+                (Ok(name), Ok(workspace)) => (name, workspace),
+                (Err(e), _) | (_, Err(e)) => return failed(ExecError::from(e)),
+            };
+            let mut cleanup = Cleanup {
+                docker: self.docker.clone(),
+                name: name.clone(),
+                workspace: workspace.clone(),
+                done: false,
+            };
+            let outcome = self
+                .execute(key, spec, &name, &workspace, output, cancel, started)
+                .await;
+            cleanup.run().await;
+            match &outcome {
+                Outcome::Failed { reason } => tracing::warn!(%reason, "job failed"),
+                outcome => tracing::info!(?outcome, "job finished"),
+            }
+            outcome
+        }
+        .instrument(span)
+        .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn execute(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        name: &str,
+        workspace: &Path,
+        output: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        started: oneshot::Sender<()>,
+    ) -> Outcome {
+        let body = match spec::container_config(key, spec, &self.cfg, workspace, self.init) {
+            Ok(body) => body,
+            Err(e) => return failed(e.into()),
+        };
+        let prepared = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return Stop::Cancelled.outcome(),
+            prepared = self.prepare(&spec.image, name, workspace, body) => prepared,
+        };
+        if let Err(e) = prepared {
+            return failed(e);
+        }
+
+        // Attach before start: the engine registers the attachment before it
+        // answers, so not a byte of a process that prints and exits at once
+        // is lost, and a slow reader slows the container (backpressure).
+        let attach_options = AttachContainerOptions {
+            stream: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let attached = match self
+            .docker
+            .attach_container(name, Some(attach_options))
+            .await
+        {
+            Ok(attached) => attached,
+            Err(source) => {
+                return failed(ExecError::Attach {
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        };
+        let mut pump = AbortOnDropHandle::new(tokio::spawn(
+            forward_output(attached.output, output).instrument(tracing::info_span!("output")),
+        ));
+        if cancel.is_cancelled() {
+            return Stop::Cancelled.outcome();
+        }
+        if let Err(source) = self.docker.start_container(name, None).await {
+            return failed(ExecError::StartContainer {
+                name: name.to_string(),
+                source,
+            });
+        }
+        tracing::info!(container = name, "job process started");
+        // The caller may have stopped listening; that changes nothing here.
+        let _ = started.send(());
+
+        let (outcome, exited) = self.supervise(name, spec.timeout, &cancel).await;
+        if !exited {
+            // Its end was not observed: make sure it is gone so that the
+            // output stream ends.
+            let _ = self.signal(name, "SIGKILL").await;
+            if tokio::time::timeout(ORPHAN_OUTPUT_WAIT, &mut pump)
+                .await
+                .is_err()
+            {
+                tracing::warn!(container = name, "output did not end; dropping the rest");
+            }
+        } else {
+            match (&mut pump).await {
+                Ok(bytes) => tracing::debug!(bytes, "output complete"),
+                Err(e) => tracing::warn!(error = %e, "output task failed"),
+            }
+        }
+        outcome
+    }
+
+    /// Image, workspace and container, ready to start.
+    async fn prepare(
+        &self,
+        image: &str,
+        name: &str,
+        workspace: &Path,
+        body: ContainerCreateBody,
+    ) -> Result<(), ExecError> {
+        self.ensure_image(image).await?;
+        // A container left by an earlier, crashed attempt at the same lease.
+        if remove_container(&self.docker, name).await? {
+            tracing::warn!(container = name, "removed a stale container of this lease");
+        }
+        workspace::create(workspace, self.uid, self.gid).await?;
+        let options = CreateContainerOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        };
+        let created = self
+            .docker
+            .create_container(Some(options), body)
+            .await
+            .map_err(|source| ExecError::CreateContainer {
+                name: name.to_string(),
+                source,
+            })?;
+        for warning in created.warnings.iter().filter(|w| !w.is_empty()) {
+            tracing::warn!(container = name, %warning, "docker engine warning");
+        }
+        Ok(())
+    }
+
+    async fn ensure_image(&self, image: &str) -> Result<(), ExecError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => return Ok(()),
+            Err(e) if status(&e) == Some(404) => {}
+            Err(source) => {
+                return Err(ExecError::InspectImage {
+                    image: image.to_string(),
+                    source,
+                });
+            }
+        }
+        if self.cfg.pull == PullPolicy::Never {
+            return Err(ExecError::ImageNotPresent {
+                image: image.to_string(),
+            });
+        }
+        tracing::info!(image, "pulling image");
+        let (from_image, tag) = split_reference(image);
+        let options = CreateImageOptions {
+            from_image: Some(from_image.to_string()),
+            tag: Some(tag.to_string()),
+            ..Default::default()
+        };
+        let mut progress = self.docker.create_image(Some(options), None, None);
+        while let Some(item) = progress.next().await {
+            item.map_err(|source| ExecError::PullImage {
+                image: image.to_string(),
+                source,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Waits for the job to end, stopping it on cancel or timeout. Returns
+    /// the outcome and whether the container's exit was observed.
+    async fn supervise(
+        &self,
+        name: &str,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+    ) -> (Outcome, bool) {
+        let mut exit = Box::pin(self.wait_exit(name));
+        let deadline = async {
+            match timeout {
+                Some(timeout) => tokio::time::sleep(timeout).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(deadline);
+
+        let stop = tokio::select! {
+            biased;
+            exit = &mut exit => return self.exited(name, exit).await,
+            () = cancel.cancelled() => Stop::Cancelled,
+            () = &mut deadline => Stop::TimedOut,
+        };
+
+        // Exactly one SIGINT, whatever happens next.
+        tracing::info!(reason = stop.as_str(), "stopping job: sending SIGINT");
+        match self.signal(name, "SIGINT").await {
+            Ok(()) => {}
+            Err(e) if is_not_running(&e) => {
+                // It ended on its own just before: that is its outcome.
+                return self.exited(name, exit.await).await;
+            }
+            Err(e) => tracing::warn!(error = %error_chain(&e), "sending SIGINT failed"),
+        }
+        if let Ok(result) = tokio::time::timeout(self.cfg.stop_grace, &mut exit).await {
+            log_stopped(&result);
+            return (stop.outcome(), result.is_ok());
+        }
+        tracing::info!(
+            grace = ?self.cfg.stop_grace,
+            "job still running after the grace period: sending SIGKILL"
+        );
+        if let Err(e) = self.signal(name, "SIGKILL").await
+            && !is_not_running(&e)
+        {
+            tracing::warn!(error = %error_chain(&e), "sending SIGKILL failed");
+        }
+        match tokio::time::timeout(KILL_WAIT, &mut exit).await {
+            Ok(result) => {
+                log_stopped(&result);
+                (stop.outcome(), result.is_ok())
+            }
+            Err(_) => {
+                tracing::warn!("container still running after SIGKILL");
+                (stop.outcome(), false)
+            }
+        }
+    }
+
+    /// The outcome of a container that exited by itself.
+    async fn exited(&self, name: &str, exit: Result<i64, ExecError>) -> (Outcome, bool) {
+        let code = match exit {
+            Ok(code) => code,
+            Err(e) => return (failed(e), false),
+        };
+        match self.docker.inspect_container(name, None).await {
+            Ok(inspect) => {
+                let state = inspect.state.unwrap_or_default();
+                let outcome = Outcome::Exited {
+                    code: state.exit_code.unwrap_or(code),
+                    oom_killed: state.oom_killed.unwrap_or(false),
+                };
+                (outcome, true)
+            }
+            Err(source) => {
+                let e = ExecError::InspectContainer {
+                    name: name.to_string(),
+                    source,
+                };
+                tracing::warn!(error = %error_chain(&e), "out-of-memory state unknown");
+                (
+                    Outcome::Exited {
+                        code,
+                        oom_killed: false,
+                    },
+                    true,
+                )
+            }
+        }
+    }
+
+    /// The exit code once the container has stopped. A wait request that
+    /// fails for another reason than the exit is retried a few times.
+    async fn wait_exit(&self, name: &str) -> Result<i64, ExecError> {
+        let mut attempt = 1;
+        loop {
+            let mut wait = Box::pin(self.docker.wait_container(
+                name,
+                None::<bollard::query_parameters::WaitContainerOptions>,
+            ));
+            let error = match wait.next().await {
+                Some(Ok(response)) => return Ok(response.status_code),
+                // bollard reports a non-zero exit as an error.
+                Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => {
+                    return Ok(code);
+                }
+                Some(Err(e)) => e,
+                None => bollard::errors::Error::DockerStreamError {
+                    error: "the engine ended the wait without a status".to_string(),
+                },
+            };
+            if attempt >= WAIT_ATTEMPTS || status(&error) == Some(404) {
+                return Err(ExecError::Wait {
+                    name: name.to_string(),
+                    source: error,
+                });
+            }
+            tracing::warn!(error = %error, attempt, "waiting for the container failed; retrying");
+            attempt += 1;
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+
+    async fn signal(&self, name: &str, signal: &str) -> Result<(), ExecError> {
+        let options = KillContainerOptions {
+            signal: signal.to_string(),
+        };
+        self.docker
+            .kill_container(name, Some(options))
+            .await
+            .map_err(|source| ExecError::Signal {
+                name: name.to_string(),
+                signal: signal.to_string(),
+                source,
+            })
+    }
+
+    /// Removes every container labelled `outpost.job` that this agent's
+    /// `work_dir` created (left by a crashed agent; running ones are killed)
+    /// and every leftover workspace directory in `work_dir`. Returns how many
+    /// containers were removed. Call it only while this agent runs no job.
+    ///
+    /// Containers of other agents sharing the engine (other `work_dir`) are
+    /// left alone. Everything removable is removed even if one removal fails;
+    /// the first failure is then returned.
+    pub async fn cleanup_orphans(&self) -> Result<usize, ExecError> {
+        let work_dir_label = format!("{LABEL_WORK_DIR}={}", self.cfg.work_dir.to_string_lossy());
+        let options = ListContainersOptions {
+            all: true,
+            filters: Some(
+                [(
+                    "label".to_string(),
+                    vec![LABEL_JOB.to_string(), work_dir_label.clone()],
+                )]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        let containers = self
+            .docker
+            .list_containers(Some(options))
+            .await
+            .map_err(|source| ExecError::ListContainers {
+                label: format!("{LABEL_JOB} and {work_dir_label}"),
+                source,
+            })?;
+        let mut removed = 0;
+        let mut first_error = None;
+        for container in containers {
+            let Some(id) = container.id else { continue };
+            let job_id = container
+                .labels
+                .as_ref()
+                .and_then(|labels| labels.get(LABEL_JOB))
+                .cloned()
+                .unwrap_or_default();
+            match remove_container(&self.docker, &id).await {
+                Ok(true) => {
+                    tracing::info!(container = %id, job_id = %job_id, "removed orphaned job container");
+                    removed += 1;
+                }
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(container = %id, error = %error_chain(&e), "removing orphaned job container failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match workspace::remove_leftovers(&self.cfg.work_dir).await {
+            Ok(0) => {}
+            Ok(dirs) => tracing::info!(dirs, "removed leftover workspaces"),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
+    }
+}
+
+fn check_runtime(runtime: &str, info: &SystemInfo) -> Result<(), ExecError> {
+    let registered = info.runtimes.as_ref();
+    if registered.is_some_and(|r| r.contains_key(runtime)) {
+        return Ok(());
+    }
+    let mut names: Vec<&str> = registered
+        .into_iter()
+        .flat_map(|r| r.keys().map(String::as_str))
+        .collect();
+    names.sort_unstable();
+    Err(ExecError::RuntimeMissing {
+        runtime: runtime.to_string(),
+        registered: if names.is_empty() {
+            "none".to_string()
+        } else {
+            names.join(", ")
+        },
+    })
+}
+
+/// The engine reports the init binary it is configured with in `info`, and
+/// lists it among its components in `version` only when it could run it.
+async fn init_available(docker: &Docker, info: &SystemInfo) -> bool {
+    let Some(binary) = info.init_binary.as_deref().filter(|b| !b.is_empty()) else {
+        return false;
+    };
+    let name = Path::new(binary)
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_else(|| binary.to_string());
+    match docker.version().await {
+        Ok(version) => version
+            .components
+            .iter()
+            .flatten()
+            .any(|component| component.name == name),
+        Err(source) => {
+            let e = ExecError::EngineInfo {
+                what: "version",
+                source,
+            };
+            tracing::warn!(error = %error_chain(&e), "cannot tell whether the engine has an init binary");
+            false
+        }
+    }
+}
+
+/// Forwards the container's output until its end; returns the bytes forwarded.
+async fn forward_output(mut stream: OutputStream, output: mpsc::Sender<Bytes>) -> u64 {
+    let mut forwarded = 0u64;
+    let mut receiver_gone = false;
+    while let Some(item) = stream.next().await {
+        match item {
+            Ok(chunk) => {
+                let bytes = chunk.into_bytes();
+                if bytes.is_empty() || receiver_gone {
+                    continue;
+                }
+                let len = bytes.len() as u64;
+                if output.send(bytes).await.is_err() {
+                    tracing::warn!("output receiver dropped; discarding the rest of the output");
+                    receiver_gone = true;
+                } else {
+                    forwarded += len;
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the container's output failed");
+                break;
+            }
+        }
+    }
+    forwarded
+}
+
+/// Force-removes a container and its anonymous volumes. `Ok(false)` if
+/// there was none.
+async fn remove_container(docker: &Docker, name: &str) -> Result<bool, ExecError> {
+    let mut attempt = 1;
+    loop {
+        let options = RemoveContainerOptions {
+            force: true,
+            v: true,
+            link: false,
+        };
+        match docker.remove_container(name, Some(options)).await {
+            Ok(()) => return Ok(true),
+            Err(e) if status(&e) == Some(404) => return Ok(false),
+            // "removal already in progress"
+            Err(e) if status(&e) == Some(409) && attempt < REMOVE_ATTEMPTS => {
+                attempt += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(source) => {
+                return Err(ExecError::RemoveContainer {
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        }
+    }
+}
+
+/// Removes a job's container and workspace when `run` ends, or, if its
+/// future is dropped before, from a background task.
+struct Cleanup {
+    docker: Docker,
+    name: String,
+    workspace: PathBuf,
+    done: bool,
+}
+
+impl Cleanup {
+    async fn run(&mut self) {
+        remove_job(&self.docker, &self.name, &self.workspace).await;
+        self.done = true;
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        if self.done {
+            return;
+        }
+        let (docker, name, workspace) = (
+            self.docker.clone(),
+            std::mem::take(&mut self.name),
+            std::mem::take(&mut self.workspace),
+        );
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                let span = tracing::info_span!("job_cleanup", container = %name);
+                handle.spawn(
+                    async move { remove_job(&docker, &name, &workspace).await }.instrument(span),
+                );
+            }
+            Err(_) => tracing::warn!(
+                container = %name,
+                "run was dropped outside a runtime; cleanup_orphans will remove the container"
+            ),
+        }
+    }
+}
+
+async fn remove_job(docker: &Docker, name: &str, workspace: &Path) {
+    if let Err(e) = remove_container(docker, name).await {
+        tracing::warn!(container = name, error = %error_chain(&e), "removing the job container failed");
+    }
+    if let Err(e) = workspace::remove(workspace).await {
+        tracing::warn!(error = %error_chain(&e), "removing the job workspace failed");
+    }
+}
+
+fn failed(error: ExecError) -> Outcome {
+    Outcome::Failed {
+        reason: error_chain(&error),
+    }
+}
+
+fn log_stopped(result: &Result<i64, ExecError>) {
+    match result {
+        Ok(code) => tracing::info!(code, "job stopped"),
+        Err(e) => tracing::warn!(error = %error_chain(e), "following the stopping job failed"),
+    }
+}
+
+fn status(error: &bollard::errors::Error) -> Option<u16> {
+    match error {
+        bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
+        _ => None,
+    }
+}
+
+/// The engine answers 409 to a signal for a container that is not running.
+fn is_not_running(error: &ExecError) -> bool {
+    matches!(error, ExecError::Signal { source, .. } if status(source) == Some(409))
+}
+
+/// Splits `repo[:tag]` or `repo@digest` for the pull API (which would pull
+/// every tag if given none): the tag defaults to `latest`.
+fn split_reference(image: &str) -> (&str, &str) {
+    if let Some((repo, digest)) = image.split_once('@') {
+        return (repo, digest);
+    }
+    let name_start = image.rfind('/').map_or(0, |i| i + 1);
+    match image.rfind(':') {
+        Some(colon) if colon > name_start => (&image[..colon], &image[colon + 1..]),
+        _ => (image, "latest"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_split_into_repo_and_tag() {
+        assert_eq!(split_reference("alpine"), ("alpine", "latest"));
+        assert_eq!(
+            split_reference("outpost/runner:dev"),
+            ("outpost/runner", "dev")
+        );
+        assert_eq!(
+            split_reference("registry.local:5000/team/tf"),
+            ("registry.local:5000/team/tf", "latest")
+        );
+        assert_eq!(
+            split_reference("registry.local:5000/team/tf:1.9"),
+            ("registry.local:5000/team/tf", "1.9")
+        );
+        assert_eq!(
+            split_reference("alpine@sha256:abcd"),
+            ("alpine", "sha256:abcd")
+        );
+    }
+
+    #[test]
+    fn runtime_check_lists_registered_runtimes() {
+        let info = SystemInfo {
+            runtimes: Some(
+                [
+                    ("runc".to_string(), Default::default()),
+                    ("io.containerd.runc.v2".to_string(), Default::default()),
+                ]
+                .into(),
+            ),
+            ..Default::default()
+        };
+        assert!(check_runtime("runc", &info).is_ok());
+        let e = check_runtime("runsc", &info).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "container runtime \"runsc\" is not registered in the docker engine \
+             (registered: io.containerd.runc.v2, runc)"
+        );
+    }
+}

@@ -1,0 +1,606 @@
+//! The job container's configuration, as a pure function of the lease, the
+//! job spec and the agent's [`SandboxConfig`]. Nothing here talks to Docker,
+//! so every sandbox property is unit tested.
+//!
+//! **Invariant:** the only host path a job container ever sees is its own
+//! workspace directory, `work_dir/<job_id>-<epoch>`, at `/workspace`.
+
+use std::collections::HashMap;
+use std::path::{Component, Path, PathBuf};
+
+use bollard::models::{
+    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, Mount, MountBindOptions,
+    MountBindOptionsPropagationEnum, MountType, RestartPolicy, RestartPolicyNameEnum,
+};
+
+use super::SandboxConfig;
+use crate::job::{JobSpec, LeaseKey, Network};
+
+/// Label holding the job id; every container the agent creates carries it.
+pub const LABEL_JOB: &str = "outpost.job";
+/// Label holding the lease epoch.
+pub const LABEL_EPOCH: &str = "outpost.epoch";
+/// Label marking containers managed by an Outpost agent (`true`).
+pub const LABEL_MANAGED: &str = "outpost.managed";
+/// Label holding the creating agent's `work_dir`, so that agents sharing an
+/// engine (or parallel tests) only clean up their own containers.
+pub const LABEL_WORK_DIR: &str = "outpost.workdir";
+/// Where the workspace is mounted in the container (also the working directory).
+pub const WORKSPACE_MOUNT: &str = "/workspace";
+/// Docker's smallest accepted memory limit (6 MiB).
+pub const MIN_MEMORY_BYTES: u64 = 6 << 20;
+/// Docker's smallest accepted CPU limit (0.01 CPU).
+pub const MIN_NANO_CPUS: u64 = 10_000_000;
+/// Set in the environment when the engine's init (tini) is PID 1: signals
+/// then go to the job's whole process group, like a terminal's Ctrl-C.
+const TINI_KILL_PROCESS_GROUP: &str = "TINI_KILL_PROCESS_GROUP";
+const MAX_JOB_ID_LEN: usize = 128;
+
+/// Why a job cannot run under this agent's sandbox. The messages are shown to
+/// the job's owner.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SpecError {
+    #[error(
+        "job id {0:?} is not usable: it must be 1 to 128 letters, digits, '_', '.' or '-', starting with a letter or digit"
+    )]
+    InvalidJobId(String),
+    #[error("the job names no image")]
+    NoImage,
+    #[error("egress is not allowed by this agent's policy")]
+    EgressNotAllowed,
+    #[error("the job asks for {resource} {requested}, above this agent's limit of {limit}")]
+    AboveAgentLimit {
+        resource: &'static str,
+        requested: u64,
+        limit: u64,
+    },
+    #[error("the job asks for {resource} {requested}, below the minimum of {minimum}")]
+    BelowMinimum {
+        resource: &'static str,
+        requested: u64,
+        minimum: u64,
+    },
+    #[error(
+        "environment variable name {0:?} is not allowed: it is empty or contains '=' or a NUL byte"
+    )]
+    InvalidEnvName(String),
+    #[error("the value of environment variable {0:?} contains a NUL byte")]
+    InvalidEnvValue(String),
+    #[error("the command contains a NUL byte")]
+    InvalidCommand,
+    #[error("workspace path {} is not allowed: {reason}", path.display())]
+    WorkspacePath { path: PathBuf, reason: &'static str },
+    #[error("sandbox setting {0} is out of range")]
+    OutOfRange(&'static str),
+}
+
+/// Effective limits of one job: the job's requests, never above the agent's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub nano_cpus: u64,
+    pub pids: u64,
+}
+
+/// Container name of a lease: `outpost-<job_id>-<epoch>`.
+pub fn container_name(key: &LeaseKey) -> Result<String, SpecError> {
+    check_job_id(&key.job_id)?;
+    Ok(format!("outpost-{}-{}", key.job_id, key.epoch))
+}
+
+/// Workspace directory of a lease: `work_dir/<job_id>-<epoch>`.
+pub fn workspace_dir(key: &LeaseKey, work_dir: &Path) -> Result<PathBuf, SpecError> {
+    check_job_id(&key.job_id)?;
+    Ok(work_dir.join(format!("{}-{}", key.job_id, key.epoch)))
+}
+
+/// Whether a directory entry name is one [`workspace_dir`] can produce.
+pub fn is_workspace_name(name: &str) -> bool {
+    match name.rsplit_once('-') {
+        Some((job_id, epoch)) => {
+            check_job_id(job_id).is_ok()
+                && !epoch.is_empty()
+                && epoch.bytes().all(|b| b.is_ascii_digit())
+                && epoch.parse::<u64>().is_ok()
+        }
+        None => false,
+    }
+}
+
+/// Job ids become container names and path components: only a safe alphabet.
+fn check_job_id(job_id: &str) -> Result<(), SpecError> {
+    let mut bytes = job_id.bytes();
+    let first_ok = bytes.next().is_some_and(|b| b.is_ascii_alphanumeric());
+    let rest_ok = bytes.all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+    if first_ok && rest_ok && job_id.len() <= MAX_JOB_ID_LEN {
+        Ok(())
+    } else {
+        Err(SpecError::InvalidJobId(job_id.to_string()))
+    }
+}
+
+/// Checks a job against the agent's policy and computes its limits. A job may
+/// only lower a limit; asking for more than the agent allows is rejected
+/// (not clamped), so that the job's owner learns why it would not fit.
+pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<Limits, SpecError> {
+    check_job_id(&key.job_id)?;
+    if spec.image.trim().is_empty() {
+        return Err(SpecError::NoImage);
+    }
+    if spec.network != Network::None {
+        return Err(SpecError::EgressNotAllowed);
+    }
+    let limit = |resource: &'static str, requested: Option<u64>, limit: u64, minimum: u64| {
+        let Some(requested) = requested else {
+            return Ok(limit);
+        };
+        if requested > limit {
+            Err(SpecError::AboveAgentLimit {
+                resource,
+                requested,
+                limit,
+            })
+        } else if requested < minimum {
+            Err(SpecError::BelowMinimum {
+                resource,
+                requested,
+                minimum,
+            })
+        } else {
+            Ok(requested)
+        }
+    };
+    let limits = Limits {
+        memory_bytes: limit(
+            "memory_bytes",
+            spec.resources.memory_bytes,
+            cfg.memory_bytes,
+            MIN_MEMORY_BYTES,
+        )?,
+        nano_cpus: limit(
+            "nano_cpus",
+            spec.resources.nano_cpus,
+            cfg.nano_cpus,
+            MIN_NANO_CPUS,
+        )?,
+        pids: limit("pids", spec.resources.pids, cfg.pids, 1)?,
+    };
+    for (name, value) in &spec.env {
+        if name.is_empty() || name.contains(['=', '\0']) {
+            return Err(SpecError::InvalidEnvName(name.clone()));
+        }
+        if value.contains('\0') {
+            return Err(SpecError::InvalidEnvValue(name.clone()));
+        }
+    }
+    if spec.command.iter().any(|arg| arg.contains('\0')) || spec.image.contains('\0') {
+        return Err(SpecError::InvalidCommand);
+    }
+    Ok(limits)
+}
+
+/// The workspace must be exactly this lease's directory inside `work_dir`:
+/// never the Docker socket, never anything else on the host.
+fn check_workspace(key: &LeaseKey, cfg: &SandboxConfig, path: &Path) -> Result<(), SpecError> {
+    let refuse = |reason| {
+        Err(SpecError::WorkspacePath {
+            path: path.to_path_buf(),
+            reason,
+        })
+    };
+    if !path.is_absolute() {
+        return refuse("it is not absolute");
+    }
+    if path
+        .components()
+        .any(|c| matches!(c, Component::ParentDir | Component::CurDir))
+    {
+        return refuse("it contains '.' or '..'");
+    }
+    let text = path.to_string_lossy();
+    if path.file_name().is_some_and(|n| n == "docker.sock") || text.contains("docker.sock") {
+        return refuse("it is the docker socket");
+    }
+    if path.parent() != Some(cfg.work_dir.as_path()) {
+        return refuse("it is not directly inside the agent's work directory");
+    }
+    if path != workspace_dir(key, &cfg.work_dir)?.as_path() {
+        return refuse("it is not this job's workspace");
+    }
+    Ok(())
+}
+
+fn to_i64(value: u64, what: &'static str) -> Result<i64, SpecError> {
+    i64::try_from(value).map_err(|_| SpecError::OutOfRange(what))
+}
+
+/// Builds the create-container body of a job: the whole sandbox in one place.
+///
+/// `init` says whether the engine's init binary (`docker-init`) is available;
+/// when it is, it runs as PID 1 and forwards signals to the job's process group.
+pub fn container_config(
+    key: &LeaseKey,
+    spec: &JobSpec,
+    cfg: &SandboxConfig,
+    workspace_host_path: &Path,
+    init: bool,
+) -> Result<ContainerCreateBody, SpecError> {
+    let limits = validate(key, spec, cfg)?;
+    check_workspace(key, cfg, workspace_host_path)?;
+    let memory = to_i64(limits.memory_bytes, "memory_bytes")?;
+
+    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    if init && !spec.env.contains_key(TINI_KILL_PROCESS_GROUP) {
+        env.push(format!("{TINI_KILL_PROCESS_GROUP}=1"));
+    }
+
+    let labels = HashMap::from([
+        (LABEL_JOB.to_string(), key.job_id.clone()),
+        (LABEL_EPOCH.to_string(), key.epoch.to_string()),
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (
+            LABEL_WORK_DIR.to_string(),
+            cfg.work_dir.to_string_lossy().into_owned(),
+        ),
+    ]);
+
+    let host_config = HostConfig {
+        privileged: Some(false),
+        cap_drop: Some(vec!["ALL".to_string()]),
+        cap_add: None,
+        security_opt: Some(vec!["no-new-privileges:true".to_string()]),
+        readonly_rootfs: Some(true),
+        memory: Some(memory),
+        memory_swap: Some(memory),
+        nano_cpus: Some(to_i64(limits.nano_cpus, "nano_cpus")?),
+        pids_limit: Some(to_i64(limits.pids, "pids")?),
+        oom_kill_disable: Some(false),
+        network_mode: Some("none".to_string()),
+        ipc_mode: Some("private".to_string()),
+        cgroupns_mode: Some(HostConfigCgroupnsModeEnum::PRIVATE),
+        tmpfs: Some(HashMap::from([(
+            "/tmp".to_string(),
+            format!("rw,noexec,nosuid,nodev,size={}", cfg.tmp_size_bytes),
+        )])),
+        binds: None,
+        mounts: Some(vec![Mount {
+            typ: Some(MountType::BIND),
+            source: Some(workspace_host_path.to_string_lossy().into_owned()),
+            target: Some(WORKSPACE_MOUNT.to_string()),
+            read_only: Some(false),
+            bind_options: Some(MountBindOptions {
+                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }]),
+        runtime: cfg.runtime.clone(),
+        init: init.then_some(true),
+        auto_remove: Some(false),
+        restart_policy: Some(RestartPolicy {
+            name: Some(RestartPolicyNameEnum::NO),
+            maximum_retry_count: None,
+        }),
+        publish_all_ports: Some(false),
+        ..Default::default()
+    };
+
+    Ok(ContainerCreateBody {
+        image: Some(spec.image.clone()),
+        cmd: (!spec.command.is_empty()).then(|| spec.command.clone()),
+        env: Some(env),
+        user: Some(cfg.user.clone()),
+        working_dir: Some(WORKSPACE_MOUNT.to_string()),
+        labels: Some(labels),
+        network_disabled: Some(true),
+        tty: Some(false),
+        open_stdin: Some(false),
+        attach_stdin: Some(false),
+        attach_stdout: Some(true),
+        attach_stderr: Some(true),
+        host_config: Some(host_config),
+        ..Default::default()
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::job::Resources;
+
+    fn key() -> LeaseKey {
+        LeaseKey {
+            job_id: "job-0190a1b2".to_string(),
+            epoch: 3,
+        }
+    }
+
+    fn cfg() -> SandboxConfig {
+        SandboxConfig {
+            work_dir: PathBuf::from("/var/lib/outpost-agent/work"),
+            ..Default::default()
+        }
+    }
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            image: "outpost/runner:dev".to_string(),
+            command: vec!["terraform".to_string(), "plan".to_string()],
+            env: BTreeMap::from([("TF_LOG".to_string(), "info".to_string())]),
+            resources: Resources::default(),
+            timeout: Some(Duration::from_secs(60)),
+            network: Network::None,
+        }
+    }
+
+    fn ws() -> PathBuf {
+        PathBuf::from("/var/lib/outpost-agent/work/job-0190a1b2-3")
+    }
+
+    fn build(spec: &JobSpec) -> Result<ContainerCreateBody, SpecError> {
+        container_config(&key(), spec, &cfg(), &ws(), true)
+    }
+
+    fn host(body: &ContainerCreateBody) -> &HostConfig {
+        body.host_config.as_ref().unwrap()
+    }
+
+    #[test]
+    fn sandbox_is_locked_down() {
+        let body = build(&spec()).unwrap();
+        let h = host(&body);
+        assert_eq!(h.privileged, Some(false));
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(h.cap_add, None);
+        assert_eq!(
+            h.security_opt,
+            Some(vec!["no-new-privileges:true".to_string()])
+        );
+        assert!(
+            !h.security_opt
+                .iter()
+                .flatten()
+                .any(|o| o.contains("seccomp") || o.contains("apparmor")),
+            "the engine's default seccomp and apparmor profiles stay on"
+        );
+        assert_eq!(h.readonly_rootfs, Some(true));
+        assert_eq!(h.network_mode.as_deref(), Some("none"));
+        assert_eq!(body.network_disabled, Some(true));
+        assert_eq!(h.ipc_mode.as_deref(), Some("private"));
+        assert_eq!(h.pid_mode, None, "private pid namespace (the default)");
+        assert_eq!(h.userns_mode, None);
+        assert_eq!(h.auto_remove, Some(false));
+        assert_eq!(h.devices, None);
+        assert_eq!(h.sysctls, None);
+        assert_eq!(h.volumes_from, None);
+        assert_eq!(h.port_bindings, None);
+        assert_eq!(body.user.as_deref(), Some("1000:1000"));
+        assert_eq!(body.working_dir.as_deref(), Some("/workspace"));
+        assert_eq!(body.tty, Some(false));
+        assert_eq!(body.open_stdin, Some(false));
+        assert_eq!(
+            h.tmpfs,
+            Some(HashMap::from([(
+                "/tmp".to_string(),
+                "rw,noexec,nosuid,nodev,size=268435456".to_string()
+            )]))
+        );
+    }
+
+    #[test]
+    fn the_only_host_path_is_the_jobs_workspace() {
+        let body = build(&spec()).unwrap();
+        let h = host(&body);
+        assert_eq!(h.binds, None);
+        assert_eq!(body.volumes, None);
+        let mounts = h.mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 1);
+        let m = &mounts[0];
+        assert_eq!(m.typ, Some(MountType::BIND));
+        assert_eq!(
+            m.source.as_deref(),
+            Some("/var/lib/outpost-agent/work/job-0190a1b2-3")
+        );
+        assert_eq!(m.target.as_deref(), Some("/workspace"));
+        assert_eq!(m.read_only, Some(false));
+        // tmpfs is memory, not a host path; it is the only other mount.
+        assert_eq!(h.tmpfs.as_ref().map(|t| t.len()), Some(1));
+    }
+
+    #[test]
+    fn refuses_the_docker_socket_and_paths_outside_work_dir() {
+        let refused = |cfg: &SandboxConfig, path: &str| {
+            let e = container_config(&key(), &spec(), cfg, Path::new(path), true).unwrap_err();
+            assert!(matches!(e, SpecError::WorkspacePath { .. }), "{path}: {e}");
+            e.to_string()
+        };
+        let c = cfg();
+        assert!(refused(&c, "/var/run/docker.sock").contains("docker socket"));
+        assert!(refused(&c, "/run/docker.sock").contains("docker socket"));
+        assert!(refused(&c, "/etc").contains("work directory"));
+        assert!(refused(&c, "/").contains("work directory"));
+        assert!(refused(&c, "/var/lib/outpost-agent/work").contains("work directory"));
+        assert!(refused(&c, "/var/lib/outpost-agent/work/../job-0190a1b2-3").contains(".."));
+        assert!(refused(&c, "/var/lib/outpost-agent/work/other-1").contains("this job"));
+        assert!(refused(&c, "/var/lib/outpost-agent/work/job-0190a1b2-3/sub").contains("work"));
+        assert!(refused(&c, "relative/job-0190a1b2-3").contains("absolute"));
+        // Even a work_dir misconfigured to /var/run cannot expose the socket.
+        let run = SandboxConfig {
+            work_dir: PathBuf::from("/var/run"),
+            ..cfg()
+        };
+        assert!(refused(&run, "/var/run/docker.sock").contains("docker socket"));
+    }
+
+    #[test]
+    fn a_job_can_lower_limits_but_not_raise_them() {
+        let body = build(&spec()).unwrap();
+        let h = host(&body);
+        assert_eq!(h.memory, Some(1 << 30));
+        assert_eq!(h.memory_swap, Some(1 << 30), "no swap");
+        assert_eq!(h.nano_cpus, Some(1_000_000_000));
+        assert_eq!(h.pids_limit, Some(256));
+
+        let mut lower = spec();
+        lower.resources = Resources {
+            memory_bytes: Some(64 << 20),
+            nano_cpus: Some(500_000_000),
+            pids: Some(32),
+        };
+        let body = build(&lower).unwrap();
+        let h = host(&body);
+        assert_eq!(h.memory, Some(64 << 20));
+        assert_eq!(h.memory_swap, Some(64 << 20));
+        assert_eq!(h.nano_cpus, Some(500_000_000));
+        assert_eq!(h.pids_limit, Some(32));
+
+        for resources in [
+            Resources {
+                memory_bytes: Some(2 << 30),
+                ..Default::default()
+            },
+            Resources {
+                nano_cpus: Some(2_000_000_000),
+                ..Default::default()
+            },
+            Resources {
+                pids: Some(257),
+                ..Default::default()
+            },
+        ] {
+            let mut higher = spec();
+            higher.resources = resources;
+            let e = build(&higher).unwrap_err();
+            assert!(matches!(e, SpecError::AboveAgentLimit { .. }), "{e}");
+            assert!(e.to_string().contains("above this agent's limit"), "{e}");
+        }
+        // Zero means "unlimited" to Docker: never let it through.
+        for resources in [
+            Resources {
+                memory_bytes: Some(0),
+                ..Default::default()
+            },
+            Resources {
+                nano_cpus: Some(0),
+                ..Default::default()
+            },
+            Resources {
+                pids: Some(0),
+                ..Default::default()
+            },
+        ] {
+            let mut zero = spec();
+            zero.resources = resources;
+            assert!(matches!(
+                build(&zero).unwrap_err(),
+                SpecError::BelowMinimum { .. }
+            ));
+        }
+    }
+
+    #[test]
+    fn egress_is_refused_for_now() {
+        let mut s = spec();
+        s.network = Network::Egress;
+        let e = build(&s).unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "egress is not allowed by this agent's policy"
+        );
+    }
+
+    #[test]
+    fn env_names_are_checked() {
+        for bad in ["", "A=B", "NUL\0"] {
+            let mut s = spec();
+            s.env.insert(bad.to_string(), "x".to_string());
+            assert_eq!(
+                build(&s).unwrap_err(),
+                SpecError::InvalidEnvName(bad.to_string())
+            );
+        }
+        let mut s = spec();
+        s.env.insert("OK".to_string(), "a=b c".to_string());
+        let body = build(&s).unwrap();
+        let env = body.env.unwrap();
+        assert!(env.contains(&"OK=a=b c".to_string()));
+        assert!(env.contains(&"TF_LOG=info".to_string()));
+        assert!(env.contains(&"TINI_KILL_PROCESS_GROUP=1".to_string()));
+    }
+
+    #[test]
+    fn labels_name_and_runtime() {
+        let c = SandboxConfig {
+            runtime: Some("runsc".to_string()),
+            ..cfg()
+        };
+        let body = container_config(&key(), &spec(), &c, &ws(), false).unwrap();
+        let labels = body.labels.as_ref().unwrap();
+        assert_eq!(
+            labels.get(LABEL_JOB).map(String::as_str),
+            Some("job-0190a1b2")
+        );
+        assert_eq!(labels.get(LABEL_EPOCH).map(String::as_str), Some("3"));
+        assert_eq!(labels.get(LABEL_MANAGED).map(String::as_str), Some("true"));
+        assert_eq!(
+            labels.get(LABEL_WORK_DIR).map(String::as_str),
+            Some("/var/lib/outpost-agent/work")
+        );
+        let h = host(&body);
+        assert_eq!(h.runtime.as_deref(), Some("runsc"));
+        assert_eq!(h.init, None);
+        assert!(
+            !body
+                .env
+                .unwrap()
+                .iter()
+                .any(|e| e.starts_with("TINI_KILL_PROCESS_GROUP"))
+        );
+        assert_eq!(container_name(&key()).unwrap(), "outpost-job-0190a1b2-3");
+        assert_eq!(
+            body.cmd,
+            Some(vec!["terraform".to_string(), "plan".to_string()])
+        );
+        let mut default_cmd = spec();
+        default_cmd.command.clear();
+        assert_eq!(build(&default_cmd).unwrap().cmd, None);
+        assert_eq!(host(&build(&spec()).unwrap()).init, Some(true));
+    }
+
+    #[test]
+    fn job_ids_are_safe_names() {
+        for bad in [
+            "",
+            "../etc",
+            "a/b",
+            "-x",
+            ".hidden",
+            "a b",
+            "é",
+            &"x".repeat(129),
+        ] {
+            let k = LeaseKey {
+                job_id: bad.to_string(),
+                epoch: 1,
+            };
+            assert!(container_name(&k).is_err(), "{bad:?}");
+            assert!(workspace_dir(&k, Path::new("/w")).is_err(), "{bad:?}");
+        }
+        let k = LeaseKey {
+            job_id: "0190a1b2-c3d4-7e5f.x_y".to_string(),
+            epoch: 12,
+        };
+        assert_eq!(
+            workspace_dir(&k, Path::new("/w")).unwrap(),
+            PathBuf::from("/w/0190a1b2-c3d4-7e5f.x_y-12")
+        );
+        assert!(is_workspace_name("0190a1b2-c3d4-7e5f.x_y-12"));
+        assert!(!is_workspace_name("lost+found"));
+        assert!(!is_workspace_name("job-"));
+        assert!(!is_workspace_name("job-1x"));
+        assert!(!is_workspace_name("-1"));
+    }
+}

@@ -1,0 +1,303 @@
+//! The agent's one outbound connection: mTLS gRPC to the control plane, one
+//! bidirectional session stream, reconnects with jittered exponential backoff.
+//!
+//! **Invariant:** the agent never listens on a port; every connection is
+//! initiated here.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use outpost_proto::agent::v1 as pb;
+use outpost_proto::agent::v1::agent_message::Msg as Out;
+use outpost_proto::agent::v1::agent_service_client::AgentServiceClient;
+use outpost_proto::agent::v1::server_message::Msg as In;
+use rand::Rng;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tracing::{debug, info, warn};
+
+use crate::config::AgentConfig;
+use crate::runtime::Runtime;
+use crate::wire;
+
+/// Errors of one session.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("failed to read {what} {path}")]
+    ReadTls {
+        what: &'static str,
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid control plane endpoint {url}")]
+    Endpoint {
+        url: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    #[error("failed to connect to the control plane")]
+    Connect(#[source] tonic::transport::Error),
+    #[error("the control plane refused the session: {0}")]
+    Rpc(#[from] tonic::Status),
+    #[error("the control plane closed the session before welcoming the agent")]
+    NoWelcome,
+    #[error("the session's send queue closed")]
+    Closed,
+}
+
+/// Builds the mTLS channel endpoint from the configuration.
+pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
+    let read = |what, path: &std::path::Path| {
+        std::fs::read(path).map_err(|source| SessionError::ReadTls {
+            what,
+            path: path.to_path_buf(),
+            source,
+        })
+    };
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("CA certificate", &cfg.tls.ca)?))
+        .identity(Identity::from_pem(
+            read("agent certificate", &cfg.tls.cert)?,
+            read("agent key", &cfg.tls.key)?,
+        ))
+        .domain_name(cfg.server_name());
+    let ep = Endpoint::from_shared(cfg.server.clone())
+        .and_then(|e| e.tls_config(tls))
+        .map_err(|source| SessionError::Endpoint {
+            url: cfg.server.clone(),
+            source,
+        })?
+        .connect_timeout(Duration::from_secs(5))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true);
+    Ok(ep)
+}
+
+/// Keeps a session open until `stop` is cancelled, reconnecting with
+/// jittered exponential backoff.
+pub async fn maintain(
+    cfg: Arc<AgentConfig>,
+    rt: Arc<Runtime>,
+    drain: CancellationToken,
+    stop: CancellationToken,
+) {
+    let ep = match endpoint(&cfg) {
+        Ok(ep) => ep,
+        Err(e) => {
+            warn!(error = %e, "cannot build the control plane endpoint");
+            return;
+        }
+    };
+    let mut backoff = Duration::from_millis(200);
+    loop {
+        if stop.is_cancelled() {
+            return;
+        }
+        let started = std::time::Instant::now();
+        match ep.connect().await {
+            Ok(channel) => match session(&cfg, &rt, channel, &drain, &stop).await {
+                Ok(()) => debug!("session ended"),
+                Err(e) => warn!(error = %e, "session ended"),
+            },
+            Err(e) => {
+                warn!(error = %e, source = ?std::error::Error::source(&e), "cannot reach the control plane")
+            }
+        }
+        if stop.is_cancelled() {
+            return;
+        }
+        if started.elapsed() > Duration::from_secs(30) {
+            backoff = Duration::from_millis(200);
+        }
+        let jittered = rand::rng().random_range(backoff / 2..=backoff);
+        debug!(delay_ms = jittered.as_millis() as u64, "reconnecting");
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(jittered) => {}
+        }
+        backoff = (backoff * 2).min(cfg.max_backoff);
+    }
+}
+
+fn msg(m: Out) -> pb::AgentMessage {
+    pb::AgentMessage { msg: Some(m) }
+}
+
+async fn session(
+    cfg: &AgentConfig,
+    rt: &Arc<Runtime>,
+    channel: Channel,
+    drain: &CancellationToken,
+    stop: &CancellationToken,
+) -> Result<(), SessionError> {
+    let mut client = AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
+    let hello = pb::Hello {
+        agent_id: cfg.agent_id.clone().unwrap_or_default(),
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        labels: cfg.labels.clone().into_iter().collect(),
+        capacity: cfg.capacity,
+        capabilities: vec!["log-ack".into(), "status-ack".into()],
+        running: rt.leases().iter().map(wire::key_to_pb).collect(),
+        draining: rt.is_draining(),
+    };
+    tx.send(msg(Out::Hello(hello)))
+        .await
+        .map_err(|_| SessionError::Closed)?;
+    let mut inbound = client.session(ReceiverStream::new(rx)).await?.into_inner();
+    let welcome = match tokio::time::timeout(Duration::from_secs(15), inbound.next()).await {
+        Ok(Some(Ok(pb::ServerMessage {
+            msg: Some(In::Welcome(w)),
+        }))) => w,
+        Ok(Some(Err(status))) => return Err(status.into()),
+        _ => return Err(SessionError::NoWelcome),
+    };
+    for r in &welcome.resumed {
+        if let Some(l) = &r.lease {
+            rt.resume(
+                &wire::key_from_pb(l),
+                r.acked_offset,
+                Duration::from_millis(r.ttl_ms),
+            );
+        }
+    }
+    for l in &welcome.revoked {
+        rt.revoke(
+            &wire::key_from_pb(l),
+            "the control plane no longer honours this lease",
+        );
+    }
+    let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(200, 60_000));
+    info!(agent = %welcome.agent_id, resumed = welcome.resumed.len(), "connected to the control plane");
+    let mut ticker = tokio::time::interval(heartbeat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut drain_sent = false;
+    let mut seq: u64 = 0;
+    loop {
+        if drain.is_cancelled() && !drain_sent {
+            rt.start_draining();
+            tx.send(msg(Out::Drain(pb::DrainNotice {
+                reason: "agent is shutting down".into(),
+            })))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+            drain_sent = true;
+        }
+        // Flush what is pending before waiting.
+        loop {
+            let outbox = rt.outbox(256 * 1024);
+            for mut m in outbox.messages {
+                if let Out::Log(c) = &mut m {
+                    seq += 1;
+                    c.seq = seq;
+                }
+                tx.send(msg(m)).await.map_err(|_| SessionError::Closed)?;
+            }
+            if !outbox.more {
+                break;
+            }
+        }
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = drain.cancelled(), if !drain_sent => {}
+            _ = rt.wake.notified() => {}
+            _ = ticker.tick() => {
+                let hb = pb::Heartbeat {
+                    leases: rt.leases().iter().map(wire::key_to_pb).collect(),
+                    free_slots: rt.free_slots(),
+                };
+                tx.send(msg(Out::Heartbeat(hb))).await.map_err(|_| SessionError::Closed)?;
+            }
+            m = inbound.next() => {
+                let m = match m {
+                    None => return Ok(()),
+                    Some(Err(status)) => return Err(status.into()),
+                    Some(Ok(m)) => m,
+                };
+                handle(rt, &tx, m).await?;
+            }
+        }
+    }
+}
+
+async fn handle(
+    rt: &Arc<Runtime>,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    m: pb::ServerMessage,
+) -> Result<(), SessionError> {
+    let Some(m) = m.msg else { return Ok(()) };
+    match m {
+        In::Welcome(_) => {}
+        In::Lease(l) => {
+            let job_id = l.job_id.clone();
+            let epoch = l.epoch;
+            let result = wire::lease_from_pb(l).and_then(|lease| rt.accept(lease));
+            if let Err(reason) = result {
+                warn!(job = %job_id, epoch, reason = %reason, "declining a lease");
+                tx.send(msg(Out::LeaseRejected(pb::LeaseRejected {
+                    job_id,
+                    epoch,
+                    reason,
+                })))
+                .await
+                .map_err(|_| SessionError::Closed)?;
+            }
+        }
+        In::LogAck(a) => rt.log_acked(
+            &crate::job::LeaseKey {
+                job_id: a.job_id,
+                epoch: a.epoch,
+            },
+            a.offset,
+        ),
+        In::StatusAck(a) => rt.status_acked(&crate::job::LeaseKey {
+            job_id: a.job_id,
+            epoch: a.epoch,
+        }),
+        In::Cancel(c) => {
+            info!(job = %c.job_id, epoch = c.epoch, reason = %c.reason, "cancel received");
+            rt.cancel(
+                &crate::job::LeaseKey {
+                    job_id: c.job_id,
+                    epoch: c.epoch,
+                },
+                &c.reason,
+            );
+        }
+        In::HeartbeatAck(a) => {
+            for r in &a.renewed {
+                if let Some(l) = &r.lease {
+                    rt.renewed(&wire::key_from_pb(l), Duration::from_millis(r.ttl_ms));
+                }
+            }
+            for l in &a.revoked {
+                rt.revoke(
+                    &wire::key_from_pb(l),
+                    "lease not renewed by the control plane",
+                );
+            }
+        }
+        In::Drain(d) => {
+            info!(reason = %d.reason, "drain requested by the control plane");
+            rt.start_draining();
+            tx.send(msg(Out::Drain(pb::DrainNotice { reason: d.reason })))
+                .await
+                .map_err(|_| SessionError::Closed)?;
+        }
+        In::Refused(r) => {
+            rt.revoke(
+                &crate::job::LeaseKey {
+                    job_id: r.job_id,
+                    epoch: r.epoch,
+                },
+                &r.reason,
+            );
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,330 @@
+//! `outpost.agent.v1.AgentService`: one session per connected agent.
+//!
+//! The agent's identity is the name in its verified client certificate; what
+//! it says in `Hello.agent_id` is informational only.
+
+use std::collections::HashSet;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use outpost_proto::agent::v1 as pb;
+use outpost_proto::agent::v1::agent_message::Msg as In;
+use outpost_proto::agent::v1::server_message::Msg as Out;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::hub::{AgentTx, Hub};
+use crate::identity::{Identity, Role};
+use crate::model::{AgentInfo, now_ms};
+use crate::store::StoreError;
+use crate::wire;
+
+pub struct AgentApi {
+    pub hub: Arc<Hub>,
+    pub shutdown: CancellationToken,
+}
+
+type OutStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentApi {
+    type SessionStream = OutStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Self::SessionStream>, Status> {
+        let id = Identity::require(&request, Role::Agent)?;
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(1024);
+        let hub = self.hub.clone();
+        let shutdown = self.shutdown.clone();
+        let span = info_span!("agent_session", agent = %id.name);
+        tokio::spawn(
+            async move {
+                if let Err(e) = run_session(hub, id.name, inbound, tx.clone(), shutdown).await {
+                    warn!(error = %e, "agent session ended with an error");
+                    let _ = tx.send(Err(e)).await;
+                }
+            }
+            .instrument(span),
+        );
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+fn out(tx: &AgentTx, msg: Out) -> impl Future<Output = Result<(), Status>> + '_ {
+    async move {
+        tx.send(Ok(pb::ServerMessage { msg: Some(msg) }))
+            .await
+            .map_err(|_| Status::cancelled("session closed"))
+    }
+}
+
+fn internal(e: StoreError) -> Status {
+    Status::internal(e.to_string())
+}
+
+async fn run_session(
+    hub: Arc<Hub>,
+    agent: String,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: AgentTx,
+    shutdown: CancellationToken,
+) -> Result<(), Status> {
+    let first = tokio::time::timeout(Duration::from_secs(15), inbound.next())
+        .await
+        .map_err(|_| Status::deadline_exceeded("no hello within 15s"))?;
+    let hello = match first {
+        Some(Ok(pb::AgentMessage {
+            msg: Some(In::Hello(h)),
+        })) => h,
+        Some(Ok(_)) => return Err(Status::failed_precondition("the first message must be hello")),
+        Some(Err(e)) => return Err(e),
+        None => return Ok(()),
+    };
+    let labels: std::collections::BTreeMap<String, String> = hello.labels.into_iter().collect();
+    hub.store
+        .upsert_agent(AgentInfo {
+            id: agent.clone(),
+            version: hello.version.clone(),
+            labels: labels.clone(),
+            capacity: hello.capacity,
+            draining: hello.draining,
+            last_seen_ms: now_ms(),
+        })
+        .await
+        .map_err(internal)?;
+
+    // Reconcile what the agent says it runs with the leases we hold.
+    let ttl_ms = hub.timing.ttl.as_millis() as u64;
+    let claimed: Vec<(String, u64)> = hello
+        .running
+        .iter()
+        .map(|l| (l.job_id.clone(), l.epoch))
+        .collect();
+    let (renewed, revoked) = hub
+        .store
+        .renew(agent.clone(), claimed, ttl_ms)
+        .await
+        .map_err(internal)?;
+    let kept: HashSet<String> = renewed.iter().map(|j| j.id.clone()).collect();
+    for j in hub.store.active_jobs().await.map_err(internal)? {
+        if j.agent_id.as_deref() == Some(agent.as_str()) && !kept.contains(&j.id) {
+            info!(job = %j.id, epoch = j.epoch, "agent no longer holds this lease; re-queueing");
+            hub.store
+                .requeue(j.id.clone(), j.epoch, agent.clone())
+                .await
+                .map_err(internal)?;
+        }
+    }
+    let welcome = pb::Welcome {
+        agent_id: agent.clone(),
+        server_version: env!("CARGO_PKG_VERSION").to_string(),
+        capabilities: vec!["log-ack".into(), "status-ack".into()],
+        resumed: renewed
+            .iter()
+            .map(|j| pb::LeaseResume {
+                lease: Some(pb::LeaseRef {
+                    job_id: j.id.clone(),
+                    epoch: j.epoch,
+                }),
+                acked_offset: j.log_acked,
+                ttl_ms,
+            })
+            .collect(),
+        revoked: revoked
+            .into_iter()
+            .map(|(job_id, epoch)| pb::LeaseRef { job_id, epoch })
+            .collect(),
+        heartbeat_interval_ms: hub.timing.heartbeat.as_millis() as u64,
+    };
+    out(&tx, Out::Welcome(welcome)).await?;
+    for j in &renewed {
+        if j.cancel_requested {
+            out(
+                &tx,
+                Out::Cancel(pb::Cancel {
+                    job_id: j.id.clone(),
+                    epoch: j.epoch,
+                    reason: "cancelled by an operator".into(),
+                }),
+            )
+            .await?;
+        }
+    }
+    let session = hub.connect(&agent, tx.clone(), labels, hello.capacity, hello.draining);
+    info!(version = %hello.version, capacity = hello.capacity, resumed = renewed.len(), "agent connected");
+    hub.kick();
+    hub.changed();
+
+    let result = loop {
+        let msg = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            m = inbound.next() => m,
+        };
+        let msg = match msg {
+            None => break Ok(()),
+            Some(Err(e)) => {
+                debug!(error = %e, "agent stream broke");
+                break Ok(());
+            }
+            Some(Ok(m)) => m,
+        };
+        if let Err(e) = handle(&hub, &agent, &tx, msg).await {
+            break Err(e);
+        }
+    };
+    hub.disconnect(&agent, session);
+    hub.changed();
+    info!("agent disconnected");
+    result
+}
+
+async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> Result<(), Status> {
+    let Some(msg) = msg.msg else { return Ok(()) };
+    let ttl_ms = hub.timing.ttl.as_millis() as u64;
+    match msg {
+        In::Hello(_) => return Err(Status::failed_precondition("hello sent twice")),
+        In::Heartbeat(hb) => {
+            let leases = hb.leases.into_iter().map(|l| (l.job_id, l.epoch)).collect();
+            let (renewed, revoked) = hub
+                .store
+                .renew(agent.to_string(), leases, ttl_ms)
+                .await
+                .map_err(internal)?;
+            out(
+                tx,
+                Out::HeartbeatAck(pb::HeartbeatAck {
+                    renewed: renewed
+                        .iter()
+                        .map(|j| pb::LeaseResume {
+                            lease: Some(pb::LeaseRef {
+                                job_id: j.id.clone(),
+                                epoch: j.epoch,
+                            }),
+                            acked_offset: j.log_acked,
+                            ttl_ms,
+                        })
+                        .collect(),
+                    revoked: revoked
+                        .into_iter()
+                        .map(|(job_id, epoch)| pb::LeaseRef { job_id, epoch })
+                        .collect(),
+                }),
+            )
+            .await?;
+            if hb.free_slots > 0 {
+                hub.kick();
+            }
+        }
+        In::Log(chunk) => {
+            let r = hub
+                .store
+                .append_log(
+                    chunk.job_id.clone(),
+                    chunk.epoch,
+                    agent.to_string(),
+                    chunk.offset,
+                    chunk.data.into(),
+                )
+                .await;
+            match r {
+                Ok(acked) => {
+                    hub.changed();
+                    out(
+                        tx,
+                        Out::LogAck(pb::LogAck {
+                            job_id: chunk.job_id,
+                            epoch: chunk.epoch,
+                            offset: acked,
+                        }),
+                    )
+                    .await?;
+                }
+                Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => {
+                    refuse(tx, chunk.job_id, chunk.epoch, e.to_string()).await?
+                }
+                Err(StoreError::Gap { acked, .. }) => {
+                    warn!(job = %chunk.job_id, offset = chunk.offset, acked, "log chunk leaves a gap; asking to resend");
+                    out(
+                        tx,
+                        Out::LogAck(pb::LogAck {
+                            job_id: chunk.job_id,
+                            epoch: chunk.epoch,
+                            offset: acked,
+                        }),
+                    )
+                    .await?;
+                }
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        In::Status(st) => {
+            let report = match wire::status_from_pb(&st) {
+                Ok(r) => r,
+                Err(e) => return refuse(tx, st.job_id, st.epoch, e).await,
+            };
+            let is_final = report.state.is_final();
+            match hub
+                .store
+                .report(st.job_id.clone(), st.epoch, agent.to_string(), report)
+                .await
+            {
+                Ok(job) => {
+                    info!(job = %job.id, epoch = job.epoch, state = job.state.as_str(), exit_code = ?job.exit_code, "job status");
+                    hub.changed();
+                    if is_final {
+                        out(
+                            tx,
+                            Out::StatusAck(pb::StatusAck {
+                                job_id: job.id,
+                                epoch: job.epoch,
+                                state: wire::state_to_pb(job.state) as i32,
+                            }),
+                        )
+                        .await?;
+                        hub.kick();
+                    }
+                }
+                Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => {
+                    refuse(tx, st.job_id, st.epoch, e.to_string()).await?
+                }
+                Err(e) => return Err(internal(e)),
+            }
+        }
+        In::Drain(d) => {
+            info!(reason = %d.reason, "agent is draining");
+            hub.set_draining(agent);
+        }
+        In::LeaseRejected(r) => {
+            warn!(job = %r.job_id, epoch = r.epoch, reason = %r.reason, "agent declined a lease; re-queueing");
+            hub.store
+                .requeue(r.job_id, r.epoch, agent.to_string())
+                .await
+                .map_err(internal)?;
+            hub.changed();
+            hub.kick();
+        }
+    }
+    Ok(())
+}
+
+async fn refuse(tx: &AgentTx, job_id: String, epoch: u64, reason: String) -> Result<(), Status> {
+    debug!(job = %job_id, epoch, reason = %reason, "refused a message");
+    out(
+        tx,
+        Out::Refused(pb::Refused {
+            job_id,
+            epoch,
+            reason,
+        }),
+    )
+    .await
+}

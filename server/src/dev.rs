@@ -1,0 +1,199 @@
+//! `outpost dev`: the whole system on one machine. Creates the CA and
+//! certificates if absent, builds the runner image if missing, starts the
+//! control plane with its embedded store and one local agent; `--demo` also
+//! runs a real Terraform init/plan/apply in a sandboxed container and streams
+//! its log to the terminal.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result, bail};
+use outpost_agent::config::{AgentConfig, TlsConfig};
+use outpost_agent::executor::SandboxConfig;
+use outpost_proto::admin::v1 as admin;
+use outpost_proto::agent::v1 as pb;
+use tokio_util::sync::CancellationToken;
+
+use crate::cli::{exit_code_of, state_name, stream_logs, wait_final, wait_for_signal};
+use crate::client::{ClientConfig, StateDir};
+use crate::identity::Role;
+
+/// The image the demo and the tests run.
+pub const RUNNER_IMAGE: &str = "outpost/runner:dev";
+
+#[derive(clap::Args, Debug)]
+pub struct DevArgs {
+    /// Submit the demo job (Terraform init, plan and apply), stream its log, then exit.
+    #[arg(long)]
+    pub demo: bool,
+    /// Address for the control plane (port 0: any free port).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    pub listen: String,
+    /// Jobs the local agent runs at once.
+    #[arg(long, default_value_t = 2)]
+    pub capacity: u32,
+}
+
+/// Creates the CA, the server certificate, `admin-admin` and `agent-local` if absent.
+pub fn ensure_pki(state: &StateDir) -> Result<()> {
+    let pki = state.pki();
+    if !pki.has_ca() {
+        pki.init(&[]).context("failed to create the local CA")?;
+    }
+    for (role, name) in [(Role::Admin, "admin"), (Role::Agent, "local")] {
+        if !pki.issued(role, name).cert.exists() {
+            pki.issue(role, name)
+                .with_context(|| format!("failed to issue the {} certificate", role.as_str()))?;
+        }
+    }
+    Ok(())
+}
+
+/// The configuration of the local agent.
+pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> AgentConfig {
+    let pki = state.pki();
+    let cert = pki.issued(Role::Agent, "local");
+    let sandbox = SandboxConfig {
+        work_dir: state.agent_dir().join("work"),
+        ..SandboxConfig::default()
+    };
+    AgentConfig {
+        server: server.to_string(),
+        server_name: Some("localhost".into()),
+        agent_id: Some("local".into()),
+        capacity,
+        labels: [("env".to_string(), "dev".to_string())].into(),
+        state_dir: state.agent_dir(),
+        drain_grace: std::time::Duration::from_secs(60),
+        max_backoff: std::time::Duration::from_secs(2),
+        log_buffer_bytes: 64 << 20,
+        tls: TlsConfig {
+            ca: pki.ca_cert(),
+            cert: cert.cert,
+            key: cert.key,
+        },
+        sandbox,
+    }
+}
+
+/// Finds `images/build-runner.sh`: `$OUTPOST_REPO`, then the current
+/// directory and the executable's ancestors.
+fn find_build_script() -> Option<PathBuf> {
+    let rel = Path::new("images/build-runner.sh");
+    let mut roots: Vec<PathBuf> = Vec::new();
+    if let Some(r) = std::env::var_os("OUTPOST_REPO") {
+        roots.push(PathBuf::from(r));
+    }
+    if let Ok(cwd) = std::env::current_dir() {
+        roots.extend(cwd.ancestors().map(Path::to_path_buf));
+    }
+    if let Ok(exe) = std::env::current_exe() {
+        roots.extend(exe.ancestors().map(Path::to_path_buf));
+    }
+    roots.into_iter().map(|r| r.join(rel)).find(|p| p.is_file())
+}
+
+async fn ensure_runner_image() -> Result<()> {
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .context("failed to reach the Docker engine")?
+        .negotiate_version()
+        .await
+        .context("failed to reach the Docker engine")?;
+    if docker.inspect_image(RUNNER_IMAGE).await.is_ok() {
+        return Ok(());
+    }
+    let Some(script) = find_build_script() else {
+        bail!(
+            "the runner image {RUNNER_IMAGE} is missing and images/build-runner.sh was not found; run it from the Outpost repository or set OUTPOST_REPO"
+        );
+    };
+    eprintln!("outpost dev: building {RUNNER_IMAGE} with {}", script.display());
+    let status = tokio::process::Command::new("bash")
+        .arg(&script)
+        .status()
+        .await
+        .with_context(|| format!("failed to run {}", script.display()))?;
+    if !status.success() {
+        bail!("{} failed ({status})", script.display());
+    }
+    Ok(())
+}
+
+pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
+    std::fs::create_dir_all(&state.root)
+        .with_context(|| format!("failed to create {}", state.root.display()))?;
+    ensure_pki(state)?;
+    ensure_runner_image().await?;
+
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("failed to listen on {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    crate::cli::write_server_addr(state, addr)?;
+    let url = format!("https://{addr}");
+
+    let server_stop = CancellationToken::new();
+    let server_cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
+    let server = tokio::spawn(crate::server::run(listener, server_cfg, server_stop.clone()));
+
+    let agent_cfg = local_agent_config(state, &url, args.capacity);
+    let agent_shutdown = outpost_agent::Shutdown::default();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
+    let agent = tokio::spawn(outpost_agent::run(agent_cfg, agent_shutdown.clone(), move || {
+        let _ = ready_tx.send(());
+    }));
+    if ready_rx.await.is_err() {
+        server_stop.cancel();
+        return match agent.await {
+            Ok(Err(e)) => Err(anyhow::Error::new(e).context("the local agent failed to start")),
+            _ => bail!("the local agent failed to start"),
+        };
+    }
+    eprintln!("outpost dev: control plane at {url}, state in {}", state.root.display());
+
+    let code = if args.demo {
+        let client = ClientConfig::from_state(state, Some(url.clone()))?;
+        let code = run_demo(&client).await;
+        code?
+    } else {
+        eprintln!("outpost dev: agent \"local\" connected; try:");
+        eprintln!(
+            "  outpost --state-dir {} submit --image {RUNNER_IMAGE} --follow -- sh -c 'echo hello from a sandbox'",
+            state.root.display()
+        );
+        eprintln!("outpost dev: press Ctrl-C to stop");
+        wait_for_signal().await;
+        ExitCode::SUCCESS
+    };
+    agent_shutdown.drain.cancel();
+    agent_shutdown.force.cancel();
+    let _ = agent.await;
+    server_stop.cancel();
+    let _ = server.await;
+    Ok(code)
+}
+
+async fn run_demo(client: &ClientConfig) -> Result<ExitCode> {
+    let mut c = client.connect().await?;
+    let spec = pb::JobSpec {
+        image: RUNNER_IMAGE.into(),
+        command: vec!["sh".into(), "/opt/outpost/demo/run.sh".into()],
+        timeout_ms: 10 * 60 * 1000,
+        ..Default::default()
+    };
+    let id = c
+        .submit_job(admin::SubmitJobRequest { spec: Some(spec) })
+        .await
+        .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+        .into_inner()
+        .job_id;
+    eprintln!("outpost dev: submitted demo job {id}");
+    stream_logs(client, &id, true).await?;
+    let job = wait_final(client, &id).await?;
+    eprintln!(
+        "outpost dev: job {id} {} (exit code {})",
+        state_name(&job),
+        job.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+    );
+    Ok(exit_code_of(&job))
+}

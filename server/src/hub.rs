@@ -1,0 +1,261 @@
+//! The live half of the control plane: which agents are connected, pushing
+//! leases to them (no polling), expiring leases, and waking log followers.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use outpost_proto::agent::v1 as pb;
+use parking_lot::Mutex;
+use tokio::sync::{Notify, mpsc, watch};
+use tokio_util::sync::CancellationToken;
+use tonic::Status;
+use tracing::{Instrument, debug, info, info_span, warn};
+
+use crate::model::Job;
+use crate::store::{Expired, Store, StoreError};
+use crate::wire;
+
+/// Messages to one agent's session stream.
+pub type AgentTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+
+/// Lease timing.
+#[derive(Debug, Clone, Copy)]
+pub struct LeaseTiming {
+    pub ttl: Duration,
+    pub heartbeat: Duration,
+    pub sweep: Duration,
+}
+
+impl Default for LeaseTiming {
+    fn default() -> Self {
+        Self {
+            ttl: Duration::from_secs(30),
+            heartbeat: Duration::from_secs(5),
+            sweep: Duration::from_millis(500),
+        }
+    }
+}
+
+struct Conn {
+    session: u64,
+    tx: AgentTx,
+    labels: BTreeMap<String, String>,
+    capacity: u32,
+    draining: bool,
+}
+
+/// Shared state of the control plane.
+pub struct Hub {
+    pub store: Store,
+    pub timing: LeaseTiming,
+    agents: Mutex<HashMap<String, Conn>>,
+    next_session: AtomicU64,
+    dispatch: Notify,
+    changes: watch::Sender<u64>,
+}
+
+impl Hub {
+    pub fn new(store: Store, timing: LeaseTiming) -> Arc<Hub> {
+        let (changes, _) = watch::channel(0);
+        Arc::new(Hub {
+            store,
+            timing,
+            agents: Mutex::new(HashMap::new()),
+            next_session: AtomicU64::new(1),
+            dispatch: Notify::new(),
+            changes,
+        })
+    }
+
+    /// Registers a connected agent, replacing an older session of the same
+    /// agent. Returns the session number.
+    pub fn connect(
+        &self,
+        id: &str,
+        tx: AgentTx,
+        labels: BTreeMap<String, String>,
+        capacity: u32,
+        draining: bool,
+    ) -> u64 {
+        let session = self.next_session.fetch_add(1, Ordering::Relaxed);
+        self.agents.lock().insert(
+            id.to_string(),
+            Conn {
+                session,
+                tx,
+                labels,
+                capacity,
+                draining,
+            },
+        );
+        session
+    }
+
+    pub fn disconnect(&self, id: &str, session: u64) {
+        let mut agents = self.agents.lock();
+        if agents.get(id).is_some_and(|c| c.session == session) {
+            agents.remove(id);
+        }
+    }
+
+    pub fn set_draining(&self, id: &str) {
+        if let Some(c) = self.agents.lock().get_mut(id) {
+            c.draining = true;
+        }
+    }
+
+    pub fn is_connected(&self, id: &str) -> bool {
+        self.agents.lock().contains_key(id)
+    }
+
+    /// Sends a message to an agent if it is connected.
+    pub fn send(&self, id: &str, msg: pb::server_message::Msg) -> bool {
+        let tx = self.agents.lock().get(id).map(|c| c.tx.clone());
+        match tx {
+            Some(tx) => tx
+                .try_send(Ok(pb::ServerMessage { msg: Some(msg) }))
+                .is_ok(),
+            None => false,
+        }
+    }
+
+    /// Asks the dispatcher to look at the queue.
+    pub fn kick(&self) {
+        self.dispatch.notify_one();
+    }
+
+    /// Tells log followers and waiters that something changed.
+    pub fn changed(&self) {
+        self.changes.send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Spawns the dispatcher and the lease sweeper; both stop on `shutdown`.
+    pub fn spawn_tasks(self: &Arc<Self>, shutdown: CancellationToken) {
+        let hub = self.clone();
+        let sd = shutdown.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = sd.cancelled() => break,
+                        _ = hub.dispatch.notified() => {}
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    }
+                    if let Err(e) = hub.dispatch_once().await {
+                        warn!(error = %e, "dispatch failed");
+                    }
+                }
+                debug!("dispatcher stopped");
+            }
+            .instrument(info_span!("dispatcher")),
+        );
+        let hub = self.clone();
+        tokio::spawn(
+            async move {
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(hub.timing.sweep) => {}
+                    }
+                    match hub.store.expire_leases().await {
+                        Ok(expired) if !expired.is_empty() => {
+                            for e in &expired {
+                                match e {
+                                    Expired::Requeued(j) => {
+                                        info!(job = %j.id, epoch = j.epoch, "lease expired; job re-queued")
+                                    }
+                                    Expired::Cancelled(j) => {
+                                        info!(job = %j.id, "lease expired on a cancelled job")
+                                    }
+                                }
+                            }
+                            hub.changed();
+                            hub.kick();
+                        }
+                        Ok(_) => {}
+                        Err(e) => warn!(error = %e, "lease sweep failed"),
+                    }
+                }
+                debug!("lease sweeper stopped");
+            }
+            .instrument(info_span!("lease_sweeper")),
+        );
+    }
+
+    /// Matches queued jobs (FIFO) to connected agents with free slots whose
+    /// labels satisfy the job's selector, and pushes the leases.
+    async fn dispatch_once(&self) -> Result<(), StoreError> {
+        let queued = self.store.queued_jobs(1000).await?;
+        if queued.is_empty() {
+            return Ok(());
+        }
+        let candidates: Vec<(String, BTreeMap<String, String>, u32)> = self
+            .agents
+            .lock()
+            .iter()
+            .filter(|(_, c)| !c.draining && c.capacity > 0)
+            .map(|(id, c)| (id.clone(), c.labels.clone(), c.capacity))
+            .collect();
+        let mut free: Vec<(String, BTreeMap<String, String>, u32)> = Vec::new();
+        for (id, labels, cap) in candidates {
+            let busy = self.store.active_count(id.clone()).await?;
+            if cap > busy {
+                free.push((id, labels, cap - busy));
+            }
+        }
+        for job in queued {
+            let pick = free
+                .iter_mut()
+                .filter(|(_, labels, slots)| *slots > 0 && selects(&job, labels))
+                .max_by_key(|(_, _, slots)| *slots);
+            let Some((agent, _, slots)) = pick else {
+                continue;
+            };
+            let ttl_ms = self.timing.ttl.as_millis() as u64;
+            let Some(leased) = self
+                .store
+                .lease_job(job.id.clone(), agent.clone(), ttl_ms)
+                .await?
+            else {
+                continue;
+            };
+            *slots -= 1;
+            let lease = pb::Lease {
+                lease_id: format!("{}-{}", leased.id, leased.epoch),
+                job_id: leased.id.clone(),
+                epoch: leased.epoch,
+                ttl_ms,
+                spec: Some(wire::spec_to_pb(&leased.spec)),
+                log_offset: leased.log_acked,
+            };
+            if self.send(agent, pb::server_message::Msg::Lease(lease)) {
+                info!(job = %leased.id, epoch = leased.epoch, agent = %agent, "lease pushed");
+            } else {
+                warn!(job = %leased.id, agent = %agent, "agent went away; re-queueing");
+                self.store
+                    .requeue(leased.id.clone(), leased.epoch, agent.clone())
+                    .await?;
+            }
+            self.changed();
+        }
+        Ok(())
+    }
+
+    /// Number of connected agents and the running jobs each holds.
+    pub fn connected(&self) -> Vec<String> {
+        self.agents.lock().keys().cloned().collect()
+    }
+}
+
+fn selects(job: &Job, labels: &BTreeMap<String, String>) -> bool {
+    job.spec
+        .selector
+        .iter()
+        .all(|(k, v)| labels.get(k) == Some(v))
+}

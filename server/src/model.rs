@@ -1,0 +1,138 @@
+//! The control plane's domain types. `wire.rs` converts them to and from the
+//! generated protobuf types; the store persists them.
+
+use std::collections::BTreeMap;
+
+/// Lifecycle of a job on the control plane.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobState {
+    Queued,
+    Leased,
+    Running,
+    Succeeded,
+    Failed,
+    Cancelled,
+    TimedOut,
+    Rejected,
+    Lost,
+}
+
+impl JobState {
+    pub fn is_final(self) -> bool {
+        !matches!(self, JobState::Queued | JobState::Leased | JobState::Running)
+    }
+    pub fn is_active(self) -> bool {
+        matches!(self, JobState::Leased | JobState::Running)
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobState::Queued => "queued",
+            JobState::Leased => "leased",
+            JobState::Running => "running",
+            JobState::Succeeded => "succeeded",
+            JobState::Failed => "failed",
+            JobState::Cancelled => "cancelled",
+            JobState::TimedOut => "timed_out",
+            JobState::Rejected => "rejected",
+            JobState::Lost => "lost",
+        }
+    }
+    pub fn parse(s: &str) -> Option<JobState> {
+        Some(match s {
+            "queued" => JobState::Queued,
+            "leased" => JobState::Leased,
+            "running" => JobState::Running,
+            "succeeded" => JobState::Succeeded,
+            "failed" => JobState::Failed,
+            "cancelled" => JobState::Cancelled,
+            "timed_out" => JobState::TimedOut,
+            "rejected" => JobState::Rejected,
+            "lost" => JobState::Lost,
+            _ => return None,
+        })
+    }
+}
+
+/// Network a job asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Network {
+    #[default]
+    None,
+    Egress,
+}
+
+/// What a user submitted. Persisted as JSON in the store.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct JobSpec {
+    pub image: String,
+    pub command: Vec<String>,
+    pub env: BTreeMap<String, String>,
+    /// Labels an agent must carry to be given this job.
+    pub selector: BTreeMap<String, String>,
+    pub memory_bytes: u64,
+    pub nano_cpus: u64,
+    pub pids: u64,
+    pub timeout_ms: u64,
+    pub network: Network,
+}
+
+/// A job as the control plane knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    pub id: String,
+    pub spec: JobSpec,
+    pub state: JobState,
+    /// Epoch of the current (or last) lease; 0 before the first lease.
+    pub epoch: u64,
+    pub agent_id: Option<String>,
+    pub exit_code: Option<i64>,
+    pub message: String,
+    pub oom_killed: bool,
+    pub created_ms: i64,
+    pub started_ms: i64,
+    pub finished_ms: i64,
+    /// Milliseconds since the epoch at which the current lease expires.
+    pub lease_deadline_ms: i64,
+    pub cancel_requested: bool,
+    /// Bytes of log the store holds (always contiguous from 0).
+    pub log_acked: u64,
+    /// Total log length the agent reported with the final status.
+    pub log_total: Option<u64>,
+}
+
+impl Job {
+    /// True once the job is final and the store holds its whole log.
+    pub fn log_complete(&self) -> bool {
+        self.state.is_final() && self.log_total.is_none_or(|t| self.log_acked >= t)
+    }
+}
+
+/// A final or progress report from an agent.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StatusReport {
+    pub state: JobState,
+    pub exit_code: Option<i64>,
+    pub message: String,
+    pub log_total: u64,
+    pub oom_killed: bool,
+}
+
+/// An agent the control plane has seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentInfo {
+    pub id: String,
+    pub version: String,
+    pub labels: BTreeMap<String, String>,
+    pub capacity: u32,
+    pub draining: bool,
+    pub last_seen_ms: i64,
+}
+
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}

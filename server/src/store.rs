@@ -1,0 +1,698 @@
+//! The embedded durable store (SQLite, WAL, `synchronous=FULL`): jobs, their
+//! logs and the agents seen.
+//!
+//! **Invariant:** a log offset is acknowledged to an agent only after the
+//! transaction that wrote it committed, so an acknowledged byte survives a
+//! server crash or restart. Logs are stored contiguously from offset 0; a chunk
+//! that would leave a gap is refused and a chunk that repeats stored bytes is
+//! trimmed, so each byte is stored exactly once.
+//!
+//! **Invariant:** every lease-scoped write checks `(job_id, epoch, agent)`
+//! against the current lease inside the same transaction (fencing).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rusqlite::{Connection, params};
+
+use crate::model::{AgentInfo, Job, JobSpec, JobState, StatusReport, now_ms};
+
+/// Errors of the store.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("failed to open the store at {path}")]
+    Open {
+        path: PathBuf,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("store query failed: {op}")]
+    Query {
+        op: &'static str,
+        #[source]
+        source: rusqlite::Error,
+    },
+    #[error("stored job {id} is corrupt: {what}")]
+    Corrupt { id: String, what: String },
+    #[error("job {0} not found")]
+    NotFound(String),
+    #[error("stale lease for job {job_id}: epoch {epoch} is not the current lease of this agent")]
+    Stale { job_id: String, epoch: u64 },
+    #[error("log chunk for job {job_id} starts at {offset} but the store holds {acked} bytes")]
+    Gap {
+        job_id: String,
+        offset: u64,
+        acked: u64,
+    },
+    #[error("store task failed")]
+    Join,
+}
+
+fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+    move |source| StoreError::Query { op, source }
+}
+
+/// A handle on the store; cheap to clone. Every call runs on the blocking pool.
+#[derive(Clone)]
+pub struct Store {
+    conn: Arc<Mutex<Connection>>,
+}
+
+const SCHEMA: &str = r#"
+CREATE TABLE IF NOT EXISTS jobs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    id TEXT NOT NULL UNIQUE,
+    spec TEXT NOT NULL,
+    state TEXT NOT NULL,
+    epoch INTEGER NOT NULL DEFAULT 0,
+    agent_id TEXT,
+    exit_code INTEGER,
+    message TEXT NOT NULL DEFAULT '',
+    oom_killed INTEGER NOT NULL DEFAULT 0,
+    created_ms INTEGER NOT NULL,
+    started_ms INTEGER NOT NULL DEFAULT 0,
+    finished_ms INTEGER NOT NULL DEFAULT 0,
+    lease_deadline_ms INTEGER NOT NULL DEFAULT 0,
+    cancel_requested INTEGER NOT NULL DEFAULT 0,
+    log_acked INTEGER NOT NULL DEFAULT 0,
+    log_total INTEGER
+);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
+CREATE TABLE IF NOT EXISTS logs (
+    job_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    data BLOB NOT NULL,
+    PRIMARY KEY (job_id, offset)
+) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS agents (
+    id TEXT PRIMARY KEY,
+    version TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    capacity INTEGER NOT NULL,
+    draining INTEGER NOT NULL DEFAULT 0,
+    last_seen_ms INTEGER NOT NULL
+);
+"#;
+
+const JOB_COLS: &str = "id, spec, state, epoch, agent_id, exit_code, message, oom_killed, created_ms, started_ms, finished_ms, lease_deadline_ms, cancel_requested, log_acked, log_total";
+
+/// What happened to an expired lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Expired {
+    /// Back in the queue; the next lease gets a higher epoch.
+    Requeued(Job),
+    /// A cancel was pending: the job ends as cancelled.
+    Cancelled(Job),
+}
+
+/// Result of a cancel request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CancelOutcome {
+    /// The job was queued and is now cancelled.
+    Dequeued(Job),
+    /// The job is running on an agent that must be told.
+    Requested(Job),
+    /// The job was already final.
+    AlreadyFinal(Job),
+}
+
+impl Store {
+    /// Opens (creating if needed) the store at `path`.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        let open_err = |source| StoreError::Open {
+            path: path.to_path_buf(),
+            source,
+        };
+        let conn = Connection::open(path).map_err(open_err)?;
+        conn.execute_batch(
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
+        )
+        .map_err(open_err)?;
+        conn.execute_batch(SCHEMA).map_err(open_err)?;
+        Ok(Store {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Runs `f` with the connection on the blocking pool.
+    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+    {
+        let conn = self.conn.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut guard = conn.lock();
+            f(&mut guard)
+        })
+        .await
+        .map_err(|_| StoreError::Join)?
+    }
+
+    pub async fn insert_job(&self, id: String, spec: JobSpec) -> Result<Job, StoreError> {
+        self.with(move |c| {
+            let json = serde_json::to_string(&spec).map_err(|e| StoreError::Corrupt {
+                id: id.clone(),
+                what: e.to_string(),
+            })?;
+            c.execute(
+                "INSERT INTO jobs (id, spec, state, created_ms) VALUES (?1, ?2, 'queued', ?3)",
+                params![id, json, now_ms()],
+            )
+            .map_err(q("insert job"))?;
+            get_job(c, &id)?.ok_or(StoreError::NotFound(id))
+        })
+        .await
+    }
+
+    pub async fn get_job(&self, id: String) -> Result<Option<Job>, StoreError> {
+        self.with(move |c| get_job(c, &id)).await
+    }
+
+    /// The newest `limit` jobs, newest first.
+    pub async fn list_jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+        self.with(move |c| {
+            let sql = format!("SELECT {JOB_COLS} FROM jobs ORDER BY seq DESC LIMIT ?1");
+            select_jobs(c, &sql, params![limit])
+        })
+        .await
+    }
+
+    /// Queued jobs in submission order.
+    pub async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+        self.with(move |c| {
+            let sql =
+                format!("SELECT {JOB_COLS} FROM jobs WHERE state = 'queued' ORDER BY seq LIMIT ?1");
+            select_jobs(c, &sql, params![limit])
+        })
+        .await
+    }
+
+    /// Jobs holding a lease (leased or running).
+    pub async fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
+        self.with(move |c| {
+            let sql = format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE state IN ('leased','running') ORDER BY seq"
+            );
+            select_jobs(c, &sql, [])
+        })
+        .await
+    }
+
+    /// Leases a queued job to `agent` with the next epoch; `None` if it is no
+    /// longer queued.
+    pub async fn lease_job(
+        &self,
+        id: String,
+        agent: String,
+        ttl_ms: u64,
+    ) -> Result<Option<Job>, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE jobs SET state = 'leased', epoch = epoch + 1, agent_id = ?2, lease_deadline_ms = ?3
+                     WHERE id = ?1 AND state = 'queued' AND cancel_requested = 0",
+                    params![id, agent, now_ms() + ttl_ms as i64],
+                )
+                .map_err(q("lease job"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            get_job(c, &id)
+        })
+        .await
+    }
+
+    /// Puts a leased job back in the queue (the agent declined it).
+    pub async fn requeue(&self, id: String, epoch: u64, agent: String) -> Result<bool, StoreError> {
+        self.with(move |c| {
+            let n = c
+                .execute(
+                    "UPDATE jobs SET state = 'queued', agent_id = NULL, lease_deadline_ms = 0
+                     WHERE id = ?1 AND epoch = ?2 AND agent_id = ?3 AND state IN ('leased','running')",
+                    params![id, epoch as i64, agent],
+                )
+                .map_err(q("requeue job"))?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// The current lease of `id` if it is `(epoch, agent)`.
+    pub async fn current_lease(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+    ) -> Result<Job, StoreError> {
+        self.with(move |c| current(c, &id, epoch, &agent)).await
+    }
+
+    /// Renews the listed leases held by `agent`; returns (renewed, revoked).
+    pub async fn renew(
+        &self,
+        agent: String,
+        leases: Vec<(String, u64)>,
+        ttl_ms: u64,
+    ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin renew"))?;
+            let mut renewed = Vec::new();
+            let mut revoked = Vec::new();
+            for (id, epoch) in leases {
+                let n = tx
+                    .execute(
+                        "UPDATE jobs SET lease_deadline_ms = ?4
+                         WHERE id = ?1 AND epoch = ?2 AND agent_id = ?3 AND state IN ('leased','running')",
+                        params![id, epoch as i64, agent, now_ms() + ttl_ms as i64],
+                    )
+                    .map_err(q("renew lease"))?;
+                if n == 0 {
+                    revoked.push((id, epoch));
+                } else if let Some(j) = get_job(&tx, &id)? {
+                    renewed.push(j);
+                }
+            }
+            tx.commit().map_err(q("commit renew"))?;
+            Ok((renewed, revoked))
+        })
+        .await
+    }
+
+    /// Records a status report for the current lease. Final states end the
+    /// lease. Returns the updated job.
+    pub async fn report(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        report: StatusReport,
+    ) -> Result<Job, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin report"))?;
+            let job = current(&tx, &id, epoch, &agent)?;
+            let now = now_ms();
+            if report.state.is_final() {
+                tx.execute(
+                    "UPDATE jobs SET state = ?2, exit_code = ?3, message = ?4, oom_killed = ?5,
+                         finished_ms = ?6, log_total = ?7, lease_deadline_ms = 0,
+                         started_ms = CASE WHEN started_ms = 0 THEN ?6 ELSE started_ms END
+                     WHERE id = ?1",
+                    params![
+                        id,
+                        report.state.as_str(),
+                        report.exit_code,
+                        report.message,
+                        report.oom_killed,
+                        now,
+                        report.log_total as i64
+                    ],
+                )
+                .map_err(q("record final status"))?;
+            } else if report.state == JobState::Running && job.state == JobState::Leased {
+                tx.execute(
+                    "UPDATE jobs SET state = 'running', started_ms = ?2 WHERE id = ?1",
+                    params![id, now],
+                )
+                .map_err(q("record running"))?;
+            }
+            let job = get_job(&tx, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+            tx.commit().map_err(q("commit report"))?;
+            Ok(job)
+        })
+        .await
+    }
+
+    /// Appends a log chunk of the current lease; returns the new contiguous
+    /// acknowledged offset. Duplicated bytes are dropped, a gap is refused.
+    pub async fn append_log(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<u64, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin append"))?;
+            let job = current(&tx, &id, epoch, &agent)?;
+            let acked = job.log_acked;
+            let end = offset + data.len() as u64;
+            if offset > acked {
+                return Err(StoreError::Gap {
+                    job_id: id,
+                    offset,
+                    acked,
+                });
+            }
+            if end <= acked {
+                return Ok(acked);
+            }
+            let skip = (acked - offset) as usize;
+            let fresh = &data[skip..];
+            tx.execute(
+                "INSERT INTO logs (job_id, offset, data) VALUES (?1, ?2, ?3)",
+                params![id, acked as i64, fresh],
+            )
+            .map_err(q("insert log chunk"))?;
+            tx.execute(
+                "UPDATE jobs SET log_acked = ?2 WHERE id = ?1",
+                params![id, end as i64],
+            )
+            .map_err(q("advance log offset"))?;
+            tx.commit().map_err(q("commit append"))?;
+            Ok(end)
+        })
+        .await
+    }
+
+    /// Reads stored log bytes from `offset`, at most about `max` bytes.
+    pub async fn read_log(
+        &self,
+        id: String,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.with(move |c| {
+            // The chunk containing `offset` starts at the greatest offset <= it.
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT offset, data FROM logs WHERE job_id = ?1 AND offset >= COALESCE(
+                        (SELECT MAX(offset) FROM logs WHERE job_id = ?1 AND offset <= ?2), 0)
+                     ORDER BY offset",
+                )
+                .map_err(q("prepare read log"))?;
+            let mut rows = stmt
+                .query(params![id, offset as i64])
+                .map_err(q("read log"))?;
+            let mut out = Vec::new();
+            while let Some(row) = rows.next().map_err(q("read log row"))? {
+                let start: i64 = row.get(0).map_err(q("read log offset"))?;
+                let data: Vec<u8> = row.get(1).map_err(q("read log data"))?;
+                let start = start as u64;
+                let end = start + data.len() as u64;
+                if end <= offset {
+                    continue;
+                }
+                let from = offset.saturating_sub(start) as usize;
+                out.extend_from_slice(&data[from..]);
+                if out.len() >= max {
+                    break;
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Ends or re-queues every lease whose deadline passed.
+    pub async fn expire_leases(&self) -> Result<Vec<Expired>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin expire"))?;
+            let sql = format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE state IN ('leased','running') AND lease_deadline_ms < ?1"
+            );
+            let expired = select_jobs(&tx, &sql, params![now_ms()])?;
+            let mut out = Vec::new();
+            for job in expired {
+                if job.cancel_requested {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'cancelled', message = 'cancelled; the agent did not confirm before its lease expired',
+                             finished_ms = ?2, lease_deadline_ms = 0 WHERE id = ?1",
+                        params![job.id, now_ms()],
+                    )
+                    .map_err(q("cancel expired job"))?;
+                    if let Some(j) = get_job(&tx, &job.id)? {
+                        out.push(Expired::Cancelled(j));
+                    }
+                } else {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'queued', agent_id = NULL, lease_deadline_ms = 0,
+                             message = 'lease expired; re-queued' WHERE id = ?1",
+                        params![job.id],
+                    )
+                    .map_err(q("requeue expired job"))?;
+                    if let Some(j) = get_job(&tx, &job.id)? {
+                        out.push(Expired::Requeued(j));
+                    }
+                }
+            }
+            tx.commit().map_err(q("commit expire"))?;
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn request_cancel(&self, id: String) -> Result<CancelOutcome, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin cancel"))?;
+            let job = get_job(&tx, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
+            let out = match job.state {
+                JobState::Queued => {
+                    tx.execute(
+                        "UPDATE jobs SET state = 'cancelled', cancel_requested = 1, finished_ms = ?2,
+                             message = 'cancelled before it started' WHERE id = ?1",
+                        params![id, now_ms()],
+                    )
+                    .map_err(q("cancel queued job"))?;
+                    CancelOutcome::Dequeued(
+                        get_job(&tx, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?,
+                    )
+                }
+                s if s.is_active() => {
+                    tx.execute(
+                        "UPDATE jobs SET cancel_requested = 1 WHERE id = ?1",
+                        params![id],
+                    )
+                    .map_err(q("request cancel"))?;
+                    CancelOutcome::Requested(
+                        get_job(&tx, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?,
+                    )
+                }
+                _ => CancelOutcome::AlreadyFinal(job),
+            };
+            tx.commit().map_err(q("commit cancel"))?;
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn upsert_agent(&self, info: AgentInfo) -> Result<(), StoreError> {
+        self.with(move |c| {
+            let labels = serde_json::to_string(&info.labels).unwrap_or_else(|_| "{}".into());
+            c.execute(
+                "INSERT INTO agents (id, version, labels, capacity, draining, last_seen_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+                 ON CONFLICT(id) DO UPDATE SET version = ?2, labels = ?3, capacity = ?4,
+                     draining = ?5, last_seen_ms = ?6",
+                params![
+                    info.id,
+                    info.version,
+                    labels,
+                    info.capacity,
+                    info.draining,
+                    info.last_seen_ms
+                ],
+            )
+            .map_err(q("upsert agent"))?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT id, version, labels, capacity, draining, last_seen_ms FROM agents ORDER BY id",
+                )
+                .map_err(q("prepare list agents"))?;
+            let rows = stmt
+                .query_map([], |r| {
+                    let labels: String = r.get(2)?;
+                    Ok(AgentInfo {
+                        id: r.get(0)?,
+                        version: r.get(1)?,
+                        labels: serde_json::from_str::<BTreeMap<String, String>>(&labels)
+                            .unwrap_or_default(),
+                        capacity: r.get(3)?,
+                        draining: r.get(4)?,
+                        last_seen_ms: r.get(5)?,
+                    })
+                })
+                .map_err(q("list agents"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(q("read agent row"))
+        })
+        .await
+    }
+
+    /// Number of leases `agent` holds.
+    pub async fn active_count(&self, agent: String) -> Result<u32, StoreError> {
+        self.with(move |c| {
+            c.query_row(
+                "SELECT COUNT(*) FROM jobs WHERE agent_id = ?1 AND state IN ('leased','running')",
+                params![agent],
+                |r| r.get::<_, u32>(0),
+            )
+            .map_err(q("count active jobs"))
+        })
+        .await
+    }
+}
+
+fn current(c: &Connection, id: &str, epoch: u64, agent: &str) -> Result<Job, StoreError> {
+    let job = get_job(c, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
+    if job.epoch != epoch || !job.state.is_active() || job.agent_id.as_deref() != Some(agent) {
+        return Err(StoreError::Stale {
+            job_id: id.to_string(),
+            epoch,
+        });
+    }
+    Ok(job)
+}
+
+fn get_job(c: &Connection, id: &str) -> Result<Option<Job>, StoreError> {
+    let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1");
+    Ok(select_jobs(c, &sql, params![id])?.into_iter().next())
+}
+
+fn select_jobs(
+    c: &Connection,
+    sql: &str,
+    params: impl rusqlite::Params,
+) -> Result<Vec<Job>, StoreError> {
+    let mut stmt = c.prepare_cached(sql).map_err(q("prepare select jobs"))?;
+    let mut rows = stmt.query(params).map_err(q("select jobs"))?;
+    let mut out = Vec::new();
+    while let Some(r) = rows.next().map_err(q("read job row"))? {
+        out.push(row_to_job(r)?);
+    }
+    Ok(out)
+}
+
+fn row_to_job(r: &rusqlite::Row<'_>) -> Result<Job, StoreError> {
+    let g = q("read job column");
+    let id: String = r.get(0).map_err(q("read job id"))?;
+    let spec: String = r.get(1).map_err(q("read job spec"))?;
+    let state: String = r.get(2).map_err(q("read job state"))?;
+    let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
+        id: id.clone(),
+        what: format!("spec: {e}"),
+    })?;
+    let state = JobState::parse(&state).ok_or_else(|| StoreError::Corrupt {
+        id: id.clone(),
+        what: format!("state {state:?}"),
+    })?;
+    let read = || -> rusqlite::Result<Job> {
+        Ok(Job {
+            id: id.clone(),
+            spec: spec.clone(),
+            state,
+            epoch: r.get::<_, i64>(3)? as u64,
+            agent_id: r.get(4)?,
+            exit_code: r.get(5)?,
+            message: r.get(6)?,
+            oom_killed: r.get(7)?,
+            created_ms: r.get(8)?,
+            started_ms: r.get(9)?,
+            finished_ms: r.get(10)?,
+            lease_deadline_ms: r.get(11)?,
+            cancel_requested: r.get(12)?,
+            log_acked: r.get::<_, i64>(13)? as u64,
+            log_total: r.get::<_, Option<i64>>(14)?.map(|v| v as u64),
+        })
+    };
+    read().map_err(g)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> JobSpec {
+        JobSpec {
+            image: "img".into(),
+            command: vec!["true".into()],
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn log_append_is_exactly_once_and_fenced() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert_job("j1".into(), spec()).await.unwrap();
+        let j = s
+            .lease_job("j1".into(), "a".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(j.epoch, 1);
+        let b = |s: &str| bytes::Bytes::from(s.to_string());
+        assert_eq!(s.append_log("j1".into(), 1, "a".into(), 0, b("hello ")).await.unwrap(), 6);
+        // duplicate, overlap, gap
+        assert_eq!(s.append_log("j1".into(), 1, "a".into(), 0, b("hello ")).await.unwrap(), 6);
+        assert_eq!(s.append_log("j1".into(), 1, "a".into(), 3, b("lo world")).await.unwrap(), 11);
+        assert!(matches!(
+            s.append_log("j1".into(), 1, "a".into(), 20, b("x")).await,
+            Err(StoreError::Gap { .. })
+        ));
+        // stale epoch and wrong agent
+        assert!(matches!(
+            s.append_log("j1".into(), 0, "a".into(), 11, b("x")).await,
+            Err(StoreError::Stale { .. })
+        ));
+        assert!(matches!(
+            s.append_log("j1".into(), 1, "b".into(), 11, b("x")).await,
+            Err(StoreError::Stale { .. })
+        ));
+        assert_eq!(s.read_log("j1".into(), 0, 1 << 20).await.unwrap(), b"hello world");
+        assert_eq!(s.read_log("j1".into(), 4, 1 << 20).await.unwrap(), b"o world");
+        assert_eq!(s.read_log("j1".into(), 11, 1 << 20).await.unwrap(), b"");
+    }
+
+    #[tokio::test]
+    async fn expired_lease_requeues_and_next_lease_has_higher_epoch() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert_job("j1".into(), spec()).await.unwrap();
+        s.lease_job("j1".into(), "a".into(), 0).await.unwrap().unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let exp = s.expire_leases().await.unwrap();
+        assert!(matches!(&exp[..], [Expired::Requeued(j)] if j.state == JobState::Queued));
+        // the old lease is refused
+        let r = StatusReport {
+            state: JobState::Succeeded,
+            exit_code: Some(0),
+            message: String::new(),
+            log_total: 0,
+            oom_killed: false,
+        };
+        assert!(matches!(
+            s.report("j1".into(), 1, "a".into(), r.clone()).await,
+            Err(StoreError::Stale { .. })
+        ));
+        let j = s.lease_job("j1".into(), "b".into(), 60_000).await.unwrap().unwrap();
+        assert_eq!(j.epoch, 2);
+        let j = s.report("j1".into(), 2, "b".into(), r).await.unwrap();
+        assert_eq!(j.state, JobState::Succeeded);
+        assert!(j.log_complete());
+    }
+
+    #[tokio::test]
+    async fn jobs_survive_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        {
+            let s = Store::open(&path).unwrap();
+            s.insert_job("j1".into(), spec()).await.unwrap();
+            s.insert_job("j2".into(), spec()).await.unwrap();
+        }
+        let s = Store::open(&path).unwrap();
+        let q = s.queued_jobs(10).await.unwrap();
+        assert_eq!(q.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["j1", "j2"]);
+    }
+}
