@@ -1,1 +1,277 @@
-//! Shared harness for the end-to-end tests.
+//! Shared harness for the end-to-end tests: a real control plane, real agents,
+//! a real Docker engine and real mTLS with certificates generated per test.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use outpost::client::{ClientConfig, StateDir};
+use outpost::hub::LeaseTiming;
+use outpost_proto::admin::v1 as admin;
+use outpost_proto::admin::v1::admin_service_client::AdminServiceClient;
+use outpost_proto::agent::v1 as pb;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub use outpost::dev::RUNNER_IMAGE;
+
+/// A control plane running in this process.
+pub struct Server {
+    pub addr: std::net::SocketAddr,
+    stop: CancellationToken,
+    task: JoinHandle<Result<(), outpost::server::ServerError>>,
+}
+
+/// An agent running in this process.
+pub struct Agent {
+    pub shutdown: outpost_agent::Shutdown,
+    pub task: JoinHandle<Result<(), outpost_agent::AgentError>>,
+}
+
+impl Agent {
+    /// Drains (SIGTERM-like) and waits for the agent to exit.
+    pub async fn stop(self) {
+        self.shutdown.drain.cancel();
+        self.shutdown.force.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(60), self.task).await;
+    }
+}
+
+/// One isolated installation: its own PKI, store and agents.
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub state: StateDir,
+    pub server: Option<Server>,
+    pub timing: LeaseTiming,
+}
+
+impl Cluster {
+    pub async fn start() -> Cluster {
+        Self::start_with(LeaseTiming {
+            ttl: Duration::from_secs(20),
+            heartbeat: Duration::from_secs(2),
+            sweep: Duration::from_millis(200),
+        })
+        .await
+    }
+
+    pub async fn start_with(timing: LeaseTiming) -> Cluster {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let state = StateDir::new(dir.path().join("state"));
+        std::fs::create_dir_all(&state.root).expect("state dir");
+        outpost::dev::ensure_pki(&state).expect("pki");
+        let mut c = Cluster {
+            dir,
+            state,
+            server: None,
+            timing,
+        };
+        c.start_server("127.0.0.1:0").await;
+        c
+    }
+
+    async fn start_server(&mut self, bind: &str) {
+        let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut cfg = outpost::server::ServerConfig::new(self.state.pki().dir, self.state.data_dir());
+        cfg.timing = self.timing;
+        let stop = CancellationToken::new();
+        let task = tokio::spawn(outpost::server::run(listener, cfg, stop.clone()));
+        std::fs::write(self.state.addr_file(), format!("https://{addr}")).expect("addr file");
+        self.server = Some(Server { addr, stop, task });
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.server.as_ref().expect("server").addr)
+    }
+
+    /// Stops the control plane (its store stays on disk).
+    pub async fn stop_server(&mut self) -> std::net::SocketAddr {
+        let s = self.server.take().expect("server running");
+        s.stop.cancel();
+        let r = tokio::time::timeout(Duration::from_secs(20), s.task)
+            .await
+            .expect("server stops within 20s");
+        r.expect("server task").expect("server exits cleanly");
+        s.addr
+    }
+
+    /// Stops and starts the control plane on the same address.
+    pub async fn restart_server(&mut self) {
+        let addr = self.stop_server().await;
+        self.start_server(&addr.to_string()).await;
+    }
+
+    /// Starts the control plane again on `addr`.
+    pub async fn start_server_at(&mut self, addr: std::net::SocketAddr) {
+        self.start_server(&addr.to_string()).await;
+    }
+
+    pub fn agent_config(&self, capacity: u32) -> outpost_agent::config::AgentConfig {
+        let mut cfg = outpost::dev::local_agent_config(&self.state, &self.url(), capacity);
+        cfg.max_backoff = Duration::from_millis(500);
+        cfg.sandbox.stop_grace = Duration::from_secs(2);
+        cfg.sandbox.pull = outpost_agent::executor::PullPolicy::Never;
+        cfg
+    }
+
+    /// Starts the `local` agent with `capacity` slots; returns once it is ready.
+    pub async fn start_agent(&self, capacity: u32) -> Agent {
+        self.start_agent_with(self.agent_config(capacity)).await
+    }
+
+    pub async fn start_agent_with(&self, cfg: outpost_agent::config::AgentConfig) -> Agent {
+        let shutdown = outpost_agent::Shutdown::default();
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let task = tokio::spawn(outpost_agent::run(cfg, shutdown.clone(), move || {
+            let _ = tx.send(());
+        }));
+        tokio::time::timeout(Duration::from_secs(30), rx)
+            .await
+            .expect("agent ready within 30s")
+            .expect("agent started");
+        Agent { shutdown, task }
+    }
+
+    pub fn client_config(&self) -> ClientConfig {
+        ClientConfig::from_state(&self.state, Some(self.url())).expect("client config")
+    }
+
+    pub async fn client(&self) -> AdminServiceClient<Channel> {
+        self.client_config().connect().await.expect("admin connects")
+    }
+
+    pub async fn submit(&self, command: &[&str]) -> String {
+        self.submit_spec(spec(command)).await
+    }
+
+    pub async fn submit_spec(&self, spec: pb::JobSpec) -> String {
+        self.client()
+            .await
+            .submit_job(admin::SubmitJobRequest { spec: Some(spec) })
+            .await
+            .expect("submit")
+            .into_inner()
+            .job_id
+    }
+
+    pub async fn job(&self, id: &str) -> admin::Job {
+        self.client()
+            .await
+            .get_job(admin::GetJobRequest { job_id: id.into() })
+            .await
+            .expect("get job")
+            .into_inner()
+    }
+
+    /// Polls until the job is final (bounded).
+    pub async fn wait_final(&self, id: &str, limit: Duration) -> admin::Job {
+        self.wait_state(id, limit, is_final).await
+    }
+
+    pub async fn wait_state(
+        &self,
+        id: &str,
+        limit: Duration,
+        pred: impl Fn(&admin::Job) -> bool,
+    ) -> admin::Job {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(mut c) = self.client_config().connect().await {
+                if let Ok(j) = c.get_job(admin::GetJobRequest { job_id: id.into() }).await {
+                    let j = j.into_inner();
+                    if pred(&j) {
+                        return j;
+                    }
+                    if tokio::time::Instant::now() > deadline {
+                        panic!("job {id} did not reach the expected state in {limit:?}: {j:?}");
+                    }
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                panic!("job {id}: control plane unreachable for {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The complete stored log of a job.
+    pub async fn logs(&self, id: &str) -> Vec<u8> {
+        let mut s = self
+            .client()
+            .await
+            .follow_logs(admin::FollowLogsRequest {
+                job_id: id.into(),
+                offset: 0,
+                follow: false,
+            })
+            .await
+            .expect("logs")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(d) = s.message().await.expect("log stream") {
+            assert_eq!(d.offset as usize, out.len(), "log data arrives in order");
+            out.extend_from_slice(&d.data);
+        }
+        out
+    }
+}
+
+pub fn spec(command: &[&str]) -> pb::JobSpec {
+    pb::JobSpec {
+        image: RUNNER_IMAGE.into(),
+        command: command.iter().map(|s| s.to_string()).collect(),
+        ..Default::default()
+    }
+}
+
+pub fn is_final(j: &admin::Job) -> bool {
+    !matches!(
+        pb::JobState::try_from(j.state),
+        Ok(pb::JobState::Queued | pb::JobState::Leased | pb::JobState::Running)
+    )
+}
+
+pub fn state(j: &admin::Job) -> pb::JobState {
+    pb::JobState::try_from(j.state).unwrap_or(pb::JobState::Unspecified)
+}
+
+/// Containers carrying `outpost.job=<id>`, running or not.
+pub async fn containers_of(job_id: &str) -> Vec<String> {
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .expect("docker")
+        .negotiate_version()
+        .await
+        .expect("docker version");
+    let filters: std::collections::HashMap<String, Vec<String>> =
+        [("label".to_string(), vec![format!("outpost.job={job_id}")])].into();
+    let opts = bollard::query_parameters::ListContainersOptions {
+        all: true,
+        filters: Some(filters),
+        ..Default::default()
+    };
+    docker
+        .list_containers(Some(opts))
+        .await
+        .expect("list containers")
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
+}
+
+/// Path of a binary built from this workspace (`cargo build --bins`).
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf();
+    let p = dir.join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the binaries first (cargo build --bins)",
+        p.display()
+    );
+    p
+}

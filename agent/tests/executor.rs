@@ -1,0 +1,686 @@
+//! The executor against the real Docker engine with `outpost/runner:dev`.
+//!
+//! Every test has its own temporary `work_dir`, so tests (and other agents on
+//! the same engine) never see each other's containers, and every test is
+//! bounded in time.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use bollard::Docker;
+use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
+use bytes::Bytes;
+use outpost_agent::executor::{DockerExecutor, PullPolicy, SandboxConfig, spec};
+use outpost_agent::job::{JobSpec, LeaseKey, Network, Outcome, Resources};
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+const IMAGE: &str = "outpost/runner:dev";
+/// Upper bound for any single test.
+const TEST_LIMIT: Duration = Duration::from_secs(120);
+
+/// Runs a test body under [`TEST_LIMIT`].
+async fn bounded<F: Future<Output = ()>>(body: F) {
+    tokio::time::timeout(TEST_LIMIT, body)
+        .await
+        .expect("test took longer than its time limit");
+}
+
+async fn docker() -> Docker {
+    Docker::connect_with_local_defaults()
+        .unwrap()
+        .negotiate_version()
+        .await
+        .unwrap()
+}
+
+/// The runner image is built by `images/build-runner.sh`; wait a little for it.
+async fn wait_for_runner_image(docker: &Docker) {
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while docker.inspect_image(IMAGE).await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{IMAGE} is missing: build it with images/build-runner.sh"
+        );
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    }
+}
+
+struct Harness {
+    exec: DockerExecutor,
+    docker: Docker,
+    work_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+async fn harness(tweak: impl FnOnce(&mut SandboxConfig)) -> Harness {
+    let docker = docker().await;
+    wait_for_runner_image(&docker).await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = SandboxConfig {
+        work_dir: dir.path().join("work"),
+        stop_grace: Duration::from_secs(5),
+        pull: PullPolicy::Never,
+        ..Default::default()
+    };
+    tweak(&mut cfg);
+    let exec = DockerExecutor::connect(cfg).await.unwrap();
+    let work_dir = exec.config().work_dir.clone();
+    Harness {
+        exec,
+        docker,
+        work_dir,
+        _dir: dir,
+    }
+}
+
+fn key(test: &str) -> LeaseKey {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    LeaseKey {
+        job_id: format!(
+            "t-{test}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        ),
+        epoch: 1,
+    }
+}
+
+fn job(script: &str) -> JobSpec {
+    JobSpec {
+        image: IMAGE.to_string(),
+        command: vec!["sh".to_string(), "-c".to_string(), script.to_string()],
+        ..Default::default()
+    }
+}
+
+struct Finished {
+    outcome: Outcome,
+    output: Vec<u8>,
+    started: bool,
+    /// From the cancel (if any) to the end of `run`.
+    since_cancel: Option<Duration>,
+}
+
+impl Finished {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.output).into_owned()
+    }
+}
+
+/// How the test drives a run.
+#[derive(Default)]
+struct Drive {
+    /// Cancel once the output contains this marker.
+    cancel_on: Option<&'static str>,
+    /// Channel capacity (small values exercise backpressure).
+    capacity: Option<usize>,
+    /// Sleep this long every 64 chunks received (a slow consumer).
+    slow: Option<Duration>,
+}
+
+async fn run(h: &Harness, key: &LeaseKey, spec: &JobSpec, drive: Drive) -> Finished {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(drive.capacity.unwrap_or(64));
+    let (started_tx, started_rx) = oneshot::channel();
+    let cancel = CancellationToken::new();
+    let (cancelled_tx, cancelled_rx) = oneshot::channel::<Instant>();
+    let collector = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut output = Vec::new();
+            let mut cancelled_tx = Some(cancelled_tx);
+            let mut chunks = 0u64;
+            while let Some(chunk) = rx.recv().await {
+                output.extend_from_slice(&chunk);
+                chunks += 1;
+                if let Some(marker) = drive.cancel_on
+                    && cancelled_tx.is_some()
+                    && String::from_utf8_lossy(&output).contains(marker)
+                {
+                    if let Some(tx) = cancelled_tx.take() {
+                        let _ = tx.send(Instant::now());
+                    }
+                    cancel.cancel();
+                }
+                if let Some(pause) = drive.slow
+                    && chunks % 64 == 0
+                {
+                    tokio::time::sleep(pause).await;
+                }
+            }
+            output
+        })
+    };
+    let outcome = h.exec.run(key, spec, tx, cancel, started_tx).await;
+    let ended = Instant::now();
+    let output = collector.await.unwrap();
+    let since_cancel = cancelled_rx.await.ok().map(|at| ended - at);
+    assert_cleaned_up(h, key).await;
+    Finished {
+        outcome,
+        output,
+        started: started_rx.await.is_ok(),
+        since_cancel,
+    }
+}
+
+async fn containers_of(docker: &Docker, job_id: &str) -> Vec<String> {
+    let options = ListContainersOptions {
+        all: true,
+        filters: Some(HashMap::from([(
+            "label".to_string(),
+            vec![format!("{}={job_id}", spec::LABEL_JOB)],
+        )])),
+        ..Default::default()
+    };
+    docker
+        .list_containers(Some(options))
+        .await
+        .unwrap()
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
+}
+
+async fn assert_cleaned_up(h: &Harness, key: &LeaseKey) {
+    assert_eq!(
+        containers_of(&h.docker, &key.job_id).await,
+        Vec::<String>::new(),
+        "a container of {key} is left"
+    );
+    let workspace = spec::workspace_dir(key, &h.work_dir).unwrap();
+    assert!(!workspace.exists(), "{} is left", workspace.display());
+}
+
+fn count(haystack: &str, needle: &str) -> usize {
+    haystack.matches(needle).count()
+}
+
+#[tokio::test]
+async fn exit_codes_propagate() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        for code in [0, 7] {
+            let done = run(
+                &h,
+                &key("exit"),
+                &job(&format!("exit {code}")),
+                Drive::default(),
+            )
+            .await;
+            assert_eq!(
+                done.outcome,
+                Outcome::Exited {
+                    code,
+                    oom_killed: false
+                }
+            );
+            assert!(done.started);
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn output_arrives_complete_in_order_under_backpressure() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let drive = Drive {
+            capacity: Some(2),
+            slow: Some(Duration::from_millis(2)),
+            ..Default::default()
+        };
+        let done = run(&h, &key("seq"), &job("seq 1 100000"), drive).await;
+        assert_eq!(
+            done.outcome,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false
+            }
+        );
+        let text = done.text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 100_000);
+        assert_eq!(lines.first(), Some(&"1"));
+        assert_eq!(lines.last(), Some(&"100000"));
+        let expected: String = (1..=100_000).map(|i| format!("{i}\n")).collect();
+        assert!(text == expected, "output differs from seq 1 100000");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn output_of_an_immediate_exit_is_not_lost_and_stays_raw() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        for _ in 0..3 {
+            for (script, expected) in [
+                (
+                    r"printf 'out\377\000\001no newline'",
+                    &b"out\xff\x00\x01no newline"[..],
+                ),
+                (
+                    r"printf 'err\377 no newline' >&2",
+                    &b"err\xff no newline"[..],
+                ),
+            ] {
+                let done = run(&h, &key("quick"), &job(script), Drive::default()).await;
+                assert_eq!(
+                    done.outcome,
+                    Outcome::Exited {
+                        code: 0,
+                        oom_killed: false
+                    }
+                );
+                assert_eq!(done.output, expected.to_vec(), "{script}");
+            }
+        }
+        // stdout and stderr are combined in arrival order.
+        let done = run(
+            &h,
+            &key("interleave"),
+            &job("echo one; sleep 0.3; echo two >&2; sleep 0.3; echo three"),
+            Drive::default(),
+        )
+        .await;
+        assert_eq!(done.text(), "one\ntwo\nthree\n");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cancel_sends_exactly_one_sigint() {
+    bounded(async {
+        let h = harness(|c| c.stop_grace = Duration::from_secs(20)).await;
+        // The job survives the SIGINT by two seconds: a second SIGINT would
+        // print a second "got-int".
+        let script = "trap 'echo got-int; touch /tmp/int' INT; echo ready; \
+                      i=0; while [ ! -e /tmp/int ] && [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done; \
+                      sleep 2; echo done; exit 3";
+        let drive = Drive {
+            cancel_on: Some("ready"),
+            ..Default::default()
+        };
+        let done = run(&h, &key("sigint"), &job(script), drive).await;
+        let text = done.text();
+        assert!(matches!(done.outcome, Outcome::Cancelled { .. }), "{:?}", done.outcome);
+        assert_eq!(count(&text, "got-int"), 1, "{text}");
+        assert!(text.contains("done"), "the job ran its own shutdown: {text}");
+        let since = done.since_cancel.unwrap();
+        assert!(since < Duration::from_secs(15), "stopped by SIGINT, not SIGKILL: {since:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cancel_of_a_job_trapping_sigint_ends_it_promptly() {
+    bounded(async {
+        let h = harness(|c| c.stop_grace = Duration::from_secs(20)).await;
+        let script = "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.1; done";
+        let drive = Drive {
+            cancel_on: Some("ready"),
+            ..Default::default()
+        };
+        let done = run(&h, &key("trap"), &job(script), drive).await;
+        assert!(
+            matches!(done.outcome, Outcome::Cancelled { .. }),
+            "{:?}",
+            done.outcome
+        );
+        assert_eq!(count(&done.text(), "got-int"), 1, "{}", done.text());
+        assert!(done.since_cancel.unwrap() < Duration::from_secs(10));
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_job_ignoring_sigint_is_killed_after_the_grace() {
+    bounded(async {
+        let h = harness(|c| c.stop_grace = Duration::from_secs(1)).await;
+        let script = "trap '' INT; echo ready; while :; do sleep 0.1; done";
+        let drive = Drive {
+            cancel_on: Some("ready"),
+            ..Default::default()
+        };
+        let done = run(&h, &key("ignore"), &job(script), drive).await;
+        assert!(
+            matches!(done.outcome, Outcome::Cancelled { .. }),
+            "{:?}",
+            done.outcome
+        );
+        let since = done.since_cancel.unwrap();
+        assert!(
+            since >= Duration::from_secs(1) && since < Duration::from_secs(15),
+            "{since:?}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn timeout_interrupts_the_job() {
+    bounded(async {
+        let h = harness(|c| c.stop_grace = Duration::from_secs(1)).await;
+        let mut spec = job("trap 'echo got-int; exit 3' INT; while :; do sleep 0.1; done");
+        spec.timeout = Some(Duration::from_secs(1));
+        let started = Instant::now();
+        let done = run(&h, &key("timeout"), &spec, Drive::default()).await;
+        assert_eq!(done.outcome, Outcome::TimedOut);
+        assert_eq!(count(&done.text(), "got-int"), 1, "{}", done.text());
+        assert!(started.elapsed() < Duration::from_secs(20));
+
+        // Ignoring the SIGINT does not help either.
+        let mut spec = job("trap '' INT; while :; do sleep 0.1; done");
+        spec.timeout = Some(Duration::from_secs(1));
+        let done = run(&h, &key("timeout-kill"), &spec, Drive::default()).await;
+        assert_eq!(done.outcome, Outcome::TimedOut);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_sandbox_holds_inside_the_job() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let script = r#"
+            grep -E '^(CapEff|CapPrm|CapBnd|NoNewPrivs|Seccomp):' /proc/self/status
+            if touch /x 2>/dev/null; then echo rootfs=writable; else echo rootfs=readonly; fi
+            echo hi > /workspace/x && echo workspace=writable
+            echo hi > /tmp/x && echo tmp=writable
+            printf '#!/bin/sh\necho ran\n' > /tmp/s && chmod +x /tmp/s
+            if /tmp/s 2>/dev/null; then echo tmp=exec; else echo tmp=noexec; fi
+            echo uid=$(id -u) gid=$(id -g) pwd=$(pwd)
+            if [ -e /var/run/docker.sock ] || [ -e /run/docker.sock ]; then echo socket=present; else echo socket=absent; fi
+            echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')
+            echo memory=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null)
+            echo swap=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null)
+            echo pids=$(cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids.max 2>/dev/null)
+            echo mounts=$(grep -c -E ' /workspace ' /proc/self/mountinfo)
+            echo pid1=$(tr '\0' ' ' < /proc/1/cmdline | cut -d' ' -f1)
+        "#;
+        let mut spec = job(script);
+        spec.resources = Resources {
+            memory_bytes: Some(64 << 20),
+            nano_cpus: Some(500_000_000),
+            pids: Some(64),
+        };
+        let done = run(&h, &key("sandbox"), &spec, Drive::default()).await;
+        let text = done.text();
+        assert_eq!(
+            done.outcome,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false
+            },
+            "{text}"
+        );
+        for expected in [
+            "CapPrm:\t0000000000000000",
+            "CapEff:\t0000000000000000",
+            "CapBnd:\t0000000000000000",
+            "NoNewPrivs:\t1",
+            "Seccomp:\t2",
+            "rootfs=readonly",
+            "workspace=writable",
+            "tmp=writable",
+            "tmp=noexec",
+            "uid=1000 gid=1000 pwd=/workspace",
+            "socket=absent",
+            "memory=67108864",
+            "pids=64",
+            "mounts=1",
+        ] {
+            assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
+        }
+        assert!(text.lines().any(|l| l == "interfaces=lo"), "{text}");
+        // With no swap, memory+swap equals memory (cgroup v1 only).
+        if let Some(swap) = text.lines().find_map(|l| l.strip_prefix("swap=")) {
+            assert!(swap.is_empty() || swap == "67108864", "swap={swap}");
+        }
+        if h.exec.uses_init() {
+            assert!(text.contains("pid1=/sbin/docker-init"), "{text}");
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn out_of_memory_is_reported() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let mut spec = job("exec dd if=/dev/zero of=/dev/null bs=64M count=1");
+        spec.resources.memory_bytes = Some(16 << 20);
+        let done = run(&h, &key("oom"), &spec, Drive::default()).await;
+        assert_eq!(
+            done.outcome,
+            Outcome::Exited {
+                code: 137,
+                oom_killed: true
+            },
+            "{}",
+            done.text()
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_missing_image_fails_with_a_reason_naming_it() {
+    bounded(async {
+        let h = harness(|c| c.pull = PullPolicy::Never).await;
+        let mut spec = job("true");
+        spec.image = "outpost/does-not-exist:1".to_string();
+        let done = run(&h, &key("noimage"), &spec, Drive::default()).await;
+        assert_eq!(
+            done.outcome,
+            Outcome::Failed {
+                reason: "image \"outpost/does-not-exist:1\" is not present on this agent and \
+                         pulling is disabled"
+                    .to_string()
+            }
+        );
+        assert!(!done.started);
+
+        // With pulling allowed, an unreachable registry is a failure too.
+        let h = harness(|c| c.pull = PullPolicy::IfMissing).await;
+        spec.image = "127.0.0.1:9/outpost/does-not-exist:1".to_string();
+        let done = run(&h, &key("nopull"), &spec, Drive::default()).await;
+        let Outcome::Failed { reason } = &done.outcome else {
+            panic!("{:?}", done.outcome);
+        };
+        assert!(
+            reason.starts_with("pulling image \"127.0.0.1:9/outpost/does-not-exist:1\" failed"),
+            "{reason}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn rejected_and_unstartable_jobs_are_reported() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let mut egress = job("true");
+        egress.network = Network::Egress;
+        let done = run(&h, &key("egress"), &egress, Drive::default()).await;
+        assert_eq!(
+            done.outcome,
+            Outcome::Failed {
+                reason: "the job was rejected by this agent: egress is not allowed by this \
+                         agent's policy"
+                    .to_string()
+            }
+        );
+
+        let mut greedy = job("true");
+        greedy.resources.memory_bytes = Some(64 << 30);
+        let done = run(&h, &key("greedy"), &greedy, Drive::default()).await;
+        let Outcome::Failed { reason } = &done.outcome else {
+            panic!("{:?}", done.outcome);
+        };
+        assert!(reason.contains("above this agent's limit"), "{reason}");
+
+        // A command that does not exist: either the engine or its init says so.
+        let mut missing = job("true");
+        missing.command = vec!["/no/such/binary".to_string()];
+        let done = run(&h, &key("nocmd"), &missing, Drive::default()).await;
+        match &done.outcome {
+            Outcome::Exited { code: 127, .. } => {
+                assert!(done.text().contains("/no/such/binary"), "{}", done.text())
+            }
+            Outcome::Failed { reason } => assert!(reason.contains("/no/such/binary"), "{reason}"),
+            other => panic!("{other:?}"),
+        }
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_closed_output_receiver_does_not_stall_the_job() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let (tx, rx) = mpsc::channel(1);
+        drop(rx);
+        let (started_tx, _started_rx) = oneshot::channel();
+        let k = key("norecv");
+        let outcome = h
+            .exec
+            .run(
+                &k,
+                &job("seq 1 200000; exit 4"),
+                tx,
+                CancellationToken::new(),
+                started_tx,
+            )
+            .await;
+        assert_eq!(
+            outcome,
+            Outcome::Exited {
+                code: 4,
+                oom_killed: false
+            }
+        );
+        assert_cleaned_up(&h, &k).await;
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn a_dropped_run_still_removes_its_container() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let k = key("dropped");
+        let (tx, _rx) = mpsc::channel(1024);
+        let (started_tx, started_rx) = oneshot::channel();
+        let spec = job("sleep 300");
+        {
+            let run = h
+                .exec
+                .run(&k, &spec, tx, CancellationToken::new(), started_tx);
+            tokio::pin!(run);
+            tokio::select! {
+                _ = &mut run => panic!("the job ended early"),
+                r = started_rx => r.unwrap(),
+            }
+            assert_eq!(containers_of(&h.docker, &k.job_id).await.len(), 1);
+        } // the run future is dropped here
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !containers_of(&h.docker, &k.job_id).await.is_empty()
+            || spec::workspace_dir(&k, &h.work_dir).unwrap().exists()
+        {
+            assert!(
+                Instant::now() < deadline,
+                "cleanup after drop did not happen"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    })
+    .await;
+}
+
+/// Creates a running container as a crashed agent with `cfg` would have left it.
+async fn leave_container(docker: &Docker, cfg: &SandboxConfig, k: &LeaseKey) -> String {
+    let workspace = spec::workspace_dir(k, &cfg.work_dir).unwrap();
+    std::fs::create_dir_all(&workspace).unwrap();
+    let body = spec::container_config(k, &job("sleep 300"), cfg, &workspace, false).unwrap();
+    let options = bollard::query_parameters::CreateContainerOptions {
+        name: Some(spec::container_name(k).unwrap()),
+        ..Default::default()
+    };
+    let id = docker
+        .create_container(Some(options), body)
+        .await
+        .unwrap()
+        .id;
+    docker.start_container(&id, None).await.unwrap();
+    id
+}
+
+#[tokio::test]
+async fn cleanup_orphans_removes_this_agents_leftovers_only() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let orphan = key("orphan");
+        leave_container(&h.docker, h.exec.config(), &orphan).await;
+        let orphan_ws = spec::workspace_dir(&orphan, &h.work_dir).unwrap();
+        let stray_ws = h.work_dir.join("crashed-job-42");
+        std::fs::create_dir_all(stray_ws.join("sub")).unwrap();
+        let unrelated = h.work_dir.join("not-a-workspace");
+        std::fs::create_dir_all(&unrelated).unwrap();
+
+        // Another agent on the same engine, with its own work_dir.
+        let other_dir = tempfile::tempdir().unwrap();
+        let other_cfg = SandboxConfig {
+            work_dir: other_dir.path().to_path_buf(),
+            ..Default::default()
+        };
+        let other = key("other-agent");
+        let other_id = leave_container(&h.docker, &other_cfg, &other).await;
+
+        assert_eq!(h.exec.cleanup_orphans().await.unwrap(), 1);
+        assert!(containers_of(&h.docker, &orphan.job_id).await.is_empty());
+        assert!(!orphan_ws.exists());
+        assert!(!stray_ws.exists());
+        assert!(
+            unrelated.exists(),
+            "only workspace-shaped entries are removed"
+        );
+        assert_eq!(
+            containers_of(&h.docker, &other.job_id).await,
+            vec![other_id.clone()]
+        );
+        assert_eq!(h.exec.cleanup_orphans().await.unwrap(), 0);
+
+        let force = RemoveContainerOptions {
+            force: true,
+            ..Default::default()
+        };
+        h.docker
+            .remove_container(&other_id, Some(force))
+            .await
+            .unwrap();
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn connect_rejects_an_unknown_runtime() {
+    bounded(async {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = SandboxConfig {
+            work_dir: dir.path().to_path_buf(),
+            runtime: Some("no-such-runtime".to_string()),
+            ..Default::default()
+        };
+        let e = DockerExecutor::connect(cfg).await.unwrap_err().to_string();
+        assert!(
+            e.starts_with("container runtime \"no-such-runtime\" is not registered in the docker engine (registered: "),
+            "{e}"
+        );
+        assert!(e.contains("runc"), "{e}");
+    })
+    .await;
+}
