@@ -370,15 +370,16 @@ impl Runtime {
                 e.sent += n as u64;
                 used += n;
             }
-            if let Some(o) = &e.outcome {
-                if e.sent == e.end() && !e.final_sent {
-                    messages.push(pb::agent_message::Msg::Status(wire::final_status(
-                        k,
-                        o,
-                        e.end(),
-                    )));
-                    e.final_sent = true;
-                }
+            if let Some(o) = &e.outcome
+                && e.sent == e.end()
+                && !e.final_sent
+            {
+                messages.push(pb::agent_message::Msg::Status(wire::final_status(
+                    k,
+                    o,
+                    e.end(),
+                )));
+                e.final_sent = true;
             }
         }
         Outbox { messages, more }

@@ -31,10 +31,10 @@ async fn bounded<F: Future<Output = ()>>(body: F) {
 
 async fn docker() -> Docker {
     Docker::connect_with_local_defaults()
-        .unwrap()
+        .expect("docker client")
         .negotiate_version()
         .await
-        .unwrap()
+        .expect("docker engine reachable")
 }
 
 /// The runner image is built by `images/build-runner.sh`; wait a little for it.
@@ -59,7 +59,7 @@ struct Harness {
 async fn harness(tweak: impl FnOnce(&mut SandboxConfig)) -> Harness {
     let docker = docker().await;
     wait_for_runner_image(&docker).await;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().expect("tempdir");
     let mut cfg = SandboxConfig {
         work_dir: dir.path().join("work"),
         stop_grace: Duration::from_secs(5),
@@ -67,7 +67,7 @@ async fn harness(tweak: impl FnOnce(&mut SandboxConfig)) -> Harness {
         ..Default::default()
     };
     tweak(&mut cfg);
-    let exec = DockerExecutor::connect(cfg).await.unwrap();
+    let exec = DockerExecutor::connect(cfg).await.expect("connect");
     let work_dir = exec.config().work_dir.clone();
     Harness {
         exec,
@@ -146,7 +146,7 @@ async fn run(h: &Harness, key: &LeaseKey, spec: &JobSpec, drive: Drive) -> Finis
                     cancel.cancel();
                 }
                 if let Some(pause) = drive.slow
-                    && chunks % 64 == 0
+                    && chunks.is_multiple_of(64)
                 {
                     tokio::time::sleep(pause).await;
                 }
@@ -156,7 +156,7 @@ async fn run(h: &Harness, key: &LeaseKey, spec: &JobSpec, drive: Drive) -> Finis
     };
     let outcome = h.exec.run(key, spec, tx, cancel, started_tx).await;
     let ended = Instant::now();
-    let output = collector.await.unwrap();
+    let output = collector.await.expect("collector task");
     let since_cancel = cancelled_rx.await.ok().map(|at| ended - at);
     assert_cleaned_up(h, key).await;
     Finished {
@@ -179,7 +179,7 @@ async fn containers_of(docker: &Docker, job_id: &str) -> Vec<String> {
     docker
         .list_containers(Some(options))
         .await
-        .unwrap()
+        .expect("list containers")
         .into_iter()
         .filter_map(|c| c.id)
         .collect()
@@ -191,7 +191,7 @@ async fn assert_cleaned_up(h: &Harness, key: &LeaseKey) {
         Vec::<String>::new(),
         "a container of {key} is left"
     );
-    let workspace = spec::workspace_dir(key, &h.work_dir).unwrap();
+    let workspace = spec::workspace_dir(key, &h.work_dir).expect("workspace path");
     assert!(!workspace.exists(), "{} is left", workspace.display());
 }
 
@@ -603,19 +603,23 @@ async fn a_dropped_run_still_removes_its_container() {
 
 /// Creates a running container as a crashed agent with `cfg` would have left it.
 async fn leave_container(docker: &Docker, cfg: &SandboxConfig, k: &LeaseKey) -> String {
-    let workspace = spec::workspace_dir(k, &cfg.work_dir).unwrap();
-    std::fs::create_dir_all(&workspace).unwrap();
-    let body = spec::container_config(k, &job("sleep 300"), cfg, &workspace, false).unwrap();
+    let workspace = spec::workspace_dir(k, &cfg.work_dir).expect("workspace path");
+    std::fs::create_dir_all(&workspace).expect("create workspace");
+    let body = spec::container_config(k, &job("sleep 300"), cfg, &workspace, false)
+        .expect("container config");
     let options = bollard::query_parameters::CreateContainerOptions {
-        name: Some(spec::container_name(k).unwrap()),
+        name: Some(spec::container_name(k).expect("container name")),
         ..Default::default()
     };
     let id = docker
         .create_container(Some(options), body)
         .await
-        .unwrap()
+        .expect("create container")
         .id;
-    docker.start_container(&id, None).await.unwrap();
+    docker
+        .start_container(&id, None)
+        .await
+        .expect("start container");
     id
 }
 

@@ -59,12 +59,10 @@ impl pb::agent_service_server::AgentService for AgentApi {
     }
 }
 
-fn out(tx: &AgentTx, msg: Out) -> impl Future<Output = Result<(), Status>> + '_ {
-    async move {
-        tx.send(Ok(pb::ServerMessage { msg: Some(msg) }))
-            .await
-            .map_err(|_| Status::cancelled("session closed"))
-    }
+async fn out(tx: &AgentTx, msg: Out) -> Result<(), Status> {
+    tx.send(Ok(pb::ServerMessage { msg: Some(msg) }))
+        .await
+        .map_err(|_| Status::cancelled("session closed"))
 }
 
 fn internal(e: StoreError) -> Status {

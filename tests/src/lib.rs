@@ -177,15 +177,15 @@ impl Cluster {
     ) -> admin::Job {
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            if let Ok(mut c) = self.client_config().connect().await {
-                if let Ok(j) = c.get_job(admin::GetJobRequest { job_id: id.into() }).await {
-                    let j = j.into_inner();
-                    if pred(&j) {
-                        return j;
-                    }
-                    if tokio::time::Instant::now() > deadline {
-                        panic!("job {id} did not reach the expected state in {limit:?}: {j:?}");
-                    }
+            if let Ok(mut c) = self.client_config().connect().await
+                && let Ok(j) = c.get_job(admin::GetJobRequest { job_id: id.into() }).await
+            {
+                let j = j.into_inner();
+                if pred(&j) {
+                    return j;
+                }
+                if tokio::time::Instant::now() > deadline {
+                    panic!("job {id} did not reach the expected state in {limit:?}: {j:?}");
                 }
             }
             if tokio::time::Instant::now() > deadline {
