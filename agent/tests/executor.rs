@@ -252,6 +252,65 @@ async fn output_arrives_complete_in_order_under_backpressure() {
     .await;
 }
 
+/// Seconds since boot: the same clock inside and outside containers.
+fn uptime() -> f64 {
+    let text = std::fs::read_to_string("/proc/uptime").expect("/proc/uptime");
+    text.split_whitespace()
+        .next()
+        .and_then(|s| s.parse().ok())
+        .expect("uptime")
+}
+
+#[tokio::test]
+async fn a_slow_reader_slows_the_container_down() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let (tx, mut rx) = mpsc::channel::<Bytes>(1);
+        let collector = tokio::spawn(async move {
+            let mut output = Vec::new();
+            let mut first_at = None;
+            while let Some(chunk) = rx.recv().await {
+                first_at.get_or_insert_with(uptime);
+                output.extend_from_slice(&chunk);
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            (output, first_at.expect("some output"))
+        });
+        let (started_tx, _started_rx) = oneshot::channel();
+        let k = key("slow");
+        // About 4.5 MB, then the container's own clock when it got it all out.
+        let script = "seq 1 600000; cut -d' ' -f1 /proc/uptime";
+        let outcome = h
+            .exec
+            .run(&k, &job(script), tx, CancellationToken::new(), started_tx)
+            .await;
+        let (output, first_at) = collector.await.expect("collector task");
+        assert_eq!(
+            outcome,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false
+            }
+        );
+        let text = String::from_utf8_lossy(&output);
+        let mut lines = text.lines().rev();
+        let finished_at: f64 = lines
+            .next()
+            .and_then(|l| l.parse().ok())
+            .expect("uptime line");
+        assert_eq!(lines.next(), Some("600000"));
+        // Unthrottled, seq is done in well under 0.2 s; a reader taking 10 ms
+        // per chunk holds it back until most of the output is read.
+        let held_back = finished_at - first_at;
+        assert!(
+            held_back > 0.5,
+            "the container was not slowed down: {held_back:.3}s"
+        );
+        assert_cleaned_up(&h, &k).await;
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn output_of_an_immediate_exit_is_not_lost_and_stays_raw() {
     bounded(async {
