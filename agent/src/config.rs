@@ -69,10 +69,22 @@ pub struct AgentConfig {
     /// Bytes of unacknowledged log kept per job before the job's output is slowed down.
     #[serde(default = "default_log_buffer")]
     pub log_buffer_bytes: usize,
+    /// Most bytes the log spool (`<state_dir>/spool`) may hold for all jobs together.
+    #[serde(default = "default_spool_max")]
+    pub spool_max_bytes: u64,
+    /// Size of one spool segment file; acknowledged segments are deleted.
+    #[serde(default = "default_spool_segment")]
+    pub spool_segment_bytes: u64,
+    /// How long a job's output may wait for spool space before the job fails.
+    #[serde(default = "default_spool_full_timeout", with = "crate::units::serde_duration")]
+    pub spool_full_timeout: Duration,
     pub tls: TlsConfig,
     /// Sandbox defaults and limits for every job.
     #[serde(default)]
     pub sandbox: SandboxConfig,
+    /// AWS credentials for jobs, STS/S3 endpoints, role allow-list (`crate::aws`).
+    #[serde(default)]
+    pub aws: crate::aws::AwsConfig,
 }
 
 fn default_capacity() -> u32 {
@@ -86,6 +98,15 @@ fn default_drain_grace() -> Duration {
 }
 fn default_max_backoff() -> Duration {
     Duration::from_secs(10)
+}
+fn default_spool_max() -> u64 {
+    1 << 30
+}
+fn default_spool_segment() -> u64 {
+    4 << 20
+}
+fn default_spool_full_timeout() -> Duration {
+    Duration::from_secs(300)
 }
 fn default_log_buffer() -> usize {
     64 << 20
@@ -162,6 +183,14 @@ impl AgentConfig {
                 self.capacity
             )));
         }
+        if self.spool_max_bytes < 2 * self.spool_segment_bytes.max(64 * 1024) {
+            return Err(ConfigError::Invalid(
+                "spool_max_bytes must be at least twice spool_segment_bytes (and 128 KiB)".into(),
+            ));
+        }
+        self.aws
+            .validate()
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.log_buffer_bytes < 64 * 1024 {
             return Err(ConfigError::Invalid(
                 "log_buffer_bytes must be at least 65536".into(),

@@ -44,6 +44,44 @@ pub struct JobSpec {
     pub resources: Resources,
     pub timeout: Option<Duration>,
     pub network: Network,
+    /// AWS role the job's credentials come from (see `crate::aws`).
+    pub aws: Option<AwsRole>,
+    /// `s3://bucket/key.tar.gz` unpacked into the workspace before the job starts.
+    pub workspace_source: Option<String>,
+    /// Workspace-relative files uploaded to S3 after the job ends.
+    pub artifacts: Vec<String>,
+}
+
+/// The AWS role a job asks for. The role is checked against the agent's
+/// allow-list before anything runs.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct AwsRole {
+    pub role_arn: String,
+    /// IAM session policy (JSON) that narrows the role for this job.
+    pub session_policy: Option<String>,
+    /// Requested session duration; `None`: the agent's default.
+    pub duration: Option<Duration>,
+    /// Per-job web-identity token minted by the control plane.
+    pub web_identity_token: Option<Secret>,
+}
+
+/// A secret string: never printed by `Debug`; read it with [`Secret::expose`].
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
 }
 
 /// A lease the agent accepted.

@@ -5,11 +5,13 @@
 //! (`executor`), streams the output back as acknowledged log chunks
 //! (`runtime`), and drains on SIGTERM. Wire types are converted in `wire` only.
 
+pub mod aws;
 pub mod config;
 pub mod executor;
 pub mod job;
 pub mod runtime;
 pub mod session;
+pub mod spool;
 pub mod units;
 pub mod wire;
 
@@ -21,7 +23,8 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::config::AgentConfig;
 use crate::executor::{DockerExecutor, ExecError};
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, RuntimeLimits};
+use crate::spool::{Spool, SpoolError};
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +35,8 @@ pub enum AgentError {
         #[source]
         source: std::io::Error,
     },
+    #[error("the log spool is not usable")]
+    Spool(#[source] SpoolError),
     #[error("the Docker engine is not usable")]
     Docker(#[source] ExecError),
 }
@@ -56,16 +61,33 @@ pub async fn run(
         path: cfg.state_dir.clone(),
         source,
     })?;
+    let spool_dir = cfg.state_dir.join("spool");
+    let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, cfg.spool_segment_bytes)
+        .map_err(AgentError::Spool)?;
+    let recovered = spool.recover().map_err(AgentError::Spool)?;
     let executor = DockerExecutor::connect(cfg.sandbox.clone())
         .await
         .map_err(AgentError::Docker)?;
-    match executor.cleanup_orphans().await {
+    let cfg = Arc::new(cfg);
+    let rt = Runtime::new(
+        Arc::new(executor),
+        spool,
+        RuntimeLimits {
+            capacity: cfg.capacity,
+            log_buffer: cfg.log_buffer_bytes,
+            spool_full_timeout: cfg.spool_full_timeout,
+            stop_grace: cfg.sandbox.stop_grace,
+        },
+    );
+    // Re-adopt what a previous run of this agent left running, then remove
+    // every other container carrying our labels.
+    let _ = rt.aws.set(Arc::new(aws::AwsAgent::new(cfg.aws.clone())));
+    let adopted = rt.restore(recovered).await;
+    match rt.executor.cleanup_orphans_except(&adopted).await {
         Ok(0) => {}
         Ok(n) => info!(containers = n, "removed containers left by an earlier run"),
         Err(e) => warn!(error = %e, "could not clean up containers left by an earlier run"),
     }
-    let cfg = Arc::new(cfg);
-    let rt = Runtime::new(Arc::new(executor), cfg.capacity, cfg.log_buffer_bytes);
     let stop = CancellationToken::new();
 
     let session = tokio::spawn(
@@ -82,10 +104,15 @@ pub async fn run(
         let stop = stop.clone();
         tokio::spawn(
             async move {
+                let mut tick: u64 = 0;
                 loop {
                     tokio::select! {
                         _ = stop.cancelled() => return,
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+                    }
+                    tick += 1;
+                    if tick.is_multiple_of(4) {
+                        rt.sync_spools();
                     }
                     for k in rt.fence_expired() {
                         warn!(job = %k.job_id, epoch = k.epoch, "lease could not be renewed; stopping the job");

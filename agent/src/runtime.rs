@@ -1,10 +1,12 @@
 //! The agent's table of jobs: each accepted lease, its unacknowledged log
 //! bytes, and what still has to be told to the control plane.
 //!
-//! **Invariant:** log bytes leave this table only when the control plane
-//! acknowledged them (`LogAck`); a job leaves it only when its final status
-//! was acknowledged (`StatusAck`) or its lease was revoked. So a disconnect
-//! loses nothing: the next session resends from the acknowledged offset.
+//! **Invariant:** output is written to the job's disk spool (`spool.rs`)
+//! before it can be sent; log bytes leave memory and the spool only when the
+//! control plane acknowledged them (`LogAck`); a job leaves the table (and
+//! its spool is deleted) only when its final status was acknowledged
+//! (`StatusAck`) or its lease was revoked. So neither a disconnect nor an agent
+//! restart loses a byte: the next session resends from the acknowledged offset.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use bytes::{Buf, Bytes, BytesMut};
 use outpost_proto::agent::v1 as pb;
 use parking_lot::Mutex;
+use prost::Message;
 use tokio::sync::{Notify, mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,10 +24,34 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::executor::DockerExecutor;
 use crate::job::{Lease, LeaseKey, Outcome};
+use crate::spool::{JobSpool, Recovered, Spool};
 use crate::wire;
 
 /// Largest log chunk sent in one message.
 pub const MAX_CHUNK: usize = 64 * 1024;
+
+/// Tunables of the runtime.
+#[derive(Debug, Clone)]
+pub struct RuntimeLimits {
+    pub capacity: u32,
+    /// Unacknowledged bytes held per job before its output is slowed down.
+    pub log_buffer: usize,
+    /// How long a job's output may wait for spool space before the job fails.
+    pub spool_full_timeout: Duration,
+    /// The executor's SIGINT-to-SIGKILL grace: self-fencing starts early
+    /// enough for the job to be dead before the lease expires on the server.
+    pub stop_grace: Duration,
+}
+
+impl RuntimeLimits {
+    /// Time after a renewal at which the agent starts stopping a job it could
+    /// not renew: the lease TTL minus the stop grace minus a safety margin,
+    /// but never less than half the TTL.
+    pub fn fence_after(&self, ttl: Duration) -> Duration {
+        let margin = (ttl / 10).min(Duration::from_secs(2));
+        ttl.saturating_sub(self.stop_grace + margin).max(ttl / 2)
+    }
+}
 
 /// One job the agent holds a lease for.
 struct Entry {
@@ -44,6 +71,9 @@ struct Entry {
     /// Local lease deadline: past it, the agent stops the job itself.
     deadline: Instant,
     space: Arc<Notify>,
+    spool: Arc<Mutex<Option<JobSpool>>>,
+    /// Artifact reports, sent (again on every session) just before the final status.
+    reports: Vec<pb::ArtifactUploaded>,
 }
 
 impl Entry {
@@ -55,8 +85,8 @@ impl Entry {
 /// Shared state of a running agent.
 pub struct Runtime {
     pub executor: Arc<DockerExecutor>,
-    pub capacity: u32,
-    pub log_buffer: usize,
+    pub limits: RuntimeLimits,
+    spool: Spool,
     jobs: Mutex<HashMap<LeaseKey, Entry>>,
     /// Something new to send.
     pub wake: Notify,
@@ -64,6 +94,8 @@ pub struct Runtime {
     pub gone: Notify,
     draining: AtomicBool,
     pub tracker: TaskTracker,
+    /// AWS credentials and S3 for jobs (`crate::aws`); set once at start.
+    pub aws: std::sync::OnceLock<Arc<crate::aws::AwsAgent>>,
 }
 
 /// Messages the session should send now.
@@ -73,17 +105,66 @@ pub struct Outbox {
     pub more: bool,
 }
 
+/// How a job ended, as persisted in its spool (`outcome.json`).
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum OutcomeRecord {
+    Exited { code: i64, oom_killed: bool },
+    Cancelled { reason: String },
+    TimedOut,
+    Failed { reason: String },
+}
+
+impl From<&Outcome> for OutcomeRecord {
+    fn from(o: &Outcome) -> Self {
+        match o {
+            Outcome::Exited { code, oom_killed } => OutcomeRecord::Exited {
+                code: *code,
+                oom_killed: *oom_killed,
+            },
+            Outcome::Cancelled { reason } => OutcomeRecord::Cancelled {
+                reason: reason.clone(),
+            },
+            Outcome::TimedOut => OutcomeRecord::TimedOut,
+            Outcome::Failed { reason } => OutcomeRecord::Failed {
+                reason: reason.clone(),
+            },
+        }
+    }
+}
+
+impl From<OutcomeRecord> for Outcome {
+    fn from(o: OutcomeRecord) -> Self {
+        match o {
+            OutcomeRecord::Exited { code, oom_killed } => Outcome::Exited { code, oom_killed },
+            OutcomeRecord::Cancelled { reason } => Outcome::Cancelled { reason },
+            OutcomeRecord::TimedOut => Outcome::TimedOut,
+            OutcomeRecord::Failed { reason } => Outcome::Failed { reason },
+        }
+    }
+}
+
+/// How a job's process is driven.
+enum Drive {
+    /// Create and start a new container.
+    Run,
+    /// Re-attach to the container a previous agent process started; skip the
+    /// first `skip` bytes of its output (already spooled).
+    Adopt { skip: u64 },
+}
+
 impl Runtime {
-    pub fn new(executor: Arc<DockerExecutor>, capacity: u32, log_buffer: usize) -> Arc<Runtime> {
+    pub fn new(executor: Arc<DockerExecutor>, spool: Spool, limits: RuntimeLimits) -> Arc<Runtime> {
         Arc::new(Runtime {
             executor,
-            capacity,
-            log_buffer,
+            limits,
+            spool,
             jobs: Mutex::new(HashMap::new()),
             wake: Notify::new(),
             gone: Notify::new(),
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
+            aws: std::sync::OnceLock::new(),
         })
     }
 
@@ -118,71 +199,172 @@ impl Runtime {
         if self.is_draining() {
             return 0;
         }
-        self.capacity.saturating_sub(self.len() as u32)
+        self.limits.capacity.saturating_sub(self.len() as u32)
     }
 
-    /// Accepts a lease and starts its job, or says why not.
-    pub fn accept(self: &Arc<Self>, lease: Lease) -> Result<(), String> {
+    /// Accepts a pushed lease and starts its job, or says why not.
+    pub fn accept(self: &Arc<Self>, raw: pb::Lease) -> Result<(), String> {
         if self.is_draining() {
             return Err("agent is draining".into());
         }
+        let encoded = raw.encode_to_vec();
+        let lease = wire::lease_from_pb(raw)?;
         let key = lease.key.clone();
-        let cancel = CancellationToken::new();
-        let space = Arc::new(Notify::new());
         {
-            let mut jobs = self.jobs.lock();
+            let jobs = self.jobs.lock();
             if jobs.contains_key(&key) {
                 return Ok(());
             }
-            if jobs.len() as u32 >= self.capacity {
-                return Err(format!("agent is at capacity ({})", self.capacity));
+            if jobs.len() as u32 >= self.limits.capacity {
+                return Err(format!("agent is at capacity ({})", self.limits.capacity));
             }
-            jobs.insert(
-                key.clone(),
-                Entry {
-                    deadline: Instant::now() + lease.ttl,
-                    acked: lease.log_offset,
-                    sent: lease.log_offset,
-                    buf: BytesMut::new(),
-                    running: false,
-                    running_sent: false,
-                    outcome: None,
-                    final_sent: false,
-                    cancel: cancel.clone(),
-                    cancel_reason: None,
-                    revoked: false,
-                    space: space.clone(),
-                },
-            );
         }
+        let spool = self
+            .spool
+            .create(&key, &encoded, lease.log_offset)
+            .map_err(|e| format!("cannot create the job's log spool: {e}"))?;
+        self.insert(&lease, lease.log_offset, BytesMut::new(), spool, None);
+        self.spawn(lease, Drive::Run);
+        Ok(())
+    }
+
+    fn insert(
+        &self,
+        lease: &Lease,
+        acked: u64,
+        buf: BytesMut,
+        spool: JobSpool,
+        outcome: Option<Outcome>,
+    ) -> (CancellationToken, Arc<Notify>) {
+        let cancel = CancellationToken::new();
+        let space = Arc::new(Notify::new());
+        self.jobs.lock().insert(
+            lease.key.clone(),
+            Entry {
+                deadline: Instant::now() + self.limits.fence_after(lease.ttl),
+                acked,
+                sent: acked,
+                buf,
+                running: false,
+                running_sent: false,
+                outcome,
+                final_sent: false,
+                cancel: cancel.clone(),
+                cancel_reason: None,
+                revoked: false,
+                space: space.clone(),
+                spool: Arc::new(Mutex::new(Some(spool))),
+                reports: Vec::new(),
+            },
+        );
+        (cancel, space)
+    }
+
+    fn spawn(self: &Arc<Self>, lease: Lease, drive: Drive) {
         let rt = self.clone();
-        let span = info_span!("job", job = %key.job_id, epoch = key.epoch);
+        let span = info_span!("job", job = %lease.key.job_id, epoch = lease.key.epoch);
         self.tracker.spawn(
             async move {
-                info!(image = %lease.spec.image, "job starting");
-                let outcome = rt.run_job(&lease, cancel, space).await;
+                let outcome = rt.run_job(&lease, drive).await;
                 info!(outcome = ?outcome, "job ended");
                 rt.finish(&lease.key, outcome);
             }
             .instrument(span),
         );
-        Ok(())
     }
 
-    async fn run_job(
-        self: &Arc<Self>,
-        lease: &Lease,
-        cancel: CancellationToken,
-        space: Arc<Notify>,
-    ) -> Outcome {
+    /// Restores the jobs found in the spool after a restart: finished ones are
+    /// reported, running ones re-adopted from their container. Returns the
+    /// keys of the containers adopted.
+    pub async fn restore(self: &Arc<Self>, recovered: Vec<Recovered>) -> Vec<LeaseKey> {
+        let mut adopted = Vec::new();
+        for r in recovered {
+            let raw = match pb::Lease::decode(r.lease.as_slice()) {
+                Ok(raw) => raw,
+                Err(e) => {
+                    warn!(job = %r.key, error = %e, "unreadable spooled lease; discarding");
+                    r.spool.remove();
+                    continue;
+                }
+            };
+            let lease = match wire::lease_from_pb(raw) {
+                Ok(l) => l,
+                Err(e) => {
+                    warn!(job = %r.key, error = %e, "invalid spooled lease; discarding");
+                    r.spool.remove();
+                    continue;
+                }
+            };
+            if r.torn_bytes > 0 {
+                warn!(job = %r.key, bytes = r.torn_bytes, "dropped a torn tail from the log spool");
+            }
+            let end = r.spool.end();
+            let buf = match r.spool.read(r.start, usize::MAX) {
+                Ok(b) => BytesMut::from(&b[..]),
+                Err(e) => {
+                    warn!(job = %r.key, error = %e, "unreadable log spool; discarding");
+                    r.spool.remove();
+                    continue;
+                }
+            };
+            let outcome: Option<Outcome> = r
+                .outcome
+                .as_deref()
+                .and_then(|o| serde_json::from_slice::<OutcomeRecord>(o).ok())
+                .map(Outcome::from);
+            let finished = outcome.is_some();
+            self.insert(&lease, r.start, buf, r.spool, outcome);
+            if finished {
+                info!(job = %r.key, "reporting a job that ended while the agent was down");
+                continue;
+            }
+            if self.executor.container_exists(&lease.key).await {
+                info!(job = %r.key, spooled = end, "re-adopting a running job");
+                adopted.push(lease.key.clone());
+                self.spawn(lease, Drive::Adopt { skip: end });
+            } else {
+                self.finish(
+                    &lease.key,
+                    Outcome::Failed {
+                        reason: "the agent restarted and the job's container no longer exists"
+                            .into(),
+                    },
+                );
+            }
+        }
+        self.wake.notify_one();
+        adopted
+    }
+
+    async fn run_job(self: &Arc<Self>, lease: &Lease, drive: Drive) -> Outcome {
+        let Some((cancel, space, spool)) = self.jobs.lock().get(&lease.key).map(|e| {
+            (e.cancel.clone(), e.space.clone(), e.spool.clone())
+        }) else {
+            return Outcome::Failed {
+                reason: "job vanished before it started".into(),
+            };
+        };
         let (out_tx, mut out_rx) = mpsc::channel::<Bytes>(64);
         let (started_tx, mut started_rx) = oneshot::channel();
         let exec = self.executor.clone();
         let key = lease.key.clone();
         let spec = lease.spec.clone();
+        let job_cancel = cancel.clone();
+        let aws = self.aws.get().cloned();
         let run = tokio::spawn(
-            async move { exec.run(&key, &spec, out_tx, cancel, started_tx).await }
-                .in_current_span(),
+            async move {
+                match drive {
+                    Drive::Run => {
+                        crate::aws::run_job(aws.as_ref(), &exec, &key, &spec, out_tx, job_cancel, started_tx)
+                            .await
+                    }
+                    Drive::Adopt { skip } => {
+                        let _ = started_tx.send(());
+                        (exec.adopt(&key, &spec, skip, out_tx, job_cancel).await, Vec::new())
+                    }
+                }
+            }
+            .in_current_span(),
         );
         let key = &lease.key;
         let mut started_open = true;
@@ -197,44 +379,99 @@ impl Runtime {
                 }
                 data = out_rx.recv() => {
                     let Some(data) = data else { break };
-                    self.push_output(key, data, &space).await;
+                    if let Err(reason) = self.push_output(key, data, &space, &spool).await {
+                        warn!(reason = %reason, "stopping the job");
+                        self.cancel_as(key, &reason);
+                        // Keep draining the stream so the container can stop.
+                        while out_rx.recv().await.is_some() {}
+                        break;
+                    }
                 }
             }
         }
-        match run.await {
-            Ok(outcome) => outcome,
+        let outcome = match run.await {
+            Ok((outcome, uploaded)) => {
+                if let Some(e) = self.jobs.lock().get_mut(key) {
+                    e.reports = uploaded.iter().map(|a| wire::artifact_to_pb(key, a)).collect();
+                }
+                outcome
+            }
             Err(e) => Outcome::Failed {
                 reason: format!("executor task failed: {e}"),
             },
+        };
+        if let Some(s) = spool.lock().as_mut() {
+            let rec = serde_json::to_vec(&OutcomeRecord::from(&outcome)).unwrap_or_default();
+            if let Err(e) = s.set_outcome(&rec) {
+                warn!(error = %e, "could not persist the job's outcome");
+            }
         }
+        outcome
     }
 
-    /// Appends output, waiting while the unacknowledged buffer is full
-    /// (backpressure on the container's stream; nothing is dropped).
-    async fn push_output(&self, key: &LeaseKey, data: Bytes, space: &Notify) {
+    /// Spools then buffers output, waiting while the unacknowledged buffer or
+    /// the spool is full (backpressure on the container's stream; nothing is
+    /// dropped). Fails only when the spool stayed full for too long.
+    async fn push_output(
+        &self,
+        key: &LeaseKey,
+        data: Bytes,
+        space: &Notify,
+        spool: &Mutex<Option<JobSpool>>,
+    ) -> Result<(), String> {
+        let mut full_since: Option<Instant> = None;
         loop {
             let waiter = space.notified();
-            {
-                let mut jobs = self.jobs.lock();
-                let Some(e) = jobs.get_mut(key) else { return };
-                if e.buf.len() < self.log_buffer || e.revoked {
-                    if !e.revoked {
-                        e.buf.extend_from_slice(&data);
+            let ready = {
+                let jobs = self.jobs.lock();
+                let Some(e) = jobs.get(key) else { return Ok(()) };
+                if e.revoked {
+                    return Ok(());
+                }
+                e.buf.len() < self.limits.log_buffer
+            };
+            if ready {
+                let r = match spool.lock().as_mut() {
+                    Some(s) => s.append(&data),
+                    None => return Ok(()),
+                };
+                match r {
+                    Ok(()) => break,
+                    Err(e) if e.is_full() => {
+                        if full_since.is_none() {
+                            warn!(error = %e, "log spool full; slowing the job's output down");
+                        }
+                        let since = *full_since.get_or_insert_with(Instant::now);
+                        if since.elapsed() >= self.limits.spool_full_timeout {
+                            return Err(format!(
+                                "failed: {e}; the job's output waited {}s for space",
+                                self.limits.spool_full_timeout.as_secs()
+                            ));
+                        }
                     }
-                    break;
+                    Err(e) => return Err(format!("failed: cannot write the log spool: {e}")),
                 }
             }
-            waiter.await;
+            tokio::select! {
+                _ = waiter => {}
+                _ = tokio::time::sleep(Duration::from_millis(100)) => {}
+            }
+        }
+        if let Some(e) = self.jobs.lock().get_mut(key) {
+            e.buf.extend_from_slice(&data);
         }
         self.wake.notify_one();
+        Ok(())
     }
 
     fn finish(&self, key: &LeaseKey, mut outcome: Outcome) {
         let mut jobs = self.jobs.lock();
         let Some(e) = jobs.get_mut(key) else { return };
         if e.revoked {
-            jobs.remove(key);
-            drop(jobs);
+            if let Some(e) = jobs.remove(key) {
+                drop(jobs);
+                remove_spool(&e);
+            }
             self.gone.notify_waiters();
             return;
         }
@@ -243,9 +480,23 @@ impl Runtime {
                 reason: reason.clone(),
             };
         }
+        if let (Outcome::Cancelled { .. }, Some(reason)) = (&outcome, &e.cancel_reason)
+            && reason.starts_with("failed: ")
+        {
+            outcome = Outcome::Failed {
+                reason: reason.trim_start_matches("failed: ").to_string(),
+            };
+        }
         e.outcome = Some(outcome);
         drop(jobs);
         self.wake.notify_one();
+    }
+
+    fn cancel_as(&self, key: &LeaseKey, reason: &str) {
+        if let Some(e) = self.jobs.lock().get_mut(key) {
+            e.cancel_reason = Some(reason.to_string());
+            e.cancel.cancel();
+        }
     }
 
     /// Stops a job and reports it as cancelled.
@@ -276,9 +527,11 @@ impl Runtime {
         e.revoked = true;
         e.cancel.cancel();
         e.space.notify_waiters();
-        if e.outcome.is_some() {
-            jobs.remove(key);
+        if e.outcome.is_some()
+            && let Some(e) = jobs.remove(key)
+        {
             drop(jobs);
+            remove_spool(&e);
             self.gone.notify_waiters();
         }
     }
@@ -290,14 +543,14 @@ impl Runtime {
             e.sent = e.acked;
             e.running_sent = false;
             e.final_sent = false;
-            e.deadline = Instant::now() + ttl;
+            e.deadline = Instant::now() + self.limits.fence_after(ttl);
         }
         self.wake.notify_one();
     }
 
     pub fn renewed(&self, key: &LeaseKey, ttl: Duration) {
         if let Some(e) = self.jobs.lock().get_mut(key) {
-            e.deadline = Instant::now() + ttl;
+            e.deadline = Instant::now() + self.limits.fence_after(ttl);
         }
     }
 
@@ -311,9 +564,11 @@ impl Runtime {
     /// The control plane recorded the final status: forget the job.
     pub fn status_acked(&self, key: &LeaseKey) {
         let mut jobs = self.jobs.lock();
-        if jobs.get(key).is_some_and(|e| e.outcome.is_some()) {
-            jobs.remove(key);
+        if jobs.get(key).is_some_and(|e| e.outcome.is_some())
+            && let Some(e) = jobs.remove(key)
+        {
             drop(jobs);
+            remove_spool(&e);
             self.gone.notify_waiters();
             self.wake.notify_one();
         }
@@ -337,6 +592,18 @@ impl Runtime {
         fenced
     }
 
+    /// fsyncs every job's spool (called about once a second).
+    pub fn sync_spools(&self) {
+        let spools: Vec<_> = self.jobs.lock().values().map(|e| e.spool.clone()).collect();
+        for s in spools {
+            if let Some(s) = s.lock().as_mut()
+                && let Err(e) = s.sync()
+            {
+                warn!(error = %e, "could not sync the log spool");
+            }
+        }
+    }
+
     /// What to send now: running notices, log chunks from the sent offset, and
     /// final statuses once the whole log has been sent.
     pub fn outbox(&self, budget: usize) -> Outbox {
@@ -347,7 +614,7 @@ impl Runtime {
             if e.revoked {
                 continue;
             }
-            if e.running && !e.running_sent {
+            if e.running && !e.running_sent && e.outcome.is_none() {
                 messages.push(pb::agent_message::Msg::Status(wire::running_status(k)));
                 e.running_sent = true;
             }
@@ -374,6 +641,9 @@ impl Runtime {
                 && e.sent == e.end()
                 && !e.final_sent
             {
+                for r in &e.reports {
+                    messages.push(pb::agent_message::Msg::Artifact(r.clone()));
+                }
                 messages.push(pb::agent_message::Msg::Status(wire::final_status(
                     k,
                     o,
@@ -386,6 +656,12 @@ impl Runtime {
     }
 }
 
+fn remove_spool(e: &Entry) {
+    if let Some(s) = e.spool.lock().take() {
+        s.remove();
+    }
+}
+
 fn ack_to(e: &mut Entry, offset: u64) {
     if offset > e.acked {
         let n = ((offset - e.acked) as usize).min(e.buf.len());
@@ -394,5 +670,29 @@ fn ack_to(e: &mut Entry, offset: u64) {
         if e.sent < e.acked {
             e.sent = e.acked;
         }
+        if let Some(s) = e.spool.lock().as_mut() {
+            s.ack(e.acked);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fencing_starts_before_the_server_can_expire_the_lease() {
+        let limits = RuntimeLimits {
+            capacity: 1,
+            log_buffer: 1 << 20,
+            spool_full_timeout: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(10),
+        };
+        let ttl = Duration::from_secs(30);
+        let f = limits.fence_after(ttl);
+        assert!(f + limits.stop_grace < ttl, "{f:?}");
+        assert_eq!(f, Duration::from_secs(17));
+        // A grace longer than the TTL still leaves half the TTL.
+        assert_eq!(limits.fence_after(Duration::from_secs(4)), Duration::from_secs(2));
     }
 }

@@ -236,7 +236,7 @@ async fn handle(
         In::Lease(l) => {
             let job_id = l.job_id.clone();
             let epoch = l.epoch;
-            let result = wire::lease_from_pb(l).and_then(|lease| rt.accept(lease));
+            let result = rt.accept(l);
             if let Err(reason) = result {
                 warn!(job = %job_id, epoch, reason = %reason, "declining a lease");
                 tx.send(msg(Out::LeaseRejected(pb::LeaseRejected {

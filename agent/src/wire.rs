@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use outpost_proto::agent::v1 as pb;
 
-use crate::job::{JobSpec, Lease, LeaseKey, Network, Outcome, Resources};
+use crate::aws::Uploaded;
+use crate::job::{AwsRole, JobSpec, Lease, LeaseKey, Network, Outcome, Resources, Secret};
 
 /// Converts a pushed lease; an error names what is wrong with it.
 pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
@@ -34,9 +35,39 @@ pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
             },
             timeout: nz(spec.timeout_ms).map(Duration::from_millis),
             network,
+            aws: spec.aws.map(aws_role_from_pb).transpose()?,
+            workspace_source: (!spec.workspace_source.is_empty()).then_some(spec.workspace_source),
+            artifacts: spec.artifacts,
         },
         log_offset: l.log_offset,
     })
+}
+
+fn aws_role_from_pb(a: pb::AwsRole) -> Result<AwsRole, String> {
+    if a.role_arn.is_empty() {
+        return Err("the job's aws role names no role ARN".into());
+    }
+    Ok(AwsRole {
+        role_arn: a.role_arn,
+        session_policy: (!a.session_policy.is_empty()).then_some(a.session_policy),
+        duration: (a.duration_s > 0).then(|| Duration::from_secs(a.duration_s)),
+        web_identity_token: (!a.web_identity_token.is_empty())
+            .then(|| Secret::new(a.web_identity_token)),
+    })
+}
+
+/// The report of an artifact uploaded for a lease.
+pub fn artifact_to_pb(key: &LeaseKey, a: &Uploaded) -> pb::ArtifactUploaded {
+    pb::ArtifactUploaded {
+        job_id: key.job_id.clone(),
+        epoch: key.epoch,
+        path: a.path.clone(),
+        bucket: a.bucket.clone(),
+        key: a.key.clone(),
+        size: a.size,
+        sha256: a.sha256.clone(),
+        etag: a.etag.clone(),
+    }
 }
 
 pub fn key_from_pb(l: &pb::LeaseRef) -> LeaseKey {

@@ -396,6 +396,27 @@ async fn cancel_of_a_job_trapping_sigint_ends_it_promptly() {
 }
 
 #[tokio::test]
+async fn a_job_cancelled_before_it_starts_never_runs() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let k = key("precancel");
+        let (tx, mut rx) = mpsc::channel(8);
+        let (started_tx, started_rx) = oneshot::channel();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let outcome = h
+            .exec
+            .run(&k, &job("echo ran"), tx, cancel, started_tx)
+            .await;
+        assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
+        assert!(started_rx.await.is_err(), "started must not fire");
+        assert!(rx.recv().await.is_none(), "no output");
+        assert_cleaned_up(&h, &k).await;
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_job_ignoring_sigint_is_killed_after_the_grace() {
     bounded(async {
         let h = harness(|c| c.stop_grace = Duration::from_secs(1)).await;
@@ -662,10 +683,20 @@ async fn a_dropped_run_still_removes_its_container() {
 
 /// Creates a running container as a crashed agent with `cfg` would have left it.
 async fn leave_container(docker: &Docker, cfg: &SandboxConfig, k: &LeaseKey) -> String {
+    leave_job(docker, cfg, k, &job("sleep 300"), false).await
+}
+
+/// Creates and starts `spec` as a crashed agent with `cfg` would have left it.
+async fn leave_job(
+    docker: &Docker,
+    cfg: &SandboxConfig,
+    k: &LeaseKey,
+    spec: &JobSpec,
+    init: bool,
+) -> String {
     let workspace = spec::workspace_dir(k, &cfg.work_dir).expect("workspace path");
     std::fs::create_dir_all(&workspace).expect("create workspace");
-    let body = spec::container_config(k, &job("sleep 300"), cfg, &workspace, false)
-        .expect("container config");
+    let body = spec::container_config(k, spec, cfg, &workspace, init).expect("container config");
     let options = bollard::query_parameters::CreateContainerOptions {
         name: Some(spec::container_name(k).expect("container name")),
         ..Default::default()
@@ -744,6 +775,151 @@ async fn connect_rejects_an_unknown_runtime() {
             "{e}"
         );
         assert!(e.contains("runc"), "{e}");
+    })
+    .await;
+}
+
+/// Adopts `k` as a restarted agent would; output collected, cancel on marker.
+async fn adopt(
+    h: &Harness,
+    k: &LeaseKey,
+    spec: &JobSpec,
+    skip: u64,
+    cancel_on: Option<&'static str>,
+) -> (Outcome, String) {
+    let (tx, mut rx) = mpsc::channel::<Bytes>(16);
+    let cancel = CancellationToken::new();
+    let collector = {
+        let cancel = cancel.clone();
+        tokio::spawn(async move {
+            let mut output = Vec::new();
+            while let Some(chunk) = rx.recv().await {
+                output.extend_from_slice(&chunk);
+                if cancel_on.is_some_and(|m| String::from_utf8_lossy(&output).contains(m)) {
+                    cancel.cancel();
+                }
+            }
+            String::from_utf8_lossy(&output).into_owned()
+        })
+    };
+    let outcome = h.exec.adopt(k, spec, skip, tx, cancel).await;
+    let output = collector.await.expect("collector task");
+    assert_cleaned_up(h, k).await;
+    (outcome, output)
+}
+
+#[tokio::test]
+async fn adopt_follows_a_running_job_from_the_delivered_offset() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let k = key("adopt");
+        let spec = job("echo first; sleep 1; printf second; exit 5");
+        leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(h.exec.container_exists(&k).await);
+        let (outcome, output) = adopt(&h, &k, &spec, "first\n".len() as u64, None).await;
+        assert_eq!(
+            outcome,
+            Outcome::Exited {
+                code: 5,
+                oom_killed: false
+            }
+        );
+        assert_eq!(output, "second");
+        assert!(!h.exec.container_exists(&k).await);
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn adopt_collects_a_job_that_ended_while_the_agent_was_down() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let k = key("adopt-ended");
+        let spec = job("echo done; exit 9");
+        let id = leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
+        let mut wait = h.docker.wait_container(&id, None);
+        let _ = futures::StreamExt::next(&mut wait).await;
+        assert!(h.exec.container_exists(&k).await);
+        let (outcome, output) = adopt(&h, &k, &spec, 0, None).await;
+        assert_eq!(
+            outcome,
+            Outcome::Exited {
+                code: 9,
+                oom_killed: false
+            }
+        );
+        assert_eq!(output, "done\n");
+
+        // Nothing to adopt.
+        let gone = key("adopt-gone");
+        assert!(!h.exec.container_exists(&gone).await);
+        let (outcome, _) = adopt(&h, &gone, &spec, 0, None).await;
+        assert_eq!(
+            outcome,
+            Outcome::Failed {
+                reason: "the job's container no longer exists".to_string()
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn adopt_cancels_with_one_sigint_and_keeps_the_original_timeout() {
+    bounded(async {
+        let h = harness(|c| c.stop_grace = Duration::from_secs(10)).await;
+        let script = "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.1; done";
+        let k = key("adopt-cancel");
+        leave_job(
+            &h.docker,
+            h.exec.config(),
+            &k,
+            &job(script),
+            h.exec.uses_init(),
+        )
+        .await;
+        let (outcome, output) = adopt(&h, &k, &job(script), 0, Some("ready")).await;
+        assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
+        assert_eq!(count(&output, "got-int"), 1, "{output}");
+
+        // The timeout counts from the container's start, not the adoption.
+        let mut spec = job(script);
+        spec.timeout = Some(Duration::from_secs(3));
+        let k = key("adopt-timeout");
+        leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let adopted_at = Instant::now();
+        let (outcome, output) = adopt(&h, &k, &spec, 0, None).await;
+        assert_eq!(outcome, Outcome::TimedOut);
+        assert_eq!(count(&output, "got-int"), 1, "{output}");
+        let took = adopted_at.elapsed();
+        assert!(took < Duration::from_millis(2500), "{took:?}");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn cleanup_orphans_except_keeps_the_adopted_jobs() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let keep = key("keep");
+        let drop = key("drop");
+        leave_container(&h.docker, h.exec.config(), &keep).await;
+        leave_container(&h.docker, h.exec.config(), &drop).await;
+        assert_eq!(
+            h.exec
+                .cleanup_orphans_except(std::slice::from_ref(&keep))
+                .await
+                .unwrap(),
+            1
+        );
+        assert!(h.exec.container_exists(&keep).await);
+        assert!(spec::workspace_dir(&keep, &h.work_dir).unwrap().exists());
+        assert!(!h.exec.container_exists(&drop).await);
+        assert!(!spec::workspace_dir(&drop, &h.work_dir).unwrap().exists());
+        assert_eq!(h.exec.cleanup_orphans().await.unwrap(), 1);
+        assert!(!h.exec.container_exists(&keep).await);
     })
     .await;
 }

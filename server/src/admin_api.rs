@@ -167,6 +167,24 @@ impl admin::admin_service_server::AdminService for AdminApi {
         Ok(Response::new(admin::ListAgentsResponse { agents: out }))
     }
 
+    async fn list_artifacts(
+        &self,
+        request: Request<admin::ListArtifactsRequest>,
+    ) -> Result<Response<admin::ListArtifactsResponse>, Status> {
+        Identity::require(&request, Role::Admin)?;
+        let id = request.into_inner().job_id;
+        self.hub
+            .store
+            .get_job(id.clone())
+            .await
+            .map_err(internal)?
+            .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
+        let artifacts = self.hub.store.list_artifacts(id).await.map_err(internal)?;
+        Ok(Response::new(admin::ListArtifactsResponse {
+            artifacts: artifacts.iter().map(wire::artifact_to_pb).collect(),
+        }))
+    }
+
     async fn drain_agent(
         &self,
         request: Request<admin::DrainAgentRequest>,
@@ -209,6 +227,7 @@ async fn follow(
     shutdown: CancellationToken,
 ) -> Result<(), ()> {
     let mut offset = req.offset;
+    let mut epoch = req.epoch;
     let mut changes = hub.subscribe();
     loop {
         // Read the job before the log, so a final state seen here implies the
@@ -225,10 +244,17 @@ async fn follow(
                 return Err(());
             }
         };
+        if req.epoch == 0 && job.epoch != epoch {
+            if epoch != 0 {
+                // Re-leased: follow the new attempt from its start.
+                offset = 0;
+            }
+            epoch = job.epoch;
+        }
         loop {
             let data = match hub
                 .store
-                .read_log(req.job_id.clone(), offset, LOG_BATCH)
+                .read_log(req.job_id.clone(), epoch, offset, LOG_BATCH)
                 .await
             {
                 Ok(d) => d,
@@ -245,18 +271,21 @@ async fn follow(
                 offset,
                 data,
                 eof: false,
+                epoch,
             }))
             .await
             .map_err(|_| ())?;
             offset += len;
         }
-        let done = job.log_complete() && offset >= job.log_acked;
+        let current = epoch == job.epoch;
+        let done = !current || (job.log_complete() && offset >= job.log_acked);
         if done || !req.follow {
             let _ = tx
                 .send(Ok(admin::LogData {
                     offset,
                     data: Vec::new(),
                     eof: done,
+                    epoch,
                 }))
                 .await;
             return Ok(());

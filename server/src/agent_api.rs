@@ -175,6 +175,7 @@ async fn run_session(
             }
             Some(Ok(m)) => m,
         };
+        hub.touch(&agent);
         if let Err(e) = handle(&hub, &agent, &tx, msg).await {
             break Err(e);
         }
@@ -300,6 +301,23 @@ async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> 
         In::Drain(d) => {
             info!(reason = %d.reason, "agent is draining");
             hub.set_draining(agent);
+        }
+        In::Artifact(a) => {
+            match hub
+                .store
+                .record_artifact(agent.to_string(), wire::artifact_from_pb(&a))
+                .await
+            {
+                Ok(rec) => {
+                    info!(job = %rec.job_id, epoch = rec.epoch, path = %rec.path, bucket = %rec.bucket, key = %rec.key, size = rec.size, "artifact recorded");
+                    hub.changed();
+                }
+                Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => {
+                    warn!(job = %a.job_id, epoch = a.epoch, path = %a.path, error = %e, "artifact report refused");
+                    refuse(tx, a.job_id, a.epoch, e.to_string()).await?
+                }
+                Err(e) => return Err(internal(e)),
+            }
         }
         In::LeaseRejected(r) => {
             warn!(job = %r.job_id, epoch = r.epoch, reason = %r.reason, "agent declined a lease; re-queueing");

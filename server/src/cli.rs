@@ -38,6 +38,8 @@ pub enum Command {
         /// Lease time-to-live (renewed by heartbeats).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         lease_ttl: std::time::Duration,
+        #[command(flatten)]
+        oidc: OidcArgs,
     },
     /// Manage the local certificate authority.
     Pki {
@@ -75,6 +77,17 @@ pub enum Command {
     },
     /// Ask an agent to drain: it takes no new job and lets running ones finish.
     Drain { agent: String },
+    /// List the artifacts a job uploaded (with the lease epoch of each).
+    Artifacts {
+        job: String,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// The control plane as an OIDC issuer of per-job web-identity tokens.
+    Oidc {
+        #[command(subcommand)]
+        command: OidcCommand,
+    },
     /// Run a control plane and one local agent; build the runner image if missing.
     Dev(crate::dev::DevArgs),
 }
@@ -93,6 +106,44 @@ pub enum PkiCommand {
         role: IssueRole,
         name: String,
     },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OidcCommand {
+    /// Write `.well-known/openid-configuration` and `jwks.json` into DIR, to
+    /// be hosted at the issuer URL (e.g. a public S3 bucket, like an EKS IRSA
+    /// issuer) and registered as an IAM OIDC identity provider.
+    Publish {
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        oidc: OidcArgs,
+    },
+}
+
+/// Issuer settings of the per-job web-identity tokens.
+#[derive(clap::Args, Debug, Clone)]
+pub struct OidcArgs {
+    /// Issuer URL (`iss`): where the discovery document is hosted.
+    #[arg(long, env = "OUTPOST_OIDC_ISSUER", default_value = crate::oidc::DEFAULT_ISSUER)]
+    pub oidc_issuer: String,
+    /// Audience (`aud`) of the tokens.
+    #[arg(long, env = "OUTPOST_OIDC_AUDIENCE", default_value = crate::oidc::DEFAULT_AUDIENCE)]
+    pub oidc_audience: String,
+    /// Token lifetime for jobs without a timeout (others: timeout + 15m; at most 24h).
+    #[arg(long, default_value = "6h", value_parser = parse_duration)]
+    pub oidc_token_ttl: std::time::Duration,
+}
+
+impl OidcArgs {
+    pub fn config(&self, data_dir: &std::path::Path) -> crate::oidc::OidcConfig {
+        crate::oidc::OidcConfig {
+            issuer: self.oidc_issuer.clone(),
+            audience: self.oidc_audience.clone(),
+            token_ttl: self.oidc_token_ttl,
+            ..crate::oidc::OidcConfig::new(data_dir)
+        }
+    }
 }
 
 #[derive(ValueEnum, Clone, Copy, Debug)]
@@ -139,6 +190,22 @@ pub struct SubmitArgs {
     /// Network: none (default) or egress, if the agent allows it.
     #[arg(long, value_enum, default_value = "none")]
     pub network: NetworkArg,
+    /// AWS role ARN the job gets short-lived, auto-refreshed credentials for
+    /// (the agent must allow it).
+    #[arg(long)]
+    pub aws_role: Option<String>,
+    /// File with an IAM session policy (JSON) that narrows the role for this job.
+    #[arg(long, requires = "aws_role", value_parser = read_policy_file)]
+    pub aws_session_policy: Option<String>,
+    /// Session length of the job's credentials (e.g. 1h); default: the agent's.
+    #[arg(long, requires = "aws_role", value_parser = parse_duration)]
+    pub aws_duration: Option<std::time::Duration>,
+    /// `s3://bucket/key.tar.gz` unpacked into the workspace before the job starts.
+    #[arg(long, requires = "aws_role")]
+    pub workspace: Option<String>,
+    /// Workspace-relative file uploaded to S3 after the job ends (repeatable).
+    #[arg(long = "artifact", requires = "aws_role")]
+    pub artifacts: Vec<String>,
     /// Stream the logs until the job ends; exit with the job's exit code.
     #[arg(long, conflicts_with = "wait")]
     pub follow: bool,
@@ -148,6 +215,10 @@ pub struct SubmitArgs {
     /// Command and arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+fn read_policy_file(path: &str) -> Result<String, String> {
+    std::fs::read_to_string(path).map_err(|e| format!("cannot read {path}: {e}"))
 }
 
 fn parse_kv(s: &str) -> Result<(String, String), String> {
@@ -177,6 +248,14 @@ impl SubmitArgs {
                 NetworkArg::None => pb::NetworkMode::None,
                 NetworkArg::Egress => pb::NetworkMode::Egress,
             } as i32,
+            aws: self.aws_role.as_ref().map(|role| pb::AwsRole {
+                role_arn: role.clone(),
+                session_policy: self.aws_session_policy.clone().unwrap_or_default(),
+                duration_s: self.aws_duration.map(|d| d.as_secs()).unwrap_or(0),
+                web_identity_token: String::new(),
+            }),
+            workspace_source: self.workspace.clone().unwrap_or_default(),
+            artifacts: self.artifacts.clone(),
             ..Default::default()
         }
     }
@@ -218,13 +297,18 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let state = StateDir::new(cli.state_dir.clone().unwrap_or_else(StateDir::default_root));
     match cli.command {
-        Command::Server { listen, lease_ttl } => {
+        Command::Server {
+            listen,
+            lease_ttl,
+            oidc,
+        } => {
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
             let local = listener.local_addr()?;
             write_addr(&state, local)?;
             let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
+            cfg.oidc = oidc.config(&state.data_dir());
             cfg.timing.ttl = lease_ttl;
             cfg.timing.heartbeat = (lease_ttl / 6).max(std::time::Duration::from_millis(200));
             let shutdown = tokio_util::sync::CancellationToken::new();
@@ -255,6 +339,15 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(&state, args).await,
+        Command::Oidc {
+            command: OidcCommand::Publish { out, oidc },
+        } => {
+            let issuer = crate::oidc::Issuer::load_or_create(oidc.config(&state.data_dir()))?;
+            for path in issuer.publish(&out)? {
+                println!("{}", path.display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
         cmd => {
             let client = ClientConfig::from_state(&state, cli.server.clone())?;
             admin_command(&client, cmd).await
@@ -383,7 +476,38 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
             println!("{} draining (running {})", a.agent_id, a.running);
             Ok(ExitCode::SUCCESS)
         }
-        Command::Server { .. } | Command::Pki { .. } | Command::Dev(_) => {
+        Command::Artifacts { job, output } => {
+            let artifacts = c
+                .list_artifacts(admin::ListArtifactsRequest { job_id: job })
+                .await
+                .map_err(status_err)?
+                .into_inner()
+                .artifacts;
+            if output == Output::Json {
+                let v: Vec<_> = artifacts
+                    .iter()
+                    .map(|a| {
+                        serde_json::json!({
+                            "job_id": a.job_id, "epoch": a.epoch, "path": a.path,
+                            "url": format!("s3://{}/{}", a.bucket, a.key), "bucket": a.bucket,
+                            "key": a.key, "size": a.size, "sha256": a.sha256, "etag": a.etag,
+                            "uploaded_at_ms": a.uploaded_at_ms,
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            } else {
+                println!("{:>5}  {:>12}  {:<64}  {:<24}  URL", "EPOCH", "SIZE", "SHA256", "PATH");
+                for a in &artifacts {
+                    println!(
+                        "{:>5}  {:>12}  {:<64}  {:<24}  s3://{}/{}",
+                        a.epoch, a.size, a.sha256, a.path, a.bucket, a.key
+                    );
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Server { .. } | Command::Pki { .. } | Command::Dev(_) | Command::Oidc { .. } => {
             bail!("not an admin command")
         }
     }
@@ -455,6 +579,7 @@ pub fn exit_code_of(j: &admin::Job) -> ExitCode {
 /// Streams a job's log to stdout; with `follow`, until the job ends.
 pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Result<()> {
     let mut offset = 0u64;
+    let mut epoch = 0u64;
     let mut attempts = 0u32;
     loop {
         let mut c = client.connect().await?;
@@ -463,6 +588,7 @@ pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Resu
                 job_id: job.to_string(),
                 offset,
                 follow,
+                epoch,
             })
             .await;
         let mut stream = match stream {
@@ -481,6 +607,15 @@ pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Resu
         loop {
             match stream.message().await {
                 Ok(Some(d)) => {
+                    if epoch == 0 {
+                        epoch = d.epoch;
+                    }
+                    if d.epoch != epoch {
+                        // The job was re-leased: its new attempt starts over.
+                        eprintln!("outpost: job {job} was re-leased (attempt {}); its output restarts", d.epoch);
+                        epoch = d.epoch;
+                        offset = 0;
+                    }
                     if d.offset == offset {
                         out.write_all(&d.data)?;
                         offset += d.data.len() as u64;
@@ -531,6 +666,7 @@ pub async fn wait_final(client: &ClientConfig, job: &str) -> Result<admin::Job> 
                             job_id: job.to_string(),
                             offset: j.log_length,
                             follow: true,
+                            epoch: 0,
                         })
                         .await
                     {

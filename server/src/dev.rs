@@ -67,12 +67,16 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
         drain_grace: std::time::Duration::from_secs(60),
         max_backoff: std::time::Duration::from_secs(2),
         log_buffer_bytes: 64 << 20,
+        spool_max_bytes: 1 << 30,
+        spool_segment_bytes: 4 << 20,
+        spool_full_timeout: std::time::Duration::from_secs(300),
         tls: TlsConfig {
             ca: pki.ca_cert(),
             cert: cert.cert,
             key: cert.key,
         },
         sandbox,
+        aws: Default::default(),
     }
 }
 

@@ -44,6 +44,9 @@ struct Conn {
     labels: BTreeMap<String, String>,
     capacity: u32,
     draining: bool,
+    /// Last message from the agent: one that stopped talking (frozen,
+    /// partitioned) gets no new lease even while its connection looks open.
+    last_seen: std::time::Instant,
 }
 
 /// Shared state of the control plane.
@@ -54,6 +57,8 @@ pub struct Hub {
     next_session: AtomicU64,
     dispatch: Notify,
     changes: watch::Sender<u64>,
+    /// Mints the per-lease web-identity tokens of AWS jobs.
+    issuer: std::sync::OnceLock<Arc<crate::oidc::Issuer>>,
 }
 
 impl Hub {
@@ -66,7 +71,35 @@ impl Hub {
             next_session: AtomicU64::new(1),
             dispatch: Notify::new(),
             changes,
+            issuer: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets the token issuer (once, at start).
+    pub fn set_issuer(&self, issuer: Arc<crate::oidc::Issuer>) {
+        let _ = self.issuer.set(issuer);
+    }
+
+    /// The spec pushed with a lease: for an AWS job, with a web-identity
+    /// token minted for this lease (never stored, never logged).
+    fn lease_spec(&self, job: &Job, agent: &str) -> pb::JobSpec {
+        let mut spec = wire::spec_to_pb(&job.spec);
+        if let (Some(aws), Some(issuer)) = (spec.aws.as_mut(), self.issuer.get()) {
+            let claims = crate::oidc::JobClaims {
+                job_id: job.id.clone(),
+                epoch: job.epoch,
+                agent: agent.to_string(),
+                labels: job.spec.selector.clone(),
+            };
+            let ttl = issuer
+                .config()
+                .ttl_for(Duration::from_millis(job.spec.timeout_ms));
+            match issuer.mint(&claims, std::time::SystemTime::now(), ttl) {
+                Ok(token) => aws.web_identity_token = token,
+                Err(e) => warn!(job = %job.id, error = %e, "minting the job's web-identity token failed"),
+            }
+        }
+        spec
     }
 
     /// Registers a connected agent, replacing an older session of the same
@@ -88,6 +121,7 @@ impl Hub {
                 labels,
                 capacity,
                 draining,
+                last_seen: std::time::Instant::now(),
             },
         );
         session
@@ -103,6 +137,13 @@ impl Hub {
     pub fn set_draining(&self, id: &str) {
         if let Some(c) = self.agents.lock().get_mut(id) {
             c.draining = true;
+        }
+    }
+
+    /// Records that the agent just said something.
+    pub fn touch(&self, id: &str) {
+        if let Some(c) = self.agents.lock().get_mut(id) {
+            c.last_seen = std::time::Instant::now();
         }
     }
 
@@ -199,7 +240,11 @@ impl Hub {
             .agents
             .lock()
             .iter()
-            .filter(|(_, c)| !c.draining && c.capacity > 0)
+            .filter(|(_, c)| {
+                !c.draining
+                    && c.capacity > 0
+                    && c.last_seen.elapsed() < self.timing.heartbeat * 3
+            })
             .map(|(id, c)| (id.clone(), c.labels.clone(), c.capacity))
             .collect();
         let mut free: Vec<(String, BTreeMap<String, String>, u32)> = Vec::new();
@@ -231,7 +276,7 @@ impl Hub {
                 job_id: leased.id.clone(),
                 epoch: leased.epoch,
                 ttl_ms,
-                spec: Some(wire::spec_to_pb(&leased.spec)),
+                spec: Some(self.lease_spec(&leased, agent)),
                 log_offset: leased.log_acked,
             };
             if self.send(agent, pb::server_message::Msg::Lease(lease)) {

@@ -15,6 +15,7 @@ pub mod dev;
 pub mod hub;
 pub mod identity;
 pub mod model;
+pub mod oidc;
 pub mod pki;
 pub mod server;
 pub mod store;

@@ -76,6 +76,37 @@ pub struct JobSpec {
     pub pids: u64,
     pub timeout_ms: u64,
     pub network: Network,
+    /// AWS role for the job's credentials (the token is minted per lease, never stored).
+    pub aws: Option<AwsRole>,
+    /// `s3://bucket/key.tar.gz` unpacked into the workspace before the job starts.
+    pub workspace_source: String,
+    /// Workspace-relative files uploaded after the job ends.
+    pub artifacts: Vec<String>,
+}
+
+/// The AWS role a job asks for.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct AwsRole {
+    pub role_arn: String,
+    pub session_policy: String,
+    /// Zero: the agent's default.
+    pub duration_s: u64,
+}
+
+/// An object an agent uploaded for a job, recorded for the lease (epoch)
+/// that was current when it was reported.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Artifact {
+    pub job_id: String,
+    pub epoch: u64,
+    pub path: String,
+    pub bucket: String,
+    pub key: String,
+    pub size: u64,
+    pub sha256: String,
+    pub etag: String,
+    pub uploaded_ms: i64,
 }
 
 /// A job as the control plane knows it.

@@ -39,6 +39,8 @@ pub enum ServerError {
     },
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("the oidc token issuer is not usable")]
+    Oidc(#[from] crate::oidc::OidcError),
 }
 
 /// Everything the control plane needs to start.
@@ -49,13 +51,17 @@ pub struct ServerConfig {
     /// Directory holding the embedded store.
     pub data_dir: PathBuf,
     pub timing: LeaseTiming,
+    /// Issuer of the per-job web-identity tokens (key in `data_dir`).
+    pub oidc: crate::oidc::OidcConfig,
 }
 
 impl ServerConfig {
     pub fn new(pki_dir: impl Into<PathBuf>, data_dir: impl Into<PathBuf>) -> Self {
+        let data_dir = data_dir.into();
         Self {
             pki_dir: pki_dir.into(),
-            data_dir: data_dir.into(),
+            oidc: crate::oidc::OidcConfig::new(&data_dir),
+            data_dir,
             timing: LeaseTiming::default(),
         }
     }
@@ -90,6 +96,9 @@ pub async fn run(
     })?;
     let store = Store::open(&config.data_dir.join("outpost.db"))?;
     let hub = Hub::new(store, config.timing);
+    let issuer = crate::oidc::Issuer::load_or_create(config.oidc.clone())?;
+    info!(issuer = %config.oidc.issuer, kid = %issuer.kid(), "oidc token issuer ready");
+    hub.set_issuer(std::sync::Arc::new(issuer));
     let tasks = shutdown.child_token();
     hub.spawn_tasks(tasks.clone());
     let addr = listener.local_addr().ok();

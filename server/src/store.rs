@@ -19,6 +19,9 @@ use rusqlite::{Connection, params};
 
 use crate::model::{AgentInfo, Job, JobSpec, JobState, StatusReport, now_ms};
 
+/// Artifact reports (fenced like every lease-scoped write).
+mod artifacts;
+
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -82,9 +85,10 @@ CREATE TABLE IF NOT EXISTS jobs (
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS logs (
     job_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
     offset INTEGER NOT NULL,
     data BLOB NOT NULL,
-    PRIMARY KEY (job_id, offset)
+    PRIMARY KEY (job_id, epoch, offset)
 ) WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS agents (
     id TEXT PRIMARY KEY,
@@ -94,6 +98,18 @@ CREATE TABLE IF NOT EXISTS agents (
     draining INTEGER NOT NULL DEFAULT 0,
     last_seen_ms INTEGER NOT NULL
 );
+CREATE TABLE IF NOT EXISTS artifacts (
+    job_id TEXT NOT NULL,
+    epoch INTEGER NOT NULL,
+    path TEXT NOT NULL,
+    bucket TEXT NOT NULL,
+    key TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    etag TEXT NOT NULL,
+    uploaded_ms INTEGER NOT NULL,
+    PRIMARY KEY (job_id, epoch, path)
+) WITHOUT ROWID;
 "#;
 
 const JOB_COLS: &str = "id, spec, state, epoch, agent_id, exit_code, message, oom_killed, created_ms, started_ms, finished_ms, lease_deadline_ms, cancel_requested, log_acked, log_total";
@@ -212,7 +228,8 @@ impl Store {
         self.with(move |c| {
             let n = c
                 .execute(
-                    "UPDATE jobs SET state = 'leased', epoch = epoch + 1, agent_id = ?2, lease_deadline_ms = ?3
+                    "UPDATE jobs SET state = 'leased', epoch = epoch + 1, agent_id = ?2, lease_deadline_ms = ?3,
+                         log_acked = 0, log_total = NULL
                      WHERE id = ?1 AND state = 'queued' AND cancel_requested = 0",
                     params![id, agent, now_ms() + ttl_ms as i64],
                 )
@@ -353,8 +370,8 @@ impl Store {
             let skip = (acked - offset) as usize;
             let fresh = &data[skip..];
             tx.execute(
-                "INSERT INTO logs (job_id, offset, data) VALUES (?1, ?2, ?3)",
-                params![id, acked as i64, fresh],
+                "INSERT INTO logs (job_id, epoch, offset, data) VALUES (?1, ?2, ?3, ?4)",
+                params![id, epoch as i64, acked as i64, fresh],
             )
             .map_err(q("insert log chunk"))?;
             tx.execute(
@@ -368,10 +385,11 @@ impl Store {
         .await
     }
 
-    /// Reads stored log bytes from `offset`, at most about `max` bytes.
+    /// Reads stored log bytes of attempt `epoch` from `offset`, at most about `max` bytes.
     pub async fn read_log(
         &self,
         id: String,
+        epoch: u64,
         offset: u64,
         max: usize,
     ) -> Result<Vec<u8>, StoreError> {
@@ -379,13 +397,13 @@ impl Store {
             // The chunk containing `offset` starts at the greatest offset <= it.
             let mut stmt = c
                 .prepare_cached(
-                    "SELECT offset, data FROM logs WHERE job_id = ?1 AND offset >= COALESCE(
-                        (SELECT MAX(offset) FROM logs WHERE job_id = ?1 AND offset <= ?2), 0)
+                    "SELECT offset, data FROM logs WHERE job_id = ?1 AND epoch = ?3 AND offset >= COALESCE(
+                        (SELECT MAX(offset) FROM logs WHERE job_id = ?1 AND epoch = ?3 AND offset <= ?2), 0)
                      ORDER BY offset",
                 )
                 .map_err(q("prepare read log"))?;
             let mut rows = stmt
-                .query(params![id, offset as i64])
+                .query(params![id, offset as i64, epoch as i64])
                 .map_err(q("read log"))?;
             let mut out = Vec::new();
             while let Some(row) = rows.next().map_err(q("read log row"))? {
@@ -649,9 +667,10 @@ mod tests {
             s.append_log("j1".into(), 1, "b".into(), 11, b("x")).await,
             Err(StoreError::Stale { .. })
         ));
-        assert_eq!(s.read_log("j1".into(), 0, 1 << 20).await.unwrap(), b"hello world");
-        assert_eq!(s.read_log("j1".into(), 4, 1 << 20).await.unwrap(), b"o world");
-        assert_eq!(s.read_log("j1".into(), 11, 1 << 20).await.unwrap(), b"");
+        assert_eq!(s.read_log("j1".into(), 1, 0, 1 << 20).await.unwrap(), b"hello world");
+        assert_eq!(s.read_log("j1".into(), 1, 4, 1 << 20).await.unwrap(), b"o world");
+        assert_eq!(s.read_log("j1".into(), 1, 11, 1 << 20).await.unwrap(), b"");
+        assert_eq!(s.read_log("j1".into(), 2, 0, 1 << 20).await.unwrap(), b"");
     }
 
     #[tokio::test]

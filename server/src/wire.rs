@@ -4,7 +4,7 @@
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
 
-use crate::model::{AgentInfo, Job, JobSpec, JobState, Network, StatusReport};
+use crate::model::{AgentInfo, Artifact, AwsRole, Job, JobSpec, JobState, Network, StatusReport};
 
 pub fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
@@ -47,6 +47,8 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
         Err(_) => return Err(format!("unknown network mode {}", spec.network)),
     };
     let r = spec.resources.unwrap_or_default();
+    let aws = spec.aws.map(aws_from_pb).transpose()?;
+    check_s3_use(aws.is_some(), &spec.workspace_source, &spec.artifacts)?;
     Ok(JobSpec {
         image: spec.image,
         command: spec.command,
@@ -57,7 +59,72 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
         pids: r.pids,
         timeout_ms: spec.timeout_ms,
         network,
+        aws,
+        workspace_source: spec.workspace_source,
+        artifacts: spec.artifacts,
     })
+}
+
+/// A submitted AWS role. A web-identity token in a submission is ignored:
+/// only the control plane mints them, per lease.
+fn aws_from_pb(a: pb::AwsRole) -> Result<AwsRole, String> {
+    let arn = a.role_arn.trim();
+    if !(arn.starts_with("arn:") && arn.contains(":role/")) {
+        return Err(format!("aws role {arn:?} is not an IAM role ARN"));
+    }
+    if !a.session_policy.is_empty() {
+        if a.session_policy.len() > 16 * 1024 {
+            return Err("the aws session policy is longer than 16 KiB".into());
+        }
+        serde_json::from_str::<serde_json::Value>(&a.session_policy)
+            .map_err(|e| format!("the aws session policy is not JSON: {e}"))?;
+    }
+    if a.duration_s > 12 * 3600 {
+        return Err(format!(
+            "aws session duration {}s is above the AWS maximum of 12h",
+            a.duration_s
+        ));
+    }
+    Ok(AwsRole {
+        role_arn: arn.to_string(),
+        session_policy: a.session_policy,
+        duration_s: a.duration_s,
+    })
+}
+
+fn check_s3_use(has_role: bool, workspace: &str, artifacts: &[String]) -> Result<(), String> {
+    if !workspace.is_empty() {
+        let ok = workspace
+            .strip_prefix("s3://")
+            .and_then(|rest| rest.split_once('/'))
+            .is_some_and(|(bucket, key)| !bucket.is_empty() && !key.is_empty());
+        if !ok {
+            return Err(format!(
+                "workspace {workspace:?} must be an s3://bucket/key URL"
+            ));
+        }
+    }
+    if artifacts.len() > 100 {
+        return Err("a job may name at most 100 artifacts".into());
+    }
+    for a in artifacts {
+        let bad = a.is_empty()
+            || a.starts_with('/')
+            || a.contains('\0')
+            || a.split('/').any(|part| part == "..");
+        if bad {
+            return Err(format!(
+                "artifact {a:?} must be a path relative to the workspace, without '..'"
+            ));
+        }
+    }
+    if (!workspace.is_empty() || !artifacts.is_empty()) && !has_role {
+        return Err(
+            "--workspace and --artifact need --aws-role: S3 is accessed with the job's role"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
@@ -76,7 +143,44 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             Network::None => pb::NetworkMode::None,
             Network::Egress => pb::NetworkMode::Egress,
         } as i32,
+        aws: spec.aws.as_ref().map(|a| pb::AwsRole {
+            role_arn: a.role_arn.clone(),
+            session_policy: a.session_policy.clone(),
+            duration_s: a.duration_s,
+            web_identity_token: String::new(),
+        }),
+        workspace_source: spec.workspace_source.clone(),
+        artifacts: spec.artifacts.clone(),
         ..Default::default()
+    }
+}
+
+/// An artifact report from an agent.
+pub fn artifact_from_pb(a: &pb::ArtifactUploaded) -> Artifact {
+    Artifact {
+        job_id: a.job_id.clone(),
+        epoch: a.epoch,
+        path: a.path.clone(),
+        bucket: a.bucket.clone(),
+        key: a.key.clone(),
+        size: a.size,
+        sha256: a.sha256.clone(),
+        etag: a.etag.clone(),
+        uploaded_ms: 0,
+    }
+}
+
+pub fn artifact_to_pb(a: &Artifact) -> admin::Artifact {
+    admin::Artifact {
+        job_id: a.job_id.clone(),
+        epoch: a.epoch,
+        path: a.path.clone(),
+        bucket: a.bucket.clone(),
+        key: a.key.clone(),
+        size: a.size,
+        sha256: a.sha256.clone(),
+        etag: a.etag.clone(),
+        uploaded_at_ms: a.uploaded_ms,
     }
 }
 

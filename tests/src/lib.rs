@@ -204,6 +204,7 @@ impl Cluster {
                 job_id: id.into(),
                 offset: 0,
                 follow: false,
+                epoch: 0,
             })
             .await
             .expect("logs")
@@ -274,4 +275,212 @@ pub fn bin(name: &str) -> PathBuf {
         p.display()
     );
     p
+}
+
+/// An agent running as its own `outpost-agent` process, so tests can kill,
+/// stop and signal it like an operator or a crash would.
+pub struct AgentProc {
+    pub name: String,
+    pub child: std::process::Child,
+    pub config: PathBuf,
+    pub log: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Cluster {
+    /// Writes the config of agent `name` (certificate issued if missing) and
+    /// returns its path. `extra` is appended to the top-level table.
+    pub fn write_agent_config(&self, name: &str, capacity: u32, extra: &str, sandbox_extra: &str) -> PathBuf {
+        let pki = self.state.pki();
+        let paths = pki.issued(outpost::identity::Role::Agent, name);
+        if !paths.cert.exists() {
+            pki.issue(outpost::identity::Role::Agent, name).expect("issue agent cert");
+        }
+        let dir = self.dir.path().join("agents").join(name);
+        std::fs::create_dir_all(&dir).expect("agent dir");
+        let text = format!(
+            r#"server = "{url}"
+server_name = "localhost"
+agent_id = "{name}"
+capacity = {capacity}
+state_dir = "{state}"
+max_backoff = "500ms"
+{extra}
+[labels]
+zone = "test"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[sandbox]
+work_dir = "{work}"
+stop_grace = "2s"
+pull = "never"
+{sandbox_extra}
+"#,
+            url = self.url(),
+            state = dir.join("state").display(),
+            ca = pki.ca_cert().display(),
+            cert = paths.cert.display(),
+            key = paths.key.display(),
+            work = dir.join("work").display(),
+        );
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, text).expect("write agent config");
+        path
+    }
+
+    /// Starts `outpost-agent` with `config`; returns once the control plane
+    /// lists it as connected.
+    pub async fn spawn_agent(&self, name: &str, config: &Path) -> AgentProc {
+        let log = config.with_extension("log");
+        let child = std::process::Command::new(bin("outpost-agent"))
+            .arg("--config")
+            .arg(config)
+            .env("OUTPOST_LOG", "info")
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::OpenOptions::new()
+                    .create(true)
+                    .append(true)
+                    .open(&log)
+                    .expect("agent log"),
+            )
+            .spawn()
+            .expect("spawn outpost-agent");
+        let state_dir = config.parent().expect("dir").join("state");
+        let proc = AgentProc {
+            name: name.to_string(),
+            child,
+            config: config.to_path_buf(),
+            log,
+            state_dir,
+        };
+        self.wait_agent_connected(name, true, Duration::from_secs(30)).await;
+        proc
+    }
+
+    pub async fn wait_agent_connected(&self, name: &str, connected: bool, limit: Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Ok(mut c) = self.client_config().connect().await
+                && let Ok(r) = c.list_agents(admin::ListAgentsRequest {}).await
+                && r.into_inner()
+                    .agents
+                    .iter()
+                    .any(|a| a.agent_id == name && a.connected == connected)
+            {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent {name} connected={connected} not reached in {limit:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Bytes of attempt `epoch` of a job's log.
+    pub async fn logs_of_epoch(&self, id: &str, epoch: u64) -> Vec<u8> {
+        let mut s = self
+            .client()
+            .await
+            .follow_logs(admin::FollowLogsRequest {
+                job_id: id.into(),
+                offset: 0,
+                follow: false,
+                epoch,
+            })
+            .await
+            .expect("logs")
+            .into_inner();
+        let mut out = Vec::new();
+        while let Some(d) = s.message().await.expect("log stream") {
+            out.extend_from_slice(&d.data);
+        }
+        out
+    }
+}
+
+impl AgentProc {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Sends a signal by name (`KILL`, `TERM`, `STOP`, `CONT`, `QUIT`).
+    pub fn signal(&self, sig: &str) {
+        let st = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(self.pid().to_string())
+            .status()
+            .expect("kill");
+        assert!(st.success(), "kill -{sig} {}", self.pid());
+    }
+
+    /// Waits (bounded) for the process to exit; returns its exit code.
+    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if let Some(st) = self.child.try_wait().expect("try_wait") {
+                return st.code();
+            }
+            if tokio::time::Instant::now() > deadline {
+                let _ = self.child.kill();
+                panic!(
+                    "agent {} did not exit within {limit:?}; log:\n{}",
+                    self.name,
+                    std::fs::read_to_string(&self.log).unwrap_or_default()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A job that prints `lines` numbered lines, pausing `pause` seconds (busybox
+/// `sleep` fraction) between them, and the exact log it must produce.
+pub fn numbered_job(lines: u32, pause: &str) -> (Vec<String>, Vec<u8>) {
+    let script = format!(
+        "i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo \"line $i of {lines}\"; sleep {pause}; done"
+    );
+    let expected: String = (1..=lines).map(|i| format!("line {i} of {lines}\n")).collect();
+    (
+        vec!["sh".into(), "-c".into(), script],
+        expected.into_bytes(),
+    )
+}
+
+/// Every container and network carrying Outpost's job label.
+pub async fn all_outpost_containers() -> Vec<String> {
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .expect("docker")
+        .negotiate_version()
+        .await
+        .expect("docker version");
+    let filters: std::collections::HashMap<String, Vec<String>> =
+        [("label".to_string(), vec!["outpost.job".to_string()])].into();
+    docker
+        .list_containers(Some(bollard::query_parameters::ListContainersOptions {
+            all: true,
+            filters: Some(filters),
+            ..Default::default()
+        }))
+        .await
+        .expect("list containers")
+        .into_iter()
+        .filter_map(|c| c.id)
+        .collect()
 }

@@ -64,6 +64,7 @@ async fn follow_streams_a_running_job_until_it_ends() {
             job_id: id.clone(),
             offset: 0,
             follow: true,
+            epoch: 0,
         })
         .await
         .unwrap()

@@ -35,6 +35,7 @@
 //! (Terraform then releases its state lock). Without it a job's shell would
 //! be PID 1 and a foreground `terraform` would never see the signal.
 
+pub mod hooks;
 mod run;
 pub mod spec;
 mod workspace;

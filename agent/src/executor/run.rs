@@ -3,14 +3,14 @@
 
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, SystemInfo};
+use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, SystemInfo};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
-    ListContainersOptions, RemoveContainerOptions,
+    ListContainersOptions, LogsOptions, RemoveContainerOptions,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
@@ -19,7 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
-use super::spec::{self, LABEL_JOB, LABEL_WORK_DIR};
+use super::hooks::{self, HookContext, JobHooks};
+use super::spec::{self, LABEL_EPOCH, LABEL_JOB, LABEL_WORK_DIR};
 use super::{ExecError, PullPolicy, SandboxConfig, error_chain, workspace};
 use crate::job::{JobSpec, LeaseKey, Outcome};
 
@@ -162,6 +163,21 @@ impl DockerExecutor {
         cancel: CancellationToken,
         started: oneshot::Sender<()>,
     ) -> Outcome {
+        self.run_with_hooks(key, spec, output, cancel, started, None)
+            .await
+    }
+
+    /// [`run`](Self::run), calling `hooks` at the points described in
+    /// [`hooks`](super::hooks) (used by `crate::aws`).
+    pub async fn run_with_hooks(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        output: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        started: oneshot::Sender<()>,
+        hooks: Option<&dyn JobHooks>,
+    ) -> Outcome {
         let span = tracing::info_span!("job", job_id = %key.job_id, epoch = key.epoch);
         async move {
             let (name, workspace) = match (
@@ -178,7 +194,7 @@ impl DockerExecutor {
                 done: false,
             };
             let outcome = self
-                .execute(key, spec, &name, &workspace, output, cancel, started)
+                .execute(key, spec, &name, &workspace, output, cancel, started, hooks)
                 .await;
             cleanup.run().await;
             match &outcome {
@@ -201,18 +217,49 @@ impl DockerExecutor {
         output: mpsc::Sender<Bytes>,
         cancel: CancellationToken,
         started: oneshot::Sender<()>,
+        hooks: Option<&dyn JobHooks>,
     ) -> Outcome {
-        let body = match spec::container_config(key, spec, &self.cfg, workspace, self.init) {
+        let mut body = match spec::container_config(key, spec, &self.cfg, workspace, self.init) {
             Ok(body) => body,
             Err(e) => return failed(e.into()),
         };
-        let prepared = tokio::select! {
+        // Only the pull can take long; the steps after it are not cut short,
+        // so that nothing is created behind the cleanup's back.
+        let image = tokio::select! {
             biased;
             () = cancel.cancelled() => return Stop::Cancelled.outcome(),
-            prepared = self.prepare(&spec.image, name, workspace, body) => prepared,
+            image = self.ensure_image(&spec.image) => image,
         };
-        if let Err(e) = prepared {
+        if let Err(e) = image {
             return failed(e);
+        }
+        let ctx = HookContext {
+            docker: &self.docker,
+            container: name,
+            workspace,
+            image: &spec.image,
+        };
+        if let Some(h) = hooks
+            && let Err(e) = h.configure(&ctx, &mut body).await
+        {
+            return hooks::hook_failed("configuring the container", &e);
+        }
+        // Whatever a hook changed, the sandbox must still hold.
+        if let Err(e) = spec::check_sandbox(&body, workspace) {
+            return failed(e.into());
+        }
+        if let Err(e) = self.prepare(name, workspace, body).await {
+            return failed(e);
+        }
+        if let Some(h) = hooks {
+            let r = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Stop::Cancelled.outcome(),
+                r = h.before_start(&ctx) => r,
+            };
+            if let Err(e) = r {
+                return hooks::hook_failed("preparing the job", &e);
+            }
         }
 
         // Attach before start: the engine registers the attachment before it
@@ -237,9 +284,7 @@ impl DockerExecutor {
                 });
             }
         };
-        let mut pump = AbortOnDropHandle::new(tokio::spawn(
-            forward_output(attached.output, output).instrument(tracing::info_span!("output")),
-        ));
+        let pump = spawn_output(attached.output, output, 0);
         if cancel.is_cancelled() {
             return Stop::Cancelled.outcome();
         }
@@ -249,11 +294,42 @@ impl DockerExecutor {
                 source,
             });
         }
+        if let Some(h) = hooks {
+            let r = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Stop::Cancelled.outcome(),
+                r = h.after_start(&ctx) => r,
+            };
+            if let Err(e) = r {
+                return hooks::hook_failed("starting the job", &e);
+            }
+        }
         tracing::info!(container = name, "job process started");
         // The caller may have stopped listening; that changes nothing here.
         let _ = started.send(());
 
-        let (outcome, exited) = self.supervise(name, spec.timeout, &cancel).await;
+        let outcome = self.follow(name, pump, spec.timeout, &cancel, false).await;
+        match hooks {
+            Some(h) => {
+                let r = h.after_exit(&ctx, &outcome).await;
+                hooks::after_exit_outcome(outcome, r)
+            }
+            None => outcome,
+        }
+    }
+
+    /// Supervises a running container to its end, then collects the rest of
+    /// its output. With `from_log` the output comes from the container's log
+    /// and, once the container is gone, the log is read once more for its end.
+    async fn follow(
+        &self,
+        name: &str,
+        mut pump: AbortOnDropHandle<Forwarded>,
+        timeout: Option<Duration>,
+        cancel: &CancellationToken,
+        from_log: bool,
+    ) -> Outcome {
+        let (outcome, exited) = self.supervise(name, timeout, cancel).await;
         if !exited {
             // Its end was not observed: make sure it is gone so that the
             // output stream ends.
@@ -266,22 +342,165 @@ impl DockerExecutor {
             }
         } else {
             match (&mut pump).await {
-                Ok(bytes) => tracing::debug!(bytes, "output complete"),
+                Ok(done) if from_log => self.read_log_tail(name, done).await,
+                Ok(done) => tracing::debug!(bytes = done.read, "output complete"),
                 Err(e) => tracing::warn!(error = %e, "output task failed"),
             }
         }
         outcome
     }
 
-    /// Image, workspace and container, ready to start.
+    /// Whether the container of `key` exists (in any state) and was created
+    /// by an agent with this `work_dir`, i.e. whether [`adopt`](Self::adopt)
+    /// can follow it.
+    pub async fn container_exists(&self, key: &LeaseKey) -> bool {
+        let Ok(name) = spec::container_name(key) else {
+            return false;
+        };
+        match self.docker.inspect_container(&name, None).await {
+            Ok(inspect) => {
+                let labels = inspect.config.and_then(|c| c.labels).unwrap_or_default();
+                let epoch = key.epoch.to_string();
+                let work_dir = self.cfg.work_dir.to_string_lossy();
+                labels.get(LABEL_JOB) == Some(&key.job_id)
+                    && labels.get(LABEL_EPOCH) == Some(&epoch)
+                    && labels.get(LABEL_WORK_DIR).map(String::as_str) == Some(&*work_dir)
+            }
+            Err(e) if status(&e) == Some(404) => false,
+            Err(source) => {
+                let e = ExecError::InspectContainer { name, source };
+                tracing::warn!(error = %error_chain(&e), "cannot tell whether a job container exists");
+                false
+            }
+        }
+    }
+
+    /// Follows the container of a job that an earlier run of this agent
+    /// started (after a restart), to its end, like [`run`](Self::run) does.
+    ///
+    /// Output is replayed from the container's log from the start, the first
+    /// `skip` bytes (already delivered before the restart) left out. The
+    /// timeout counts from the container's original start. Cancel, grace,
+    /// cleanup and the never-panics rule are those of `run`.
+    pub async fn adopt(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        skip: u64,
+        output: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+    ) -> Outcome {
+        let span =
+            tracing::info_span!("job", job_id = %key.job_id, epoch = key.epoch, adopted = true);
+        async move {
+            let (name, workspace) = match (
+                spec::container_name(key),
+                spec::workspace_dir(key, &self.cfg.work_dir),
+            ) {
+                (Ok(name), Ok(workspace)) => (name, workspace),
+                (Err(e), _) | (_, Err(e)) => return failed(ExecError::from(e)),
+            };
+            let mut cleanup = Cleanup {
+                docker: self.docker.clone(),
+                name: name.clone(),
+                workspace,
+                done: false,
+            };
+            let outcome = self
+                .follow_adopted(&name, spec, skip, output, &cancel)
+                .await;
+            cleanup.run().await;
+            match &outcome {
+                Outcome::Failed { reason } => tracing::warn!(%reason, "adopted job failed"),
+                outcome => tracing::info!(?outcome, "adopted job finished"),
+            }
+            outcome
+        }
+        .instrument(span)
+        .await
+    }
+
+    async fn follow_adopted(
+        &self,
+        name: &str,
+        spec: &JobSpec,
+        skip: u64,
+        output: mpsc::Sender<Bytes>,
+        cancel: &CancellationToken,
+    ) -> Outcome {
+        let state = match self.docker.inspect_container(name, None).await {
+            Ok(inspect) => inspect.state.unwrap_or_default(),
+            Err(e) if status(&e) == Some(404) => {
+                return Outcome::Failed {
+                    reason: "the job's container no longer exists".to_string(),
+                };
+            }
+            Err(source) => {
+                return failed(ExecError::InspectContainer {
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        };
+        if state.status == Some(ContainerStateStatusEnum::CREATED) {
+            // The agent stopped between create and start.
+            return Outcome::Failed {
+                reason: "the agent stopped before the job's process started".to_string(),
+            };
+        }
+        let timeout = spec.timeout.map(|timeout| {
+            let ran = state
+                .started_at
+                .as_deref()
+                .and_then(parse_engine_time)
+                .and_then(|started| SystemTime::now().duration_since(started).ok());
+            match ran {
+                Some(ran) => timeout.saturating_sub(ran),
+                None => {
+                    tracing::warn!("unknown start time; the timeout counts from the adoption");
+                    timeout
+                }
+            }
+        });
+        tracing::info!(container = name, skip, "following an adopted job");
+        let options = LogsOptions {
+            follow: true,
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let logs: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
+        let pump = spawn_output(logs, output, skip);
+        self.follow(name, pump, timeout, cancel, true).await
+    }
+
+    /// Docker 20.10 may end a followed log before the container's last,
+    /// unterminated line is written to it; once the container has exited the
+    /// log is complete, so read it again and forward what follow missed.
+    async fn read_log_tail(&self, name: &str, done: Forwarded) {
+        let options = LogsOptions {
+            stdout: true,
+            stderr: true,
+            ..Default::default()
+        };
+        let log: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
+        let tail = forward_output(log, done.output, done.read + done.unskipped).await;
+        if tail.unskipped > 0 {
+            tracing::warn!(
+                missing = tail.unskipped,
+                "the container's log holds fewer bytes than were already delivered"
+            );
+        }
+        tracing::debug!(bytes = tail.read, "output complete");
+    }
+
+    /// Workspace and container, ready to start.
     async fn prepare(
         &self,
-        image: &str,
         name: &str,
         workspace: &Path,
         body: ContainerCreateBody,
     ) -> Result<(), ExecError> {
-        self.ensure_image(image).await?;
         // A container left by an earlier, crashed attempt at the same lease.
         if remove_container(&self.docker, name).await? {
             tracing::warn!(container = name, "removed a stale container of this lease");
@@ -484,6 +703,12 @@ impl DockerExecutor {
     /// left alone. Everything removable is removed even if one removal fails;
     /// the first failure is then returned.
     pub async fn cleanup_orphans(&self) -> Result<usize, ExecError> {
+        self.cleanup_orphans_except(&[]).await
+    }
+
+    /// [`cleanup_orphans`](Self::cleanup_orphans), but the containers and
+    /// workspaces of `keep` (jobs being re-adopted) stay.
+    pub async fn cleanup_orphans_except(&self, keep: &[LeaseKey]) -> Result<usize, ExecError> {
         let work_dir_label = format!("{LABEL_WORK_DIR}={}", self.cfg.work_dir.to_string_lossy());
         let options = ListContainersOptions {
             all: true,
@@ -508,12 +733,15 @@ impl DockerExecutor {
         let mut first_error = None;
         for container in containers {
             let Some(id) = container.id else { continue };
-            let job_id = container
-                .labels
-                .as_ref()
-                .and_then(|labels| labels.get(LABEL_JOB))
-                .cloned()
-                .unwrap_or_default();
+            let labels = container.labels.unwrap_or_default();
+            let job_id = labels.get(LABEL_JOB).cloned().unwrap_or_default();
+            let epoch = labels.get(LABEL_EPOCH).cloned().unwrap_or_default();
+            if keep
+                .iter()
+                .any(|k| k.job_id == job_id && k.epoch.to_string() == epoch)
+            {
+                continue;
+            }
             match remove_container(&self.docker, &id).await {
                 Ok(true) => {
                     tracing::info!(container = %id, job_id = %job_id, "removed orphaned job container");
@@ -526,7 +754,11 @@ impl DockerExecutor {
                 }
             }
         }
-        match workspace::remove_leftovers(&self.cfg.work_dir).await {
+        let kept: Vec<PathBuf> = keep
+            .iter()
+            .filter_map(|k| spec::workspace_dir(k, &self.cfg.work_dir).ok())
+            .collect();
+        match workspace::remove_leftovers(&self.cfg.work_dir, kept).await {
             Ok(0) => {}
             Ok(dirs) => tracing::info!(dirs, "removed leftover workspaces"),
             Err(e) => {
@@ -587,23 +819,53 @@ async fn init_available(docker: &Docker, info: &SystemInfo) -> bool {
     }
 }
 
-/// Forwards the container's output until its end; returns the bytes forwarded.
-async fn forward_output(mut stream: OutputStream, output: mpsc::Sender<Bytes>) -> u64 {
-    let mut forwarded = 0u64;
+/// The end of a forwarded stream.
+struct Forwarded {
+    /// Bytes read from the stream, including skipped ones.
+    read: u64,
+    /// Bytes still to skip when the stream ended (it was shorter than `skip`).
+    unskipped: u64,
+    output: mpsc::Sender<Bytes>,
+}
+
+fn spawn_output(
+    stream: OutputStream,
+    output: mpsc::Sender<Bytes>,
+    skip: u64,
+) -> AbortOnDropHandle<Forwarded> {
+    AbortOnDropHandle::new(tokio::spawn(
+        forward_output(stream, output, skip).instrument(tracing::info_span!("output")),
+    ))
+}
+
+/// Forwards the container's output, less its first `skip` bytes, until its
+/// end.
+async fn forward_output(
+    mut stream: OutputStream,
+    output: mpsc::Sender<Bytes>,
+    skip: u64,
+) -> Forwarded {
+    let mut read = 0u64;
+    let mut to_skip = skip;
     let mut receiver_gone = false;
     while let Some(item) = stream.next().await {
         match item {
             Ok(chunk) => {
-                let bytes = chunk.into_bytes();
+                let mut bytes = chunk.into_bytes();
+                read += bytes.len() as u64;
+                if to_skip > 0 {
+                    let n = usize::try_from(to_skip)
+                        .unwrap_or(usize::MAX)
+                        .min(bytes.len());
+                    bytes = bytes.slice(n..);
+                    to_skip -= n as u64;
+                }
                 if bytes.is_empty() || receiver_gone {
                     continue;
                 }
-                let len = bytes.len() as u64;
                 if output.send(bytes).await.is_err() {
                     tracing::warn!("output receiver dropped; discarding the rest of the output");
                     receiver_gone = true;
-                } else {
-                    forwarded += len;
                 }
             }
             Err(e) => {
@@ -612,7 +874,42 @@ async fn forward_output(mut stream: OutputStream, output: mpsc::Sender<Bytes>) -
             }
         }
     }
-    forwarded
+    Forwarded {
+        read,
+        unskipped: to_skip,
+        output,
+    }
+}
+
+/// Parses the engine's RFC 3339 UTC times (`2024-05-01T12:00:00.123456789Z`).
+fn parse_engine_time(text: &str) -> Option<SystemTime> {
+    let (date, time) = text.strip_suffix('Z')?.split_once('T')?;
+    let mut date = date.splitn(3, '-').map(|p| p.parse::<i64>().ok());
+    let (year, month, day) = (date.next()??, date.next()??, date.next()??);
+    let (hms, fraction) = time.split_once('.').unwrap_or((time, ""));
+    let mut hms = hms.splitn(3, ':').map(|p| p.parse::<i64>().ok());
+    let (hour, minute, second) = (hms.next()??, hms.next()??, hms.next()??);
+    if !(1..=12).contains(&month) || !(1..=31).contains(&day) {
+        return None;
+    }
+    // Days since 1970-01-01 in the proleptic Gregorian calendar.
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146_097 + doe - 719_468;
+    let secs = days * 86_400 + hour * 3600 + minute * 60 + second;
+    let nanos = if fraction.is_empty() {
+        0
+    } else {
+        let digits: String = fraction.chars().take(9).collect();
+        let value: u32 = digits.parse().ok()?;
+        value * 10u32.pow(9 - u32::try_from(digits.len()).ok()?)
+    };
+    let secs = u64::try_from(secs).ok()?;
+    Some(SystemTime::UNIX_EPOCH + Duration::new(secs, nanos))
 }
 
 /// Force-removes a container and its anonymous volumes. `Ok(false)` if
@@ -754,6 +1051,25 @@ mod tests {
             split_reference("alpine@sha256:abcd"),
             ("alpine", "sha256:abcd")
         );
+    }
+
+    #[test]
+    fn engine_times_parse() {
+        let at =
+            |s| parse_engine_time(s).map(|t| t.duration_since(SystemTime::UNIX_EPOCH).unwrap());
+        assert_eq!(at("1970-01-01T00:00:00Z"), Some(Duration::ZERO));
+        assert_eq!(
+            at("2026-11-21T23:35:10.123456789Z"),
+            Some(Duration::new(1_795_304_110, 123_456_789))
+        );
+        assert_eq!(
+            at("2000-02-29T12:00:00.5Z"),
+            Some(Duration::new(951_825_600, 500_000_000))
+        );
+        assert_eq!(at("0001-01-01T00:00:00Z"), None, "the engine's zero time");
+        assert_eq!(at("2026-11-21 23:35:10Z"), None);
+        assert_eq!(at("2026-13-01T00:00:00Z"), None);
+        assert_eq!(at("garbage"), None);
     }
 
     #[test]

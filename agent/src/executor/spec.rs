@@ -9,8 +9,9 @@ use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, Mount, MountBindOptions,
-    MountBindOptionsPropagationEnum, MountType, RestartPolicy, RestartPolicyNameEnum,
+    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, HostConfigLogConfig, Mount,
+    MountBindOptions, MountBindOptionsPropagationEnum, MountType, RestartPolicy,
+    RestartPolicyNameEnum,
 };
 
 use super::SandboxConfig;
@@ -46,6 +47,8 @@ pub enum SpecError {
     InvalidJobId(String),
     #[error("the job names no image")]
     NoImage,
+    #[error("image reference {0:?} is not valid")]
+    InvalidImage(String),
     #[error("egress is not allowed by this agent's policy")]
     EgressNotAllowed,
     #[error("the job asks for {resource} {requested}, above this agent's limit of {limit}")]
@@ -72,6 +75,8 @@ pub enum SpecError {
     WorkspacePath { path: PathBuf, reason: &'static str },
     #[error("sandbox setting {0} is out of range")]
     OutOfRange(&'static str),
+    #[error("the container's configuration no longer holds the sandbox ({0}); refusing to run it")]
+    SandboxLoosened(&'static str),
 }
 
 /// Effective limits of one job: the job's requests, never above the agent's.
@@ -119,14 +124,33 @@ fn check_job_id(job_id: &str) -> Result<(), SpecError> {
     }
 }
 
+/// Image references go into engine API paths: only the characters of
+/// Docker's reference grammar, and no empty or dot-led path component.
+fn check_image(image: &str) -> Result<(), SpecError> {
+    let charset_ok = image
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-' | b'/' | b':' | b'@'));
+    let name = image.split('@').next().unwrap_or_default();
+    let components_ok = image.len() <= 512
+        && name
+            .split('/')
+            .all(|c| c.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric()));
+    if charset_ok && components_ok && !image.contains("..") {
+        Ok(())
+    } else {
+        Err(SpecError::InvalidImage(image.to_string()))
+    }
+}
+
 /// Checks a job against the agent's policy and computes its limits. A job may
 /// only lower a limit; asking for more than the agent allows is rejected
 /// (not clamped), so that the job's owner learns why it would not fit.
 pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<Limits, SpecError> {
     check_job_id(&key.job_id)?;
-    if spec.image.trim().is_empty() {
+    if spec.image.is_empty() {
         return Err(SpecError::NoImage);
     }
+    check_image(&spec.image)?;
     if spec.network != Network::None {
         return Err(SpecError::EgressNotAllowed);
     }
@@ -173,7 +197,7 @@ pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<L
             return Err(SpecError::InvalidEnvValue(name.clone()));
         }
     }
-    if spec.command.iter().any(|arg| arg.contains('\0')) || spec.image.contains('\0') {
+    if spec.command.iter().any(|arg| arg.contains('\0')) {
         return Err(SpecError::InvalidCommand);
     }
     Ok(limits)
@@ -206,6 +230,87 @@ fn check_workspace(key: &LeaseKey, cfg: &SandboxConfig, path: &Path) -> Result<(
     }
     if path != workspace_dir(key, &cfg.work_dir)?.as_path() {
         return refuse("it is not this job's workspace");
+    }
+    Ok(())
+}
+
+/// Checks that a create-container body (after any hook changed it) still
+/// holds the sandbox's non-negotiable properties: nothing privileged, no
+/// capability, `no-new-privileges` with the default seccomp and AppArmor
+/// profiles, a read-only root, no host namespace, no device, and no host path
+/// but the job's workspace. Hooks may add tmpfs mounts and environment.
+pub fn check_sandbox(
+    body: &ContainerCreateBody,
+    workspace_host_path: &Path,
+) -> Result<(), SpecError> {
+    let loosened = |what| Err(SpecError::SandboxLoosened(what));
+    let Some(h) = body.host_config.as_ref() else {
+        return loosened("no host configuration");
+    };
+    if h.privileged != Some(false) {
+        return loosened("privileged");
+    }
+    if h.cap_drop.as_deref() != Some(&["ALL".to_string()][..])
+        || h.cap_add.as_ref().is_some_and(|c| !c.is_empty())
+    {
+        return loosened("capabilities");
+    }
+    let opts = h.security_opt.as_deref().unwrap_or_default();
+    if !opts.iter().any(|o| o == "no-new-privileges:true")
+        || opts.iter().any(|o| {
+            o.contains("unconfined") || o.starts_with("seccomp") || o.starts_with("apparmor")
+        })
+    {
+        return loosened("security options");
+    }
+    if h.readonly_rootfs != Some(true) {
+        return loosened("read-only root filesystem");
+    }
+    let host_mode = |mode: &Option<String>| {
+        mode.as_deref()
+            .is_some_and(|m| m == "host" || m.starts_with("container:"))
+    };
+    if host_mode(&h.network_mode)
+        || host_mode(&h.pid_mode)
+        || host_mode(&h.ipc_mode)
+        || h.uts_mode.as_deref() == Some("host")
+        || h.userns_mode.as_deref() == Some("host")
+        || h.cgroupns_mode == Some(HostConfigCgroupnsModeEnum::HOST)
+    {
+        return loosened("host namespaces");
+    }
+    if h.devices.as_ref().is_some_and(|d| !d.is_empty())
+        || h.device_requests.as_ref().is_some_and(|d| !d.is_empty())
+        || h.device_cgroup_rules
+            .as_ref()
+            .is_some_and(|d| !d.is_empty())
+    {
+        return loosened("devices");
+    }
+    if h.binds.as_ref().is_some_and(|b| !b.is_empty())
+        || h.volumes_from.as_ref().is_some_and(|v| !v.is_empty())
+        || body.volumes.as_ref().is_some_and(|v| !v.is_empty())
+    {
+        return loosened("host paths");
+    }
+    let workspace = workspace_host_path.to_string_lossy();
+    let only_workspace = match h.mounts.as_deref() {
+        Some([m]) => {
+            m.typ == Some(MountType::BIND)
+                && m.source.as_deref() == Some(&*workspace)
+                && m.target.as_deref() == Some(WORKSPACE_MOUNT)
+        }
+        _ => false,
+    };
+    if !only_workspace {
+        return loosened("host paths");
+    }
+    if h.memory.is_none_or(|m| m <= 0)
+        || h.memory_swap != h.memory
+        || h.pids_limit.is_none_or(|p| p <= 0)
+        || h.nano_cpus.is_none_or(|c| c <= 0)
+    {
+        return loosened("resource limits");
     }
     Ok(())
 }
@@ -274,6 +379,13 @@ pub fn container_config(
             }),
             ..Default::default()
         }]),
+        // The `local` log driver keeps the output's raw bytes (json-file
+        // turns invalid UTF-8 into U+FFFD), so that a re-adopted job's log
+        // replays byte for byte at the offsets already delivered.
+        log_config: Some(HostConfigLogConfig {
+            typ: Some("local".to_string()),
+            config: None,
+        }),
         runtime: cfg.runtime.clone(),
         init: init.then_some(true),
         auto_remove: Some(false),
@@ -333,6 +445,7 @@ mod tests {
             resources: Resources::default(),
             timeout: Some(Duration::from_secs(60)),
             network: Network::None,
+            ..Default::default()
         }
     }
 
@@ -382,6 +495,10 @@ mod tests {
         assert_eq!(body.tty, Some(false));
         assert_eq!(body.open_stdin, Some(false));
         assert_eq!(
+            h.log_config.as_ref().and_then(|l| l.typ.as_deref()),
+            Some("local")
+        );
+        assert_eq!(
             h.tmpfs,
             Some(HashMap::from([(
                 "/tmp".to_string(),
@@ -408,6 +525,86 @@ mod tests {
         assert_eq!(m.read_only, Some(false));
         // tmpfs is memory, not a host path; it is the only other mount.
         assert_eq!(h.tmpfs.as_ref().map(|t| t.len()), Some(1));
+    }
+
+    #[test]
+    fn check_sandbox_accepts_the_built_body_and_catches_loosening() {
+        let body = build(&spec()).unwrap();
+        check_sandbox(&body, &ws()).unwrap();
+
+        // What a hook may do: add a tmpfs and environment.
+        let mut ok = body.clone();
+        ok.host_config
+            .as_mut()
+            .unwrap()
+            .tmpfs
+            .as_mut()
+            .unwrap()
+            .insert(
+                "/run/outpost".to_string(),
+                "rw,noexec,nosuid,nodev,size=65536".to_string(),
+            );
+        ok.env
+            .as_mut()
+            .unwrap()
+            .push("AWS_REGION=eu-west-1".to_string());
+        check_sandbox(&ok, &ws()).unwrap();
+
+        type Loosen = fn(&mut ContainerCreateBody);
+        let cases: [(&str, Loosen); 12] = [
+            ("privileged", |b| {
+                b.host_config.as_mut().unwrap().privileged = Some(true)
+            }),
+            ("capabilities", |b| {
+                b.host_config.as_mut().unwrap().cap_add = Some(vec!["SYS_ADMIN".into()])
+            }),
+            ("security options", |b| {
+                b.host_config.as_mut().unwrap().security_opt = Some(vec![
+                    "no-new-privileges:true".into(),
+                    "seccomp=unconfined".into(),
+                ])
+            }),
+            ("read-only root filesystem", |b| {
+                b.host_config.as_mut().unwrap().readonly_rootfs = Some(false)
+            }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().network_mode = Some("host".into())
+            }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().pid_mode = Some("host".into())
+            }),
+            ("host paths", |b| {
+                b.host_config.as_mut().unwrap().binds =
+                    Some(vec!["/var/run/docker.sock:/var/run/docker.sock".into()])
+            }),
+            ("host paths", |b| {
+                let h = b.host_config.as_mut().unwrap();
+                let mut extra = h.mounts.as_ref().unwrap()[0].clone();
+                extra.source = Some("/etc".into());
+                extra.target = Some("/host-etc".into());
+                h.mounts.as_mut().unwrap().push(extra);
+            }),
+            ("host paths", |b| {
+                b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[0].source =
+                    Some("/var/lib/outpost-agent/work/other-1".into())
+            }),
+            ("host paths", |b| b.volumes = Some(vec!["/data".into()])),
+            ("devices", |b| {
+                b.host_config.as_mut().unwrap().devices = Some(vec![Default::default()])
+            }),
+            ("resource limits", |b| {
+                b.host_config.as_mut().unwrap().memory_swap = Some(-1)
+            }),
+        ];
+        for (what, loosen) in cases {
+            let mut b = body.clone();
+            loosen(&mut b);
+            assert_eq!(
+                check_sandbox(&b, &ws()),
+                Err(SpecError::SandboxLoosened(what)),
+                "{what}"
+            );
+        }
     }
 
     #[test]
@@ -498,6 +695,43 @@ mod tests {
                 build(&zero).unwrap_err(),
                 SpecError::BelowMinimum { .. }
             ));
+        }
+    }
+
+    #[test]
+    fn image_references_are_checked() {
+        for good in [
+            "outpost/runner:dev",
+            "alpine",
+            "registry.local:5000/team/tf:1.9",
+            "alpine@sha256:0123abcd",
+        ] {
+            let mut s = spec();
+            s.image = good.to_string();
+            assert!(build(&s).is_ok(), "{good}");
+        }
+        for bad in [
+            "",
+            "../containers/create",
+            "a/../b",
+            "a//b",
+            "reg:5000//x",
+            "/abs",
+            "x?y=1",
+            "x#y",
+            "a b",
+            "img\0",
+            ".hidden/x",
+        ] {
+            let mut s = spec();
+            s.image = bad.to_string();
+            assert!(
+                matches!(
+                    build(&s).unwrap_err(),
+                    SpecError::InvalidImage(_) | SpecError::NoImage
+                ),
+                "{bad:?}"
+            );
         }
     }
 

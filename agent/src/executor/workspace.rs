@@ -52,9 +52,13 @@ pub(super) async fn remove(path: &Path) -> Result<(), ExecError> {
     .await
 }
 
-/// Removes every directory in `work_dir` whose name is a workspace name;
-/// anything else is left alone. Returns how many were removed.
-pub(super) async fn remove_leftovers(work_dir: &Path) -> Result<usize, ExecError> {
+/// Removes every directory in `work_dir` whose name is a workspace name,
+/// except those in `keep`; anything else is left alone. Returns how many
+/// were removed.
+pub(super) async fn remove_leftovers(
+    work_dir: &Path,
+    keep: Vec<PathBuf>,
+) -> Result<usize, ExecError> {
     let work_dir = work_dir.to_path_buf();
     blocking("removing leftover workspaces", move || {
         let entries = std::fs::read_dir(&work_dir).map_err(|source| ExecError::ReadWorkDir {
@@ -74,6 +78,9 @@ pub(super) async fn remove_leftovers(work_dir: &Path) -> Result<usize, ExecError
                 continue;
             }
             let path = entry.path();
+            if keep.contains(&path) {
+                continue;
+            }
             match remove_if_present(&path) {
                 Ok(()) => removed += 1,
                 Err(source) => {

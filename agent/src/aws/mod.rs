@@ -1,0 +1,841 @@
+//! Short-lived AWS credentials for jobs, refreshed for as long as they run,
+//! and S3 workspaces and artifacts.
+//!
+//! For a job that names an AWS role, the agent:
+//!
+//! 1. checks the role against its `[aws] allowed_roles` and the session
+//!    length against `max_session_duration` — before anything runs (a
+//!    compromised control plane cannot make it assume another role);
+//! 2. calls STS `AssumeRoleWithWebIdentity` with the job's web-identity token
+//!    (minted per job by the control plane, whose claims carry the job id as
+//!    `SourceIdentity` and session tags; or the IRSA token file on EKS) and the
+//!    session name `outpost-<job_id>`; this overlaps with the container's
+//!    creation, and is repeated `refresh_margin` before every expiry;
+//! 3. serves the credentials to the job over the container-credentials
+//!    endpoint protocol on `127.0.0.1:<credentials_port>` inside the job's own
+//!    network namespace ([`endpoint`], [`netns`]), gated by a random per-job
+//!    token that reaches the job through a FIFO, never its environment
+//!    ([`entry`]); it advertises an expiry `refresh_margin / 2` early so that
+//!    SDKs come back for fresh credentials in time;
+//! 4. closes the endpoint the moment the job's process ends, uploads its
+//!    artifacts with the job's credentials, and stops refreshing.
+//!
+//! **Who touches S3:** the job's assumed role, for both the workspace
+//! download and the artifact uploads; the agent host's own identity is never
+//! used for a job.
+
+pub mod config;
+pub mod creds;
+pub mod endpoint;
+pub mod entry;
+pub mod glob;
+pub mod netns;
+pub mod s3;
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::AsFd;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use aws_credential_types::provider::{ProvideCredentials, error::CredentialsError, future};
+use aws_sdk_sts::config::{BehaviorVersion, Region};
+use aws_smithy_http_client::tls;
+use bollard::models::ContainerCreateBody;
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::{CancellationToken, DropGuard};
+use tracing::{info, warn};
+
+pub use config::AwsConfig;
+use creds::{AssumeSpec, CredState, TokenSource};
+use endpoint::EndpointState;
+pub use s3::Uploaded;
+
+use crate::executor::DockerExecutor;
+use crate::executor::hooks::{HookContext, HookError, JobHooks};
+use crate::job::{JobSpec, LeaseKey, Outcome, Secret};
+
+/// How long a job waits for its first credentials before it fails.
+const CREDENTIALS_WAIT: Duration = Duration::from_secs(60);
+/// How long the agent waits for the job's entry to open the ready FIFO.
+const RELEASE_WAIT: Duration = Duration::from_secs(10);
+
+/// Errors of the AWS layer. None carries a credential or a token.
+#[derive(Debug, thiserror::Error)]
+pub enum AwsError {
+    #[error("invalid [aws] setting `{field}`: {reason}")]
+    InvalidConfig { field: &'static str, reason: String },
+    #[error("aws role {role_arn} is not in this agent's [aws] allowed_roles")]
+    RoleNotAllowed { role_arn: String },
+    #[error(
+        "the job asks for an aws session of {requested_s}s, above this agent's max_session_duration of {max_s}s"
+    )]
+    DurationTooLong { requested_s: u64, max_s: u64 },
+    #[error("the job uses s3 ({what}) but names no aws role: s3 is accessed with the job's role")]
+    NeedsRole { what: &'static str },
+    #[error("the job names artifacts but this agent has no [aws] artifact_bucket")]
+    NoArtifactBucket,
+    #[error(
+        "no web-identity token for the job: the control plane sent none and no token file is configured"
+    )]
+    NoWebIdentityToken,
+    #[error("reading the web-identity token file {} failed", path.display())]
+    ReadTokenFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("assuming aws role {role_arn} with a web identity failed: {message}")]
+    AssumeRole { role_arn: String, message: String },
+    #[error("sts returned no credentials for aws role {role_arn}")]
+    NoCredentials { role_arn: String },
+    #[error("the job's aws credentials are unavailable: {reason}")]
+    CredentialsUnavailable { reason: String },
+    #[error("the job's aws credentials were not ready within {waited_s}s")]
+    CredentialsTimeout { waited_s: u64 },
+    #[error("inspecting {what} {name} failed")]
+    Inspect {
+        what: &'static str,
+        name: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("container {name} has no running process")]
+    NoProcess { name: String },
+    #[error("binding the credentials endpoint in the network namespace of container {name} failed")]
+    BindEndpoint {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("preparing the ready pipe {} failed", path.display())]
+    ReadyPipe {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("releasing the job in container {name} failed: {reason}")]
+    Release { name: String, reason: String },
+    #[error("invalid workspace source {url:?}: {reason}")]
+    WorkspaceUrl { url: String, reason: &'static str },
+    #[error("downloading the workspace {url} failed: {message}")]
+    Download { url: String, message: String },
+    #[error("unpacking the workspace {url} failed")]
+    Unpack {
+        url: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid artifact path {path:?}: {reason}")]
+    ArtifactPath { path: String, reason: &'static str },
+    #[error("opening artifact {path} failed")]
+    OpenArtifact {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("uploading artifact {path} to {url} failed: {message}")]
+    Upload {
+        path: String,
+        url: String,
+        message: String,
+    },
+    #[error("{operation} was interrupted")]
+    Blocking {
+        operation: &'static str,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+}
+
+/// `error: cause: cause`.
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
+    crate::executor::error_chain(error)
+}
+
+/// The HTTP client of every AWS call: hyper 1 with rustls on ring (the TLS
+/// stack the agent already uses), plain HTTP allowed for local endpoints.
+pub fn http_client() -> aws_sdk_sts::config::SharedHttpClient {
+    aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https()
+}
+
+/// The agent's AWS side: configuration and the STS client.
+pub struct AwsAgent {
+    cfg: AwsConfig,
+    http: aws_sdk_sts::config::SharedHttpClient,
+    sts: aws_sdk_sts::Client,
+}
+
+impl std::fmt::Debug for AwsAgent {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AwsAgent").field("cfg", &self.cfg).finish()
+    }
+}
+
+impl AwsAgent {
+    pub fn new(cfg: AwsConfig) -> AwsAgent {
+        let http = http_client();
+        let timeouts = aws_sdk_sts::config::timeout::TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .operation_timeout(Duration::from_secs(30))
+            .build();
+        let mut sts = aws_sdk_sts::Config::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(cfg.region.clone()))
+            .http_client(http.clone())
+            .timeout_config(timeouts);
+        if let Some(url) = &cfg.sts_endpoint {
+            sts = sts.endpoint_url(url);
+        }
+        AwsAgent {
+            sts: aws_sdk_sts::Client::from_conf(sts.build()),
+            http,
+            cfg,
+        }
+    }
+
+    pub fn config(&self) -> &AwsConfig {
+        &self.cfg
+    }
+
+    /// Checks a job's AWS requests against this agent's configuration and,
+    /// if it uses AWS, starts assuming its role. `None`: the job uses no AWS.
+    /// An error refuses the job before anything runs.
+    pub fn prepare_job(
+        self: &Arc<Self>,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        uid: u32,
+        gid: u32,
+    ) -> Result<Option<JobAws>, AwsError> {
+        let Some(role) = &spec.aws else {
+            if spec.workspace_source.is_some() {
+                return Err(AwsError::NeedsRole { what: "a workspace" });
+            }
+            if !spec.artifacts.is_empty() {
+                return Err(AwsError::NeedsRole { what: "artifacts" });
+            }
+            return Ok(None);
+        };
+        if !self.cfg.role_allowed(&role.role_arn) {
+            return Err(AwsError::RoleNotAllowed {
+                role_arn: role.role_arn.clone(),
+            });
+        }
+        let duration = role.duration.unwrap_or(self.cfg.default_session_duration);
+        if duration > self.cfg.max_session_duration {
+            return Err(AwsError::DurationTooLong {
+                requested_s: duration.as_secs(),
+                max_s: self.cfg.max_session_duration.as_secs(),
+            });
+        }
+        if !spec.artifacts.is_empty() && self.cfg.artifact_bucket.is_none() {
+            return Err(AwsError::NoArtifactBucket);
+        }
+        for path in &spec.artifacts {
+            s3::artifact_path(path)?;
+        }
+        let workspace_source = spec
+            .workspace_source
+            .as_deref()
+            .map(s3::S3Url::parse)
+            .transpose()?;
+        let token = if let Some(path) = &self.cfg.web_identity_token_file {
+            TokenSource::File(path.clone())
+        } else if let Some(token) = &role.web_identity_token {
+            TokenSource::Inline(token.clone())
+        } else if let Some(path) = std::env::var_os("AWS_WEB_IDENTITY_TOKEN_FILE") {
+            TokenSource::File(PathBuf::from(path))
+        } else {
+            return Err(AwsError::NoWebIdentityToken);
+        };
+        let margin = creds::effective_margin(self.cfg.refresh_margin, duration);
+        let assume = AssumeSpec {
+            role_arn: role.role_arn.clone(),
+            session_name: creds::session_name(&key.job_id),
+            session_policy: role.session_policy.clone(),
+            duration,
+            token,
+        };
+        let stop = CancellationToken::new();
+        let (tx, rx) = watch::channel(CredState::Pending);
+        tokio::spawn(creds::refresh_loop(
+            self.sts.clone(),
+            assume,
+            margin,
+            tx,
+            stop.clone(),
+        ));
+        Ok(Some(JobAws {
+            agent: self.clone(),
+            key: key.clone(),
+            uid,
+            gid,
+            endpoint_token: random_token(),
+            creds: rx,
+            early: margin / 2,
+            endpoint_stop: stop.child_token(),
+            endpoint: Mutex::new(None),
+            workspace_source,
+            artifacts: spec.artifacts.clone(),
+            uploaded: Mutex::new(Vec::new()),
+            _stop: stop.drop_guard(),
+        }))
+    }
+
+    /// An S3 client acting as the job (its refreshed credentials).
+    fn s3_for(&self, creds: watch::Receiver<CredState>, early: Duration) -> aws_sdk_s3::Client {
+        let mut b = aws_sdk_s3::Config::builder()
+            .behavior_version(aws_sdk_s3::config::BehaviorVersion::latest())
+            .region(aws_sdk_s3::config::Region::new(self.cfg.region.clone()))
+            .http_client(self.http.clone())
+            .credentials_provider(JobCredentials { creds, early })
+            .force_path_style(self.cfg.s3_force_path_style);
+        if let Some(url) = &self.cfg.s3_endpoint {
+            b = b.endpoint_url(url);
+        }
+        aws_sdk_s3::Client::from_conf(b.build())
+    }
+}
+
+/// 32 random bytes from the OS, hex: the job's endpoint authorization token.
+fn random_token() -> Secret {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 32];
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        // The OS RNG failing is not survivable for anything secret.
+        panic!("the operating system's random number generator failed");
+    }
+    Secret::new(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
+}
+
+/// The job's credentials as an SDK credentials provider (for its S3 calls).
+#[derive(Debug)]
+struct JobCredentials {
+    creds: watch::Receiver<CredState>,
+    early: Duration,
+}
+
+impl ProvideCredentials for JobCredentials {
+    fn provide_credentials<'a>(&'a self) -> future::ProvideCredentials<'a>
+    where
+        Self: 'a,
+    {
+        let result = match &*self.creds.borrow() {
+            CredState::Ready(c) if c.expiration > SystemTime::now() + self.early => {
+                Ok(aws_credential_types::Credentials::new(
+                    c.access_key_id.expose(),
+                    c.secret_access_key.expose(),
+                    Some(c.session_token.expose().to_string()),
+                    Some(c.expiration - self.early),
+                    "outpost-job-role",
+                ))
+            }
+            _ => Err(CredentialsError::not_loaded(
+                "the job's credentials are not available",
+            )),
+        };
+        future::ProvideCredentials::ready(result)
+    }
+}
+
+/// One job's AWS state. Dropping it stops everything it started.
+pub struct JobAws {
+    agent: Arc<AwsAgent>,
+    key: LeaseKey,
+    uid: u32,
+    gid: u32,
+    endpoint_token: Secret,
+    creds: watch::Receiver<CredState>,
+    early: Duration,
+    endpoint_stop: CancellationToken,
+    endpoint: Mutex<Option<Arc<EndpointState>>>,
+    workspace_source: Option<s3::S3Url>,
+    artifacts: Vec<String>,
+    uploaded: Mutex<Vec<Uploaded>>,
+    _stop: DropGuard,
+}
+
+impl JobAws {
+    /// Artifacts uploaded so far (taken).
+    pub fn take_uploaded(&self) -> Vec<Uploaded> {
+        std::mem::take(&mut *self.uploaded.lock())
+    }
+
+    /// Waits for the first credentials (or the reason there are none).
+    async fn ready(&self) -> Result<(), AwsError> {
+        let mut rx = self.creds.clone();
+        let waited = tokio::time::timeout(
+            CREDENTIALS_WAIT,
+            rx.wait_for(|s| !matches!(s, CredState::Pending)),
+        )
+        .await;
+        let state = match waited {
+            Err(_) => {
+                return Err(AwsError::CredentialsTimeout {
+                    waited_s: CREDENTIALS_WAIT.as_secs(),
+                });
+            }
+            Ok(Err(_)) => {
+                return Err(AwsError::CredentialsUnavailable {
+                    reason: "the credentials refresher stopped".into(),
+                });
+            }
+            Ok(Ok(state)) => state.clone(),
+        };
+        match state {
+            CredState::Ready(_) => Ok(()),
+            CredState::Failed(reason) => Err(AwsError::CredentialsUnavailable { reason }),
+            CredState::Pending => Err(AwsError::CredentialsUnavailable {
+                reason: "no credentials yet".into(),
+            }),
+        }
+    }
+
+    fn s3(&self) -> aws_sdk_s3::Client {
+        self.agent.s3_for(self.creds.clone(), self.early)
+    }
+
+    fn fifo(workspace: &Path) -> PathBuf {
+        workspace.join(entry::READY_FIFO)
+    }
+
+    async fn configure(
+        &self,
+        ctx: &HookContext<'_>,
+        body: &mut ContainerCreateBody,
+    ) -> Result<(), AwsError> {
+        let image = ctx
+            .docker
+            .inspect_image(ctx.image)
+            .await
+            .map_err(|source| AwsError::Inspect {
+                what: "image",
+                name: ctx.image.to_string(),
+                source,
+            })?;
+        entry::configure(
+            body,
+            image.config.as_ref(),
+            self.agent.cfg.credentials_port,
+            &self.agent.cfg.region,
+            self.uid,
+            self.gid,
+        );
+        Ok(())
+    }
+
+    async fn before_start(&self, ctx: &HookContext<'_>) -> Result<(), AwsError> {
+        if let Some(url) = &self.workspace_source {
+            self.ready().await?;
+            let started = Instant::now();
+            let bytes = s3::download_workspace(
+                &self.s3(),
+                url,
+                ctx.workspace,
+                self.uid,
+                self.gid,
+                self.agent.cfg.max_workspace_bytes,
+            )
+            .await?;
+            info!(%url, bytes, elapsed_ms = started.elapsed().as_millis() as u64, "workspace unpacked");
+        }
+        let fifo = Self::fifo(ctx.workspace);
+        let (uid, gid) = (self.uid, self.gid);
+        let path = fifo.clone();
+        tokio::task::spawn_blocking(move || make_fifo(&path, uid, gid))
+            .await
+            .map_err(|source| AwsError::Blocking {
+                operation: "creating the ready pipe",
+                source,
+            })?
+            .map_err(|source| AwsError::ReadyPipe { path: fifo, source })
+    }
+
+    async fn after_start(&self, ctx: &HookContext<'_>) -> Result<(), AwsError> {
+        let began = Instant::now();
+        self.ready().await?;
+        let creds_ms = began.elapsed().as_millis() as u64;
+        let inspect = ctx
+            .docker
+            .inspect_container(ctx.container, None)
+            .await
+            .map_err(|source| AwsError::Inspect {
+                what: "container",
+                name: ctx.container.to_string(),
+                source,
+            })?;
+        let pid = inspect
+            .state
+            .and_then(|s| s.pid)
+            .filter(|pid| *pid > 0)
+            .and_then(|pid| u32::try_from(pid).ok())
+            .ok_or_else(|| AwsError::NoProcess {
+                name: ctx.container.to_string(),
+            })?;
+        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.agent.cfg.credentials_port));
+        let std_listener = tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, addr))
+            .await
+            .map_err(|source| AwsError::Blocking {
+                operation: "binding the credentials endpoint",
+                source,
+            })?
+            .map_err(|source| AwsError::BindEndpoint {
+                name: ctx.container.to_string(),
+                source,
+            })?;
+        let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
+            AwsError::BindEndpoint {
+                name: ctx.container.to_string(),
+                source,
+            }
+        })?;
+        let state = Arc::new(EndpointState::new(
+            self.endpoint_token.clone(),
+            self.creds.clone(),
+            self.early,
+        ));
+        *self.endpoint.lock() = Some(state.clone());
+        tokio::spawn(endpoint::serve(
+            listener,
+            state,
+            self.endpoint_stop.clone(),
+        ));
+        let bound_ms = began.elapsed().as_millis() as u64;
+        release(
+            &Self::fifo(ctx.workspace),
+            &self.endpoint_token,
+            ctx.container,
+        )
+        .await?;
+        info!(
+            pid,
+            wait_for_credentials_ms = creds_ms,
+            endpoint_bound_ms = bound_ms,
+            released_ms = began.elapsed().as_millis() as u64,
+            "credentials endpoint ready; job released"
+        );
+        Ok(())
+    }
+
+    /// Closes the endpoint, then uploads the artifacts.
+    async fn after_exit(&self, ctx: &HookContext<'_>) -> Result<(), AwsError> {
+        self.close_endpoint();
+        if self.artifacts.is_empty() {
+            return Ok(());
+        }
+        let Some(bucket) = self.agent.cfg.artifact_bucket.clone() else {
+            return Err(AwsError::NoArtifactBucket);
+        };
+        self.ready().await?;
+        let s3 = self.s3();
+        let mut first_error = None;
+        for path in &self.artifacts {
+            let key = artifact_key(&self.agent.cfg.artifact_prefix, &self.key, path);
+            match s3::upload_artifact(
+                &s3,
+                ctx.workspace,
+                path,
+                &bucket,
+                key,
+                &self.key.job_id,
+                self.key.epoch,
+            )
+            .await
+            {
+                Ok(up) => {
+                    info!(path = %up.path, bucket = %up.bucket, key = %up.key, size = up.size, "artifact uploaded");
+                    self.uploaded.lock().push(up);
+                }
+                Err(e) => {
+                    warn!(path = %path, error = %error_chain(&e), "artifact upload failed");
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+
+    /// The endpoint stops answering and its socket closes.
+    fn close_endpoint(&self) {
+        if let Some(state) = self.endpoint.lock().take() {
+            state.close();
+        }
+        self.endpoint_stop.cancel();
+    }
+}
+
+impl Drop for JobAws {
+    fn drop(&mut self) {
+        self.close_endpoint();
+    }
+}
+
+/// `<prefix><job_id>/<epoch>/<path>`: the epoch in the key means a stale
+/// lease can never overwrite what a newer one uploaded.
+pub fn artifact_key(prefix: &str, key: &LeaseKey, path: &str) -> String {
+    let clean = s3::artifact_path(path)
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| path.to_string());
+    format!("{prefix}{}/{}/{clean}", key.job_id, key.epoch)
+}
+
+/// Creates the ready FIFO (replacing anything of that name the workspace
+/// archive brought), readable by the job's user only.
+fn make_fifo(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path)?,
+        Ok(_) => std::fs::remove_file(path)?,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
+}
+
+/// Hands the token to the job's entry through the FIFO (which releases it),
+/// then removes the FIFO.
+async fn release(fifo: &Path, token: &Secret, container: &str) -> Result<(), AwsError> {
+    use nix::fcntl::{OFlag, open};
+    use nix::sys::stat::Mode;
+    let fail = |reason: String| AwsError::Release {
+        name: container.to_string(),
+        reason,
+    };
+    let deadline = Instant::now() + RELEASE_WAIT;
+    let fd = loop {
+        // Non-blocking: ENXIO until the entry has opened its end.
+        match open(
+            fifo,
+            OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        ) {
+            Ok(fd) => break fd,
+            Err(nix::errno::Errno::ENXIO) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            Err(nix::errno::Errno::ENXIO) => {
+                return Err(fail(format!(
+                    "its entry did not start within {}s (does the image have /bin/sh?)",
+                    RELEASE_WAIT.as_secs()
+                )));
+            }
+            Err(e) => return Err(fail(format!("opening the ready pipe: {e}"))),
+        }
+    };
+    let line = format!("{}\n", token.expose());
+    // Shorter than PIPE_BUF and the pipe is empty: one atomic write.
+    let written = nix::unistd::write(fd.as_fd(), line.as_bytes())
+        .map_err(|e| fail(format!("writing to the ready pipe: {e}")))?;
+    drop(fd);
+    if written != line.len() {
+        return Err(fail("short write to the ready pipe".into()));
+    }
+    if let Err(e) = std::fs::remove_file(fifo) {
+        warn!(error = %e, "could not remove the ready pipe");
+    }
+    Ok(())
+}
+
+impl JobHooks for JobAws {
+    fn configure<'a>(
+        &'a self,
+        ctx: &'a HookContext<'a>,
+        body: &'a mut ContainerCreateBody,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobAws::configure(self, ctx, body).await?) }.boxed()
+    }
+
+    fn before_start<'a>(
+        &'a self,
+        ctx: &'a HookContext<'a>,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobAws::before_start(self, ctx).await?) }.boxed()
+    }
+
+    fn after_start<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobAws::after_start(self, ctx).await?) }.boxed()
+    }
+
+    fn after_exit<'a>(
+        &'a self,
+        ctx: &'a HookContext<'a>,
+        _outcome: &'a Outcome,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobAws::after_exit(self, ctx).await?) }.boxed()
+    }
+}
+
+/// Runs one job through `exec`, with its AWS hooks when it uses AWS. Returns
+/// how it ended and the artifacts it uploaded. A job whose AWS requests this
+/// agent refuses fails before anything runs.
+pub async fn run_job(
+    aws: Option<&Arc<AwsAgent>>,
+    exec: &DockerExecutor,
+    key: &LeaseKey,
+    spec: &JobSpec,
+    output: mpsc::Sender<Bytes>,
+    cancel: CancellationToken,
+    started: oneshot::Sender<()>,
+) -> (Outcome, Vec<Uploaded>) {
+    let uses_aws = spec.aws.is_some() || spec.workspace_source.is_some() || !spec.artifacts.is_empty();
+    if !uses_aws {
+        return (exec.run(key, spec, output, cancel, started).await, Vec::new());
+    }
+    let refuse = |e: AwsError| {
+        warn!(error = %error_chain(&e), "refusing the job's aws request");
+        Outcome::Failed {
+            reason: format!("refused by the agent: {}", error_chain(&e)),
+        }
+    };
+    let Some(aws) = aws else {
+        return (
+            refuse(AwsError::InvalidConfig {
+                field: "aws",
+                reason: "this agent has no aws support".into(),
+            }),
+            Vec::new(),
+        );
+    };
+    let (uid, gid) = match exec.config().uid_gid() {
+        Ok(ids) => ids,
+        Err(e) => {
+            return (
+                Outcome::Failed {
+                    reason: crate::executor::error_chain(&e),
+                },
+                Vec::new(),
+            );
+        }
+    };
+    let job = match aws.prepare_job(key, spec, uid, gid) {
+        Ok(Some(job)) => job,
+        Ok(None) => return (exec.run(key, spec, output, cancel, started).await, Vec::new()),
+        Err(e) => return (refuse(e), Vec::new()),
+    };
+    let outcome = exec
+        .run_with_hooks(key, spec, output, cancel, started, Some(&job))
+        .await;
+    let uploaded = job.take_uploaded();
+    (outcome, uploaded)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::job::AwsRole;
+
+    fn agent(cfg: AwsConfig) -> Arc<AwsAgent> {
+        Arc::new(AwsAgent::new(cfg))
+    }
+
+    fn key() -> LeaseKey {
+        LeaseKey {
+            job_id: "job-1".into(),
+            epoch: 4,
+        }
+    }
+
+    fn aws_spec(role: &str) -> JobSpec {
+        JobSpec {
+            image: "img".into(),
+            aws: Some(AwsRole {
+                role_arn: role.into(),
+                web_identity_token: Some(Secret::new("token")),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    fn allowing(pattern: &str) -> AwsConfig {
+        AwsConfig {
+            allowed_roles: vec![pattern.into()],
+            sts_endpoint: Some("http://127.0.0.1:1".into()),
+            ..Default::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn refuses_roles_outside_the_allow_list_before_anything_runs() {
+        let a = agent(allowing("arn:aws:iam::123456789012:role/outpost-*"));
+        let e = a
+            .prepare_job(&key(), &aws_spec("arn:aws:iam::123456789012:role/admin"), 1000, 1000)
+            .err()
+            .unwrap();
+        assert!(matches!(e, AwsError::RoleNotAllowed { .. }), "{e}");
+        assert!(e.to_string().contains("role/admin"));
+        let ok = a
+            .prepare_job(&key(), &aws_spec("arn:aws:iam::123456789012:role/outpost-tf"), 1000, 1000)
+            .unwrap();
+        assert!(ok.is_some());
+        // No allow-list: nothing is allowed.
+        let e = agent(AwsConfig::default())
+            .prepare_job(&key(), &aws_spec("arn:aws:iam::1:role/x"), 1000, 1000)
+            .err()
+            .unwrap();
+        assert!(matches!(e, AwsError::RoleNotAllowed { .. }));
+    }
+
+    #[tokio::test]
+    async fn checks_duration_s3_requirements_and_tokens() {
+        let a = agent(allowing("*"));
+        let mut spec = aws_spec("arn:aws:iam::1:role/x");
+        spec.aws.as_mut().unwrap().duration = Some(Duration::from_secs(7200));
+        assert!(matches!(
+            a.prepare_job(&key(), &spec, 1000, 1000).err().unwrap(),
+            AwsError::DurationTooLong { .. }
+        ));
+        let spec = JobSpec {
+            artifacts: vec!["out.bin".into()],
+            ..Default::default()
+        };
+        assert!(matches!(
+            a.prepare_job(&key(), &spec, 1000, 1000).err().unwrap(),
+            AwsError::NeedsRole { .. }
+        ));
+        let mut spec = aws_spec("arn:aws:iam::1:role/x");
+        spec.artifacts = vec!["out.bin".into()];
+        assert!(matches!(
+            a.prepare_job(&key(), &spec, 1000, 1000).err().unwrap(),
+            AwsError::NoArtifactBucket
+        ));
+        let mut spec = aws_spec("arn:aws:iam::1:role/x");
+        spec.workspace_source = Some("https://example/w.tgz".into());
+        assert!(matches!(
+            a.prepare_job(&key(), &spec, 1000, 1000).err().unwrap(),
+            AwsError::WorkspaceUrl { .. }
+        ));
+        assert!(
+            a.prepare_job(&key(), &JobSpec::default(), 1000, 1000)
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn artifact_keys_carry_job_and_epoch() {
+        assert_eq!(
+            artifact_key("outpost/", &key(), "./out/plan.bin"),
+            "outpost/job-1/4/out/plan.bin"
+        );
+    }
+
+    #[test]
+    fn endpoint_tokens_are_random_and_long() {
+        let (a, b) = (random_token(), random_token());
+        assert_eq!(a.expose().len(), 64);
+        assert_ne!(a, b);
+    }
+}

@@ -1,0 +1,167 @@
+//! Artifacts agents uploaded for jobs.
+//!
+//! **Invariant:** an artifact report is recorded only if `(job_id, epoch,
+//! agent)` is the job's current lease, checked in the same transaction as
+//! the write; a stale epoch is refused ([`StoreError::Stale`]). Reports are
+//! idempotent per `(job_id, epoch, path)`.
+
+use rusqlite::params;
+
+use super::{Store, StoreError, current, q};
+use crate::model::{Artifact, now_ms};
+
+impl Store {
+    /// Records an artifact reported by `agent` for its current lease.
+    pub async fn record_artifact(
+        &self,
+        agent: String,
+        artifact: Artifact,
+    ) -> Result<Artifact, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin record artifact"))?;
+            current(&tx, &artifact.job_id, artifact.epoch, &agent)?;
+            let uploaded_ms = now_ms();
+            tx.execute(
+                "INSERT INTO artifacts (job_id, epoch, path, bucket, key, size, sha256, etag, uploaded_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)
+                 ON CONFLICT(job_id, epoch, path) DO UPDATE SET bucket = ?4, key = ?5, size = ?6,
+                     sha256 = ?7, etag = ?8, uploaded_ms = ?9",
+                params![
+                    artifact.job_id,
+                    artifact.epoch as i64,
+                    artifact.path,
+                    artifact.bucket,
+                    artifact.key,
+                    artifact.size as i64,
+                    artifact.sha256,
+                    artifact.etag,
+                    uploaded_ms
+                ],
+            )
+            .map_err(q("record artifact"))?;
+            tx.commit().map_err(q("commit artifact"))?;
+            Ok(Artifact {
+                uploaded_ms,
+                ..artifact
+            })
+        })
+        .await
+    }
+
+    /// A job's artifacts, oldest lease first, then by path.
+    pub async fn list_artifacts(&self, job_id: String) -> Result<Vec<Artifact>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare_cached(
+                    "SELECT job_id, epoch, path, bucket, key, size, sha256, etag, uploaded_ms
+                     FROM artifacts WHERE job_id = ?1 ORDER BY epoch, path",
+                )
+                .map_err(q("prepare list artifacts"))?;
+            let rows = stmt
+                .query_map(params![job_id], |r| {
+                    Ok(Artifact {
+                        job_id: r.get(0)?,
+                        epoch: r.get::<_, i64>(1)? as u64,
+                        path: r.get(2)?,
+                        bucket: r.get(3)?,
+                        key: r.get(4)?,
+                        size: r.get::<_, i64>(5)? as u64,
+                        sha256: r.get(6)?,
+                        etag: r.get(7)?,
+                        uploaded_ms: r.get(8)?,
+                    })
+                })
+                .map_err(q("list artifacts"))?;
+            rows.collect::<Result<Vec<_>, _>>()
+                .map_err(q("read artifact row"))
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::model::{Artifact, JobSpec, JobState, StatusReport};
+    use crate::store::{Store, StoreError};
+
+    fn artifact(epoch: u64, path: &str) -> Artifact {
+        Artifact {
+            job_id: "j1".into(),
+            epoch,
+            path: path.into(),
+            bucket: "b".into(),
+            key: format!("outpost/j1/{epoch}/{path}"),
+            size: 3,
+            sha256: "ab".repeat(32),
+            etag: "e".into(),
+            uploaded_ms: 0,
+        }
+    }
+
+    #[tokio::test]
+    async fn only_the_current_leases_artifacts_are_recorded() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert_job(
+            "j1".into(),
+            JobSpec {
+                image: "img".into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        s.lease_job("j1".into(), "a".into(), 0).await.unwrap().unwrap();
+        s.record_artifact("a".into(), artifact(1, "out.bin")).await.unwrap();
+        // Reporting again is harmless.
+        s.record_artifact("a".into(), artifact(1, "out.bin")).await.unwrap();
+        // The lease expires and the job goes to another agent with epoch 2.
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        s.expire_leases().await.unwrap();
+        s.lease_job("j1".into(), "b".into(), 60_000).await.unwrap().unwrap();
+        // The stale agent's late upload is refused; so is a wrong agent.
+        assert!(matches!(
+            s.record_artifact("a".into(), artifact(1, "late.bin")).await,
+            Err(StoreError::Stale { epoch: 1, .. })
+        ));
+        assert!(matches!(
+            s.record_artifact("a".into(), artifact(2, "late.bin")).await,
+            Err(StoreError::Stale { .. })
+        ));
+        s.record_artifact("b".into(), artifact(2, "out.bin")).await.unwrap();
+        // Once the job is final, nothing more is accepted.
+        s.report(
+            "j1".into(),
+            2,
+            "b".into(),
+            StatusReport {
+                state: JobState::Succeeded,
+                exit_code: Some(0),
+                message: String::new(),
+                log_total: 0,
+                oom_killed: false,
+            },
+        )
+        .await
+        .unwrap();
+        assert!(matches!(
+            s.record_artifact("b".into(), artifact(2, "after.bin")).await,
+            Err(StoreError::Stale { .. })
+        ));
+        assert!(matches!(
+            s.record_artifact(
+                "b".into(),
+                Artifact {
+                    job_id: "nope".into(),
+                    ..artifact(2, "x")
+                }
+            )
+            .await,
+            Err(StoreError::NotFound(_))
+        ));
+        let listed = s.list_artifacts("j1".into()).await.unwrap();
+        let got: Vec<(u64, &str)> = listed.iter().map(|a| (a.epoch, a.path.as_str())).collect();
+        assert_eq!(got, [(1, "out.bin"), (2, "out.bin")]);
+        assert!(listed.iter().all(|a| a.uploaded_ms > 0));
+    }
+}

@@ -1,0 +1,295 @@
+//! The fault-injection suite: nothing lost, nothing run twice.
+//!
+//! Every scenario runs a job printing numbered lines and asserts that the
+//! server's copy of the log has every byte exactly once, that the job has
+//! exactly one final status, and that no container is left behind.
+
+use std::time::{Duration, Instant};
+
+use outpost::hub::LeaseTiming;
+use outpost_proto::admin::v1 as admin;
+use outpost_proto::agent::v1 as pb;
+use outpost_tests::{Cluster, containers_of, numbered_job, state};
+
+const LIMIT: Duration = Duration::from_secs(120);
+
+fn timing() -> LeaseTiming {
+    LeaseTiming {
+        ttl: Duration::from_secs(8),
+        heartbeat: Duration::from_secs(1),
+        sweep: Duration::from_millis(200),
+    }
+}
+
+fn job_spec(command: Vec<String>) -> pb::JobSpec {
+    let mut spec = outpost_tests::spec(&[]);
+    spec.command = command;
+    spec.selector.insert("zone".into(), "test".into());
+    spec
+}
+
+async fn assert_no_containers(id: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let left = containers_of(id).await;
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "containers left behind for {id}: {left:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+async fn wait_log_len(c: &Cluster, id: &str, at_least: u64) {
+    c.wait_state(id, LIMIT, |j| j.log_length >= at_least).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_the_agent_mid_job_and_the_restarted_agent_finishes_it() {
+    let t0 = Instant::now();
+    let c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config("a", 1, "", "");
+    let mut agent = c.spawn_agent("a", &cfg).await;
+    let (cmd, expected) = numbered_job(150, "0.02");
+    let id = c.submit_spec(job_spec(cmd)).await;
+    wait_log_len(&c, &id, 200).await;
+    let container = containers_of(&id).await;
+    assert_eq!(container.len(), 1);
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(10)).await;
+    // The container survives the agent.
+    assert_eq!(containers_of(&id).await, container, "container outlives a killed agent");
+    let agent = c.spawn_agent("a", &cfg).await;
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}\n{}", agent.log_text());
+    assert_eq!(j.epoch, 1, "the same lease finished the job: it did not run twice");
+    let log = c.logs(&id).await;
+    assert!(log == expected, "every byte exactly once:\n{}", String::from_utf8_lossy(&log));
+    assert!(agent.log_text().contains("re-adopt"), "{}", agent.log_text());
+    assert_no_containers(&id).await;
+    eprintln!("scenario kill -9: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn control_plane_down_shorter_than_the_lease_loses_nothing() {
+    let t0 = Instant::now();
+    let mut c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config("a", 1, "", "");
+    let _agent = c.spawn_agent("a", &cfg).await;
+    let (cmd, expected) = numbered_job(200, "0.02");
+    let id = c.submit_spec(job_spec(cmd)).await;
+    wait_log_len(&c, &id, 100).await;
+    let addr = c.stop_server().await;
+    // Longer than two heartbeats, shorter than the lease.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    c.start_server_at(addr).await;
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!(j.epoch, 1, "the job continued under its lease");
+    let log = c.logs(&id).await;
+    assert!(log == expected, "every byte exactly once:\n{}", String::from_utf8_lossy(&log));
+    assert_no_containers(&id).await;
+    eprintln!("scenario control plane restart: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_agent_fences_itself_and_its_old_epoch_is_refused() {
+    let t0 = Instant::now();
+    let c = Cluster::start_with(LeaseTiming {
+        ttl: Duration::from_secs(4),
+        heartbeat: Duration::from_millis(500),
+        sweep: Duration::from_millis(100),
+    })
+    .await;
+    let cfg_a = c.write_agent_config("a", 1, "", "");
+    let agent_a = c.spawn_agent("a", &cfg_a).await;
+    let (cmd, expected) = numbered_job(400, "0.02");
+    let id = c.submit_spec(job_spec(cmd)).await;
+    wait_log_len(&c, &id, 100).await;
+    // Partition: the agent is frozen past the lease TTL.
+    agent_a.signal("STOP");
+    let fault = Instant::now();
+    let requeued = c
+        .wait_state(&id, Duration::from_secs(30), |j| {
+            j.epoch == 1 && state(j) == pb::JobState::Queued
+        })
+        .await;
+    let to_requeue = fault.elapsed();
+    let old_len = c.logs_of_epoch(&id, 1).await.len();
+    assert!(old_len > 0);
+    assert_eq!(requeued.epoch, 1);
+    // Another agent takes the job with a new epoch.
+    let cfg_b = c.write_agent_config("b", 1, "", "");
+    let _agent_b = c.spawn_agent("b", &cfg_b).await;
+    c.wait_state(&id, LIMIT, |j| j.epoch == 2).await;
+    // The old agent comes back: it stops its copy, and whatever it sends with
+    // epoch 1 is refused.
+    agent_a.signal("CONT");
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!(j.epoch, 2);
+    assert_eq!(j.agent_id, "b");
+    let log = c.logs(&id).await;
+    assert!(log == expected, "epoch 2 has every byte exactly once");
+    // Give the old agent time to try.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !agent_a.log_text().contains("lease") && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let old = c.logs_of_epoch(&id, 1).await;
+    assert_eq!(old.len(), old_len, "nothing of epoch 1 was accepted after the re-lease");
+    assert!(expected.starts_with(&old), "epoch 1's log is a clean prefix");
+    assert_eq!(state(&c.job(&id).await), pb::JobState::Succeeded, "exactly one final status");
+    assert_no_containers(&id).await;
+    eprintln!(
+        "scenario partition: {:?}; fault to re-queue {:?}",
+        t0.elapsed(),
+        to_requeue
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_the_job_finishes_and_the_agent_exits_0() {
+    let t0 = Instant::now();
+    let c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config("a", 2, "drain_grace = \"60s\"", "");
+    let mut agent = c.spawn_agent("a", &cfg).await;
+    let (cmd, expected) = numbered_job(100, "0.02");
+    let id = c.submit_spec(job_spec(cmd)).await;
+    wait_log_len(&c, &id, 50).await;
+    agent.signal("TERM");
+    // The server learns the agent drains; a job submitted now is not given to it.
+    c.wait_state(&id, LIMIT, |_| true).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let later = c.submit_spec(job_spec(vec!["true".into()])).await;
+    let code = agent.wait_exit(LIMIT).await;
+    assert_eq!(code, Some(0), "{}", agent.log_text());
+    let j = c.job(&id).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert!(c.logs(&id).await == expected);
+    assert_eq!(state(&c.job(&later).await), pb::JobState::Queued, "no new job during drain");
+    assert_no_containers(&id).await;
+    eprintln!("scenario sigterm drain: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_a_short_grace_sends_exactly_one_sigint() {
+    let t0 = Instant::now();
+    let c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config("a", 1, "drain_grace = \"1s\"", "");
+    let mut agent = c.spawn_agent("a", &cfg).await;
+    let script = "trap 'echo got-sigint; sleep 0.5; echo bye; exit 130' INT; i=0; while :; do i=$((i+1)); echo tick $i; sleep 0.1; done";
+    let id = c
+        .submit_spec(job_spec(vec!["sh".into(), "-c".into(), script.into()]))
+        .await;
+    wait_log_len(&c, &id, 20).await;
+    agent.signal("TERM");
+    let code = agent.wait_exit(LIMIT).await;
+    assert_eq!(code, Some(0), "{}", agent.log_text());
+    let j = c.job(&id).await;
+    assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
+    let log = String::from_utf8(c.logs(&id).await).unwrap();
+    assert_eq!(log.matches("got-sigint").count(), 1, "{log}");
+    assert!(log.ends_with("bye\n"), "the job's trap ran to its end: {log}");
+    assert_no_containers(&id).await;
+    eprintln!("scenario sigterm short grace: {:?}", t0.elapsed());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_then_sigquit_forces_a_fast_stop_that_still_reports() {
+    let c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config("a", 1, "drain_grace = \"10m\"", "");
+    let mut agent = c.spawn_agent("a", &cfg).await;
+    let id = c
+        .submit_spec(job_spec(vec!["sh".into(), "-c".into(), "echo up; sleep 600".into()]))
+        .await;
+    wait_log_len(&c, &id, 3).await;
+    agent.signal("TERM");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let t = Instant::now();
+    agent.signal("QUIT");
+    let code = agent.wait_exit(Duration::from_secs(60)).await;
+    assert_eq!(code, Some(0));
+    assert!(t.elapsed() < Duration::from_secs(30), "forced stop took {:?}", t.elapsed());
+    let j = c.job(&id).await;
+    assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
+    assert_no_containers(&id).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_drain_stops_new_work_without_losing_a_job() {
+    let c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config("a", 1, "", "");
+    let _agent = c.spawn_agent("a", &cfg).await;
+    c.client()
+        .await
+        .drain_agent(admin::DrainAgentRequest {
+            agent_id: "a".into(),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let id = c.submit_spec(job_spec(vec!["true".into()])).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(state(&c.job(&id).await), pb::JobState::Queued, "a draining agent gets no job");
+    let cfg_b = c.write_agent_config("b", 1, "", "");
+    let _b = c.spawn_agent("b", &cfg_b).await;
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded);
+    assert_eq!(j.agent_id, "b");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
+    let t0 = Instant::now();
+    let c = Cluster::start_with(timing()).await;
+    let cfg = c.write_agent_config(
+        "a",
+        1,
+        "spool_segment_bytes = 65536\nlog_buffer_bytes = 262144",
+        "",
+    );
+    // A 512 KiB tmpfs as the spool directory.
+    let spool = cfg.parent().unwrap().join("state/spool");
+    std::fs::create_dir_all(&spool).unwrap();
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .arg(&spool)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount tmpfs (tests run as root)");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _unmount = Unmount(spool.clone());
+    let agent = c.spawn_agent("a", &cfg).await;
+    // About 4 MiB of output: eight times the spool's size.
+    let lines = 60_000u32;
+    let script = format!("seq 1 {lines} | sed 's/$/ padding-padding-padding-padding-padding-padding/'");
+    let expected: String = (1..=lines)
+        .map(|i| format!("{i} padding-padding-padding-padding-padding-padding\n"))
+        .collect();
+    let id = c
+        .submit_spec(job_spec(vec!["sh".into(), "-c".into(), script]))
+        .await;
+    let j = c.wait_final(&id, LIMIT).await;
+    // Heartbeats went on: the lease was never lost.
+    assert_eq!(j.epoch, 1, "{j:?}");
+    let log = c.logs(&id).await;
+    match state(&j) {
+        pb::JobState::Succeeded => {
+            assert!(log == expected.as_bytes(), "every byte exactly once")
+        }
+        pb::JobState::Failed => {
+            assert!(j.message.contains("spool"), "clear reason: {}", j.message);
+            assert!(expected.as_bytes().starts_with(&log), "what was acknowledged is intact");
+        }
+        s => panic!("unexpected state {s:?}: {j:?}\n{}", agent.log_text()),
+    }
+    assert_no_containers(&id).await;
+    eprintln!("scenario tiny spool: {:?} ({:?})", t0.elapsed(), state(&j));
+}
