@@ -786,7 +786,7 @@ async fn adopt(
     spec: &JobSpec,
     skip: u64,
     cancel_on: Option<&'static str>,
-) -> (Outcome, String) {
+) -> (Outcome, Vec<u8>) {
     let (tx, mut rx) = mpsc::channel::<Bytes>(16);
     let cancel = CancellationToken::new();
     let collector = {
@@ -799,7 +799,7 @@ async fn adopt(
                     cancel.cancel();
                 }
             }
-            String::from_utf8_lossy(&output).into_owned()
+            output
         })
     };
     let outcome = h.exec.adopt(k, spec, skip, tx, cancel).await;
@@ -813,11 +813,12 @@ async fn adopt_follows_a_running_job_from_the_delivered_offset() {
     bounded(async {
         let h = harness(|_| {}).await;
         let k = key("adopt");
-        let spec = job("echo first; sleep 1; printf second; exit 5");
+        // Raw bytes replay exactly (the `local` log driver keeps them).
+        let spec = job(r"printf 'first\377\n'; sleep 1; printf 'second\377'; exit 5");
         leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(h.exec.container_exists(&k).await);
-        let (outcome, output) = adopt(&h, &k, &spec, "first\n".len() as u64, None).await;
+        let (outcome, output) = adopt(&h, &k, &spec, b"first\xff\n".len() as u64, None).await;
         assert_eq!(
             outcome,
             Outcome::Exited {
@@ -825,7 +826,7 @@ async fn adopt_follows_a_running_job_from_the_delivered_offset() {
                 oom_killed: false
             }
         );
-        assert_eq!(output, "second");
+        assert_eq!(output, b"second\xff");
         assert!(!h.exec.container_exists(&k).await);
     })
     .await;
@@ -849,7 +850,7 @@ async fn adopt_collects_a_job_that_ended_while_the_agent_was_down() {
                 oom_killed: false
             }
         );
-        assert_eq!(output, "done\n");
+        assert_eq!(output, b"done\n");
 
         // Nothing to adopt.
         let gone = key("adopt-gone");
@@ -880,6 +881,7 @@ async fn adopt_cancels_with_one_sigint_and_keeps_the_original_timeout() {
         )
         .await;
         let (outcome, output) = adopt(&h, &k, &job(script), 0, Some("ready")).await;
+        let output = String::from_utf8_lossy(&output);
         assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
         assert_eq!(count(&output, "got-int"), 1, "{output}");
 
@@ -891,6 +893,7 @@ async fn adopt_cancels_with_one_sigint_and_keeps_the_original_timeout() {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let adopted_at = Instant::now();
         let (outcome, output) = adopt(&h, &k, &spec, 0, None).await;
+        let output = String::from_utf8_lossy(&output);
         assert_eq!(outcome, Outcome::TimedOut);
         assert_eq!(count(&output, "got-int"), 1, "{output}");
         let took = adopted_at.elapsed();

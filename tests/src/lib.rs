@@ -1,6 +1,8 @@
 //! Shared harness for the end-to-end tests: a real control plane, real agents,
 //! a real Docker engine and real mTLS with certificates generated per test.
 
+pub mod moto;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -263,12 +265,12 @@ pub async fn containers_of(job_id: &str) -> Vec<String> {
 /// Path of a binary built from this workspace (`cargo build --bins`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target dir")
-        .to_path_buf();
-    let p = dir.join(name);
+    // Test binaries live in target/<profile>/deps, other binaries beside ours.
+    let dir = exe.parent().expect("exe dir");
+    let p = [dir.join(name), dir.parent().unwrap_or(dir).join(name)]
+        .into_iter()
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| dir.join(name));
     assert!(
         p.is_file(),
         "{} is missing: build the binaries first (cargo build --bins)",

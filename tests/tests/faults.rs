@@ -247,7 +247,7 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
     let cfg = c.write_agent_config(
         "a",
         1,
-        "spool_segment_bytes = 65536\nlog_buffer_bytes = 262144",
+        "spool_segment_bytes = 65536\nlog_buffer_bytes = 16777216",
         "",
     );
     // A 512 KiB tmpfs as the spool directory.
@@ -266,6 +266,8 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
         }
     }
     let _unmount = Unmount(spool.clone());
+    // Ballast: leave less than two segments' worth of space.
+    std::fs::write(spool.join("ballast"), vec![0u8; 400 * 1024]).unwrap();
     let agent = c.spawn_agent("a", &cfg).await;
     // About 4 MiB of output: eight times the spool's size.
     let lines = 60_000u32;
@@ -291,5 +293,10 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
         s => panic!("unexpected state {s:?}: {j:?}\n{}", agent.log_text()),
     }
     assert_no_containers(&id).await;
+    let text = agent.log_text();
+    assert!(
+        text.contains("log spool full"),
+        "the spool filled up, so the scenario tested backpressure:\n{text}"
+    );
     eprintln!("scenario tiny spool: {:?} ({:?})", t0.elapsed(), state(&j));
 }

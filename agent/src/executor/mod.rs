@@ -25,9 +25,14 @@
 //!
 //! Containers carry labels (`outpost.job`, `outpost.epoch`, `outpost.managed`,
 //! `outpost.workdir`) and are never auto-removed, so that an agent restarted
-//! after a crash can find them; [`DockerExecutor::cleanup_orphans`] removes
-//! them. [`DockerExecutor::run`] always removes its container and workspace
-//! before it returns (and, if its future is dropped, in a background task).
+//! after a crash can find them: [`DockerExecutor::adopt`] follows one again
+//! (its output replayed from the container's `local`-driver log, which keeps
+//! raw bytes, from the offset already delivered) and
+//! [`DockerExecutor::cleanup_orphans_except`] removes the others.
+//! [`DockerExecutor::run`] always removes its container and workspace before
+//! it returns (and, if its future is dropped, in a background task).
+//! Hooks ([`hooks`]) may add tmpfs mounts and environment to a container;
+//! [`spec::check_sandbox`] re-checks the sandbox after them.
 //!
 //! Signals: the engine's init (`docker-init`, i.e. tini) is PID 1 when the
 //! engine has it, and is told to forward signals to the job's whole process
