@@ -714,4 +714,52 @@ mod tests {
         let q = s.queued_jobs(10).await.unwrap();
         assert_eq!(q.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["j1", "j2"]);
     }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Chunks delivered out of order and duplicated, with the agent
+        /// resending from the acknowledged offset (as it does after every
+        /// reconnect), reassemble into exactly the original log.
+        #[test]
+        fn log_reassembles_from_out_of_order_and_duplicated_chunks(
+            data in proptest::collection::vec(proptest::prelude::any::<u8>(), 1..4000),
+            cuts in proptest::collection::vec(1usize..400, 1..30),
+            order in proptest::collection::vec(proptest::prelude::any::<proptest::sample::Index>(), 1..60),
+        ) {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(async {
+                let dir = tempfile::tempdir().unwrap();
+                let s = Store::open(&dir.path().join("db")).unwrap();
+                s.insert_job("j".into(), spec()).await.unwrap();
+                s.lease_job("j".into(), "a".into(), 60_000).await.unwrap().unwrap();
+                // Split into chunks at arbitrary points.
+                let mut chunks: Vec<(u64, Vec<u8>)> = Vec::new();
+                let mut pos = 0usize;
+                for c in cuts.iter().cycle() {
+                    if pos >= data.len() { break; }
+                    let end = (pos + c).min(data.len());
+                    chunks.push((pos as u64, data[pos..end].to_vec()));
+                    pos = end;
+                }
+                // Deliver a random sequence (out of order, with duplicates).
+                let mut acked = 0u64;
+                for i in &order {
+                    let (off, d) = i.get(&chunks).clone();
+                    match s.append_log("j".into(), 1, "a".into(), off, d.into()).await {
+                        Ok(a) => { assert!(a >= acked, "the ack never goes back"); acked = a; }
+                        Err(StoreError::Gap { acked: a, .. }) => assert_eq!(a, acked),
+                        Err(e) => panic!("{e}"),
+                    }
+                }
+                // The agent resends everything from the acknowledged offset.
+                for (off, d) in &chunks {
+                    if off + d.len() as u64 > acked {
+                        acked = s.append_log("j".into(), 1, "a".into(), *off, d.clone().into()).await.unwrap();
+                    }
+                }
+                assert_eq!(acked, data.len() as u64);
+                assert_eq!(s.read_log("j".into(), 1, 0, usize::MAX).await.unwrap(), data);
+            });
+        }
+    }
 }
