@@ -106,4 +106,6 @@ pub enum Outcome {
     TimedOut,
     /// Never ran or could not be followed; the message says why.
     Failed { reason: String },
+    /// Refused by the agent's local policy before anything ran.
+    Rejected { reason: String },
 }

@@ -82,9 +82,14 @@ impl Entry {
     }
 }
 
+/// The agent's local policy: `Err(reason)` refuses a lease before anything
+/// runs; the job then ends as rejected with that reason.
+pub type LeaseCheck = Arc<dyn Fn(&Lease) -> Result<(), String> + Send + Sync>;
+
 /// Shared state of a running agent.
 pub struct Runtime {
     pub executor: Arc<DockerExecutor>,
+    check: Option<LeaseCheck>,
     pub limits: RuntimeLimits,
     spool: Spool,
     jobs: Mutex<HashMap<LeaseKey, Entry>>,
@@ -113,6 +118,7 @@ enum OutcomeRecord {
     Cancelled { reason: String },
     TimedOut,
     Failed { reason: String },
+    Rejected { reason: String },
 }
 
 impl From<&Outcome> for OutcomeRecord {
@@ -129,6 +135,9 @@ impl From<&Outcome> for OutcomeRecord {
             Outcome::Failed { reason } => OutcomeRecord::Failed {
                 reason: reason.clone(),
             },
+            Outcome::Rejected { reason } => OutcomeRecord::Rejected {
+                reason: reason.clone(),
+            },
         }
     }
 }
@@ -140,6 +149,7 @@ impl From<OutcomeRecord> for Outcome {
             OutcomeRecord::Cancelled { reason } => Outcome::Cancelled { reason },
             OutcomeRecord::TimedOut => Outcome::TimedOut,
             OutcomeRecord::Failed { reason } => Outcome::Failed { reason },
+            OutcomeRecord::Rejected { reason } => Outcome::Rejected { reason },
         }
     }
 }
@@ -155,8 +165,19 @@ enum Drive {
 
 impl Runtime {
     pub fn new(executor: Arc<DockerExecutor>, spool: Spool, limits: RuntimeLimits) -> Arc<Runtime> {
+        Self::with_check(executor, spool, limits, None)
+    }
+
+    /// A runtime that refuses leases `check` refuses.
+    pub fn with_check(
+        executor: Arc<DockerExecutor>,
+        spool: Spool,
+        limits: RuntimeLimits,
+        check: Option<LeaseCheck>,
+    ) -> Arc<Runtime> {
         Arc::new(Runtime {
             executor,
+            check,
             limits,
             spool,
             jobs: Mutex::new(HashMap::new()),
@@ -223,6 +244,21 @@ impl Runtime {
             .spool
             .create(&key, &encoded, lease.log_offset)
             .map_err(|e| format!("cannot create the job's log spool: {e}"))?;
+        let refusal = self.check.as_ref().and_then(|check| check(&lease).err());
+        if let Some(reason) = refusal {
+            warn!(job = %key.job_id, epoch = key.epoch, reason = %reason, "job refused by local policy");
+            let outcome = Outcome::Rejected {
+                reason: format!("refused by the agent's policy: {reason}"),
+            };
+            let mut spool = spool;
+            let rec = serde_json::to_vec(&OutcomeRecord::from(&outcome)).unwrap_or_default();
+            if let Err(e) = spool.set_outcome(&rec) {
+                warn!(error = %e, "could not persist the job's outcome");
+            }
+            self.insert(&lease, lease.log_offset, BytesMut::new(), spool, Some(outcome));
+            self.wake.notify_one();
+            return Ok(());
+        }
         self.insert(&lease, lease.log_offset, BytesMut::new(), spool, None);
         self.spawn(lease, Drive::Run);
         Ok(())

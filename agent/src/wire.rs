@@ -111,6 +111,7 @@ pub fn final_status(key: &LeaseKey, outcome: &Outcome, log_length: u64) -> pb::J
             false,
         ),
         Outcome::Failed { reason } => (pb::JobState::Failed, None, reason.clone(), false),
+        Outcome::Rejected { reason } => (pb::JobState::Rejected, None, reason.clone(), false),
     };
     pb::JobStatus {
         job_id: key.job_id.clone(),
