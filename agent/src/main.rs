@@ -30,6 +30,7 @@ const EX_CONFIG: u8 = 64;
 fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let filter = outpost_agent::aws::quiet_sdk_logs(filter);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

@@ -270,6 +270,8 @@ pub fn main() -> ExitCode {
             _ => "warn",
         })
     });
+    // `outpost dev` runs an agent in this process: keep the SDK's identities out of the logs.
+    let filter = outpost_agent::aws::quiet_sdk_logs(filter);
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)

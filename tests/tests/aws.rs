@@ -345,8 +345,10 @@ impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
 async fn no_credential_appears_in_inspect_environ_or_logs() {
     let captured = Captured::default();
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::new(
-            "debug,h2=info,hyper=info,hyper_util=info,rustls=info,tower=info",
+        .with_env_filter(outpost_agent::aws::quiet_sdk_logs(
+            tracing_subscriber::EnvFilter::new(
+                "debug,h2=info,hyper=info,hyper_util=info,rustls=info,tower=info",
+            ),
         ))
         .with_writer(captured.clone())
         .with_ansi(false)

@@ -157,6 +157,30 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     crate::executor::error_chain(error)
 }
 
+/// Caps the AWS SDK's own log targets at `info`, whatever `filter` asks for:
+/// at `debug` and `trace` they print resolved identities (including the
+/// access key id of a job's credentials) and signed requests. Every process
+/// that runs the agent builds its log filter through this.
+pub fn quiet_sdk_logs(
+    mut filter: tracing_subscriber::EnvFilter,
+) -> tracing_subscriber::EnvFilter {
+    for target in [
+        "aws_smithy_runtime",
+        "aws_smithy_runtime_api",
+        "aws_smithy_http_client",
+        "aws_sigv4",
+        "aws_runtime",
+        "aws_credential_types",
+        "aws_sdk_s3",
+        "aws_sdk_sts",
+    ] {
+        if let Ok(directive) = format!("{target}=info").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
+    filter
+}
+
 /// The HTTP client of every AWS call: hyper 1 with rustls on ring (the TLS
 /// stack the agent already uses), plain HTTP allowed for local endpoints.
 pub fn http_client() -> aws_sdk_sts::config::SharedHttpClient {
