@@ -50,6 +50,41 @@ pub struct JobSpec {
     pub workspace_source: Option<String>,
     /// Workspace-relative files uploaded to S3 after the job ends.
     pub artifacts: Vec<String>,
+    /// Files the job finds at `/run/secrets/<name>` (tmpfs, read-only, mode
+    /// 0400); their values are masked in the job's output.
+    pub secrets: Vec<JobSecret>,
+}
+
+/// One secret of a job. `Debug` never shows the value.
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct JobSecret {
+    pub name: String,
+    pub value: SecretBytes,
+}
+
+impl std::fmt::Debug for JobSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobSecret({:?}, <redacted>)", self.name)
+    }
+}
+
+/// Secret bytes: never printed by `Debug`; read them with [`SecretBytes::expose`].
+#[derive(Clone, PartialEq, Eq, Default)]
+pub struct SecretBytes(Vec<u8>);
+
+impl SecretBytes {
+    pub fn new(value: impl Into<Vec<u8>>) -> SecretBytes {
+        SecretBytes(value.into())
+    }
+    pub fn expose(&self) -> &[u8] {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SecretBytes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SecretBytes(<redacted>)")
+    }
 }
 
 /// The AWS role a job asks for. The role is checked against the agent's

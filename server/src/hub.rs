@@ -96,7 +96,9 @@ impl Hub {
                 .ttl_for(Duration::from_millis(job.spec.timeout_ms));
             match issuer.mint(&claims, std::time::SystemTime::now(), ttl) {
                 Ok(token) => aws.web_identity_token = token,
-                Err(e) => warn!(job = %job.id, error = %e, "minting the job's web-identity token failed"),
+                Err(e) => {
+                    warn!(job = %job.id, error = %e, "minting the job's web-identity token failed")
+                }
             }
         }
         spec

@@ -82,6 +82,57 @@ pub struct JobSpec {
     pub workspace_source: String,
     /// Workspace-relative files uploaded after the job ends.
     pub artifacts: Vec<String>,
+    /// Files the job finds at `/run/secrets/<name>`. Values go to the agent
+    /// with each lease and nowhere else: never returned by the admin API,
+    /// never logged, and cleared from the store once the job is final (the
+    /// names stay).
+    pub secrets: Vec<JobSecret>,
+}
+
+impl JobSpec {
+    /// Whether any secret still holds a value.
+    pub fn holds_secret_values(&self) -> bool {
+        self.secrets.iter().any(|s| !s.value.is_empty())
+    }
+
+    /// The spec with every secret value cleared (names kept).
+    pub fn without_secret_values(mut self) -> JobSpec {
+        for s in &mut self.secrets {
+            s.value = Vec::new();
+        }
+        self
+    }
+}
+
+/// A secret of a job. `Debug` never shows the value; the store holds it
+/// base64-encoded until the job is final.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct JobSecret {
+    pub name: String,
+    #[serde(with = "base64_bytes")]
+    pub value: Vec<u8>,
+}
+
+impl std::fmt::Debug for JobSecret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "JobSecret({:?}, <redacted>)", self.name)
+    }
+}
+
+mod base64_bytes {
+    use base64::Engine;
+    use base64::engine::general_purpose::STANDARD;
+    use serde::Deserialize;
+
+    pub fn serialize<S: serde::Serializer>(value: &[u8], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&STANDARD.encode(value))
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
+        let text = String::deserialize(d)?;
+        STANDARD.decode(text).map_err(serde::de::Error::custom)
+    }
 }
 
 /// The AWS role a job asks for.
@@ -159,6 +210,35 @@ pub struct AgentInfo {
     pub capacity: u32,
     pub draining: bool,
     pub last_seen_ms: i64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn secrets_round_trip_and_are_redacted() {
+        let spec = JobSpec {
+            image: "img".into(),
+            secrets: vec![JobSecret {
+                name: "db".into(),
+                value: b"hunter2\xff".to_vec(),
+            }],
+            ..Default::default()
+        };
+        let json = serde_json::to_string(&spec).unwrap();
+        assert!(!json.contains("hunter2"), "{json}");
+        let back: JobSpec = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, spec);
+        assert!(!format!("{spec:?}").contains("hunter2"));
+        assert!(spec.holds_secret_values());
+        let cleared = spec.without_secret_values();
+        assert!(!cleared.holds_secret_values());
+        assert_eq!(cleared.secrets[0].name, "db");
+        // Specs stored before secrets existed still load.
+        let old: JobSpec = serde_json::from_str(r#"{"image":"img"}"#).unwrap();
+        assert!(old.secrets.is_empty());
+    }
 }
 
 pub fn now_ms() -> i64 {

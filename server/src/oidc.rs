@@ -57,7 +57,10 @@ pub enum OidcError {
     #[error("signing a token for job {job_id} failed")]
     Sign { job_id: String },
     #[error("invalid oidc issuer {issuer:?}: {reason}")]
-    Issuer { issuer: String, reason: &'static str },
+    Issuer {
+        issuer: String,
+        reason: &'static str,
+    },
     #[error("token verification failed: {0}")]
     Invalid(&'static str),
 }
@@ -134,18 +137,17 @@ impl Issuer {
         let pkcs8 = match std::fs::read(&path) {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                let doc = EcdsaKeyPair::generate_pkcs8(
-                    &signature::ECDSA_P256_SHA256_FIXED_SIGNING,
-                    &rng,
-                )
-                .map_err(|_| OidcError::Generate)?;
+                let doc =
+                    EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &rng)
+                        .map_err(|_| OidcError::Generate)?;
                 write_private(&path, doc.as_ref())?;
                 doc.as_ref().to_vec()
             }
             Err(source) => return Err(OidcError::ReadKey { path, source }),
         };
-        let key = EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
-            .map_err(|_| OidcError::BadKey { path: path.clone() })?;
+        let key =
+            EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
+                .map_err(|_| OidcError::BadKey { path: path.clone() })?;
         let kid = thumbprint(&jwk_of(key.public_key().as_ref()));
         Ok(Issuer { cfg, key, kid, rng })
     }
@@ -159,7 +161,12 @@ impl Issuer {
     }
 
     /// Mints a token for `claims`, valid from `now` for `ttl`.
-    pub fn mint(&self, claims: &JobClaims, now: SystemTime, ttl: Duration) -> Result<String, OidcError> {
+    pub fn mint(
+        &self,
+        claims: &JobClaims,
+        now: SystemTime,
+        ttl: Duration,
+    ) -> Result<String, OidcError> {
         let iat = unix(now);
         let exp = iat + ttl.min(MAX_TOKEN_TTL).as_secs();
         let header = json!({ "alg": "ES256", "typ": "JWT", "kid": self.kid });
@@ -299,7 +306,10 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<(), OidcError> {
 
 /// The public JWK (`kty`, `crv`, `x`, `y`) of an uncompressed P-256 point.
 fn jwk_of(point: &[u8]) -> Value {
-    let (x, y) = point.get(1..).map(|xy| xy.split_at(xy.len() / 2)).unwrap_or_default();
+    let (x, y) = point
+        .get(1..)
+        .map(|xy| xy.split_at(xy.len() / 2))
+        .unwrap_or_default();
     json!({ "kty": "EC", "crv": "P-256", "x": B64.encode(x), "y": B64.encode(y) })
 }
 
@@ -312,7 +322,10 @@ fn thumbprint(jwk: &Value) -> String {
         jwk["x"].as_str().unwrap_or_default(),
         jwk["y"].as_str().unwrap_or_default(),
     );
-    B64.encode(ring::digest::digest(&ring::digest::SHA256, canonical.as_bytes()))
+    B64.encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        canonical.as_bytes(),
+    ))
 }
 
 /// Verifies a token against a published JWKS the way a relying party (IAM)
@@ -326,11 +339,15 @@ pub fn verify(
     now: SystemTime,
 ) -> Result<Value, OidcError> {
     let mut parts = token.split('.');
-    let (Some(h), Some(p), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+    let (Some(h), Some(p), Some(s), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
     else {
         return Err(OidcError::Invalid("not a compact JWS"));
     };
-    let decode = |part: &str| B64.decode(part).map_err(|_| OidcError::Invalid("bad base64url"));
+    let decode = |part: &str| {
+        B64.decode(part)
+            .map_err(|_| OidcError::Invalid("bad base64url"))
+    };
     let header: Value =
         serde_json::from_slice(&decode(h)?).map_err(|_| OidcError::Invalid("bad header"))?;
     if header["alg"] != "ES256" {
@@ -404,13 +421,24 @@ mod tests {
     fn minted_tokens_verify_with_the_published_jwks_and_carry_the_claims() {
         let dir = tempfile::tempdir().unwrap();
         let iss = issuer(dir.path());
-        let token = iss.mint(&claims(), now(), Duration::from_secs(3600)).unwrap();
-        let c = verify(&token, &iss.jwks(), "https://oidc.example.test/outpost", DEFAULT_AUDIENCE, now())
+        let token = iss
+            .mint(&claims(), now(), Duration::from_secs(3600))
             .unwrap();
+        let c = verify(
+            &token,
+            &iss.jwks(),
+            "https://oidc.example.test/outpost",
+            DEFAULT_AUDIENCE,
+            now(),
+        )
+        .unwrap();
         assert_eq!(c["sub"], "job:0190a1b2-c3d4-7e5f-8a9b-0c1d2e3f4a5b");
         assert_eq!(c["aud"], "sts.amazonaws.com");
         assert_eq!(c["exp"].as_u64().unwrap(), 1_800_003_600);
-        assert!(c["iat"].is_u64() && c["nbf"].is_u64(), "integer timestamps (STS requires them)");
+        assert!(
+            c["iat"].is_u64() && c["nbf"].is_u64(),
+            "integer timestamps (STS requires them)"
+        );
         assert_eq!(c["outpost"]["epoch"], 3);
         assert_eq!(c["outpost"]["agent"], "build-01");
         assert_eq!(c["outpost"]["labels"]["pool"], "terraform");
@@ -436,14 +464,23 @@ mod tests {
         let jwks = iss.jwks();
         let token = iss.mint(&claims(), now(), Duration::from_secs(60)).unwrap();
         let check = |t: &str, at: SystemTime| {
-            verify(t, &jwks, "https://oidc.example.test/outpost", DEFAULT_AUDIENCE, at)
+            verify(
+                t,
+                &jwks,
+                "https://oidc.example.test/outpost",
+                DEFAULT_AUDIENCE,
+                at,
+            )
         };
         assert!(check(&token, now() + Duration::from_secs(59)).is_ok());
         assert!(matches!(
             check(&token, now() + Duration::from_secs(60)),
             Err(OidcError::Invalid("expired"))
         ));
-        assert!(check(&token, now() - Duration::from_secs(120)).is_err(), "not yet valid");
+        assert!(
+            check(&token, now() - Duration::from_secs(120)).is_err(),
+            "not yet valid"
+        );
         // A changed payload breaks the signature.
         let mut parts: Vec<String> = token.split('.').map(String::from).collect();
         let mut payload: Value = serde_json::from_slice(&B64.decode(&parts[1]).unwrap()).unwrap();
@@ -456,10 +493,21 @@ mod tests {
         // Another issuer's key (same kid forged) does not verify.
         let other_dir = tempfile::tempdir().unwrap();
         let other = issuer(other_dir.path());
-        let forged = other.mint(&claims(), now(), Duration::from_secs(60)).unwrap();
+        let forged = other
+            .mint(&claims(), now(), Duration::from_secs(60))
+            .unwrap();
         assert!(check(&forged, now()).is_err());
         // Wrong audience or issuer.
-        assert!(verify(&token, &jwks, "https://oidc.example.test/outpost", "other", now()).is_err());
+        assert!(
+            verify(
+                &token,
+                &jwks,
+                "https://oidc.example.test/outpost",
+                "other",
+                now()
+            )
+            .is_err()
+        );
         assert!(verify(&token, &jwks, "https://evil.test", DEFAULT_AUDIENCE, now()).is_err());
     }
 
@@ -481,17 +529,32 @@ mod tests {
         let jwks: Value =
             serde_json::from_str(&std::fs::read_to_string(out.path().join("jwks.json")).unwrap())
                 .unwrap();
-        let token = a.mint(&claims(), SystemTime::now(), Duration::from_secs(60)).unwrap();
-        verify(&token, &jwks, "https://oidc.example.test/outpost", DEFAULT_AUDIENCE, SystemTime::now())
+        let token = a
+            .mint(&claims(), SystemTime::now(), Duration::from_secs(60))
             .unwrap();
-        assert!(out.path().join(".well-known/openid-configuration").is_file());
+        verify(
+            &token,
+            &jwks,
+            "https://oidc.example.test/outpost",
+            DEFAULT_AUDIENCE,
+            SystemTime::now(),
+        )
+        .unwrap();
+        assert!(
+            out.path()
+                .join(".well-known/openid-configuration")
+                .is_file()
+        );
     }
 
     #[test]
     fn token_lifetime_follows_the_job_timeout_within_bounds() {
         let c = OidcConfig::new(Path::new("/x"));
         assert_eq!(c.ttl_for(Duration::ZERO), Duration::from_secs(6 * 3600));
-        assert_eq!(c.ttl_for(Duration::from_secs(3600)), Duration::from_secs(4500));
+        assert_eq!(
+            c.ttl_for(Duration::from_secs(3600)),
+            Duration::from_secs(4500)
+        );
         assert_eq!(c.ttl_for(Duration::from_secs(100 * 3600)), MAX_TOKEN_TTL);
         assert!(
             Issuer::load_or_create(OidcConfig {

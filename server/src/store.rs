@@ -143,7 +143,7 @@ impl Store {
         };
         let conn = Connection::open(path).map_err(open_err)?;
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000;",
+            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA secure_delete=ON;",
         )
         .map_err(open_err)?;
         conn.execute_batch(SCHEMA).map_err(open_err)?;
@@ -328,6 +328,7 @@ impl Store {
                     ],
                 )
                 .map_err(q("record final status"))?;
+                forget_secrets(&tx, &id)?;
             } else if report.state == JobState::Running && job.state == JobState::Leased {
                 tx.execute(
                     "UPDATE jobs SET state = 'running', started_ms = ?2 WHERE id = ?1",
@@ -442,6 +443,7 @@ impl Store {
                         params![job.id, now_ms()],
                     )
                     .map_err(q("cancel expired job"))?;
+                    forget_secrets(&tx, &job.id)?;
                     if let Some(j) = get_job(&tx, &job.id)? {
                         out.push(Expired::Cancelled(j));
                     }
@@ -475,6 +477,7 @@ impl Store {
                         params![id, now_ms()],
                     )
                     .map_err(q("cancel queued job"))?;
+                    forget_secrets(&tx, &id)?;
                     CancelOutcome::Dequeued(
                         get_job(&tx, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?,
                     )
@@ -572,6 +575,30 @@ fn current(c: &Connection, id: &str, epoch: u64, agent: &str) -> Result<Job, Sto
     Ok(job)
 }
 
+/// Clears the secret values of a job that just became final; the names
+/// stay. With `secure_delete` the old bytes are overwritten in the database
+/// file; the WAL keeps the old page until its next checkpoint.
+fn forget_secrets(c: &Connection, id: &str) -> Result<(), StoreError> {
+    let Some(job) = get_job(c, id)? else {
+        return Ok(());
+    };
+    if !job.spec.holds_secret_values() {
+        return Ok(());
+    }
+    let json = serde_json::to_string(&job.spec.without_secret_values()).map_err(|e| {
+        StoreError::Corrupt {
+            id: id.to_string(),
+            what: e.to_string(),
+        }
+    })?;
+    c.execute(
+        "UPDATE jobs SET spec = ?2 WHERE id = ?1",
+        params![id, json],
+    )
+    .map_err(q("forget secrets"))?;
+    Ok(())
+}
+
 fn get_job(c: &Connection, id: &str) -> Result<Option<Job>, StoreError> {
     let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = ?1");
     Ok(select_jobs(c, &sql, params![id])?.into_iter().next())
@@ -636,6 +663,53 @@ mod tests {
             command: vec!["true".into()],
             ..Default::default()
         }
+    }
+
+    #[tokio::test]
+    async fn secret_values_are_dropped_once_the_job_is_final() {
+        use crate::model::{JobSecret, StatusReport};
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let with_secret = || JobSpec {
+            secrets: vec![JobSecret {
+                name: "token".into(),
+                value: b"canary-7f3a".to_vec(),
+            }],
+            ..spec()
+        };
+        s.insert_job("j1".into(), with_secret()).await.unwrap();
+        s.insert_job("j2".into(), with_secret()).await.unwrap();
+        let j = s
+            .lease_job("j1".into(), "a".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        // A running job keeps them (a re-lease needs them again).
+        assert!(j.spec.holds_secret_values());
+        let done = s
+            .report(
+                "j1".into(),
+                j.epoch,
+                "a".into(),
+                StatusReport {
+                    state: JobState::Succeeded,
+                    exit_code: Some(0),
+                    message: String::new(),
+                    log_total: 0,
+                    oom_killed: false,
+                },
+            )
+            .await
+            .unwrap();
+        assert!(!done.spec.holds_secret_values());
+        assert_eq!(done.spec.secrets[0].name, "token");
+        let j1 = s.get_job("j1".into()).await.unwrap().unwrap();
+        assert!(!j1.spec.holds_secret_values());
+        // Cancelled before it ran.
+        s.request_cancel("j2".into()).await.unwrap();
+        let j2 = s.get_job("j2".into()).await.unwrap().unwrap();
+        assert!(!j2.spec.holds_secret_values());
+        assert_eq!(j2.spec.secrets.len(), 1);
     }
 
     #[tokio::test]

@@ -4,7 +4,9 @@
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
 
-use crate::model::{AgentInfo, Artifact, AwsRole, Job, JobSpec, JobState, Network, StatusReport};
+use crate::model::{
+    AgentInfo, Artifact, AwsRole, Job, JobSecret, JobSpec, JobState, Network, StatusReport,
+};
 
 pub fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
@@ -49,6 +51,7 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
     let r = spec.resources.unwrap_or_default();
     let aws = spec.aws.map(aws_from_pb).transpose()?;
     check_s3_use(aws.is_some(), &spec.workspace_source, &spec.artifacts)?;
+    let secrets = secrets_from_pb(spec.secrets)?;
     Ok(JobSpec {
         image: spec.image,
         command: spec.command,
@@ -62,7 +65,50 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
         aws,
         workspace_source: spec.workspace_source,
         artifacts: spec.artifacts,
+        secrets,
     })
+}
+
+/// Most secrets one job may have, and most bytes of values in all (the
+/// agent checks the same).
+const MAX_SECRETS: usize = 64;
+const MAX_SECRET_BYTES: usize = 1 << 20;
+
+/// Submitted secrets: names are file names under `/run/secrets` (letters,
+/// digits, `_`, `.`, `-`; not `.`, no `..`), each once. Error messages name
+/// secrets, never show values.
+fn secrets_from_pb(secrets: Vec<pb::Secret>) -> Result<Vec<JobSecret>, String> {
+    let mut names = std::collections::BTreeSet::new();
+    for s in &secrets {
+        let n = &s.name;
+        let ok = !n.is_empty()
+            && n.len() <= 128
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+            && n != "."
+            && !n.contains("..");
+        if !ok {
+            return Err(format!(
+                "secret name {n:?} is not allowed: use 1 to 128 letters, digits, '_', '.' or '-', not '.' and no '..'"
+            ));
+        }
+        if !names.insert(n.as_str()) {
+            return Err(format!("secret {n:?} is given twice"));
+        }
+    }
+    let total: usize = secrets.iter().map(|s| s.value.len()).sum();
+    if secrets.len() > MAX_SECRETS || total > MAX_SECRET_BYTES {
+        return Err(format!(
+            "too many or too large secrets: at most {MAX_SECRETS} secrets of {MAX_SECRET_BYTES} bytes in all"
+        ));
+    }
+    Ok(secrets
+        .into_iter()
+        .map(|s| JobSecret {
+            name: s.name,
+            value: s.value,
+        })
+        .collect())
 }
 
 /// A submitted AWS role. A web-identity token in a submission is ignored:
@@ -120,8 +166,7 @@ fn check_s3_use(has_role: bool, workspace: &str, artifacts: &[String]) -> Result
     }
     if (!workspace.is_empty() || !artifacts.is_empty()) && !has_role {
         return Err(
-            "--workspace and --artifact need --aws-role: S3 is accessed with the job's role"
-                .into(),
+            "--workspace and --artifact need --aws-role: S3 is accessed with the job's role".into(),
         );
     }
     Ok(())
@@ -151,7 +196,14 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
         }),
         workspace_source: spec.workspace_source.clone(),
         artifacts: spec.artifacts.clone(),
-        ..Default::default()
+        secrets: spec
+            .secrets
+            .iter()
+            .map(|s| pb::Secret {
+                name: s.name.clone(),
+                value: s.value.clone(),
+            })
+            .collect(),
     }
 }
 
@@ -227,5 +279,42 @@ pub fn agent_to_pb(a: &AgentInfo, connected: bool, running: u32) -> admin::Agent
         running,
         draining: a.draining,
         last_seen_ms: a.last_seen_ms,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn submitted(secrets: Vec<(&str, &[u8])>) -> Result<JobSpec, String> {
+        spec_from_pb(Some(pb::JobSpec {
+            image: "img".into(),
+            secrets: secrets
+                .into_iter()
+                .map(|(name, value)| pb::Secret {
+                    name: name.into(),
+                    value: value.to_vec(),
+                })
+                .collect(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn secrets_are_checked_and_reach_the_lease() {
+        let spec = submitted(vec![("db_password", b"hunter2"), ("tls.key", b"\x00\xff")]).unwrap();
+        assert_eq!(spec.secrets.len(), 2);
+        let pb = spec_to_pb(&spec);
+        assert_eq!(pb.secrets[0].name, "db_password");
+        assert_eq!(pb.secrets[0].value, b"hunter2");
+        assert_eq!(pb.secrets[1].value, b"\x00\xff");
+        for bad in ["", ".", "..", "a/b", "../x", "a b", "x..y"] {
+            let e = submitted(vec![(bad, b"v")]).unwrap_err();
+            assert!(e.contains("not allowed"), "{bad:?}: {e}");
+        }
+        let e = submitted(vec![("a", b"secret-one"), ("a", b"secret-two")]).unwrap_err();
+        assert!(e.contains("twice") && !e.contains("secret-"), "{e}");
+        let big = vec![0u8; MAX_SECRET_BYTES + 1];
+        assert!(submitted(vec![("big", &big)]).is_err());
     }
 }

@@ -310,8 +310,14 @@ mod tests {
     #[test]
     fn parses_rfc3339() {
         assert_eq!(super::parse_rfc3339("1970-01-01T00:00:00Z"), Some(0));
-        assert_eq!(super::parse_rfc3339("2027-01-15T08:00:00Z"), Some(1_800_000_000));
-        assert_eq!(super::parse_rfc3339("2000-02-29T00:00:00Z"), Some(951_782_400));
+        assert_eq!(
+            super::parse_rfc3339("2027-01-15T08:00:00Z"),
+            Some(1_800_000_000)
+        );
+        assert_eq!(
+            super::parse_rfc3339("2000-02-29T00:00:00Z"),
+            Some(951_782_400)
+        );
         assert_eq!(super::parse_rfc3339("bad"), None);
     }
 }

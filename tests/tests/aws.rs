@@ -125,7 +125,12 @@ echo "region=$AWS_REGION"
         )
     );
     let buckets = moto.s3_with(creds).list_buckets().send().await.unwrap();
-    assert!(buckets.buckets().iter().any(|b| b.name() == Some("artifacts")));
+    assert!(
+        buckets
+            .buckets()
+            .iter()
+            .any(|b| b.name() == Some("artifacts"))
+    );
 
     let j = c.wait_final(&without, LIMIT).await;
     let log = log_text(&c, &without).await;
@@ -169,15 +174,22 @@ done
         .filter_map(|l| l.strip_prefix("read "))
         .map(|l| {
             let f: Vec<&str> = l.split(' ').collect();
-            let exp = moto::parse_rfc3339(f[2]).unwrap_or_else(|| panic!("bad expiration in {l:?}"));
+            let exp =
+                moto::parse_rfc3339(f[2]).unwrap_or_else(|| panic!("bad expiration in {l:?}"));
             (f[0].parse().unwrap(), f[1].to_string(), exp)
         })
         .collect();
     assert_eq!(reads.len(), 30, "{log}");
     let span = reads.last().unwrap().0 - reads[0].0;
-    assert!(span >= 12, "the job ran longer than two lifetimes ({span}s)");
+    assert!(
+        span >= 12,
+        "the job ran longer than two lifetimes ({span}s)"
+    );
     for (now, _, exp) in &reads {
-        assert!(exp > now, "an expired credential was served at {now} (exp {exp}):\n{log}");
+        assert!(
+            exp > now,
+            "an expired credential was served at {now} (exp {exp}):\n{log}"
+        );
     }
     let mut keys: Vec<&String> = reads.iter().map(|r| &r.1).collect();
     keys.dedup();
@@ -228,11 +240,17 @@ terraform apply -input=false -auto-approve -no-color
     let j = c.wait_final(&id, Duration::from_secs(240)).await;
     let log = log_text(&c, &id).await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}\n{log}");
-    assert!(log.contains("Successfully configured the backend \"s3\""), "{log}");
+    assert!(
+        log.contains("Successfully configured the backend \"s3\""),
+        "{log}"
+    );
     assert!(log.contains("Apply complete! Resources: 1 added"), "{log}");
     let tfstate = get_object(&moto, "tfstate", "jobs/terraform.tfstate").await;
     let tfstate: serde_json::Value = serde_json::from_slice(&tfstate).unwrap();
-    assert_eq!(tfstate["resources"][0]["type"], "null_resource", "{tfstate}");
+    assert_eq!(
+        tfstate["resources"][0]["type"], "null_resource",
+        "{tfstate}"
+    );
     agent.stop().await;
 }
 
@@ -289,7 +307,12 @@ async fn the_endpoint_refuses_other_jobs_tokens_and_stops_when_the_job_ends() {
     let (status, body) = moto::get_credentials_in(&ns_a, PORT, &token_a).unwrap();
     assert_eq!(status, 200, "{body}");
     assert!(body.contains("AccessKeyId"));
-    for wrong in [token_b.as_str(), "", &token_a[..63], &token_a.to_uppercase()] {
+    for wrong in [
+        token_b.as_str(),
+        "",
+        &token_a[..63],
+        &token_a.to_uppercase(),
+    ] {
         let (status, body) = moto::get_credentials_in(&ns_a, PORT, wrong).unwrap();
         assert_eq!(status, 403, "token {wrong:?} must be refused: {body}");
         assert!(!body.contains("AccessKeyId"));
@@ -310,7 +333,10 @@ async fn the_endpoint_refuses_other_jobs_tokens_and_stops_when_the_job_ends() {
     }
     // B is unaffected.
     let ns_b = moto::netns_of(moto::job_pid(&b, LIMIT).await);
-    assert_eq!(moto::get_credentials_in(&ns_b, PORT, &token_b).unwrap().0, 200);
+    assert_eq!(
+        moto::get_credentials_in(&ns_b, PORT, &token_b).unwrap().0,
+        200
+    );
     c.client()
         .await
         .cancel_job(admin::CancelJobRequest { job_id: b.clone() })
@@ -384,9 +410,12 @@ echo waiting; while [ ! -e /workspace/done ]; do sleep 0.1; done"#;
         .await
         .unwrap();
     let container = containers_of(&id).await.remove(0);
-    let inspect = serde_json::to_string(&docker.inspect_container(&container, None).await.unwrap())
-        .unwrap();
-    assert!(inspect.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"), "sanity: {inspect}");
+    let inspect =
+        serde_json::to_string(&docker.inspect_container(&container, None).await.unwrap()).unwrap();
+    assert!(
+        inspect.contains("AWS_CONTAINER_CREDENTIALS_FULL_URI"),
+        "sanity: {inspect}"
+    );
     let environ = String::from_utf8_lossy(&std::fs::read(format!("/proc/{pid}/environ")).unwrap())
         .into_owned();
     assert!(environ.contains("VISIBLE=plain"), "sanity: {environ}");
@@ -400,12 +429,26 @@ echo waiting; while [ ! -e /workspace/done ]; do sleep 0.1; done"#;
     let j = c.wait_final(&id, LIMIT).await;
     let log = log_text(&c, &id).await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}\n{log}");
-    assert!(log.contains("read-ok") && log.contains("VISIBLE=plain"), "{log}");
+    assert!(
+        log.contains("read-ok") && log.contains("VISIBLE=plain"),
+        "{log}"
+    );
     agent.stop().await;
     let agent_logs = String::from_utf8_lossy(&captured.0.lock()).into_owned();
-    assert!(agent_logs.contains("job released"), "sanity: the agent's own logs were captured");
-    assert!(agent_logs.contains("artifact uploaded"), "sanity: the upload was logged");
-    let names = ["AccessKeyId", "SecretAccessKey", "Token", "the authorization token"];
+    assert!(
+        agent_logs.contains("job released"),
+        "sanity: the agent's own logs were captured"
+    );
+    assert!(
+        agent_logs.contains("artifact uploaded"),
+        "sanity: the upload was logged"
+    );
+    let names = [
+        "AccessKeyId",
+        "SecretAccessKey",
+        "Token",
+        "the authorization token",
+    ];
     for (name, secret) in names.iter().zip(&secrets) {
         for (what, text) in [
             ("docker inspect", &inspect),
@@ -418,7 +461,8 @@ echo waiting; while [ ! -e /workspace/done ]; do sleep 0.1; done"#;
             assert!(
                 line.is_none(),
                 "the {name} appears in {what}: {}",
-                line.unwrap_or_default().replace(secret.as_str(), "<SECRET>")
+                line.unwrap_or_default()
+                    .replace(secret.as_str(), "<SECRET>")
             );
         }
     }
@@ -427,9 +471,7 @@ echo waiting; while [ ! -e /workspace/done ]; do sleep 0.1; done"#;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_role_outside_the_allow_list_is_refused_before_anything_runs() {
     let (_moto, c, agent) = setup(|_| {}).await;
-    let id = c
-        .submit_spec(aws_spec("admin", "echo must-not-run"))
-        .await;
+    let id = c.submit_spec(aws_spec("admin", "echo must-not-run")).await;
     let j = c.wait_final(&id, LIMIT).await;
     assert_eq!(state(&j), pb::JobState::Failed, "{j:?}");
     assert!(
@@ -448,7 +490,10 @@ async fn a_role_outside_the_allow_list_is_refused_before_anything_runs() {
         .output()
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("failed") && text.contains("allowed_roles"), "{text}");
+    assert!(
+        text.contains("failed") && text.contains("allowed_roles"),
+        "{text}"
+    );
     agent.stop().await;
 }
 
@@ -459,7 +504,10 @@ async fn workspace_and_artifacts_round_trip_a_multi_megabyte_file() {
     let mut blob = vec![0u8; 8 << 20];
     ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut blob).unwrap();
     let sha = moto::sha256_hex(&blob);
-    let tarball = moto::tar_gz(&[("data/blob.bin", &blob), ("run.sh", b"echo from-workspace\n")]);
+    let tarball = moto::tar_gz(&[
+        ("data/blob.bin", &blob),
+        ("run.sh", b"echo from-workspace\n"),
+    ]);
     moto.s3()
         .put_object()
         .bucket("workspaces")
@@ -488,11 +536,20 @@ async fn workspace_and_artifacts_round_trip_a_multi_megabyte_file() {
     assert_eq!(blob_art.epoch, j.epoch);
     assert_eq!(blob_art.size, blob.len() as u64);
     assert_eq!(blob_art.sha256, sha);
-    assert_eq!(blob_art.key, format!("outpost/{id}/{}/out/blob.bin", j.epoch));
-    let got = get_object(&moto, "artifacts", &blob_art.key).await;
-    assert_eq!(moto::sha256_hex(&got), sha, "the artifact round-trips intact");
     assert_eq!(
-        String::from_utf8(get_object(&moto, "artifacts", &arts[1].key).await).unwrap().trim(),
+        blob_art.key,
+        format!("outpost/{id}/{}/out/blob.bin", j.epoch)
+    );
+    let got = get_object(&moto, "artifacts", &blob_art.key).await;
+    assert_eq!(
+        moto::sha256_hex(&got),
+        sha,
+        "the artifact round-trips intact"
+    );
+    assert_eq!(
+        String::from_utf8(get_object(&moto, "artifacts", &arts[1].key).await)
+            .unwrap()
+            .trim(),
         sha,
         "the workspace arrived intact"
     );
@@ -505,7 +562,10 @@ async fn workspace_and_artifacts_round_trip_a_multi_megabyte_file() {
         .await
         .unwrap();
     let meta = head.metadata().unwrap();
-    assert_eq!(meta.get("outpost-epoch").map(String::as_str), Some(&*j.epoch.to_string()));
+    assert_eq!(
+        meta.get("outpost-epoch").map(String::as_str),
+        Some(&*j.epoch.to_string())
+    );
     assert_eq!(meta.get("outpost-job-id"), Some(&id));
 
     // A hostile archive is refused before the job runs.
@@ -562,8 +622,7 @@ async fn an_artifact_report_with_a_stale_epoch_is_refused_by_the_control_plane()
     // An agent session speaking the wire protocol directly.
     let cfg = c.agent_config(1);
     let ep = outpost_agent::session::endpoint(&cfg).unwrap();
-    let mut client =
-        pb::agent_service_client::AgentServiceClient::new(ep.connect().await.unwrap());
+    let mut client = pb::agent_service_client::AgentServiceClient::new(ep.connect().await.unwrap());
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     let send = |m: Out| pb::AgentMessage { msg: Some(m) };
     tx.send(send(Out::Hello(pb::Hello {
@@ -586,8 +645,19 @@ async fn an_artifact_report_with_a_stale_epoch_is_refused_by_the_control_plane()
         }
     };
     assert_eq!(lease.job_id, id);
-    let token = lease.spec.as_ref().unwrap().aws.as_ref().unwrap().web_identity_token.clone();
-    assert!(token.split('.').count() == 3, "the lease carries a minted token");
+    let token = lease
+        .spec
+        .as_ref()
+        .unwrap()
+        .aws
+        .as_ref()
+        .unwrap()
+        .web_identity_token
+        .clone();
+    assert!(
+        token.split('.').count() == 3,
+        "the lease carries a minted token"
+    );
     let report = |epoch: u64, path: &str| {
         Out::Artifact(pb::ArtifactUploaded {
             job_id: id.clone(),
@@ -602,7 +672,9 @@ async fn an_artifact_report_with_a_stale_epoch_is_refused_by_the_control_plane()
     };
     // Current epoch: recorded. Stale epoch: refused.
     tx.send(send(report(lease.epoch, "ok.bin"))).await.unwrap();
-    tx.send(send(report(lease.epoch - 1, "stale.bin"))).await.unwrap();
+    tx.send(send(report(lease.epoch - 1, "stale.bin")))
+        .await
+        .unwrap();
     let refused = loop {
         if let In::Refused(r) = next_msg(&mut inbound).await {
             break r;
@@ -612,14 +684,15 @@ async fn an_artifact_report_with_a_stale_epoch_is_refused_by_the_control_plane()
     assert!(refused.reason.contains("stale"), "{}", refused.reason);
     let arts = artifacts(&c, &id).await;
     assert_eq!(
-        arts.iter().map(|a| (a.epoch, a.path.as_str())).collect::<Vec<_>>(),
+        arts.iter()
+            .map(|a| (a.epoch, a.path.as_str()))
+            .collect::<Vec<_>>(),
         [(lease.epoch, "ok.bin")]
     );
     // The token is a signed JWT for this job, verifiable with the published keys.
-    let issuer = outpost::oidc::Issuer::load_or_create(outpost::oidc::OidcConfig::new(
-        &c.state.data_dir(),
-    ))
-    .unwrap();
+    let issuer =
+        outpost::oidc::Issuer::load_or_create(outpost::oidc::OidcConfig::new(&c.state.data_dir()))
+            .unwrap();
     let claims = outpost::oidc::verify(
         &token,
         &issuer.jwks(),
@@ -634,6 +707,14 @@ async fn an_artifact_report_with_a_stale_epoch_is_refused_by_the_control_plane()
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pickup_latency_cost_of_the_credentials_channel() {
+    let captured = Captured::default();
+    tracing_subscriber::fmt()
+        .with_env_filter(outpost_agent::aws::quiet_sdk_logs(
+            tracing_subscriber::EnvFilter::new("warn,outpost_agent::aws=info"),
+        ))
+        .with_writer(captured.clone())
+        .with_ansi(false)
+        .init();
     let (_moto, c, agent) = setup(|_| {}).await;
     let mut plain = Vec::new();
     let mut with = Vec::new();
@@ -651,7 +732,11 @@ async fn pickup_latency_cost_of_the_credentials_channel() {
             assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
             let took = Duration::from_millis((j.started_at_ms - j.created_at_ms) as u64);
             if round > 0 {
-                if aws { with.push(took) } else { plain.push(took) }
+                if aws {
+                    with.push(took)
+                } else {
+                    plain.push(took)
+                }
             }
         }
     }
@@ -665,6 +750,15 @@ async fn pickup_latency_cost_of_the_credentials_channel() {
         median(&with),
         median(&with).saturating_sub(median(&plain)),
     );
+    // The agent's own account of the channel's cost, after the container started.
+    let logs = String::from_utf8_lossy(&captured.0.lock()).into_owned();
+    for line in logs.lines().filter(|l| l.contains("job released")) {
+        let fields: Vec<&str> = line
+            .split_whitespace()
+            .filter(|f| f.contains("_ms="))
+            .collect();
+        eprintln!("agent: {}", fields.join(" "));
+    }
     assert!(
         median(&with) < median(&plain) + Duration::from_secs(1),
         "the credentials channel costs well under a second"

@@ -82,7 +82,8 @@ impl Default for AwsConfig {
 impl AwsConfig {
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), AwsError> {
-        let invalid = |field: &'static str, reason: String| AwsError::InvalidConfig { field, reason };
+        let invalid =
+            |field: &'static str, reason: String| AwsError::InvalidConfig { field, reason };
         if self.region.trim().is_empty() {
             return Err(invalid("region", "must not be empty".into()));
         }
@@ -100,7 +101,10 @@ impl AwsConfig {
             glob::check_pattern(pattern).map_err(|reason| invalid("allowed_roles", reason))?;
         }
         if self.default_session_duration < Duration::from_secs(1) {
-            return Err(invalid("default_session_duration", "must be at least 1s".into()));
+            return Err(invalid(
+                "default_session_duration",
+                "must be at least 1s".into(),
+            ));
         }
         if self.max_session_duration < self.default_session_duration {
             return Err(invalid(

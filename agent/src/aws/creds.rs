@@ -249,7 +249,10 @@ mod tests {
             expiration: SystemTime::UNIX_EPOCH,
         };
         let text = format!("{c:?}");
-        assert!(!text.contains("ASIAEXAMPLE") && !text.contains("very-secret"), "{text}");
+        assert!(
+            !text.contains("ASIAEXAMPLE") && !text.contains("very-secret"),
+            "{text}"
+        );
         let token = Secret::new("eyJhbGciOiJFUzI1NiJ9.payload.signature");
         assert_eq!(
             redact(format!("sts said: bad token {}", token.expose()), &token),
@@ -279,7 +282,10 @@ mod tests {
         };
         let e = assume(&sts, &spec).await.unwrap_err();
         let text = super::super::error_chain(&e);
-        assert!(text.contains("arn:aws:iam::123456789012:role/outpost-test"), "{text}");
+        assert!(
+            text.contains("arn:aws:iam::123456789012:role/outpost-test"),
+            "{text}"
+        );
         assert!(!text.contains(token.expose()), "{text}");
         assert!(!format!("{e:?}").contains(token.expose()));
     }

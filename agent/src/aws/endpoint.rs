@@ -189,8 +189,11 @@ async fn handle(mut stream: TcpStream, state: &EndpointState) -> std::io::Result
     let head = match tokio::time::timeout(READ_TIMEOUT, read_head(&mut stream)).await {
         Ok(Ok(Some(head))) => head,
         Ok(Ok(None)) => {
-            return write_answer(&mut stream, &Answer::error(400, "BadRequest", "bad request"))
-                .await;
+            return write_answer(
+                &mut stream,
+                &Answer::error(400, "BadRequest", "bad request"),
+            )
+            .await;
         }
         Ok(Err(e)) => return Err(e),
         Err(_) => return Ok(()),
@@ -355,7 +358,12 @@ mod tests {
             let s = state(CredState::Ready(creds(left)));
             assert_eq!(s.answer(Some(TOKEN.as_bytes()), now()).status, 503);
         }
-        assert_eq!(state(CredState::Pending).answer(Some(TOKEN.as_bytes()), now()).status, 503);
+        assert_eq!(
+            state(CredState::Pending)
+                .answer(Some(TOKEN.as_bytes()), now())
+                .status,
+            503
+        );
     }
 
     #[test]
@@ -400,7 +408,11 @@ mod tests {
             session_token: Secret::new("session"),
             expiration: SystemTime::now() + Duration::from_secs(3600),
         })));
-        let st = Arc::new(EndpointState::new(Secret::new(TOKEN), rx, Duration::from_secs(60)));
+        let st = Arc::new(EndpointState::new(
+            Secret::new(TOKEN),
+            rx,
+            Duration::from_secs(60),
+        ));
         let stop = CancellationToken::new();
         let server = tokio::spawn(serve(listener, st.clone(), stop.clone()));
         let get = |auth: &'static str| async move {
@@ -424,6 +436,9 @@ mod tests {
         assert!(closed.starts_with("HTTP/1.1 403"), "{closed}");
         stop.cancel();
         server.await.unwrap();
-        assert!(get(TOKEN).await.is_err(), "the listener is gone once stopped");
+        assert!(
+            get(TOKEN).await.is_err(),
+            "the listener is gone once stopped"
+        );
     }
 }

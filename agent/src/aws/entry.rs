@@ -94,7 +94,9 @@ pub fn configure(
     env.push(format!(
         "AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:{port}/v1/credentials"
     ));
-    env.push(format!("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={TOKEN_FILE}"));
+    env.push(format!(
+        "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={TOKEN_FILE}"
+    ));
     for var in ["AWS_REGION", "AWS_DEFAULT_REGION"] {
         if !env.iter().any(|kv| kv.starts_with(&format!("{var}="))) {
             env.push(format!("{var}={region}"));
@@ -139,9 +141,14 @@ mod tests {
         assert!(env.contains(
             &"AWS_CONTAINER_CREDENTIALS_FULL_URI=http://127.0.0.1:9911/v1/credentials".to_string()
         ));
-        assert!(env.contains(&format!("AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={TOKEN_FILE}")));
+        assert!(env.contains(&format!(
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE={TOKEN_FILE}"
+        )));
         assert!(env.contains(&"AWS_REGION=eu-west-1".to_string()));
-        assert!(!env.iter().any(|e| e.contains("AKIASTATIC") || e.contains("evil")));
+        assert!(
+            !env.iter()
+                .any(|e| e.contains("AKIASTATIC") || e.contains("evil"))
+        );
         let tmpfs = b.host_config.unwrap().tmpfs.unwrap();
         let opts = &tmpfs[TOKEN_DIR];
         assert!(opts.contains("noexec") && opts.contains("mode=0700") && opts.contains("uid=1000"));

@@ -65,10 +65,19 @@ mod tests {
         assert!(matches("*", ROLE));
         assert!(matches("arn:aws:iam::123456789012:role/*", ROLE));
         assert!(matches("arn:aws:iam::*:role/outpost/*", ROLE));
-        assert!(matches("arn:aws:iam::123456789012:role/*/terraform-*", ROLE));
-        assert!(matches("arn:*:iam::123456789012:role/outpost/terraform-apply", ROLE));
+        assert!(matches(
+            "arn:aws:iam::123456789012:role/*/terraform-*",
+            ROLE
+        ));
+        assert!(matches(
+            "arn:*:iam::123456789012:role/outpost/terraform-apply",
+            ROLE
+        ));
         assert!(matches("*apply", ROLE));
-        assert!(matches("arn:aws:iam::123456789012:role/outpost/terraform-apply*", ROLE));
+        assert!(matches(
+            "arn:aws:iam::123456789012:role/outpost/terraform-apply*",
+            ROLE
+        ));
         assert!(matches("**", ROLE));
     }
 

@@ -161,9 +161,7 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
 /// at `debug` and `trace` they print resolved identities (including the
 /// access key id of a job's credentials) and signed requests. Every process
 /// that runs the agent builds its log filter through this.
-pub fn quiet_sdk_logs(
-    mut filter: tracing_subscriber::EnvFilter,
-) -> tracing_subscriber::EnvFilter {
+pub fn quiet_sdk_logs(mut filter: tracing_subscriber::EnvFilter) -> tracing_subscriber::EnvFilter {
     for target in [
         "aws_smithy_runtime",
         "aws_smithy_runtime_api",
@@ -242,7 +240,9 @@ impl AwsAgent {
     ) -> Result<Option<JobAws>, AwsError> {
         let Some(role) = &spec.aws else {
             if spec.workspace_source.is_some() {
-                return Err(AwsError::NeedsRole { what: "a workspace" });
+                return Err(AwsError::NeedsRole {
+                    what: "a workspace",
+                });
             }
             if !spec.artifacts.is_empty() {
                 return Err(AwsError::NeedsRole { what: "artifacts" });
@@ -528,11 +528,7 @@ impl JobAws {
             self.early,
         ));
         *self.endpoint.lock() = Some(state.clone());
-        tokio::spawn(endpoint::serve(
-            listener,
-            state,
-            self.endpoint_stop.clone(),
-        ));
+        tokio::spawn(endpoint::serve(listener, state, self.endpoint_stop.clone()));
         let bound_ms = began.elapsed().as_millis() as u64;
         release(
             &Self::fifo(ctx.workspace),
@@ -713,9 +709,13 @@ pub async fn run_job(
     cancel: CancellationToken,
     started: oneshot::Sender<()>,
 ) -> (Outcome, Vec<Uploaded>) {
-    let uses_aws = spec.aws.is_some() || spec.workspace_source.is_some() || !spec.artifacts.is_empty();
+    let uses_aws =
+        spec.aws.is_some() || spec.workspace_source.is_some() || !spec.artifacts.is_empty();
     if !uses_aws {
-        return (exec.run(key, spec, output, cancel, started).await, Vec::new());
+        return (
+            exec.run(key, spec, output, cancel, started).await,
+            Vec::new(),
+        );
     }
     let refuse = |e: AwsError| {
         warn!(error = %error_chain(&e), "refusing the job's aws request");
@@ -745,7 +745,12 @@ pub async fn run_job(
     };
     let job = match aws.prepare_job(key, spec, uid, gid) {
         Ok(Some(job)) => job,
-        Ok(None) => return (exec.run(key, spec, output, cancel, started).await, Vec::new()),
+        Ok(None) => {
+            return (
+                exec.run(key, spec, output, cancel, started).await,
+                Vec::new(),
+            );
+        }
         Err(e) => return (refuse(e), Vec::new()),
     };
     let outcome = exec
@@ -795,13 +800,23 @@ mod tests {
     async fn refuses_roles_outside_the_allow_list_before_anything_runs() {
         let a = agent(allowing("arn:aws:iam::123456789012:role/outpost-*"));
         let e = a
-            .prepare_job(&key(), &aws_spec("arn:aws:iam::123456789012:role/admin"), 1000, 1000)
+            .prepare_job(
+                &key(),
+                &aws_spec("arn:aws:iam::123456789012:role/admin"),
+                1000,
+                1000,
+            )
             .err()
             .unwrap();
         assert!(matches!(e, AwsError::RoleNotAllowed { .. }), "{e}");
         assert!(e.to_string().contains("role/admin"));
         let ok = a
-            .prepare_job(&key(), &aws_spec("arn:aws:iam::123456789012:role/outpost-tf"), 1000, 1000)
+            .prepare_job(
+                &key(),
+                &aws_spec("arn:aws:iam::123456789012:role/outpost-tf"),
+                1000,
+                1000,
+            )
             .unwrap();
         assert!(ok.is_some());
         // No allow-list: nothing is allowed.

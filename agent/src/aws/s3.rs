@@ -86,10 +86,8 @@ pub async fn download_workspace(
     let what = url.to_string();
     tokio::task::spawn_blocking(move || {
         let gz = flate2::read::GzDecoder::new(reader);
-        unpack(gz, &dest, uid, gid, max_bytes).map_err(|source| AwsError::Unpack {
-            url: what,
-            source,
-        })
+        unpack(gz, &dest, uid, gid, max_bytes)
+            .map_err(|source| AwsError::Unpack { url: what, source })
     })
     .await
     .map_err(|source| AwsError::Blocking {
@@ -359,7 +357,11 @@ pub async fn upload_artifact(
         key,
         size,
         sha256: sha_hex,
-        etag: out.e_tag().unwrap_or_default().trim_matches('"').to_string(),
+        etag: out
+            .e_tag()
+            .unwrap_or_default()
+            .trim_matches('"')
+            .to_string(),
     })
 }
 
@@ -402,7 +404,10 @@ mod tests {
         let (uid, gid) = me();
         let n = unpack(&data[..], dir.path(), uid, gid, 1 << 20).unwrap();
         assert_eq!(n, 13 + 13);
-        assert_eq!(std::fs::read(dir.path().join("main.tf")).unwrap(), b"resource x {}");
+        assert_eq!(
+            std::fs::read(dir.path().join("main.tf")).unwrap(),
+            b"resource x {}"
+        );
         assert_eq!(
             std::fs::read(dir.path().join("modules/net/vars.tf")).unwrap(),
             b"variable y {}"
@@ -414,7 +419,10 @@ mod tests {
         let (uid, gid) = me();
         for (name, data) in [
             ("dotdot", tarball(|b| file_entry(b, "../escape", b"x"))),
-            ("nested dotdot", tarball(|b| file_entry(b, "a/../../escape", b"x"))),
+            (
+                "nested dotdot",
+                tarball(|b| file_entry(b, "a/../../escape", b"x")),
+            ),
             ("absolute", tarball(|b| file_entry(b, "/tmp/escape", b"x"))),
             (
                 "symlink",
@@ -441,9 +449,11 @@ mod tests {
             let e = unpack(&data[..], &ws, uid, gid, 1 << 20).unwrap_err();
             assert_eq!(e.kind(), io::ErrorKind::InvalidData, "{name}: {e}");
             assert!(!dir.path().join("escape").exists(), "{name}");
-            assert!(std::fs::read_dir(&ws).unwrap().all(|e| {
-                !e.unwrap().file_type().unwrap().is_symlink()
-            }));
+            assert!(
+                std::fs::read_dir(&ws)
+                    .unwrap()
+                    .all(|e| { !e.unwrap().file_type().unwrap().is_symlink() })
+            );
         }
         let dir = tempfile::tempdir().unwrap();
         let big = tarball(|b| file_entry(b, "big", &vec![0u8; 4096]));
@@ -453,7 +463,10 @@ mod tests {
 
     #[test]
     fn artifact_paths_stay_in_the_workspace() {
-        assert_eq!(artifact_path("out/plan.bin").unwrap(), Path::new("out/plan.bin"));
+        assert_eq!(
+            artifact_path("out/plan.bin").unwrap(),
+            Path::new("out/plan.bin")
+        );
         assert_eq!(artifact_path("./a").unwrap(), Path::new("a"));
         for bad in ["", "/etc/passwd", "../x", "a/../../x", ".", "a\0b"] {
             assert!(artifact_path(bad).is_err(), "{bad:?}");
@@ -473,7 +486,10 @@ mod tests {
         assert_eq!(sha256_file(&f).unwrap().0.len(), 64);
         assert!(open_artifact(ws, Path::new("leak")).is_err());
         assert!(open_artifact(ws, Path::new("dirlink/hostname")).is_err());
-        assert!(open_artifact(ws, Path::new("sub")).is_err(), "directories are refused");
+        assert!(
+            open_artifact(ws, Path::new("sub")).is_err(),
+            "directories are refused"
+        );
         assert!(open_artifact(ws, Path::new("missing")).is_err());
     }
 

@@ -6,8 +6,8 @@
 //! The job's code is **untrusted**: it comes from whoever can submit jobs, and
 //! Terraform providers and modules run arbitrary code. The control plane is
 //! trusted only to ask for *stricter* settings than the agent's local
-//! [`SandboxConfig`]; a request above a local limit, or for egress, is
-//! rejected, never honoured. What the sandbox protects is the agent host (its
+//! [`SandboxConfig`]; a request above a local limit, or for egress the agent
+//! does not allow, is rejected, never honoured. What the sandbox protects is the agent host (its
 //! Docker socket, its mTLS key, other jobs' workspaces, its memory and CPU)
 //! and the network it sits in.
 //!
@@ -15,22 +15,31 @@
 //! no privileged mode; all capabilities dropped and none added;
 //! `no-new-privileges`; the engine's default seccomp profile (never
 //! `unconfined`); a read-only root filesystem; a non-root numeric user; memory
-//! (without swap), CPU and pids limits; network `none`; a private IPC and
-//! cgroup namespace; a size-limited `noexec` tmpfs at `/tmp`; and exactly one
-//! host path: the job's own, freshly created workspace directory at
-//! `/workspace`. No Docker socket and no other host path is ever mounted.
+//! (without swap), CPU and pids limits; network `none` (or, for a job asking
+//! for egress on an agent allowing it, a bridge network of its own fenced by
+//! iptables rules: [`network`]); a private IPC and cgroup namespace; a
+//! size-limited `noexec` tmpfs at `/tmp`; and only the job's own host paths:
+//! its freshly created workspace directory at `/workspace`, and, if it has
+//! secrets, its secrets directory on a host tmpfs, read-only, at
+//! `/run/secrets` ([`secrets`]). No Docker socket and no other host path is
+//! ever mounted. Secret values never enter the container's environment and
+//! are masked (`***`) in its output ([`mask`]), which is capped at
+//! `max_output_bytes`.
 //! An alternative runtime (e.g. gVisor `runsc`) can be configured for a
 //! stronger kernel boundary; without one the boundary is the host kernel
 //! (namespaces, cgroups, seccomp), which is the residual risk.
 //!
-//! Containers carry labels (`outpost.job`, `outpost.epoch`, `outpost.managed`,
-//! `outpost.workdir`) and are never auto-removed, so that an agent restarted
+//! Containers (and egress networks) carry labels (`outpost.job`,
+//! `outpost.epoch`, `outpost.managed`, `outpost.workdir`) and are never
+//! auto-removed, so that an agent restarted
 //! after a crash can find them: [`DockerExecutor::adopt`] follows one again
 //! (its output replayed from the container's `local`-driver log, which keeps
 //! raw bytes, from the offset already delivered) and
-//! [`DockerExecutor::cleanup_orphans_except`] removes the others.
-//! [`DockerExecutor::run`] always removes its container and workspace before
-//! it returns (and, if its future is dropped, in a background task).
+//! [`DockerExecutor::cleanup_orphans_except`] removes the others (with their
+//! networks, firewall rules, workspaces and secrets directories).
+//! [`DockerExecutor::run`] always removes its container, network, rules,
+//! workspace and secrets before it returns (and, if its future is dropped,
+//! in a background task).
 //! Hooks ([`hooks`]) may add tmpfs mounts and environment to a container;
 //! [`spec::check_sandbox`] re-checks the sandbox after them.
 //!
@@ -41,7 +50,10 @@
 //! be PID 1 and a foreground `terraform` would never see the signal.
 
 pub mod hooks;
+pub mod mask;
+pub mod network;
 mod run;
+pub mod secrets;
 pub mod spec;
 mod workspace;
 
@@ -97,6 +109,23 @@ pub struct SandboxConfig {
     pub tmp_size_bytes: u64,
     /// Whether missing images are pulled: `"if-missing"` (default) or `"never"`.
     pub pull: PullPolicy,
+    /// Directory on a tmpfs where each job's secrets are written, as
+    /// `<scope>/<job_id>-<epoch>/<name>` (mode 0400, owned by `user`), and
+    /// bind-mounted read-only at `/run/secrets`. If it is not on a tmpfs at
+    /// start, the agent mounts one there (root only, `nosuid,nodev,noexec`).
+    /// It must be visible to the Docker engine at the same path (as
+    /// `work_dir`). Leftovers of this agent in it are deleted at start.
+    /// Default `/run/outpost-agent/secrets`.
+    pub secrets_dir: PathBuf,
+    /// Most bytes of output a job may produce (after masking); past it the
+    /// job is stopped (one `SIGINT`, `stop_grace`, `SIGKILL`) and fails, and
+    /// nothing beyond the limit is kept. Default 1 GiB.
+    pub max_output_bytes: u64,
+    /// Whether jobs may have egress (`--network egress`). Not read from the
+    /// `[sandbox]` table: set from the agent's local policy at start. The
+    /// executor refuses egress jobs unless it is set. Default `false`.
+    #[serde(skip)]
+    pub allow_egress: bool,
 }
 
 impl Default for SandboxConfig {
@@ -111,6 +140,9 @@ impl Default for SandboxConfig {
             work_dir: PathBuf::from("/var/lib/outpost-agent/work"),
             tmp_size_bytes: 256 << 20,
             pull: PullPolicy::IfMissing,
+            secrets_dir: PathBuf::from("/run/outpost-agent/secrets"),
+            max_output_bytes: 1 << 30,
+            allow_egress: false,
         }
     }
 }
@@ -153,6 +185,18 @@ impl SandboxConfig {
             return Err(invalid(
                 "runtime",
                 format!("{runtime:?} is not a runtime name"),
+            ));
+        }
+        if self.max_output_bytes == 0 {
+            return Err(invalid("max_output_bytes", "must be positive".to_string()));
+        }
+        if !self.secrets_dir.is_absolute() || self.secrets_dir.parent().is_none() {
+            return Err(invalid(
+                "secrets_dir",
+                format!(
+                    "{} must be an absolute path other than /",
+                    self.secrets_dir.display()
+                ),
             ));
         }
         if !self.work_dir.is_absolute() || self.work_dir.parent().is_none() {
@@ -354,6 +398,40 @@ pub enum ExecError {
         #[source]
         source: bollard::errors::Error,
     },
+    #[error("preparing the secrets directory {} failed: {reason}", path.display())]
+    SecretsDir { path: PathBuf, reason: String },
+    #[error("writing the job's secrets to {} failed", path.display())]
+    WriteSecrets {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("removing the job's secrets {} failed", path.display())]
+    RemoveSecrets {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("creating the job's network {name} failed")]
+    CreateNetwork {
+        name: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("removing network {name} failed")]
+    RemoveNetwork {
+        name: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("listing networks ({filter}) failed")]
+    ListNetworks {
+        filter: String,
+        #[source]
+        source: bollard::errors::Error,
+    },
+    #[error("fencing the job's network failed: `{command}`: {message}")]
+    Firewall { command: String, message: String },
 }
 
 /// `error: cause: cause`, the form used for user-facing failure reasons.
@@ -384,6 +462,9 @@ mod tests {
         assert_eq!(c.work_dir, PathBuf::from("/var/lib/outpost-agent/work"));
         assert_eq!(c.tmp_size_bytes, 256 << 20);
         assert_eq!(c.pull, PullPolicy::IfMissing);
+        assert_eq!(c.secrets_dir, PathBuf::from("/run/outpost-agent/secrets"));
+        assert_eq!(c.max_output_bytes, 1 << 30);
+        assert!(!c.allow_egress);
         assert_eq!(c.validate().unwrap(), (1000, 1000));
     }
 
@@ -419,6 +500,15 @@ mod tests {
         assert!(e.to_string().contains("duration"), "{e}");
         let e = toml::from_str::<SandboxConfig>("pull = \"always\"").unwrap_err();
         assert!(e.to_string().contains("always"), "{e}");
+        // Egress is the local policy's decision, not a sandbox key.
+        let e = toml::from_str::<SandboxConfig>("allow_egress = true").unwrap_err();
+        assert!(e.to_string().contains("allow_egress"), "{e}");
+        let c: SandboxConfig = toml::from_str(
+            "secrets_dir = \"/srv/secrets\"\nmax_output_bytes = 1048576",
+        )
+        .unwrap();
+        assert_eq!(c.secrets_dir, PathBuf::from("/srv/secrets"));
+        assert_eq!(c.max_output_bytes, 1 << 20);
     }
 
     #[test]
@@ -489,6 +579,20 @@ mod tests {
                 ..Default::default()
             },
             "runtime",
+        );
+        check(
+            SandboxConfig {
+                max_output_bytes: 0,
+                ..Default::default()
+            },
+            "max_output_bytes",
+        );
+        check(
+            SandboxConfig {
+                secrets_dir: "secrets".into(),
+                ..Default::default()
+            },
+            "secrets_dir",
         );
     }
 

@@ -20,9 +20,10 @@ use tokio_util::task::AbortOnDropHandle;
 use tracing::Instrument;
 
 use super::hooks::{self, HookContext, JobHooks};
+use super::mask::Masker;
 use super::spec::{self, LABEL_EPOCH, LABEL_JOB, LABEL_WORK_DIR};
-use super::{ExecError, PullPolicy, SandboxConfig, error_chain, workspace};
-use crate::job::{JobSpec, LeaseKey, Outcome};
+use super::{ExecError, PullPolicy, SandboxConfig, error_chain, network, secrets, workspace};
+use crate::job::{JobSpec, LeaseKey, Network, Outcome};
 
 /// Reason reported when `cancel` stops a job (the token carries no reason;
 /// the caller knows it and may replace this one).
@@ -47,6 +48,8 @@ pub struct DockerExecutor {
     gid: u32,
     /// Whether the engine's init binary runs as PID 1 of job containers.
     init: bool,
+    /// This agent's share of the host's secrets and firewall rules.
+    scope: String,
 }
 
 type OutputStream = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
@@ -56,6 +59,8 @@ type OutputStream = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors:
 enum Stop {
     Cancelled,
     TimedOut,
+    /// The output went past `max_output_bytes` (the limit).
+    OutputLimit(u64),
 }
 
 impl Stop {
@@ -65,6 +70,12 @@ impl Stop {
                 reason: CANCEL_REASON.to_string(),
             },
             Stop::TimedOut => Outcome::TimedOut,
+            Stop::OutputLimit(limit) => Outcome::Failed {
+                reason: format!(
+                    "stopped: the job's output exceeded this agent's limit of {limit} bytes \
+                     (max_output_bytes); nothing past the limit was kept"
+                ),
+            },
         }
     }
 
@@ -72,6 +83,7 @@ impl Stop {
         match self {
             Stop::Cancelled => "cancelled",
             Stop::TimedOut => "timed out",
+            Stop::OutputLimit(_) => "output limit exceeded",
         }
     }
 }
@@ -110,6 +122,8 @@ impl DockerExecutor {
             );
         }
         let work_dir = workspace::prepare_work_dir(&cfg.work_dir).await?;
+        let scope = spec::agent_scope(&work_dir);
+        let secrets_dir = secrets::prepare(&cfg.secrets_dir, &scope).await?;
         tracing::info!(
             api_version = %docker.client_version(),
             engine_version = info.server_version.as_deref().unwrap_or("unknown"),
@@ -118,14 +132,21 @@ impl DockerExecutor {
             runtime = cfg.runtime.as_deref().unwrap_or("default"),
             init,
             work_dir = %work_dir.display(),
+            secrets_dir = %secrets_dir.display(),
+            allow_egress = cfg.allow_egress,
             "docker engine ready"
         );
         Ok(DockerExecutor {
             docker,
-            cfg: SandboxConfig { work_dir, ..cfg },
+            cfg: SandboxConfig {
+                work_dir,
+                secrets_dir,
+                ..cfg
+            },
             uid,
             gid,
             init,
+            scope,
         })
     }
 
@@ -187,11 +208,13 @@ impl DockerExecutor {
                 (Ok(name), Ok(workspace)) => (name, workspace),
                 (Err(e), _) | (_, Err(e)) => return failed(ExecError::from(e)),
             };
-            let mut cleanup = Cleanup {
-                docker: self.docker.clone(),
-                name: name.clone(),
-                workspace: workspace.clone(),
-                done: false,
+            let mut cleanup = match self.leftovers(key, spec, &name, &workspace) {
+                Ok(leftovers) => Cleanup {
+                    docker: self.docker.clone(),
+                    leftovers,
+                    done: false,
+                },
+                Err(e) => return failed(e),
             };
             let outcome = self
                 .execute(key, spec, &name, &workspace, output, cancel, started, hooks)
@@ -245,10 +268,10 @@ impl DockerExecutor {
             return hooks::hook_failed("configuring the container", &e);
         }
         // Whatever a hook changed, the sandbox must still hold.
-        if let Err(e) = spec::check_sandbox(&body, workspace) {
+        if let Err(e) = spec::check_sandbox(&body, key, &self.cfg, workspace) {
             return failed(e.into());
         }
-        if let Err(e) = self.prepare(name, workspace, body).await {
+        if let Err(e) = self.prepare(key, spec, name, workspace, body).await {
             return failed(e);
         }
         if let Some(h) = hooks {
@@ -284,7 +307,9 @@ impl DockerExecutor {
                 });
             }
         };
-        let pump = spawn_output(attached.output, output, 0);
+        let over_limit = CancellationToken::new();
+        let filter = self.output_filter(masker(spec, Vec::new()), 0, &over_limit, true);
+        let pump = spawn_output(attached.output, output, filter);
         if cancel.is_cancelled() {
             return Stop::Cancelled.outcome();
         }
@@ -308,7 +333,9 @@ impl DockerExecutor {
         // The caller may have stopped listening; that changes nothing here.
         let _ = started.send(());
 
-        let outcome = self.follow(name, pump, spec.timeout, &cancel, false).await;
+        let outcome = self
+            .follow(name, pump, spec.timeout, &cancel, &over_limit, false)
+            .await;
         match hooks {
             Some(h) => {
                 let r = h.after_exit(&ctx, &outcome).await;
@@ -327,9 +354,10 @@ impl DockerExecutor {
         mut pump: AbortOnDropHandle<Forwarded>,
         timeout: Option<Duration>,
         cancel: &CancellationToken,
+        over_limit: &CancellationToken,
         from_log: bool,
     ) -> Outcome {
-        let (outcome, exited) = self.supervise(name, timeout, cancel).await;
+        let (outcome, exited) = self.supervise(name, timeout, cancel, over_limit).await;
         if !exited {
             // Its end was not observed: make sure it is gone so that the
             // output stream ends.
@@ -343,11 +371,18 @@ impl DockerExecutor {
         } else {
             match (&mut pump).await {
                 Ok(done) if from_log => self.read_log_tail(name, done).await,
-                Ok(done) => tracing::debug!(bytes = done.read, "output complete"),
+                Ok(done) => tracing::debug!(bytes = done.position, "output complete"),
                 Err(e) => tracing::warn!(error = %e, "output task failed"),
             }
         }
-        outcome
+        // A job that ended by itself right after going past the limit still
+        // failed: its output is incomplete.
+        match outcome {
+            Outcome::Exited { .. } if over_limit.is_cancelled() => {
+                Stop::OutputLimit(self.cfg.max_output_bytes).outcome()
+            }
+            outcome => outcome,
+        }
     }
 
     /// Whether the container of `key` exists (in any state) and was created
@@ -400,14 +435,16 @@ impl DockerExecutor {
                 (Ok(name), Ok(workspace)) => (name, workspace),
                 (Err(e), _) | (_, Err(e)) => return failed(ExecError::from(e)),
             };
-            let mut cleanup = Cleanup {
-                docker: self.docker.clone(),
-                name: name.clone(),
-                workspace,
-                done: false,
+            let mut cleanup = match self.leftovers(key, spec, &name, &workspace) {
+                Ok(leftovers) => Cleanup {
+                    docker: self.docker.clone(),
+                    leftovers,
+                    done: false,
+                },
+                Err(e) => return failed(e),
             };
             let outcome = self
-                .follow_adopted(&name, spec, skip, output, &cancel)
+                .follow_adopted(key, &name, spec, skip, output, &cancel)
                 .await;
             cleanup.run().await;
             match &outcome {
@@ -422,6 +459,7 @@ impl DockerExecutor {
 
     async fn follow_adopted(
         &self,
+        key: &LeaseKey,
         name: &str,
         spec: &JobSpec,
         skip: u64,
@@ -462,6 +500,13 @@ impl DockerExecutor {
                 }
             }
         });
+        if spec.network == Network::Egress
+            && state.status == Some(ContainerStateStatusEnum::RUNNING)
+            && let Err(e) = self.refence(key, name).await
+        {
+            // Never let a job run on without its fence.
+            return failed(e);
+        }
         tracing::info!(container = name, skip, "following an adopted job");
         let options = LogsOptions {
             follow: true,
@@ -469,9 +514,72 @@ impl DockerExecutor {
             stderr: true,
             ..Default::default()
         };
+        // The values may no longer be in the spooled lease; the job's own
+        // secrets directory still holds them.
+        let on_host = match spec::secrets_dir(key, &self.cfg) {
+            Ok(dir) => secrets::read_values(&dir).await,
+            Err(_) => Vec::new(),
+        };
+        let over_limit = CancellationToken::new();
+        let filter = self.output_filter(masker(spec, on_host), skip, &over_limit, false);
         let logs: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
-        let pump = spawn_output(logs, output, skip);
-        self.follow(name, pump, timeout, cancel, true).await
+        let pump = spawn_output(logs, output, filter);
+        self.follow(name, pump, timeout, cancel, &over_limit, true)
+            .await
+    }
+
+    /// Re-installs the firewall rules of an adopted egress job (idempotent),
+    /// in case the host lost them while the agent was down.
+    async fn refence(&self, key: &LeaseKey, name: &str) -> Result<(), ExecError> {
+        let inspect = self
+            .docker
+            .inspect_network(name, None)
+            .await
+            .map_err(|source| ExecError::ListNetworks {
+                filter: format!("name={name}"),
+                source,
+            })?;
+        let id = inspect.id.unwrap_or_default();
+        let bridge = network::bridge_name(&id).ok_or_else(|| ExecError::Firewall {
+            command: format!("docker network inspect {name}"),
+            message: format!("unexpected network id {id:?}"),
+        })?;
+        network::install_rules(&self.scope, &job_tag(key), &bridge).await
+    }
+
+    /// What a job leaves on the host until [`remove_job`] removes it.
+    fn leftovers(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        name: &str,
+        workspace: &Path,
+    ) -> Result<Leftovers, ExecError> {
+        Ok(Leftovers {
+            name: name.to_string(),
+            workspace: workspace.to_path_buf(),
+            secrets: spec::secrets_dir(key, &self.cfg)?,
+            egress: spec.network == Network::Egress,
+            scope: self.scope.clone(),
+            tag: job_tag(key),
+        })
+    }
+
+    fn output_filter(
+        &self,
+        masker: Masker,
+        skip: u64,
+        over_limit: &CancellationToken,
+        flush: bool,
+    ) -> OutputFilter {
+        OutputFilter {
+            masker,
+            skip,
+            position: 0,
+            limit: self.cfg.max_output_bytes,
+            over_limit: over_limit.clone(),
+            flush,
+        }
     }
 
     /// Docker 20.10 may end a followed log before the container's last,
@@ -484,19 +592,31 @@ impl DockerExecutor {
             ..Default::default()
         };
         let log: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
-        let tail = forward_output(log, done.output, done.read + done.unskipped).await;
+        // Masked again from the start: the bytes already passed (delivered
+        // or skipped) are a prefix of the masked whole, so skipping them
+        // continues at the same offset. The carry is flushed at this end.
+        let filter = OutputFilter {
+            masker: done.filter.masker.restart(),
+            skip: done.position + done.unskipped,
+            position: 0,
+            flush: true,
+            ..done.filter
+        };
+        let tail = forward_output(log, done.output, filter).await;
         if tail.unskipped > 0 {
             tracing::warn!(
                 missing = tail.unskipped,
                 "the container's log holds fewer bytes than were already delivered"
             );
         }
-        tracing::debug!(bytes = tail.read, "output complete");
+        tracing::debug!(bytes = tail.position, "output complete");
     }
 
-    /// Workspace and container, ready to start.
+    /// Workspace, secrets, network and container, ready to start.
     async fn prepare(
         &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
         name: &str,
         workspace: &Path,
         body: ContainerCreateBody,
@@ -505,7 +625,21 @@ impl DockerExecutor {
         if remove_container(&self.docker, name).await? {
             tracing::warn!(container = name, "removed a stale container of this lease");
         }
+        let egress = spec.network == Network::Egress;
+        if egress && network::remove_named(&self.docker, name).await? {
+            tracing::warn!(network = name, "removed a stale network of this lease");
+        }
         workspace::create(workspace, self.uid, self.gid).await?;
+        if !spec.secrets.is_empty() {
+            let dir = spec::secrets_dir(key, &self.cfg)?;
+            secrets::write(&dir, &spec.secrets, self.uid, self.gid).await?;
+        }
+        if egress {
+            let labels = spec::labels(key, &self.cfg);
+            let net =
+                network::create(&self.docker, name, labels, &self.scope, &job_tag(key)).await?;
+            tracing::info!(network = name, bridge = %net.bridge, "egress network ready and fenced");
+        }
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
             ..Default::default()
@@ -564,6 +698,7 @@ impl DockerExecutor {
         name: &str,
         timeout: Option<Duration>,
         cancel: &CancellationToken,
+        over_limit: &CancellationToken,
     ) -> (Outcome, bool) {
         let mut exit = Box::pin(self.wait_exit(name));
         let deadline = async {
@@ -579,6 +714,7 @@ impl DockerExecutor {
             exit = &mut exit => return self.exited(name, exit).await,
             () = cancel.cancelled() => Stop::Cancelled,
             () = &mut deadline => Stop::TimedOut,
+            () = over_limit.cancelled() => Stop::OutputLimit(self.cfg.max_output_bytes),
         };
 
         // Exactly one SIGINT, whatever happens next.
@@ -754,6 +890,46 @@ impl DockerExecutor {
                 }
             }
         }
+        // Networks after their containers (an attached network cannot go),
+        // then the firewall rules of every network that is gone.
+        let mut fenced: Vec<String> = keep.iter().map(job_tag).collect();
+        let mut networks_known = false;
+        match network::list_labelled(&self.docker, vec![LABEL_JOB.to_string(), work_dir_label])
+            .await
+        {
+            Ok(networks) => {
+                networks_known = true;
+                for (id, name, labels) in networks {
+                    let job_id = labels.get(LABEL_JOB).cloned().unwrap_or_default();
+                    let epoch = labels.get(LABEL_EPOCH).cloned().unwrap_or_default();
+                    let tag = format!("{job_id}-{epoch}");
+                    if fenced.contains(&tag) {
+                        continue;
+                    }
+                    match network::remove_id(&self.docker, &id).await {
+                        Ok(_) => tracing::info!(network = %name, "removed orphaned job network"),
+                        Err(e) => {
+                            tracing::warn!(network = %name, error = %error_chain(&e), "removing orphaned job network failed; keeping its firewall rules");
+                            fenced.push(tag);
+                            first_error.get_or_insert(e);
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "listing orphaned job networks failed; keeping all firewall rules");
+                first_error.get_or_insert(e);
+            }
+        }
+        if networks_known {
+            match network::remove_rules_except(&self.scope, &fenced).await {
+                Ok(0) => {}
+                Ok(rules) => tracing::info!(rules, "removed leftover firewall rules"),
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
         let kept: Vec<PathBuf> = keep
             .iter()
             .filter_map(|k| spec::workspace_dir(k, &self.cfg.work_dir).ok())
@@ -761,6 +937,17 @@ impl DockerExecutor {
         match workspace::remove_leftovers(&self.cfg.work_dir, kept).await {
             Ok(0) => {}
             Ok(dirs) => tracing::info!(dirs, "removed leftover workspaces"),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+        let kept: Vec<PathBuf> = keep
+            .iter()
+            .filter_map(|k| spec::secrets_dir(k, &self.cfg).ok())
+            .collect();
+        match secrets::remove_leftovers(&spec::secrets_scope_dir(&self.cfg), kept).await {
+            Ok(0) => {}
+            Ok(dirs) => tracing::info!(dirs, "removed leftover secrets"),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -819,54 +1006,107 @@ async fn init_available(docker: &Docker, info: &SystemInfo) -> bool {
     }
 }
 
+/// How a job's output is transformed on its way out: secrets masked, bytes
+/// an earlier agent process already delivered skipped, and the total capped.
+/// Offsets (`skip`, `position`, `limit`) count masked bytes, the bytes the
+/// control plane receives.
+struct OutputFilter {
+    masker: Masker,
+    /// Masked bytes still to drop (already delivered).
+    skip: u64,
+    /// Masked bytes passed so far, skipped ones included.
+    position: u64,
+    /// Most bytes ever delivered (`max_output_bytes`).
+    limit: u64,
+    /// Fired when the output goes past `limit`.
+    over_limit: CancellationToken,
+    /// Whether the end of the stream is the end of the output (the
+    /// masker's carry is then flushed).
+    flush: bool,
+}
+
+impl OutputFilter {
+    /// Skips and caps masked bytes; returns what may be sent.
+    fn pass(&mut self, mut bytes: Bytes) -> Bytes {
+        self.position += bytes.len() as u64;
+        if self.skip > 0 {
+            let n = usize::try_from(self.skip)
+                .unwrap_or(usize::MAX)
+                .min(bytes.len());
+            bytes = bytes.slice(n..);
+            self.skip -= n as u64;
+        }
+        let from = self.position - bytes.len() as u64;
+        let room = usize::try_from(self.limit.saturating_sub(from)).unwrap_or(usize::MAX);
+        if bytes.len() > room {
+            if !self.over_limit.is_cancelled() {
+                tracing::warn!(limit = self.limit, "the job's output went past its limit");
+                self.over_limit.cancel();
+            }
+            bytes.truncate(room);
+        }
+        bytes
+    }
+}
+
+/// The masker of a job: its secret values and `more` (values found on the
+/// host).
+fn masker(spec: &JobSpec, more: Vec<Vec<u8>>) -> Masker {
+    Masker::new(
+        spec.secrets
+            .iter()
+            .map(|s| s.value.expose())
+            .chain(more.iter().map(Vec::as_slice)),
+    )
+}
+
+/// `<job_id>-<epoch>`: how a lease's firewall rules are named.
+fn job_tag(key: &LeaseKey) -> String {
+    format!("{}-{}", key.job_id, key.epoch)
+}
+
 /// The end of a forwarded stream.
 struct Forwarded {
-    /// Bytes read from the stream, including skipped ones.
-    read: u64,
+    /// Masked bytes passed, including skipped ones.
+    position: u64,
     /// Bytes still to skip when the stream ended (it was shorter than `skip`).
     unskipped: u64,
     output: mpsc::Sender<Bytes>,
+    filter: OutputFilter,
 }
 
 fn spawn_output(
     stream: OutputStream,
     output: mpsc::Sender<Bytes>,
-    skip: u64,
+    filter: OutputFilter,
 ) -> AbortOnDropHandle<Forwarded> {
     AbortOnDropHandle::new(tokio::spawn(
-        forward_output(stream, output, skip).instrument(tracing::info_span!("output")),
+        forward_output(stream, output, filter).instrument(tracing::info_span!("output")),
     ))
 }
 
-/// Forwards the container's output, less its first `skip` bytes, until its
-/// end.
+/// Forwards the container's output through `filter` until its end.
 async fn forward_output(
     mut stream: OutputStream,
     output: mpsc::Sender<Bytes>,
-    skip: u64,
+    mut filter: OutputFilter,
 ) -> Forwarded {
-    let mut read = 0u64;
-    let mut to_skip = skip;
     let mut receiver_gone = false;
+    let mut send = async |bytes: Bytes, receiver_gone: &mut bool| {
+        if bytes.is_empty() || *receiver_gone {
+            return;
+        }
+        if output.send(bytes).await.is_err() {
+            tracing::warn!("output receiver dropped; discarding the rest of the output");
+            *receiver_gone = true;
+        }
+    };
     while let Some(item) = stream.next().await {
         match item {
             Ok(chunk) => {
-                let mut bytes = chunk.into_bytes();
-                read += bytes.len() as u64;
-                if to_skip > 0 {
-                    let n = usize::try_from(to_skip)
-                        .unwrap_or(usize::MAX)
-                        .min(bytes.len());
-                    bytes = bytes.slice(n..);
-                    to_skip -= n as u64;
-                }
-                if bytes.is_empty() || receiver_gone {
-                    continue;
-                }
-                if output.send(bytes).await.is_err() {
-                    tracing::warn!("output receiver dropped; discarding the rest of the output");
-                    receiver_gone = true;
-                }
+                let masked = filter.masker.push(chunk.into_bytes());
+                let bytes = filter.pass(masked);
+                send(bytes, &mut receiver_gone).await;
             }
             Err(e) => {
                 tracing::warn!(error = %e, "reading the container's output failed");
@@ -874,10 +1114,16 @@ async fn forward_output(
             }
         }
     }
+    if filter.flush {
+        let rest = filter.masker.finish();
+        let bytes = filter.pass(rest);
+        send(bytes, &mut receiver_gone).await;
+    }
     Forwarded {
-        read,
-        unskipped: to_skip,
+        position: filter.position,
+        unskipped: filter.skip,
         output,
+        filter,
     }
 }
 
@@ -940,18 +1186,31 @@ async fn remove_container(docker: &Docker, name: &str) -> Result<bool, ExecError
     }
 }
 
-/// Removes a job's container and workspace when `run` ends, or, if its
-/// future is dropped before, from a background task.
-struct Cleanup {
-    docker: Docker,
+/// What a job leaves on the host while it runs.
+#[derive(Debug, Default)]
+struct Leftovers {
+    /// Container (and, with egress, network) name.
     name: String,
     workspace: PathBuf,
+    secrets: PathBuf,
+    egress: bool,
+    scope: String,
+    /// `<job_id>-<epoch>`, naming its firewall rules.
+    tag: String,
+}
+
+/// Removes a job's container, network, firewall rules, workspace and
+/// secrets when `run` ends, or, if its future is dropped before, from a
+/// background task.
+struct Cleanup {
+    docker: Docker,
+    leftovers: Leftovers,
     done: bool,
 }
 
 impl Cleanup {
     async fn run(&mut self) {
-        remove_job(&self.docker, &self.name, &self.workspace).await;
+        remove_job(&self.docker, &self.leftovers).await;
         self.done = true;
     }
 }
@@ -961,32 +1220,48 @@ impl Drop for Cleanup {
         if self.done {
             return;
         }
-        let (docker, name, workspace) = (
-            self.docker.clone(),
-            std::mem::take(&mut self.name),
-            std::mem::take(&mut self.workspace),
-        );
+        let (docker, leftovers) = (self.docker.clone(), std::mem::take(&mut self.leftovers));
         match tokio::runtime::Handle::try_current() {
             Ok(handle) => {
-                let span = tracing::info_span!("job_cleanup", container = %name);
-                handle.spawn(
-                    async move { remove_job(&docker, &name, &workspace).await }.instrument(span),
-                );
+                let span = tracing::info_span!("job_cleanup", container = %leftovers.name);
+                handle.spawn(async move { remove_job(&docker, &leftovers).await }.instrument(span));
             }
             Err(_) => tracing::warn!(
-                container = %name,
+                container = %leftovers.name,
                 "run was dropped outside a runtime; cleanup_orphans will remove the container"
             ),
         }
     }
 }
 
-async fn remove_job(docker: &Docker, name: &str, workspace: &Path) {
-    if let Err(e) = remove_container(docker, name).await {
-        tracing::warn!(container = name, error = %error_chain(&e), "removing the job container failed");
+async fn remove_job(docker: &Docker, job: &Leftovers) {
+    let name = job.name.as_str();
+    let container_gone = match remove_container(docker, name).await {
+        Ok(_) => true,
+        Err(e) => {
+            tracing::warn!(container = name, error = %error_chain(&e), "removing the job container failed");
+            false
+        }
+    };
+    // The rules go only once the network (and so the container) is gone:
+    // a job must never run unfenced.
+    if job.egress && container_gone {
+        match network::remove_named(docker, name).await {
+            Ok(_) => {
+                if let Err(e) = network::remove_rules(&job.scope, &job.tag).await {
+                    tracing::warn!(error = %error_chain(&e), "removing the job's firewall rules failed");
+                }
+            }
+            Err(e) => {
+                tracing::warn!(network = name, error = %error_chain(&e), "removing the job network failed; its firewall rules stay")
+            }
+        }
     }
-    if let Err(e) = workspace::remove(workspace).await {
+    if let Err(e) = workspace::remove(&job.workspace).await {
         tracing::warn!(error = %error_chain(&e), "removing the job workspace failed");
+    }
+    if let Err(e) = secrets::remove(&job.secrets).await {
+        tracing::warn!(error = %error_chain(&e), "removing the job's secrets failed");
     }
 }
 
@@ -1003,7 +1278,7 @@ fn log_stopped(result: &Result<i64, ExecError>) {
     }
 }
 
-fn status(error: &bollard::errors::Error) -> Option<u16> {
+pub(super) fn status(error: &bollard::errors::Error) -> Option<u16> {
     match error {
         bollard::errors::Error::DockerResponseServerError { status_code, .. } => Some(*status_code),
         _ => None,

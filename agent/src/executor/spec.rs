@@ -2,8 +2,12 @@
 //! job spec and the agent's [`SandboxConfig`]. Nothing here talks to Docker,
 //! so every sandbox property is unit tested.
 //!
-//! **Invariant:** the only host path a job container ever sees is its own
-//! workspace directory, `work_dir/<job_id>-<epoch>`, at `/workspace`.
+//! **Invariant:** the only host paths a job container ever sees are its own:
+//! its workspace directory, `work_dir/<job_id>-<epoch>`, at `/workspace`
+//! (read-write), and, if it has secrets, its secrets directory,
+//! `secrets_dir/<scope>/<job_id>-<epoch>` on tmpfs, at `/run/secrets`
+//! (read-only). Its network is `none`, or, if the agent allows egress, its
+//! own network `outpost-<job_id>-<epoch>`.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -28,6 +32,20 @@ pub const LABEL_MANAGED: &str = "outpost.managed";
 pub const LABEL_WORK_DIR: &str = "outpost.workdir";
 /// Where the workspace is mounted in the container (also the working directory).
 pub const WORKSPACE_MOUNT: &str = "/workspace";
+/// Where a job's secrets are mounted (read-only), one file per secret.
+pub const SECRETS_MOUNT: &str = "/run/secrets";
+/// Most secrets one job may have.
+pub const MAX_SECRETS: usize = 64;
+/// Most bytes of secret values one job may have, all together.
+pub const MAX_SECRET_BYTES: usize = 1 << 20;
+/// Longest secret name (it is a file name).
+const MAX_SECRET_NAME_LEN: usize = 128;
+/// Container sysctls of an egress job: no IPv6 at all (the network has none,
+/// and link-local IPv6 would reach the host past the IPv4 firewall).
+const EGRESS_SYSCTLS: [&str; 2] = [
+    "net.ipv6.conf.all.disable_ipv6",
+    "net.ipv6.conf.default.disable_ipv6",
+];
 /// Docker's smallest accepted memory limit (6 MiB).
 pub const MIN_MEMORY_BYTES: u64 = 6 << 20;
 /// Docker's smallest accepted CPU limit (0.01 CPU).
@@ -71,6 +89,16 @@ pub enum SpecError {
     InvalidEnvValue(String),
     #[error("the command contains a NUL byte")]
     InvalidCommand,
+    #[error(
+        "secret name {0:?} is not allowed: it must be 1 to 128 letters, digits, '_', '.' or '-', and neither be '.' nor contain '..'"
+    )]
+    InvalidSecretName(String),
+    #[error("secret {0:?} is given twice")]
+    DuplicateSecret(String),
+    #[error(
+        "the job's secrets are too large: at most {MAX_SECRETS} secrets of {MAX_SECRET_BYTES} bytes in all"
+    )]
+    SecretsTooLarge,
     #[error("workspace path {} is not allowed: {reason}", path.display())]
     WorkspacePath { path: PathBuf, reason: &'static str },
     #[error("sandbox setting {0} is out of range")]
@@ -91,6 +119,51 @@ pub struct Limits {
 pub fn container_name(key: &LeaseKey) -> Result<String, SpecError> {
     check_job_id(&key.job_id)?;
     Ok(format!("outpost-{}-{}", key.job_id, key.epoch))
+}
+
+/// Network of a lease with egress: `outpost-<job_id>-<epoch>`, like its container.
+pub fn network_name(key: &LeaseKey) -> Result<String, SpecError> {
+    container_name(key)
+}
+
+/// Short, stable name of an agent's share of the host (hex FNV-1a of its
+/// `work_dir`), so that agents sharing a host (or tests) only ever clean up
+/// their own secrets directories and firewall rules.
+pub fn agent_scope(work_dir: &Path) -> String {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in work_dir.as_os_str().as_encoded_bytes() {
+        hash ^= u64::from(*b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    format!("{hash:016x}")
+}
+
+/// Directory holding this agent's per-job secrets directories:
+/// `secrets_dir/<scope>`.
+pub fn secrets_scope_dir(cfg: &SandboxConfig) -> PathBuf {
+    cfg.secrets_dir.join(agent_scope(&cfg.work_dir))
+}
+
+/// Secrets directory of a lease: `secrets_dir/<scope>/<job_id>-<epoch>`.
+pub fn secrets_dir(key: &LeaseKey, cfg: &SandboxConfig) -> Result<PathBuf, SpecError> {
+    check_job_id(&key.job_id)?;
+    Ok(secrets_scope_dir(cfg).join(format!("{}-{}", key.job_id, key.epoch)))
+}
+
+/// Secret names become file names under `/run/secrets`.
+fn check_secret_name(name: &str) -> Result<(), SpecError> {
+    let ok = !name.is_empty()
+        && name.len() <= MAX_SECRET_NAME_LEN
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'))
+        && name != "."
+        && !name.contains("..");
+    if ok {
+        Ok(())
+    } else {
+        Err(SpecError::InvalidSecretName(name.to_string()))
+    }
 }
 
 /// Workspace directory of a lease: `work_dir/<job_id>-<epoch>`.
@@ -151,7 +224,7 @@ pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<L
         return Err(SpecError::NoImage);
     }
     check_image(&spec.image)?;
-    if spec.network != Network::None {
+    if spec.network == Network::Egress && !cfg.allow_egress {
         return Err(SpecError::EgressNotAllowed);
     }
     let limit = |resource: &'static str, requested: Option<u64>, limit: u64, minimum: u64| {
@@ -200,6 +273,17 @@ pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<L
     if spec.command.iter().any(|arg| arg.contains('\0')) {
         return Err(SpecError::InvalidCommand);
     }
+    let mut names = std::collections::BTreeSet::new();
+    for secret in &spec.secrets {
+        check_secret_name(&secret.name)?;
+        if !names.insert(secret.name.as_str()) {
+            return Err(SpecError::DuplicateSecret(secret.name.clone()));
+        }
+    }
+    let total: usize = spec.secrets.iter().map(|s| s.value.expose().len()).sum();
+    if spec.secrets.len() > MAX_SECRETS || total > MAX_SECRET_BYTES {
+        return Err(SpecError::SecretsTooLarge);
+    }
     Ok(limits)
 }
 
@@ -237,10 +321,14 @@ fn check_workspace(key: &LeaseKey, cfg: &SandboxConfig, path: &Path) -> Result<(
 /// Checks that a create-container body (after any hook changed it) still
 /// holds the sandbox's non-negotiable properties: nothing privileged, no
 /// capability, `no-new-privileges` with the default seccomp and AppArmor
-/// profiles, a read-only root, no host namespace, no device, and no host path
-/// but the job's workspace. Hooks may add tmpfs mounts and environment.
+/// profiles, a read-only root, no host namespace, no device, no host path
+/// but the job's own (its workspace, read-write, and its secrets directory,
+/// read-only), and no network but `none` or its own (if egress is allowed).
+/// Hooks may add tmpfs mounts and environment.
 pub fn check_sandbox(
     body: &ContainerCreateBody,
+    key: &LeaseKey,
+    cfg: &SandboxConfig,
     workspace_host_path: &Path,
 ) -> Result<(), SpecError> {
     let loosened = |what| Err(SpecError::SandboxLoosened(what));
@@ -294,16 +382,35 @@ pub fn check_sandbox(
         return loosened("host paths");
     }
     let workspace = workspace_host_path.to_string_lossy();
-    let only_workspace = match h.mounts.as_deref() {
-        Some([m]) => {
-            m.typ == Some(MountType::BIND)
-                && m.source.as_deref() == Some(&*workspace)
-                && m.target.as_deref() == Some(WORKSPACE_MOUNT)
-        }
+    let is_workspace = |m: &Mount| {
+        m.typ == Some(MountType::BIND)
+            && m.source.as_deref() == Some(&*workspace)
+            && m.target.as_deref() == Some(WORKSPACE_MOUNT)
+    };
+    let secrets = secrets_dir(key, cfg)?;
+    let secrets = secrets.to_string_lossy();
+    let is_secrets = |m: &Mount| {
+        m.typ == Some(MountType::BIND)
+            && m.source.as_deref() == Some(&*secrets)
+            && m.target.as_deref() == Some(SECRETS_MOUNT)
+            && m.read_only == Some(true)
+    };
+    let only_own_paths = match h.mounts.as_deref() {
+        Some([m]) => is_workspace(m),
+        Some([a, b]) => is_workspace(a) && is_secrets(b),
         _ => false,
     };
-    if !only_workspace {
+    if !only_own_paths {
         return loosened("host paths");
+    }
+    let own_network = network_name(key)?;
+    let network_ok = match h.network_mode.as_deref() {
+        Some("none") => true,
+        Some(n) => cfg.allow_egress && n == own_network,
+        None => false,
+    };
+    if !network_ok {
+        return loosened("network");
     }
     if h.memory.is_none_or(|m| m <= 0)
         || h.memory_swap != h.memory
@@ -313,6 +420,19 @@ pub fn check_sandbox(
         return loosened("resource limits");
     }
     Ok(())
+}
+
+/// Labels of everything the agent creates for a lease (container, network).
+pub fn labels(key: &LeaseKey, cfg: &SandboxConfig) -> HashMap<String, String> {
+    HashMap::from([
+        (LABEL_JOB.to_string(), key.job_id.clone()),
+        (LABEL_EPOCH.to_string(), key.epoch.to_string()),
+        (LABEL_MANAGED.to_string(), "true".to_string()),
+        (
+            LABEL_WORK_DIR.to_string(),
+            cfg.work_dir.to_string_lossy().into_owned(),
+        ),
+    ])
 }
 
 fn to_i64(value: u64, what: &'static str) -> Result<i64, SpecError> {
@@ -339,15 +459,44 @@ pub fn container_config(
         env.push(format!("{TINI_KILL_PROCESS_GROUP}=1"));
     }
 
-    let labels = HashMap::from([
-        (LABEL_JOB.to_string(), key.job_id.clone()),
-        (LABEL_EPOCH.to_string(), key.epoch.to_string()),
-        (LABEL_MANAGED.to_string(), "true".to_string()),
-        (
-            LABEL_WORK_DIR.to_string(),
-            cfg.work_dir.to_string_lossy().into_owned(),
-        ),
-    ]);
+    let labels = labels(key, cfg);
+
+    let mut mounts = vec![Mount {
+        typ: Some(MountType::BIND),
+        source: Some(workspace_host_path.to_string_lossy().into_owned()),
+        target: Some(WORKSPACE_MOUNT.to_string()),
+        read_only: Some(false),
+        bind_options: Some(MountBindOptions {
+            propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }];
+    if !spec.secrets.is_empty() {
+        mounts.push(Mount {
+            typ: Some(MountType::BIND),
+            source: Some(secrets_dir(key, cfg)?.to_string_lossy().into_owned()),
+            target: Some(SECRETS_MOUNT.to_string()),
+            read_only: Some(true),
+            bind_options: Some(MountBindOptions {
+                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+    let egress = spec.network == Network::Egress;
+    let network_mode = if egress {
+        network_name(key)?
+    } else {
+        "none".to_string()
+    };
+    let sysctls = egress.then(|| {
+        EGRESS_SYSCTLS
+            .iter()
+            .map(|k| (k.to_string(), "1".to_string()))
+            .collect::<HashMap<_, _>>()
+    });
 
     let host_config = HostConfig {
         privileged: Some(false),
@@ -360,7 +509,8 @@ pub fn container_config(
         nano_cpus: Some(to_i64(limits.nano_cpus, "nano_cpus")?),
         pids_limit: Some(to_i64(limits.pids, "pids")?),
         oom_kill_disable: Some(false),
-        network_mode: Some("none".to_string()),
+        network_mode: Some(network_mode),
+        sysctls,
         ipc_mode: Some("private".to_string()),
         cgroupns_mode: Some(HostConfigCgroupnsModeEnum::PRIVATE),
         tmpfs: Some(HashMap::from([(
@@ -368,17 +518,7 @@ pub fn container_config(
             format!("rw,noexec,nosuid,nodev,size={}", cfg.tmp_size_bytes),
         )])),
         binds: None,
-        mounts: Some(vec![Mount {
-            typ: Some(MountType::BIND),
-            source: Some(workspace_host_path.to_string_lossy().into_owned()),
-            target: Some(WORKSPACE_MOUNT.to_string()),
-            read_only: Some(false),
-            bind_options: Some(MountBindOptions {
-                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
-                ..Default::default()
-            }),
-            ..Default::default()
-        }]),
+        mounts: Some(mounts),
         // The `local` log driver keeps the output's raw bytes (json-file
         // turns invalid UTF-8 into U+FFFD), so that a re-adopted job's log
         // replays byte for byte at the offsets already delivered.
@@ -404,7 +544,7 @@ pub fn container_config(
         user: Some(cfg.user.clone()),
         working_dir: Some(WORKSPACE_MOUNT.to_string()),
         labels: Some(labels),
-        network_disabled: Some(true),
+        network_disabled: Some(!egress),
         tty: Some(false),
         open_stdin: Some(false),
         attach_stdin: Some(false),
@@ -530,7 +670,7 @@ mod tests {
     #[test]
     fn check_sandbox_accepts_the_built_body_and_catches_loosening() {
         let body = build(&spec()).unwrap();
-        check_sandbox(&body, &ws()).unwrap();
+        check_sandbox(&body, &key(), &cfg(), &ws()).unwrap();
 
         // What a hook may do: add a tmpfs and environment.
         let mut ok = body.clone();
@@ -548,7 +688,7 @@ mod tests {
             .as_mut()
             .unwrap()
             .push("AWS_REGION=eu-west-1".to_string());
-        check_sandbox(&ok, &ws()).unwrap();
+        check_sandbox(&ok, &key(), &cfg(), &ws()).unwrap();
 
         type Loosen = fn(&mut ContainerCreateBody);
         let cases: [(&str, Loosen); 12] = [
@@ -600,7 +740,7 @@ mod tests {
             let mut b = body.clone();
             loosen(&mut b);
             assert_eq!(
-                check_sandbox(&b, &ws()),
+                check_sandbox(&b, &key(), &cfg(), &ws()),
                 Err(SpecError::SandboxLoosened(what)),
                 "{what}"
             );
@@ -736,13 +876,198 @@ mod tests {
     }
 
     #[test]
-    fn egress_is_refused_for_now() {
+    fn egress_is_refused_unless_the_agent_allows_it() {
         let mut s = spec();
         s.network = Network::Egress;
         let e = build(&s).unwrap_err();
         assert_eq!(
             e.to_string(),
             "egress is not allowed by this agent's policy"
+        );
+    }
+
+    fn egress_cfg() -> SandboxConfig {
+        SandboxConfig {
+            allow_egress: true,
+            ..cfg()
+        }
+    }
+
+    #[test]
+    fn egress_gets_the_jobs_own_network_without_ipv6() {
+        let mut s = spec();
+        s.network = Network::Egress;
+        let c = egress_cfg();
+        let body = container_config(&key(), &s, &c, &ws(), true).unwrap();
+        let h = host(&body);
+        assert_eq!(network_name(&key()).unwrap(), "outpost-job-0190a1b2-3");
+        assert_eq!(h.network_mode.as_deref(), Some("outpost-job-0190a1b2-3"));
+        assert_eq!(body.network_disabled, Some(false));
+        assert_eq!(
+            h.sysctls,
+            Some(HashMap::from([
+                ("net.ipv6.conf.all.disable_ipv6".to_string(), "1".to_string()),
+                ("net.ipv6.conf.default.disable_ipv6".to_string(), "1".to_string()),
+            ]))
+        );
+        check_sandbox(&body, &key(), &c, &ws()).unwrap();
+        // The rest of the sandbox is unchanged.
+        assert_eq!(h.cap_drop, Some(vec!["ALL".to_string()]));
+        assert_eq!(h.readonly_rootfs, Some(true));
+        // Allowing egress changes nothing for a job that does not ask for it.
+        let body = container_config(&key(), &spec(), &c, &ws(), true).unwrap();
+        assert_eq!(host(&body).network_mode.as_deref(), Some("none"));
+        assert_eq!(host(&body).sysctls, None);
+        assert_eq!(body.network_disabled, Some(true));
+    }
+
+    #[test]
+    fn check_sandbox_allows_only_the_jobs_own_network() {
+        let mut s = spec();
+        s.network = Network::Egress;
+        let c = egress_cfg();
+        let body = container_config(&key(), &s, &c, &ws(), true).unwrap();
+        for other in ["bridge", "outpost-job-0190a1b2-4", "outpost-other-3", ""] {
+            let mut b = body.clone();
+            b.host_config.as_mut().unwrap().network_mode = Some(other.to_string());
+            assert_eq!(
+                check_sandbox(&b, &key(), &c, &ws()),
+                Err(SpecError::SandboxLoosened("network")),
+                "{other}"
+            );
+        }
+        let mut b = body.clone();
+        b.host_config.as_mut().unwrap().network_mode = None;
+        assert_eq!(
+            check_sandbox(&b, &key(), &c, &ws()),
+            Err(SpecError::SandboxLoosened("network"))
+        );
+        // Its own network, on an agent that does not allow egress.
+        assert_eq!(
+            check_sandbox(&body, &key(), &cfg(), &ws()),
+            Err(SpecError::SandboxLoosened("network"))
+        );
+    }
+
+    fn with_secrets(names: &[&str]) -> JobSpec {
+        let mut s = spec();
+        s.secrets = names
+            .iter()
+            .map(|n| crate::job::JobSecret {
+                name: n.to_string(),
+                value: crate::job::SecretBytes::new(format!("value of {n}")),
+            })
+            .collect();
+        s
+    }
+
+    #[test]
+    fn secrets_are_the_jobs_own_read_only_directory() {
+        let c = cfg();
+        let body = build(&with_secrets(&["db_password", "tls.key"])).unwrap();
+        let h = host(&body);
+        let mounts = h.mounts.as_ref().unwrap();
+        assert_eq!(mounts.len(), 2);
+        let m = &mounts[1];
+        let scope = agent_scope(Path::new("/var/lib/outpost-agent/work"));
+        assert_eq!(m.typ, Some(MountType::BIND));
+        assert_eq!(
+            m.source.as_deref(),
+            Some(format!("/run/outpost-agent/secrets/{scope}/job-0190a1b2-3").as_str())
+        );
+        assert_eq!(
+            secrets_dir(&key(), &c).unwrap(),
+            PathBuf::from(format!("/run/outpost-agent/secrets/{scope}/job-0190a1b2-3"))
+        );
+        assert_eq!(m.target.as_deref(), Some("/run/secrets"));
+        assert_eq!(m.read_only, Some(true));
+        // Values are files, never environment.
+        let env = body.env.as_ref().unwrap();
+        assert!(!env.iter().any(|e| e.contains("value of")), "{env:?}");
+        check_sandbox(&body, &key(), &c, &ws()).unwrap();
+        // No secrets: no second mount.
+        assert_eq!(host(&build(&spec()).unwrap()).mounts.as_ref().unwrap().len(), 1);
+
+        type Loosen = fn(&mut Mount);
+        let cases: [Loosen; 5] = [
+            |m| m.read_only = Some(false),
+            |m| m.read_only = None,
+            |m| m.target = Some("/workspace/secrets".into()),
+            |m| {
+                m.source = Some(
+                    m.source
+                        .as_deref()
+                        .unwrap()
+                        .replace("job-0190a1b2-3", "job-0190a1b2-4"),
+                )
+            },
+            |m| m.source = Some("/run/outpost-agent/secrets".into()),
+        ];
+        for loosen in cases {
+            let mut b = body.clone();
+            loosen(&mut b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[1]);
+            assert_eq!(
+                check_sandbox(&b, &key(), &c, &ws()),
+                Err(SpecError::SandboxLoosened("host paths"))
+            );
+        }
+        // The secrets mount in the workspace's place, or a third mount.
+        let mut b = body.clone();
+        b.host_config.as_mut().unwrap().mounts.as_mut().unwrap().swap(0, 1);
+        assert_eq!(
+            check_sandbox(&b, &key(), &c, &ws()),
+            Err(SpecError::SandboxLoosened("host paths"))
+        );
+        let mut b = body.clone();
+        let extra = b.host_config.as_ref().unwrap().mounts.as_ref().unwrap()[1].clone();
+        b.host_config.as_mut().unwrap().mounts.as_mut().unwrap().push(extra);
+        assert_eq!(
+            check_sandbox(&b, &key(), &c, &ws()),
+            Err(SpecError::SandboxLoosened("host paths"))
+        );
+    }
+
+    #[test]
+    fn secret_names_are_file_names() {
+        for good in ["A", "db_password", "tls.key", "x-1", ".npmrc", &"n".repeat(128)] {
+            assert!(build(&with_secrets(&[good])).is_ok(), "{good:?}");
+        }
+        for bad in [
+            "", ".", "..", "a..b", "../etc", "a/b", "/abs", "a b", "é", "a\0", "a=b",
+            &"n".repeat(129),
+        ] {
+            assert_eq!(
+                build(&with_secrets(&[bad])).unwrap_err(),
+                SpecError::InvalidSecretName(bad.to_string()),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(
+            build(&with_secrets(&["a", "a"])).unwrap_err(),
+            SpecError::DuplicateSecret("a".to_string())
+        );
+        let many: Vec<String> = (0..=MAX_SECRETS).map(|i| format!("s{i}")).collect();
+        let many: Vec<&str> = many.iter().map(String::as_str).collect();
+        assert_eq!(build(&with_secrets(&many)).unwrap_err(), SpecError::SecretsTooLarge);
+        let mut big = with_secrets(&["big"]);
+        big.secrets[0].value = crate::job::SecretBytes::new(vec![b'x'; MAX_SECRET_BYTES + 1]);
+        assert_eq!(build(&big).unwrap_err(), SpecError::SecretsTooLarge);
+    }
+
+    #[test]
+    fn agent_scopes_separate_agents() {
+        let a = agent_scope(Path::new("/var/lib/outpost-agent/work"));
+        assert_eq!(a.len(), 16);
+        assert!(a.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_eq!(a, agent_scope(Path::new("/var/lib/outpost-agent/work")));
+        assert_ne!(a, agent_scope(Path::new("/var/lib/outpost-agent/work2")));
+        let other = SandboxConfig {
+            work_dir: PathBuf::from("/srv/other"),
+            ..cfg()
+        };
+        assert_ne!(
+            secrets_dir(&key(), &cfg()).unwrap(),
+            secrets_dir(&key(), &other).unwrap()
         );
     }
 

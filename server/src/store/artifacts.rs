@@ -111,14 +111,24 @@ mod tests {
         )
         .await
         .unwrap();
-        s.lease_job("j1".into(), "a".into(), 0).await.unwrap().unwrap();
-        s.record_artifact("a".into(), artifact(1, "out.bin")).await.unwrap();
+        s.lease_job("j1".into(), "a".into(), 0)
+            .await
+            .unwrap()
+            .unwrap();
+        s.record_artifact("a".into(), artifact(1, "out.bin"))
+            .await
+            .unwrap();
         // Reporting again is harmless.
-        s.record_artifact("a".into(), artifact(1, "out.bin")).await.unwrap();
+        s.record_artifact("a".into(), artifact(1, "out.bin"))
+            .await
+            .unwrap();
         // The lease expires and the job goes to another agent with epoch 2.
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         s.expire_leases().await.unwrap();
-        s.lease_job("j1".into(), "b".into(), 60_000).await.unwrap().unwrap();
+        s.lease_job("j1".into(), "b".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
         // The stale agent's late upload is refused; so is a wrong agent.
         assert!(matches!(
             s.record_artifact("a".into(), artifact(1, "late.bin")).await,
@@ -128,7 +138,9 @@ mod tests {
             s.record_artifact("a".into(), artifact(2, "late.bin")).await,
             Err(StoreError::Stale { .. })
         ));
-        s.record_artifact("b".into(), artifact(2, "out.bin")).await.unwrap();
+        s.record_artifact("b".into(), artifact(2, "out.bin"))
+            .await
+            .unwrap();
         // Once the job is final, nothing more is accepted.
         s.report(
             "j1".into(),
@@ -145,7 +157,8 @@ mod tests {
         .await
         .unwrap();
         assert!(matches!(
-            s.record_artifact("b".into(), artifact(2, "after.bin")).await,
+            s.record_artifact("b".into(), artifact(2, "after.bin"))
+                .await,
             Err(StoreError::Stale { .. })
         ));
         assert!(matches!(

@@ -1,0 +1,215 @@
+//! Per-job secret files on a host tmpfs.
+//!
+//! `secrets_dir` (default `/run/outpost-agent/secrets`) is a tmpfs (the agent
+//! mounts one there at start if it is not), mode 0700, root only. Each agent
+//! has its own subdirectory `<scope>` in it
+//! ([`agent_scope`](super::spec::agent_scope)); each job
+//! with secrets gets `<scope>/<job_id>-<epoch>/` holding one file per secret,
+//! mode 0400 and owned by the job's uid:gid, the directory mode 0500 and
+//! owned by the job's user. It is bind-mounted read-only at `/run/secrets`
+//! and removed with the container, however the job ends. Secrets are never
+//! written to disk by the executor (tmpfs pages can still reach swap if the
+//! host has swap; a kernel with tmpfs `noswap` avoids it).
+//!
+//! The files are written before the container is created, so the job can
+//! never observe them missing or half-written.
+//!
+//! Filesystem calls are blocking; they run on tokio's blocking pool.
+
+use std::io::{self, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::ExecError;
+use super::spec::is_workspace_name;
+use crate::job::JobSecret;
+
+/// Size of the tmpfs the agent mounts (a ceiling; only what is written
+/// takes memory).
+const TMPFS_SIZE: &str = "64m";
+
+/// Makes `secrets_dir` a root-only tmpfs (mounting one if needed) and
+/// creates this agent's `scope` directory in it. Returns the canonical
+/// `secrets_dir`.
+pub(super) async fn prepare(secrets_dir: &Path, scope: &str) -> Result<PathBuf, ExecError> {
+    let dir = secrets_dir.to_path_buf();
+    let scope = scope.to_string();
+    blocking("preparing the secrets directory", move || {
+        let fail = |reason: String| ExecError::SecretsDir {
+            path: dir.clone(),
+            reason,
+        };
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(|e| fail(e.to_string()))?;
+        // Agents starting together must not stack two mounts.
+        let handle = std::fs::File::open(&dir).map_err(|e| fail(e.to_string()))?;
+        let lock = nix::fcntl::Flock::lock(handle, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| fail(format!("locking it: {e}")))?;
+        if !is_tmpfs(&dir).map_err(|e| fail(e.to_string()))? {
+            let options = format!("mode=0700,size={TMPFS_SIZE}");
+            nix::mount::mount(
+                Some("outpost-secrets"),
+                &dir,
+                Some("tmpfs"),
+                nix::mount::MsFlags::MS_NOSUID
+                    | nix::mount::MsFlags::MS_NODEV
+                    | nix::mount::MsFlags::MS_NOEXEC,
+                Some(options.as_str()),
+            )
+            .map_err(|e| {
+                fail(format!(
+                    "it is not on a tmpfs and mounting one failed ({e}); mount a tmpfs there or run the agent as root"
+                ))
+            })?;
+            tracing::info!(path = %dir.display(), "mounted a tmpfs for job secrets");
+        }
+        drop(lock);
+        if !is_tmpfs(&dir).map_err(|e| fail(e.to_string()))? {
+            return Err(fail("it is not on a tmpfs".to_string()));
+        }
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| fail(e.to_string()))?;
+        let scoped = dir.join(&scope);
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&scoped)
+            .or_else(|e| match e.kind() {
+                io::ErrorKind::AlreadyExists => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(|e| fail(e.to_string()))?;
+        dir.canonicalize().map_err(|e| fail(e.to_string()))
+    })
+    .await
+}
+
+fn is_tmpfs(path: &Path) -> io::Result<bool> {
+    let stat = nix::sys::statfs::statfs(path).map_err(io::Error::from)?;
+    Ok(stat.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
+}
+
+/// Writes a job's secrets into a fresh `dir` (a leftover one is replaced):
+/// files 0400 and directory 0500, owned by `uid:gid`.
+pub(super) async fn write(
+    dir: &Path,
+    secrets: &[JobSecret],
+    uid: u32,
+    gid: u32,
+) -> Result<(), ExecError> {
+    let path = dir.to_path_buf();
+    let secrets = secrets.to_vec();
+    blocking("writing secrets", move || {
+        let result = remove_if_present(&path).and_then(|()| {
+            std::fs::DirBuilder::new().mode(0o700).create(&path)?;
+            for s in &secrets {
+                // Names were checked by the spec builder ([A-Za-z0-9_.-], no "..").
+                let file = path.join(&s.name);
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o400)
+                    .custom_flags(nix::libc::O_NOFOLLOW)
+                    .open(&file)?;
+                f.write_all(s.value.expose())?;
+                std::os::unix::fs::fchown(&f, Some(uid), Some(gid))?;
+                f.set_permissions(std::fs::Permissions::from_mode(0o400))?;
+            }
+            std::os::unix::fs::chown(&path, Some(uid), Some(gid))?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o500))
+        });
+        result.map_err(|source| ExecError::WriteSecrets { path, source })
+    })
+    .await
+}
+
+/// The secret values of a job that an earlier agent process started (for
+/// masking its output after a restart). Unreadable files are skipped.
+pub(super) async fn read_values(dir: &Path) -> Vec<Vec<u8>> {
+    let dir = dir.to_path_buf();
+    let read = blocking("reading secrets", move || {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Ok(Vec::new());
+        };
+        Ok(entries
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_file()))
+            .filter_map(|e| std::fs::read(e.path()).ok())
+            .collect())
+    })
+    .await;
+    read.unwrap_or_default()
+}
+
+/// Removes a job's secrets directory; a missing one is not an error.
+pub(super) async fn remove(dir: &Path) -> Result<(), ExecError> {
+    let path = dir.to_path_buf();
+    blocking("removing secrets", move || {
+        remove_if_present(&path).map_err(|source| ExecError::RemoveSecrets { path, source })
+    })
+    .await
+}
+
+/// Removes every per-job directory in this agent's `scope_dir` but those in
+/// `keep`. Returns how many were removed.
+pub(super) async fn remove_leftovers(
+    scope_dir: &Path,
+    keep: Vec<PathBuf>,
+) -> Result<usize, ExecError> {
+    let scope_dir = scope_dir.to_path_buf();
+    blocking("removing leftover secrets", move || {
+        let entries = match std::fs::read_dir(&scope_dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+            Err(source) => {
+                return Err(ExecError::RemoveSecrets {
+                    path: scope_dir,
+                    source,
+                });
+            }
+        };
+        let mut removed = 0;
+        let mut first_error = None;
+        for entry in entries.flatten() {
+            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+            if !is_dir || !entry.file_name().to_str().is_some_and(is_workspace_name) {
+                continue;
+            }
+            let path = entry.path();
+            if keep.contains(&path) {
+                continue;
+            }
+            match remove_if_present(&path) {
+                Ok(()) => removed += 1,
+                Err(source) => {
+                    tracing::warn!(path = %path.display(), error = %source, "removing leftover secrets failed");
+                    first_error.get_or_insert(ExecError::RemoveSecrets { path, source });
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(removed),
+        }
+    })
+    .await
+}
+
+fn remove_if_present(path: &Path) -> io::Result<()> {
+    match std::fs::remove_dir_all(path) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    operation: &'static str,
+    f: impl FnOnce() -> Result<T, ExecError> + Send + 'static,
+) -> Result<T, ExecError> {
+    match tokio::task::spawn_blocking(f).await {
+        Ok(result) => result,
+        Err(source) => Err(ExecError::Blocking { operation, source }),
+    }
+}
