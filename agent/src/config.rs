@@ -76,7 +76,10 @@ pub struct AgentConfig {
     #[serde(default = "default_spool_segment")]
     pub spool_segment_bytes: u64,
     /// How long a job's output may wait for spool space before the job fails.
-    #[serde(default = "default_spool_full_timeout", with = "crate::units::serde_duration")]
+    #[serde(
+        default = "default_spool_full_timeout",
+        with = "crate::units::serde_duration"
+    )]
     pub spool_full_timeout: Duration,
     pub tls: TlsConfig,
     /// Sandbox defaults and limits for every job.
@@ -85,6 +88,10 @@ pub struct AgentConfig {
     /// AWS credentials for jobs, STS/S3 endpoints, role allow-list (`crate::aws`).
     #[serde(default)]
     pub aws: crate::aws::AwsConfig,
+    /// The VPC owner's guardrails: allowed images, egress, denied environment
+    /// names, maximum timeout, optional Rego policy (`crate::policy`).
+    #[serde(default)]
+    pub policy: crate::policy::PolicyConfig,
 }
 
 fn default_capacity() -> u32 {
@@ -191,6 +198,9 @@ impl AgentConfig {
         self.aws
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // Compiles the policy (and its Rego file) once: a bad entry or file
+        // stops the agent at start (exit 64), it never allows silently.
+        crate::policy::Policy::new(self).map_err(|e| ConfigError::Invalid(e.to_string()))?;
         if self.log_buffer_bytes < 64 * 1024 {
             return Err(ConfigError::Invalid(
                 "log_buffer_bytes must be at least 65536".into(),

@@ -9,6 +9,7 @@ pub mod aws;
 pub mod config;
 pub mod executor;
 pub mod job;
+pub mod policy;
 pub mod runtime;
 pub mod session;
 pub mod spool;
@@ -39,6 +40,8 @@ pub enum AgentError {
     Spool(#[source] SpoolError),
     #[error("the Docker engine is not usable")]
     Docker(#[source] ExecError),
+    #[error("the agent's policy is not usable")]
+    Policy(#[source] policy::PolicyError),
 }
 
 /// Signals that stop the agent.
@@ -65,11 +68,14 @@ pub async fn run(
     let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, cfg.spool_segment_bytes)
         .map_err(AgentError::Spool)?;
     let recovered = spool.recover().map_err(AgentError::Spool)?;
+    let check = policy::lease_check(&cfg).map_err(AgentError::Policy)?;
+    let mut cfg = cfg;
+    cfg.sandbox.allow_egress = cfg.policy.allow_egress;
     let executor = DockerExecutor::connect(cfg.sandbox.clone())
         .await
         .map_err(AgentError::Docker)?;
     let cfg = Arc::new(cfg);
-    let rt = Runtime::new(
+    let rt = Runtime::with_check(
         Arc::new(executor),
         spool,
         RuntimeLimits {
@@ -78,6 +84,7 @@ pub async fn run(
             spool_full_timeout: cfg.spool_full_timeout,
             stop_grace: cfg.sandbox.stop_grace,
         },
+        Some(check),
     );
     // Re-adopt what a previous run of this agent left running, then remove
     // every other container carrying our labels.

@@ -100,7 +100,14 @@ pub struct PolicyConfig {
 /// - `OUTPOST_*`: reserved for the agent;
 /// - `BASH_ENV`, `ENV`: shell start-up files run before any script.
 pub const DEFAULT_DENIED_ENV: &[&str] = &[
-    "LD_*", "AWS_*", "DOCKER_*", "*_PROXY", "TINI_*", "OUTPOST_*", "BASH_ENV", "ENV",
+    "LD_*",
+    "AWS_*",
+    "DOCKER_*",
+    "*_PROXY",
+    "TINI_*",
+    "OUTPOST_*",
+    "BASH_ENV",
+    "ENV",
 ];
 
 impl Default for PolicyConfig {
@@ -313,8 +320,8 @@ impl Policy {
         }
     }
 
-    /// The Rego input: the job spec with environment variable *names* only;
-    /// no value, token or secret ever reaches the policy.
+    /// The Rego input: the job spec with environment variable and secret
+    /// *names* only; no value, token or secret ever reaches the policy.
     fn input(&self, key: &LeaseKey, spec: &JobSpec) -> serde_json::Value {
         let image_ref = ImageRef::parse(&spec.image).ok().map(|r| {
             serde_json::json!({
@@ -349,6 +356,7 @@ impl Policy {
             })),
             "workspace_source": spec.workspace_source,
             "artifacts": spec.artifacts,
+            "secrets": spec.secrets.iter().map(|s| &s.name).collect::<Vec<_>>(),
             "agent": self.agent,
         })
     }
@@ -363,15 +371,21 @@ impl Rego {
             path: path.to_path_buf(),
             message,
         };
-        let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
+        let text =
+            std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read it: {e}")))?;
         let mut engine = regorus::Engine::new();
         engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
             limit: REGO_TIME_LIMIT,
             check_interval: NonZeroU32::new(256).unwrap_or(NonZeroU32::MIN),
         });
-        engine
+        let package = engine
             .add_policy(path.display().to_string(), text)
             .map_err(|e| fail(error_text(&e)))?;
+        if package != "data.outpost" {
+            return Err(fail(format!(
+                "it declares {package}, but the agent evaluates {REGO_QUERY}: use `package outpost`"
+            )));
+        }
         let rego = Rego {
             path: path.to_path_buf(),
             engine: Mutex::new(engine),
@@ -383,14 +397,18 @@ impl Rego {
             },
             &JobSpec::default(),
         );
-        rego.eval(&sample)
-            .map_err(|e| fail(format!("evaluating {REGO_QUERY} for a sample job failed: {e}")))?;
+        rego.eval(&sample).map_err(|e| {
+            fail(format!(
+                "evaluating {REGO_QUERY} for a sample job failed (it must define `deny`, a set of messages): {e}"
+            ))
+        })?;
         Ok(rego)
     }
 
     /// The deny messages of the policy for `input`, or why it failed.
     fn eval(&self, input: &serde_json::Value) -> Result<Vec<String>, String> {
-        let input = regorus::Value::from_json_str(&input.to_string()).map_err(|e| error_text(&e))?;
+        let input =
+            regorus::Value::from_json_str(&input.to_string()).map_err(|e| error_text(&e))?;
         let value = {
             let mut engine = self.engine.lock();
             engine.set_input(input);
@@ -485,7 +503,7 @@ impl Unit {
             Unit::Bytes => {
                 let human = [(40, "TiB"), (30, "GiB"), (20, "MiB"), (10, "KiB")]
                     .into_iter()
-                    .find(|(shift, _)| n >= 1 << shift && n % (1 << shift) == 0)
+                    .find(|(shift, _)| n >= 1 << shift && n.is_multiple_of(1 << shift))
                     .map(|(shift, unit)| format!(" ({} {unit})", n >> shift));
                 format!("{n} bytes{}", human.unwrap_or_default())
             }
@@ -499,9 +517,9 @@ fn show_duration(d: Duration) -> String {
     let s = d.as_secs();
     if d.subsec_nanos() != 0 {
         format!("{}ms", d.as_millis())
-    } else if s != 0 && s % 3600 == 0 {
+    } else if s != 0 && s.is_multiple_of(3600) {
         format!("{}h", s / 3600)
-    } else if s != 0 && s % 60 == 0 {
+    } else if s != 0 && s.is_multiple_of(60) {
         format!("{}m", s / 60)
     } else {
         format!("{s}s")
@@ -612,7 +630,8 @@ pids = 256
 
     #[test]
     fn images_match_prefixes_and_digests_after_normalising() {
-        let pinned = format!(r#"allowed_images = ["outpost/", "registry.internal/team/", "alpine@{D}"]"#);
+        let pinned =
+            format!(r#"allowed_images = ["outpost/", "registry.internal/team/", "alpine@{D}"]"#);
         let p = policy(&pinned);
         for ok in [
             "outpost/runner:dev".to_string(),
@@ -622,7 +641,8 @@ pids = 256
             format!("alpine@{D}"),
             format!("docker.io/library/alpine:3@{D}"),
         ] {
-            p.check(&lease(job(&ok))).unwrap_or_else(|e| panic!("{ok}: {e}"));
+            p.check(&lease(job(&ok)))
+                .unwrap_or_else(|e| panic!("{ok}: {e}"));
         }
         for (bad, why) in [
             ("evil.com/outpost/x", "is not in allowed_images"),
@@ -638,7 +658,10 @@ pids = 256
             let e = refusal(&p, job(bad));
             assert!(e.contains(why), "{bad}: {e}");
             assert!(e.contains(&format!("image {bad:?}")), "{e}");
-            assert!(e.contains("\"outpost/\", \"registry.internal/team/\""), "{e}");
+            assert!(
+                e.contains("\"outpost/\", \"registry.internal/team/\""),
+                "{e}"
+            );
         }
         let other = D.replace("0123", "3210");
         let e = refusal(&p, job(&format!("alpine@{other}")));
@@ -664,7 +687,8 @@ pids = 256
             let e = Policy::new(&config(text)).unwrap_err().to_string();
             assert!(e.contains(&format!("`{field}`")), "{text}: {e}");
         }
-        let e = AgentConfig::parse(&format!("{}\nallow_egres = true\n", config_text())).unwrap_err();
+        let e =
+            AgentConfig::parse(&format!("{}\nallow_egres = true\n", config_text())).unwrap_err();
         assert!(e.contains("allow_egres"), "{e}");
     }
 
@@ -677,7 +701,10 @@ pids = 256
         let mut s = job("outpost/runner:dev");
         s.network = Network::Egress;
         let e = refusal(&policy(OPEN), s.clone());
-        assert!(e.contains("network \"egress\" is not allowed: allow_egress = false"), "{e}");
+        assert!(
+            e.contains("network \"egress\" is not allowed: allow_egress = false"),
+            "{e}"
+        );
         policy(&format!("{OPEN}\nallow_egress = true"))
             .check(&lease(s))
             .unwrap();
@@ -685,8 +712,10 @@ pids = 256
 
     #[test]
     fn env_patterns_are_globs_ignoring_case() {
-        let p = policy(&format!(r#"{OPEN}
-denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#));
+        let p = policy(&format!(
+            r#"{OPEN}
+denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#
+        ));
         for (name, pattern) in [
             ("SECRET_A", "SECRET_*"),
             ("secret_b", "SECRET_*"),
@@ -696,7 +725,10 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#));
             let mut s = job("outpost/runner:dev");
             s.env.insert(name.into(), "v".into());
             let e = refusal(&p, s);
-            assert_eq!(e, format!("env {name:?} is denied by denied_env pattern {pattern:?}"));
+            assert_eq!(
+                e,
+                format!("env {name:?} is denied by denied_env pattern {pattern:?}")
+            );
         }
         let mut s = job("outpost/runner:dev");
         // The configured list replaced the defaults.
@@ -739,7 +771,10 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#));
                 ..Default::default()
             }),
         );
-        assert!(e.contains("resources.pids 257 is above this agent's maximum of 256"), "{e}");
+        assert!(
+            e.contains("resources.pids 257 is above this agent's maximum of 256"),
+            "{e}"
+        );
         // At or below the ceilings: allowed (lowering is always fine).
         p.check(&lease(with(Resources {
             memory_bytes: Some(1 << 30),
@@ -765,9 +800,14 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#));
         let e = refusal(&p, with(Some(Duration::from_secs(7200))));
         assert_eq!(e, "timeout 2h is above this agent's max_timeout of 1h");
         let e = refusal(&p, with(None));
-        assert!(e.contains("the job sets none, but this agent's max_timeout is 1h"), "{e}");
-        p.check(&lease(with(Some(Duration::from_secs(3600))))).unwrap();
-        p.check(&lease(with(Some(Duration::from_secs(60))))).unwrap();
+        assert!(
+            e.contains("the job sets none, but this agent's max_timeout is 1h"),
+            "{e}"
+        );
+        p.check(&lease(with(Some(Duration::from_secs(3600)))))
+            .unwrap();
+        p.check(&lease(with(Some(Duration::from_secs(60)))))
+            .unwrap();
         // Without max_timeout, any timeout (or none) is allowed.
         policy(OPEN).check(&lease(with(None))).unwrap();
     }
@@ -800,26 +840,71 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#));
         };
         p.check(&lease(base.clone())).unwrap();
         let looser: Vec<(&str, JobSpec)> = vec![
-            ("image", JobSpec { image: "evil.com/outpost/x".into(), ..base.clone() }),
-            ("network", JobSpec { network: Network::Egress, ..base.clone() }),
-            ("env", JobSpec {
-                env: BTreeMap::from([("LD_PRELOAD".into(), "x".into())]),
-                ..base.clone()
-            }),
-            ("resources.memory_bytes", JobSpec {
-                resources: Resources { memory_bytes: Some((1 << 30) + 1), ..Default::default() },
-                ..base.clone()
-            }),
-            ("resources.nano_cpus", JobSpec {
-                resources: Resources { nano_cpus: Some(1_000_000_001), ..Default::default() },
-                ..base.clone()
-            }),
-            ("resources.pids", JobSpec {
-                resources: Resources { pids: Some(257), ..Default::default() },
-                ..base.clone()
-            }),
-            ("timeout", JobSpec { timeout: Some(Duration::from_secs(3601)), ..base.clone() }),
-            ("timeout", JobSpec { timeout: None, ..base.clone() }),
+            (
+                "image",
+                JobSpec {
+                    image: "evil.com/outpost/x".into(),
+                    ..base.clone()
+                },
+            ),
+            (
+                "network",
+                JobSpec {
+                    network: Network::Egress,
+                    ..base.clone()
+                },
+            ),
+            (
+                "env",
+                JobSpec {
+                    env: BTreeMap::from([("LD_PRELOAD".into(), "x".into())]),
+                    ..base.clone()
+                },
+            ),
+            (
+                "resources.memory_bytes",
+                JobSpec {
+                    resources: Resources {
+                        memory_bytes: Some((1 << 30) + 1),
+                        ..Default::default()
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "resources.nano_cpus",
+                JobSpec {
+                    resources: Resources {
+                        nano_cpus: Some(1_000_000_001),
+                        ..Default::default()
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "resources.pids",
+                JobSpec {
+                    resources: Resources {
+                        pids: Some(257),
+                        ..Default::default()
+                    },
+                    ..base.clone()
+                },
+            ),
+            (
+                "timeout",
+                JobSpec {
+                    timeout: Some(Duration::from_secs(3601)),
+                    ..base.clone()
+                },
+            ),
+            (
+                "timeout",
+                JobSpec {
+                    timeout: None,
+                    ..base.clone()
+                },
+            ),
         ];
         for (field, spec) in looser {
             let e = refusal(&p, spec);
@@ -835,7 +920,10 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#));
 
     fn rego_policy(dir: &tempfile::TempDir, text: &str) -> Result<Policy, PolicyError> {
         let path = rego_file(dir, text);
-        Policy::new(&config(&format!("{OPEN}\nrego = {:?}", path.display().to_string())))
+        Policy::new(&config(&format!(
+            "{OPEN}\nrego = {:?}",
+            path.display().to_string()
+        )))
     }
 
     const DENY: &str = r#"
@@ -869,9 +957,18 @@ deny contains "no plain shells in prod" if {
         s.command = vec!["bash".into()];
         let e = refusal(&p, s);
         let name = dir.path().join("policy.rego").display().to_string();
-        assert!(e.contains(&format!("rego {name}: no plain shells in prod")), "{e}");
-        assert!(e.contains("TF_VAR_password: set Terraform variables in code"), "{e}");
-        assert!(!e.contains("hunter2"), "env values never reach the policy: {e}");
+        assert!(
+            e.contains(&format!("rego {name}: no plain shells in prod")),
+            "{e}"
+        );
+        assert!(
+            e.contains("TF_VAR_password: set Terraform variables in code"),
+            "{e}"
+        );
+        assert!(
+            !e.contains("hunter2"),
+            "env values never reach the policy: {e}"
+        );
     }
 
     #[test]
@@ -880,6 +977,10 @@ deny contains "no plain shells in prod" if {
         let p = rego_policy(&dir, "package outpost\ndeny contains \"x\" if false\n").unwrap();
         let mut s = job("outpost/runner:dev");
         s.env.insert("VISIBLE".into(), "env-value-canary".into());
+        s.secrets = vec![crate::job::JobSecret {
+            name: "db_password".into(),
+            value: crate::job::SecretBytes::new("secret-canary"),
+        }];
         s.aws = Some(AwsRole {
             role_arn: "arn:aws:iam::1:role/x".into(),
             session_policy: None,
@@ -891,6 +992,8 @@ deny contains "no plain shells in prod" if {
         assert!(input.contains("arn:aws:iam::1:role/x"), "{input}");
         assert!(!input.contains("env-value-canary"), "{input}");
         assert!(!input.contains("token-canary"), "{input}");
+        assert!(input.contains("\"db_password\""), "{input}");
+        assert!(!input.contains("secret-canary"), "{input}");
         assert!(input.contains("\"job_id\":\"job-1\""), "{input}");
         assert!(input.contains("\"epoch\":7"), "{input}");
     }
@@ -975,6 +1078,9 @@ deny contains "never" if mode == "c"
         )))
         .unwrap_err()
         .to_string();
-        assert!(e.contains("missing.rego") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("missing.rego") && e.contains("cannot read"),
+            "{e}"
+        );
     }
 }

@@ -255,7 +255,13 @@ impl Runtime {
             if let Err(e) = spool.set_outcome(&rec) {
                 warn!(error = %e, "could not persist the job's outcome");
             }
-            self.insert(&lease, lease.log_offset, BytesMut::new(), spool, Some(outcome));
+            self.insert(
+                &lease,
+                lease.log_offset,
+                BytesMut::new(),
+                spool,
+                Some(outcome),
+            );
             self.wake.notify_one();
             return Ok(());
         }
@@ -373,9 +379,12 @@ impl Runtime {
     }
 
     async fn run_job(self: &Arc<Self>, lease: &Lease, drive: Drive) -> Outcome {
-        let Some((cancel, space, spool)) = self.jobs.lock().get(&lease.key).map(|e| {
-            (e.cancel.clone(), e.space.clone(), e.spool.clone())
-        }) else {
+        let Some((cancel, space, spool)) = self
+            .jobs
+            .lock()
+            .get(&lease.key)
+            .map(|e| (e.cancel.clone(), e.space.clone(), e.spool.clone()))
+        else {
             return Outcome::Failed {
                 reason: "job vanished before it started".into(),
             };
@@ -439,7 +448,10 @@ impl Runtime {
         let outcome = match run.await {
             Ok((outcome, uploaded)) => {
                 if let Some(e) = self.jobs.lock().get_mut(key) {
-                    e.reports = uploaded.iter().map(|a| wire::artifact_to_pb(key, a)).collect();
+                    e.reports = uploaded
+                        .iter()
+                        .map(|a| wire::artifact_to_pb(key, a))
+                        .collect();
                 }
                 outcome
             }
@@ -471,7 +483,9 @@ impl Runtime {
             let waiter = space.notified();
             let ready = {
                 let jobs = self.jobs.lock();
-                let Some(e) = jobs.get(key) else { return Ok(()) };
+                let Some(e) = jobs.get(key) else {
+                    return Ok(());
+                };
                 if e.revoked {
                     return Ok(());
                 }
@@ -740,6 +754,9 @@ mod tests {
         assert!(f + limits.stop_grace < ttl, "{f:?}");
         assert_eq!(f, Duration::from_secs(18));
         // A grace longer than the TTL still leaves half the TTL.
-        assert_eq!(limits.fence_after(Duration::from_secs(4)), Duration::from_secs(2));
+        assert_eq!(
+            limits.fence_after(Duration::from_secs(4)),
+            Duration::from_secs(2)
+        );
     }
 }

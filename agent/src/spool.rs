@@ -111,7 +111,12 @@ impl Spool {
     }
 
     /// Creates the spool of a newly leased job whose log starts at `offset`.
-    pub fn create(&self, key: &LeaseKey, lease: &[u8], offset: u64) -> Result<JobSpool, SpoolError> {
+    pub fn create(
+        &self,
+        key: &LeaseKey,
+        lease: &[u8],
+        offset: u64,
+    ) -> Result<JobSpool, SpoolError> {
         let dir = self.job_dir(key);
         fs::create_dir_all(&dir).map_err(io_err("create the job spool", &dir))?;
         write_atomic(&dir.join("lease.pb"), lease)?;
@@ -246,8 +251,8 @@ pub fn parse_records(data: &[u8], mut each: impl FnMut(&[u8])) -> (u64, usize) {
     let mut pos = 0usize;
     let mut bytes = 0u64;
     while data.len() - pos >= HEADER {
-        let len = u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]])
-            as usize;
+        let len =
+            u32::from_le_bytes([data[pos], data[pos + 1], data[pos + 2], data[pos + 3]]) as usize;
         let crc = u32::from_le_bytes([data[pos + 4], data[pos + 5], data[pos + 6], data[pos + 7]]);
         if len == 0 || len > MAX_RECORD || data.len() - pos - HEADER < len {
             break;
@@ -421,9 +426,7 @@ impl JobSpool {
 
     /// Deletes segments entirely below `offset` (acknowledged by the server).
     pub fn ack(&mut self, offset: u64) {
-        while self.segments.len() > 1
-            || (self.segments.len() == 1 && self.current.is_none())
-        {
+        while self.segments.len() > 1 || (self.segments.len() == 1 && self.current.is_none()) {
             let s = &self.segments[0];
             if s.start + s.len > offset || s.len == 0 {
                 break;
@@ -599,14 +602,25 @@ mod tests {
         segs.sort();
         let third = &segs[2];
         let len = fs::metadata(third).unwrap().len();
-        OpenOptions::new().write(true).open(third).unwrap().set_len(len - 5).unwrap();
-        let mut rec = Spool::open(dir.path(), 1 << 30, 64).unwrap().recover().unwrap();
+        OpenOptions::new()
+            .write(true)
+            .open(third)
+            .unwrap()
+            .set_len(len - 5)
+            .unwrap();
+        let mut rec = Spool::open(dir.path(), 1 << 30, 64)
+            .unwrap()
+            .recover()
+            .unwrap();
         let r = rec.remove(0);
         assert!(r.torn_bytes > 0);
         let data = r.spool.read(0, usize::MAX).unwrap();
         let text = String::from_utf8(data).unwrap();
         assert!(text.starts_with("0000-"));
-        assert!(text.lines().all(|l| l.len() == 31), "only complete records: {text:?}");
+        assert!(
+            text.lines().all(|l| l.len() == 31),
+            "only complete records: {text:?}"
+        );
         assert_eq!(r.spool.end(), text.len() as u64);
     }
 }

@@ -14,7 +14,7 @@ use bollard::Docker;
 use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
 use bytes::Bytes;
 use outpost_agent::executor::{DockerExecutor, PullPolicy, SandboxConfig, spec};
-use outpost_agent::job::{JobSpec, LeaseKey, Network, Outcome, Resources};
+use outpost_agent::job::{JobSecret, JobSpec, LeaseKey, Network, Outcome, Resources, SecretBytes};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
@@ -193,6 +193,8 @@ async fn assert_cleaned_up(h: &Harness, key: &LeaseKey) {
     );
     let workspace = spec::workspace_dir(key, &h.work_dir).expect("workspace path");
     assert!(!workspace.exists(), "{} is left", workspace.display());
+    let secrets = spec::secrets_dir(key, h.exec.config()).expect("secrets path");
+    assert!(!secrets.exists(), "{} is left", secrets.display());
 }
 
 fn count(haystack: &str, needle: &str) -> usize {
@@ -923,6 +925,105 @@ async fn cleanup_orphans_except_keeps_the_adopted_jobs() {
         assert!(!spec::workspace_dir(&drop, &h.work_dir).unwrap().exists());
         assert_eq!(h.exec.cleanup_orphans().await.unwrap(), 1);
         assert!(!h.exec.container_exists(&keep).await);
+    })
+    .await;
+}
+
+fn with_secret(mut spec: JobSpec, name: &str, value: &str) -> JobSpec {
+    spec.secrets.push(JobSecret {
+        name: name.to_string(),
+        value: SecretBytes::new(value),
+    });
+    spec
+}
+
+#[tokio::test]
+async fn secrets_are_the_jobs_own_files_and_masked_across_chunks() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let script = r#"
+            stat -c 'file=%a %u %g' /run/secrets/pw
+            cat /run/secrets/pw; echo
+            printf 'hun'; sleep 0.5; printf 'ter2'; sleep 0.5; echo ' split'
+            if env | grep -q hunter2; then echo env=leak; else echo env=clean; fi
+            if (echo x > /run/secrets/pw) 2>/dev/null; then echo ro=no; else echo ro=yes; fi
+        "#;
+        let spec = with_secret(job(script), "pw", "hunter2");
+        let k = key("secrets");
+        let done = run(&h, &k, &spec, Drive::default()).await;
+        let text = done.text();
+        assert_eq!(
+            done.outcome,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false
+            },
+            "{text}"
+        );
+        assert!(!text.contains("hunter2"), "{text}");
+        assert_eq!(
+            text, "file=400 1000 1000\n***\n*** split\nenv=clean\nro=yes\n",
+            "{text}"
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn output_past_the_limit_is_cut_exactly_and_fails_the_job() {
+    bounded(async {
+        let h = harness(|c| c.max_output_bytes = 100_000).await;
+        let spec = job("yes 0123456789 | head -c 1000000; echo after; sleep 30");
+        let started = Instant::now();
+        let done = run(&h, &key("cap"), &spec, Drive::default()).await;
+        assert_eq!(done.output.len(), 100_000);
+        match &done.outcome {
+            Outcome::Failed { reason } => {
+                assert!(reason.contains("limit of 100000 bytes"), "{reason}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(20));
+
+        // Exactly at the limit is fine.
+        let spec = job("head -c 100000 /dev/zero");
+        let done = run(&h, &key("at-cap"), &spec, Drive::default()).await;
+        assert_eq!(done.output.len(), 100_000);
+        assert_eq!(
+            done.outcome,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false
+            }
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn adopt_masks_the_replay_before_skipping() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let k = key("adopt-mask");
+        // The container prints the value itself (it has no secrets mount);
+        // the adopted spec carries the secret to mask.
+        let plain = job(
+            "printf 'one hunter2 two\\n'; sleep 1; printf 'three hun'; sleep 0.3; printf 'ter2 four'",
+        );
+        leave_job(&h.docker, h.exec.config(), &k, &plain, h.exec.uses_init()).await;
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let secret = with_secret(plain, "pw", "hunter2");
+        // Delivered before the restart: the masked first line.
+        let skip = b"one *** two\n".len() as u64;
+        let (outcome, output) = adopt(&h, &k, &secret, skip, None).await;
+        assert_eq!(
+            outcome,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false
+            }
+        );
+        assert_eq!(String::from_utf8_lossy(&output), "three *** four");
     })
     .await;
 }

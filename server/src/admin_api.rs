@@ -42,7 +42,8 @@ impl admin::admin_service_server::AdminService for AdminApi {
         request: Request<admin::SubmitJobRequest>,
     ) -> Result<Response<admin::SubmitJobResponse>, Status> {
         let who = Identity::require(&request, Role::Admin)?;
-        let spec = wire::spec_from_pb(request.into_inner().spec).map_err(Status::invalid_argument)?;
+        let spec =
+            wire::spec_from_pb(request.into_inner().spec).map_err(Status::invalid_argument)?;
         let id = uuid::Uuid::now_v7().to_string();
         let job = self
             .hub

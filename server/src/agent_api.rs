@@ -83,7 +83,11 @@ async fn run_session(
         Some(Ok(pb::AgentMessage {
             msg: Some(In::Hello(h)),
         })) => h,
-        Some(Ok(_)) => return Err(Status::failed_precondition("the first message must be hello")),
+        Some(Ok(_)) => {
+            return Err(Status::failed_precondition(
+                "the first message must be hello",
+            ));
+        }
         Some(Err(e)) => return Err(e),
         None => return Ok(()),
     };

@@ -268,8 +268,8 @@ fn parse_secret(arg: &std::ffi::OsStr) -> Result<SecretArg, String> {
         return Err("expected NAME=VALUE or NAME=@FILE".into());
     };
     let (name, value) = (&bytes[..eq], &bytes[eq + 1..]);
-    let name = std::str::from_utf8(name)
-        .map_err(|_| "the secret's name is not UTF-8".to_string())?;
+    let name =
+        std::str::from_utf8(name).map_err(|_| "the secret's name is not UTF-8".to_string())?;
     if name.is_empty() {
         return Err("the secret has an empty name".into());
     }
@@ -338,7 +338,6 @@ impl SubmitArgs {
                     value: s.value.clone(),
                 })
                 .collect(),
-            ..Default::default()
         }
     }
 }
@@ -475,17 +474,29 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
                 .into_inner()
                 .jobs;
             if output == Output::Json {
-                println!("{}", serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?);
+                println!(
+                    "{}",
+                    serde_json::to_string_pretty(&jobs.iter().map(job_json).collect::<Vec<_>>())?
+                );
             } else {
-                println!("{:<36}  {:<10}  {:>5}  {:>4}  {:<16}  IMAGE", "JOB", "STATE", "EXIT", "EPOCH", "AGENT");
+                println!(
+                    "{:<36}  {:<10}  {:>5}  {:>4}  {:<16}  IMAGE",
+                    "JOB", "STATE", "EXIT", "EPOCH", "AGENT"
+                );
                 for j in &jobs {
                     println!(
                         "{:<36}  {:<10}  {:>5}  {:>5}  {:<16}  {}",
                         j.job_id,
                         state_name(j),
-                        j.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into()),
+                        j.exit_code
+                            .map(|c| c.to_string())
+                            .unwrap_or_else(|| "-".into()),
                         j.epoch,
-                        if j.agent_id.is_empty() { "-" } else { &j.agent_id },
+                        if j.agent_id.is_empty() {
+                            "-"
+                        } else {
+                            &j.agent_id
+                        },
                         j.image
                     );
                 }
@@ -504,7 +515,12 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
                 let v = job_json(&j);
                 if let Some(obj) = v.as_object() {
                     for (k, v) in obj {
-                        println!("{k:<14} {}", v.as_str().map(str::to_string).unwrap_or_else(|| v.to_string()));
+                        println!(
+                            "{k:<14} {}",
+                            v.as_str()
+                                .map(str::to_string)
+                                .unwrap_or_else(|| v.to_string())
+                        );
                     }
                 }
             }
@@ -539,13 +555,22 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
                     .collect();
                 println!("{}", serde_json::to_string_pretty(&v)?);
             } else {
-                println!("{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  LABELS", "AGENT", "CONNECTED", "CAPACITY", "RUNNING", "DRAINING");
+                println!(
+                    "{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  LABELS",
+                    "AGENT", "CONNECTED", "CAPACITY", "RUNNING", "DRAINING"
+                );
                 for a in &agents {
-                    let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+                    let mut labels: Vec<_> =
+                        a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
                     labels.sort();
                     println!(
                         "{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  {}",
-                        a.agent_id, a.connected, a.capacity, a.running, a.draining, labels.join(",")
+                        a.agent_id,
+                        a.connected,
+                        a.capacity,
+                        a.running,
+                        a.draining,
+                        labels.join(",")
                     );
                 }
             }
@@ -626,7 +651,10 @@ pub fn state_name(j: &admin::Job) -> &'static str {
 fn is_final(j: &admin::Job) -> bool {
     !matches!(
         job_state(j),
-        pb::JobState::Queued | pb::JobState::Leased | pb::JobState::Running | pb::JobState::Unspecified
+        pb::JobState::Queued
+            | pb::JobState::Leased
+            | pb::JobState::Running
+            | pb::JobState::Unspecified
     )
 }
 
@@ -699,7 +727,10 @@ pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Resu
                     }
                     if d.epoch != epoch {
                         // The job was re-leased: its new attempt starts over.
-                        eprintln!("outpost: job {job} was re-leased (attempt {}); its output restarts", d.epoch);
+                        eprintln!(
+                            "outpost: job {job} was re-leased (attempt {}); its output restarts",
+                            d.epoch
+                        );
                         epoch = d.epoch;
                         offset = 0;
                     }
@@ -795,7 +826,10 @@ pub(crate) fn write_server_addr(state: &StateDir, addr: std::net::SocketAddr) ->
 /// Resolves on the first SIGINT or SIGTERM.
 pub async fn wait_for_signal() {
     use tokio::signal::unix::{SignalKind, signal};
-    match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(mut t), Ok(mut i)) => {
             tokio::select! {
                 _ = t.recv() => {}
@@ -814,10 +848,40 @@ mod tests {
         let mut argv = vec!["outpost", "submit", "--image", "img"];
         argv.extend_from_slice(args);
         argv.extend_from_slice(&["--", "true"]);
-        match Cli::try_parse_from(argv).map_err(|e| e.to_string())?.command {
+        match Cli::try_parse_from(argv)
+            .map_err(|e| e.to_string())?
+            .command
+        {
             Command::Submit(a) => Ok(a),
             other => Err(format!("{other:?}")),
         }
+    }
+
+    #[test]
+    fn resource_flags_and_network_reach_the_spec() {
+        let a = submit(&[
+            "--memory",
+            "64m",
+            "--cpus",
+            "0.5",
+            "--pids",
+            "32",
+            "--timeout",
+            "30s",
+            "--network",
+            "egress",
+        ])
+        .unwrap();
+        let spec = a.spec();
+        let r = spec.resources.unwrap();
+        assert_eq!(r.memory_bytes, 64 << 20);
+        assert_eq!(r.nano_cpus, 500_000_000);
+        assert_eq!(r.pids, 32);
+        assert_eq!(spec.timeout_ms, 30_000);
+        assert_eq!(spec.network, pb::NetworkMode::Egress as i32);
+        // Unset: zero, i.e. the agent's own limits.
+        let r = submit(&[]).unwrap().spec().resources.unwrap();
+        assert_eq!((r.memory_bytes, r.nano_cpus, r.pids), (0, 0, 0));
     }
 
     #[test]

@@ -77,6 +77,11 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
         },
         sandbox,
         aws: Default::default(),
+        // The local agent runs the runner image it built, and nothing else.
+        policy: outpost_agent::policy::PolicyConfig {
+            allowed_images: vec![RUNNER_IMAGE.to_string()],
+            ..Default::default()
+        },
     }
 }
 
@@ -111,7 +116,10 @@ async fn ensure_runner_image() -> Result<()> {
             "the runner image {RUNNER_IMAGE} is missing and images/build-runner.sh was not found; run it from the Outpost repository or set OUTPOST_REPO"
         );
     };
-    eprintln!("outpost dev: building {RUNNER_IMAGE} with {}", script.display());
+    eprintln!(
+        "outpost dev: building {RUNNER_IMAGE} with {}",
+        script.display()
+    );
     let status = tokio::process::Command::new("bash")
         .arg(&script)
         .status()
@@ -138,14 +146,22 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
 
     let server_stop = CancellationToken::new();
     let server_cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
-    let server = tokio::spawn(crate::server::run(listener, server_cfg, server_stop.clone()));
+    let server = tokio::spawn(crate::server::run(
+        listener,
+        server_cfg,
+        server_stop.clone(),
+    ));
 
     let agent_cfg = local_agent_config(state, &url, args.capacity);
     let agent_shutdown = outpost_agent::Shutdown::default();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let agent = tokio::spawn(outpost_agent::run(agent_cfg, agent_shutdown.clone(), move || {
-        let _ = ready_tx.send(());
-    }));
+    let agent = tokio::spawn(outpost_agent::run(
+        agent_cfg,
+        agent_shutdown.clone(),
+        move || {
+            let _ = ready_tx.send(());
+        },
+    ));
     if ready_rx.await.is_err() {
         server_stop.cancel();
         return match agent.await {
@@ -153,7 +169,10 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
             _ => bail!("the local agent failed to start"),
         };
     }
-    eprintln!("outpost dev: control plane at {url}, state in {}", state.root.display());
+    eprintln!(
+        "outpost dev: control plane at {url}, state in {}",
+        state.root.display()
+    );
 
     let code = if args.demo {
         let client = ClientConfig::from_state(state, Some(url.clone()))?;
@@ -197,7 +216,9 @@ async fn run_demo(client: &ClientConfig) -> Result<ExitCode> {
     eprintln!(
         "outpost dev: job {id} {} (exit code {})",
         state_name(&job),
-        job.exit_code.map(|c| c.to_string()).unwrap_or_else(|| "-".into())
+        job.exit_code
+            .map(|c| c.to_string())
+            .unwrap_or_else(|| "-".into())
     );
     Ok(exit_code_of(&job))
 }

@@ -243,9 +243,7 @@ impl Hub {
             .lock()
             .iter()
             .filter(|(_, c)| {
-                !c.draining
-                    && c.capacity > 0
-                    && c.last_seen.elapsed() < self.timing.heartbeat * 3
+                !c.draining && c.capacity > 0 && c.last_seen.elapsed() < self.timing.heartbeat * 3
             })
             .map(|(id, c)| (id.clone(), c.labels.clone(), c.capacity))
             .collect();

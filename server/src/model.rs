@@ -19,7 +19,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_final(self) -> bool {
-        !matches!(self, JobState::Queued | JobState::Leased | JobState::Running)
+        !matches!(
+            self,
+            JobState::Queued | JobState::Leased | JobState::Running
+        )
     }
     pub fn is_active(self) -> bool {
         matches!(self, JobState::Leased | JobState::Running)
@@ -212,6 +215,13 @@ pub struct AgentInfo {
     pub last_seen_ms: i64,
 }
 
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -239,11 +249,4 @@ mod tests {
         let old: JobSpec = serde_json::from_str(r#"{"image":"img"}"#).unwrap();
         assert!(old.secrets.is_empty());
     }
-}
-
-pub fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }

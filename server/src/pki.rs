@@ -162,14 +162,14 @@ impl PkiDir {
             .distinguished_name
             .push(DnType::OrganizationalUnitName, role.as_str());
         let uri = format!("urn:outpost:{}:{name}", role.as_str());
-        params.subject_alt_names.push(SanType::URI(
-            uri.clone()
-                .try_into()
-                .map_err(|e| PkiError::Generate {
+        params
+            .subject_alt_names
+            .push(SanType::URI(uri.clone().try_into().map_err(|e| {
+                PkiError::Generate {
                     what: uri.clone(),
                     source: e,
-                })?,
-        ));
+                }
+            })?));
         params.is_ca = IsCa::ExplicitNoCa;
         params.key_usages = vec![
             KeyUsagePurpose::DigitalSignature,
@@ -264,7 +264,12 @@ mod tests {
         pki.init(&["outpost.example".into()]).unwrap();
         let agent = pki.issue(Role::Agent, "a1").unwrap();
         let admin = pki.issue(Role::Admin, "ops").unwrap();
-        for key in [pki.ca_key(), pki.server().key, agent.key.clone(), admin.key.clone()] {
+        for key in [
+            pki.ca_key(),
+            pki.server().key,
+            agent.key.clone(),
+            admin.key.clone(),
+        ] {
             let mode = fs::metadata(&key).unwrap().permissions().mode() & 0o777;
             assert_eq!(mode, 0o600, "{}", key.display());
         }
@@ -275,8 +280,14 @@ mod tests {
         let der = pem_to_der(&fs::read_to_string(&admin.cert).unwrap());
         let id = crate::identity::Identity::from_der(&der).unwrap();
         assert_eq!(id.role, Role::Admin);
-        assert!(matches!(pki.issue(Role::Agent, "a1"), Err(PkiError::Exists { .. })));
-        assert!(matches!(pki.issue(Role::Agent, "../x"), Err(PkiError::InvalidName { .. })));
+        assert!(matches!(
+            pki.issue(Role::Agent, "a1"),
+            Err(PkiError::Exists { .. })
+        ));
+        assert!(matches!(
+            pki.issue(Role::Agent, "../x"),
+            Err(PkiError::InvalidName { .. })
+        ));
         assert!(matches!(pki.init(&[]), Err(PkiError::Exists { .. })));
     }
 

@@ -88,7 +88,10 @@ pub async fn run(
             read("the server certificate", &server.cert)?,
             read("the server key", &server.key)?,
         ))
-        .client_ca_root(Certificate::from_pem(read("the CA certificate", &pki.ca_cert())?))
+        .client_ca_root(Certificate::from_pem(read(
+            "the CA certificate",
+            &pki.ca_cert(),
+        )?))
         .client_auth_optional(false);
     std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
         path: config.data_dir.clone(),

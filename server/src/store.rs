@@ -591,11 +591,8 @@ fn forget_secrets(c: &Connection, id: &str) -> Result<(), StoreError> {
             what: e.to_string(),
         }
     })?;
-    c.execute(
-        "UPDATE jobs SET spec = ?2 WHERE id = ?1",
-        params![id, json],
-    )
-    .map_err(q("forget secrets"))?;
+    c.execute("UPDATE jobs SET spec = ?2 WHERE id = ?1", params![id, json])
+        .map_err(q("forget secrets"))?;
     Ok(())
 }
 
@@ -724,10 +721,25 @@ mod tests {
             .unwrap();
         assert_eq!(j.epoch, 1);
         let b = |s: &str| bytes::Bytes::from(s.to_string());
-        assert_eq!(s.append_log("j1".into(), 1, "a".into(), 0, b("hello ")).await.unwrap(), 6);
+        assert_eq!(
+            s.append_log("j1".into(), 1, "a".into(), 0, b("hello "))
+                .await
+                .unwrap(),
+            6
+        );
         // duplicate, overlap, gap
-        assert_eq!(s.append_log("j1".into(), 1, "a".into(), 0, b("hello ")).await.unwrap(), 6);
-        assert_eq!(s.append_log("j1".into(), 1, "a".into(), 3, b("lo world")).await.unwrap(), 11);
+        assert_eq!(
+            s.append_log("j1".into(), 1, "a".into(), 0, b("hello "))
+                .await
+                .unwrap(),
+            6
+        );
+        assert_eq!(
+            s.append_log("j1".into(), 1, "a".into(), 3, b("lo world"))
+                .await
+                .unwrap(),
+            11
+        );
         assert!(matches!(
             s.append_log("j1".into(), 1, "a".into(), 20, b("x")).await,
             Err(StoreError::Gap { .. })
@@ -741,8 +753,14 @@ mod tests {
             s.append_log("j1".into(), 1, "b".into(), 11, b("x")).await,
             Err(StoreError::Stale { .. })
         ));
-        assert_eq!(s.read_log("j1".into(), 1, 0, 1 << 20).await.unwrap(), b"hello world");
-        assert_eq!(s.read_log("j1".into(), 1, 4, 1 << 20).await.unwrap(), b"o world");
+        assert_eq!(
+            s.read_log("j1".into(), 1, 0, 1 << 20).await.unwrap(),
+            b"hello world"
+        );
+        assert_eq!(
+            s.read_log("j1".into(), 1, 4, 1 << 20).await.unwrap(),
+            b"o world"
+        );
         assert_eq!(s.read_log("j1".into(), 1, 11, 1 << 20).await.unwrap(), b"");
         assert_eq!(s.read_log("j1".into(), 2, 0, 1 << 20).await.unwrap(), b"");
     }
@@ -752,7 +770,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = Store::open(&dir.path().join("db")).unwrap();
         s.insert_job("j1".into(), spec()).await.unwrap();
-        s.lease_job("j1".into(), "a".into(), 0).await.unwrap().unwrap();
+        s.lease_job("j1".into(), "a".into(), 0)
+            .await
+            .unwrap()
+            .unwrap();
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
         let exp = s.expire_leases().await.unwrap();
         assert!(matches!(&exp[..], [Expired::Requeued(j)] if j.state == JobState::Queued));
@@ -768,7 +789,11 @@ mod tests {
             s.report("j1".into(), 1, "a".into(), r.clone()).await,
             Err(StoreError::Stale { .. })
         ));
-        let j = s.lease_job("j1".into(), "b".into(), 60_000).await.unwrap().unwrap();
+        let j = s
+            .lease_job("j1".into(), "b".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(j.epoch, 2);
         let j = s.report("j1".into(), 2, "b".into(), r).await.unwrap();
         assert_eq!(j.state, JobState::Succeeded);
@@ -786,7 +811,10 @@ mod tests {
         }
         let s = Store::open(&path).unwrap();
         let q = s.queued_jobs(10).await.unwrap();
-        assert_eq!(q.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(), ["j1", "j2"]);
+        assert_eq!(
+            q.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
+            ["j1", "j2"]
+        );
     }
 
     proptest::proptest! {

@@ -2,6 +2,7 @@
 //! a real Docker engine and real mTLS with certificates generated per test.
 
 pub mod moto;
+pub mod sandbox_helpers;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -75,7 +76,8 @@ impl Cluster {
     async fn start_server(&mut self, bind: &str) {
         let listener = tokio::net::TcpListener::bind(bind).await.expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let mut cfg = outpost::server::ServerConfig::new(self.state.pki().dir, self.state.data_dir());
+        let mut cfg =
+            outpost::server::ServerConfig::new(self.state.pki().dir, self.state.data_dir());
         cfg.timing = self.timing;
         let stop = CancellationToken::new();
         let task = tokio::spawn(outpost::server::run(listener, cfg, stop.clone()));
@@ -140,7 +142,10 @@ impl Cluster {
     }
 
     pub async fn client(&self) -> AdminServiceClient<Channel> {
-        self.client_config().connect().await.expect("admin connects")
+        self.client_config()
+            .connect()
+            .await
+            .expect("admin connects")
     }
 
     pub async fn submit(&self, command: &[&str]) -> String {
@@ -292,11 +297,18 @@ pub struct AgentProc {
 impl Cluster {
     /// Writes the config of agent `name` (certificate issued if missing) and
     /// returns its path. `extra` is appended to the top-level table.
-    pub fn write_agent_config(&self, name: &str, capacity: u32, extra: &str, sandbox_extra: &str) -> PathBuf {
+    pub fn write_agent_config(
+        &self,
+        name: &str,
+        capacity: u32,
+        extra: &str,
+        sandbox_extra: &str,
+    ) -> PathBuf {
         let pki = self.state.pki();
         let paths = pki.issued(outpost::identity::Role::Agent, name);
         if !paths.cert.exists() {
-            pki.issue(outpost::identity::Role::Agent, name).expect("issue agent cert");
+            pki.issue(outpost::identity::Role::Agent, name)
+                .expect("issue agent cert");
         }
         let dir = self.dir.path().join("agents").join(name);
         std::fs::create_dir_all(&dir).expect("agent dir");
@@ -320,6 +332,7 @@ stop_grace = "2s"
 pull = "never"
 {sandbox_extra}
 "#,
+            sandbox_extra = with_runner_allowed(sandbox_extra),
             url = self.url(),
             state = dir.join("state").display(),
             ca = pki.ca_cert().display(),
@@ -358,7 +371,8 @@ pull = "never"
             log,
             state_dir,
         };
-        self.wait_agent_connected(name, true, Duration::from_secs(30)).await;
+        self.wait_agent_connected(name, true, Duration::from_secs(30))
+            .await;
         proc
     }
 
@@ -458,7 +472,9 @@ pub fn numbered_job(lines: u32, pause: &str) -> (Vec<String>, Vec<u8>) {
     let script = format!(
         "i=0; while [ $i -lt {lines} ]; do i=$((i+1)); echo \"line $i of {lines}\"; sleep {pause}; done"
     );
-    let expected: String = (1..=lines).map(|i| format!("line {i} of {lines}\n")).collect();
+    let expected: String = (1..=lines)
+        .map(|i| format!("line {i} of {lines}\n"))
+        .collect();
     (
         vec!["sh".into(), "-c".into(), script],
         expected.into_bytes(),
@@ -485,4 +501,18 @@ pub async fn all_outpost_containers() -> Vec<String> {
         .into_iter()
         .filter_map(|c| c.id)
         .collect()
+}
+
+/// `sandbox_extra` with a `[policy]` table that allows the runner image: the
+/// agent allows no image by default. A `[policy]` table already in
+/// `sandbox_extra` gets the line too, unless it sets `allowed_images` itself.
+fn with_runner_allowed(sandbox_extra: &str) -> String {
+    let allow = format!("allowed_images = [\"{RUNNER_IMAGE}\"]");
+    if sandbox_extra.contains("allowed_images") {
+        sandbox_extra.to_string()
+    } else if sandbox_extra.contains("[policy]") {
+        sandbox_extra.replacen("[policy]", &format!("[policy]\n{allow}"), 1)
+    } else {
+        format!("{sandbox_extra}\n[policy]\n{allow}")
+    }
 }

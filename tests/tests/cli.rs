@@ -10,9 +10,18 @@ fn a_malformed_agent_config_exits_64_with_a_clear_message() {
     let dir = tempfile::tempdir().unwrap();
     let cases: [(&str, &str); 4] = [
         ("not toml at all [", "invalid config file"),
-        ("server = \"https://x:1\"\nbogus_key = 1\n[tls]\nca=\"/a\"\ncert=\"/b\"\nkey=\"/c\"\n", "bogus_key"),
-        ("server = \"http://x:1\"\n[tls]\nca=\"/a\"\ncert=\"/b\"\nkey=\"/c\"\n", "https"),
-        ("server = \"https://x:1\"\n[tls]\nca=\"/nonexistent/ca.pem\"\ncert=\"/b\"\nkey=\"/c\"\n", "/nonexistent/ca.pem"),
+        (
+            "server = \"https://x:1\"\nbogus_key = 1\n[tls]\nca=\"/a\"\ncert=\"/b\"\nkey=\"/c\"\n",
+            "bogus_key",
+        ),
+        (
+            "server = \"http://x:1\"\n[tls]\nca=\"/a\"\ncert=\"/b\"\nkey=\"/c\"\n",
+            "https",
+        ),
+        (
+            "server = \"https://x:1\"\n[tls]\nca=\"/nonexistent/ca.pem\"\ncert=\"/b\"\nkey=\"/c\"\n",
+            "/nonexistent/ca.pem",
+        ),
     ];
     for (i, (text, needle)) in cases.iter().enumerate() {
         let path = dir.path().join(format!("agent{i}.toml"));
@@ -24,7 +33,10 @@ fn a_malformed_agent_config_exits_64_with_a_clear_message() {
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(64), "case {i}: {stderr}");
-        assert!(stderr.contains(needle), "case {i}: {needle:?} not in {stderr:?}");
+        assert!(
+            stderr.contains(needle),
+            "case {i}: {needle:?} not in {stderr:?}"
+        );
     }
     let out = Command::new(bin("outpost-agent"))
         .arg("--config")
@@ -53,7 +65,16 @@ async fn submit_wait_and_follow_exit_with_the_jobs_code() {
     };
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        run(vec!["submit", "--image", RUNNER_IMAGE, "--wait", "--", "sh", "-c", "exit 3"]),
+        run(vec![
+            "submit",
+            "--image",
+            RUNNER_IMAGE,
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            "exit 3",
+        ]),
     )
     .await
     .unwrap()
@@ -64,7 +85,16 @@ async fn submit_wait_and_follow_exit_with_the_jobs_code() {
 
     let out = tokio::time::timeout(
         Duration::from_secs(120),
-        run(vec!["submit", "--image", RUNNER_IMAGE, "--follow", "--", "sh", "-c", "echo hello; echo world"]),
+        run(vec![
+            "submit",
+            "--image",
+            RUNNER_IMAGE,
+            "--follow",
+            "--",
+            "sh",
+            "-c",
+            "echo hello; echo world",
+        ]),
     )
     .await
     .unwrap()

@@ -35,7 +35,10 @@ async fn assert_no_containers(id: &str) {
         if left.is_empty() {
             return;
         }
-        assert!(Instant::now() < deadline, "containers left behind for {id}: {left:?}");
+        assert!(
+            Instant::now() < deadline,
+            "containers left behind for {id}: {left:?}"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
@@ -58,14 +61,34 @@ async fn kill_9_the_agent_mid_job_and_the_restarted_agent_finishes_it() {
     agent.signal("KILL");
     agent.wait_exit(Duration::from_secs(10)).await;
     // The container survives the agent.
-    assert_eq!(containers_of(&id).await, container, "container outlives a killed agent");
+    assert_eq!(
+        containers_of(&id).await,
+        container,
+        "container outlives a killed agent"
+    );
     let agent = c.spawn_agent("a", &cfg).await;
     let j = c.wait_final(&id, LIMIT).await;
-    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}\n{}", agent.log_text());
-    assert_eq!(j.epoch, 1, "the same lease finished the job: it did not run twice");
+    assert_eq!(
+        state(&j),
+        pb::JobState::Succeeded,
+        "{j:?}\n{}",
+        agent.log_text()
+    );
+    assert_eq!(
+        j.epoch, 1,
+        "the same lease finished the job: it did not run twice"
+    );
     let log = c.logs(&id).await;
-    assert!(log == expected, "every byte exactly once:\n{}", String::from_utf8_lossy(&log));
-    assert!(agent.log_text().contains("re-adopt"), "{}", agent.log_text());
+    assert!(
+        log == expected,
+        "every byte exactly once:\n{}",
+        String::from_utf8_lossy(&log)
+    );
+    assert!(
+        agent.log_text().contains("re-adopt"),
+        "{}",
+        agent.log_text()
+    );
     assert_no_containers(&id).await;
     eprintln!("scenario kill -9: {:?}", t0.elapsed());
 }
@@ -87,7 +110,11 @@ async fn control_plane_down_shorter_than_the_lease_loses_nothing() {
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
     assert_eq!(j.epoch, 1, "the job continued under its lease");
     let log = c.logs(&id).await;
-    assert!(log == expected, "every byte exactly once:\n{}", String::from_utf8_lossy(&log));
+    assert!(
+        log == expected,
+        "every byte exactly once:\n{}",
+        String::from_utf8_lossy(&log)
+    );
     assert_no_containers(&id).await;
     eprintln!("scenario control plane restart: {:?}", t0.elapsed());
 }
@@ -138,9 +165,20 @@ async fn a_partitioned_agent_fences_itself_and_its_old_epoch_is_refused() {
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
     let old = c.logs_of_epoch(&id, 1).await;
-    assert_eq!(old.len(), old_len, "nothing of epoch 1 was accepted after the re-lease");
-    assert!(expected.starts_with(&old), "epoch 1's log is a clean prefix");
-    assert_eq!(state(&c.job(&id).await), pb::JobState::Succeeded, "exactly one final status");
+    assert_eq!(
+        old.len(),
+        old_len,
+        "nothing of epoch 1 was accepted after the re-lease"
+    );
+    assert!(
+        expected.starts_with(&old),
+        "epoch 1's log is a clean prefix"
+    );
+    assert_eq!(
+        state(&c.job(&id).await),
+        pb::JobState::Succeeded,
+        "exactly one final status"
+    );
     assert_no_containers(&id).await;
     eprintln!(
         "scenario partition: {:?}; fault to re-queue {:?}",
@@ -168,7 +206,11 @@ async fn sigterm_drains_the_job_finishes_and_the_agent_exits_0() {
     let j = c.job(&id).await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
     assert!(c.logs(&id).await == expected);
-    assert_eq!(state(&c.job(&later).await), pb::JobState::Queued, "no new job during drain");
+    assert_eq!(
+        state(&c.job(&later).await),
+        pb::JobState::Queued,
+        "no new job during drain"
+    );
     assert_no_containers(&id).await;
     eprintln!("scenario sigterm drain: {:?}", t0.elapsed());
 }
@@ -191,7 +233,10 @@ async fn sigterm_with_a_short_grace_sends_exactly_one_sigint() {
     assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
     let log = String::from_utf8(c.logs(&id).await).unwrap();
     assert_eq!(log.matches("got-sigint").count(), 1, "{log}");
-    assert!(log.ends_with("bye\n"), "the job's trap ran to its end: {log}");
+    assert!(
+        log.ends_with("bye\n"),
+        "the job's trap ran to its end: {log}"
+    );
     assert_no_containers(&id).await;
     eprintln!("scenario sigterm short grace: {:?}", t0.elapsed());
 }
@@ -202,7 +247,11 @@ async fn sigterm_then_sigquit_forces_a_fast_stop_that_still_reports() {
     let cfg = c.write_agent_config("a", 1, "drain_grace = \"10m\"", "");
     let mut agent = c.spawn_agent("a", &cfg).await;
     let id = c
-        .submit_spec(job_spec(vec!["sh".into(), "-c".into(), "echo up; sleep 600".into()]))
+        .submit_spec(job_spec(vec![
+            "sh".into(),
+            "-c".into(),
+            "echo up; sleep 600".into(),
+        ]))
         .await;
     wait_log_len(&c, &id, 3).await;
     agent.signal("TERM");
@@ -211,7 +260,11 @@ async fn sigterm_then_sigquit_forces_a_fast_stop_that_still_reports() {
     agent.signal("QUIT");
     let code = agent.wait_exit(Duration::from_secs(60)).await;
     assert_eq!(code, Some(0));
-    assert!(t.elapsed() < Duration::from_secs(30), "forced stop took {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(30),
+        "forced stop took {:?}",
+        t.elapsed()
+    );
     let j = c.job(&id).await;
     assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
     assert_no_containers(&id).await;
@@ -232,7 +285,11 @@ async fn admin_drain_stops_new_work_without_losing_a_job() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let id = c.submit_spec(job_spec(vec!["true".into()])).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    assert_eq!(state(&c.job(&id).await), pb::JobState::Queued, "a draining agent gets no job");
+    assert_eq!(
+        state(&c.job(&id).await),
+        pb::JobState::Queued,
+        "a draining agent gets no job"
+    );
     let cfg_b = c.write_agent_config("b", 1, "", "");
     let _b = c.spawn_agent("b", &cfg_b).await;
     let j = c.wait_final(&id, LIMIT).await;
@@ -262,7 +319,10 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _unmount = Unmount(spool.clone());
@@ -271,7 +331,8 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
     let agent = c.spawn_agent("a", &cfg).await;
     // About 4 MiB of output: eight times the spool's size.
     let lines = 60_000u32;
-    let script = format!("seq 1 {lines} | sed 's/$/ padding-padding-padding-padding-padding-padding/'");
+    let script =
+        format!("seq 1 {lines} | sed 's/$/ padding-padding-padding-padding-padding-padding/'");
     let expected: String = (1..=lines)
         .map(|i| format!("{i} padding-padding-padding-padding-padding-padding\n"))
         .collect();
@@ -288,7 +349,10 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
         }
         pb::JobState::Failed => {
             assert!(j.message.contains("spool"), "clear reason: {}", j.message);
-            assert!(expected.as_bytes().starts_with(&log), "what was acknowledged is intact");
+            assert!(
+                expected.as_bytes().starts_with(&log),
+                "what was acknowledged is intact"
+            );
         }
         s => panic!("unexpected state {s:?}: {j:?}\n{}", agent.log_text()),
     }

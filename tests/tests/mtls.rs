@@ -22,7 +22,9 @@ async fn list_jobs_with(cfg: &ClientConfig) -> Result<(), String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_certificate_is_accepted() {
     let c = Cluster::start().await;
-    list_jobs_with(&c.client_config()).await.expect("admin may list jobs");
+    list_jobs_with(&c.client_config())
+        .await
+        .expect("admin may list jobs");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -45,7 +47,10 @@ async fn a_client_without_a_certificate_is_refused() {
             .map(|_| ())
             .map_err(|s| format!("{s:?}")),
     };
-    assert!(result.is_err(), "a client without a certificate must be refused");
+    assert!(
+        result.is_err(),
+        "a client without a certificate must be refused"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -59,7 +64,10 @@ async fn a_certificate_from_another_ca_is_refused() {
     cfg.cert = foreign.cert;
     cfg.key = foreign.key;
     let r = list_jobs_with(&cfg).await;
-    assert!(r.is_err(), "a foreign CA's admin certificate must be refused");
+    assert!(
+        r.is_err(),
+        "a foreign CA's admin certificate must be refused"
+    );
     // And a client that trusts the foreign CA cannot verify our server.
     let mut cfg = c.client_config();
     cfg.ca = pki.ca_cert();
@@ -73,7 +81,9 @@ async fn an_agent_certificate_cannot_call_the_admin_api() {
     let mut cfg = c.client_config();
     cfg.cert = agent.cert;
     cfg.key = agent.key;
-    let err = list_jobs_with(&cfg).await.expect_err("agent cert on admin API");
+    let err = list_jobs_with(&cfg)
+        .await
+        .expect_err("agent cert on admin API");
     assert!(err.starts_with("PermissionDenied"), "{err}");
     assert!(err.contains("agent certificate"), "{err}");
 }

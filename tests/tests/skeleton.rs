@@ -14,7 +14,11 @@ async fn exit_codes_and_ordered_logs_propagate() {
     let c = Cluster::start().await;
     let agent = c.start_agent(2).await;
     let ok = c
-        .submit(&["sh", "-c", "for i in 1 2 3; do echo out-$i; echo err-$i >&2; done"])
+        .submit(&[
+            "sh",
+            "-c",
+            "for i in 1 2 3; do echo out-$i; echo err-$i >&2; done",
+        ])
         .await;
     let bad = c.submit(&["sh", "-c", "echo before; exit 7"]).await;
     let j = c.wait_final(&ok, LIMIT).await;
@@ -22,15 +26,26 @@ async fn exit_codes_and_ordered_logs_propagate() {
     assert_eq!(j.exit_code, Some(0));
     let log = String::from_utf8(c.logs(&ok).await).unwrap();
     let outs: Vec<&str> = log.lines().filter(|l| l.starts_with("out-")).collect();
-    assert_eq!(outs, ["out-1", "out-2", "out-3"], "stdout in order: {log:?}");
+    assert_eq!(
+        outs,
+        ["out-1", "out-2", "out-3"],
+        "stdout in order: {log:?}"
+    );
     let errs: Vec<&str> = log.lines().filter(|l| l.starts_with("err-")).collect();
-    assert_eq!(errs, ["err-1", "err-2", "err-3"], "stderr in order: {log:?}");
+    assert_eq!(
+        errs,
+        ["err-1", "err-2", "err-3"],
+        "stderr in order: {log:?}"
+    );
     let j = c.wait_final(&bad, LIMIT).await;
     assert_eq!(state(&j), pb::JobState::Failed);
     assert_eq!(j.exit_code, Some(7));
     assert_eq!(c.logs(&bad).await, b"before\n");
     for id in [&ok, &bad] {
-        assert!(containers_of(id).await.is_empty(), "container of {id} removed");
+        assert!(
+            containers_of(id).await.is_empty(),
+            "container of {id} removed"
+        );
     }
     agent.stop().await;
 }
@@ -39,7 +54,9 @@ async fn exit_codes_and_ordered_logs_propagate() {
 async fn hundred_thousand_lines_arrive_each_once() {
     let c = Cluster::start().await;
     let agent = c.start_agent(1).await;
-    let id = c.submit(&["sh", "-c", "seq 1 100000 | sed 's/^/line /'"]).await;
+    let id = c
+        .submit(&["sh", "-c", "seq 1 100000 | sed 's/^/line /'"])
+        .await;
     let j = c.wait_final(&id, LIMIT).await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
     let log = String::from_utf8(c.logs(&id).await).unwrap();
@@ -55,7 +72,11 @@ async fn follow_streams_a_running_job_until_it_ends() {
     let c = Cluster::start().await;
     let agent = c.start_agent(1).await;
     let id = c
-        .submit(&["sh", "-c", "for i in 1 2 3 4 5; do echo tick-$i; sleep 0.2; done"])
+        .submit(&[
+            "sh",
+            "-c",
+            "for i in 1 2 3 4 5; do echo tick-$i; sleep 0.2; done",
+        ])
         .await;
     let mut s = c
         .client()
@@ -71,7 +92,11 @@ async fn follow_streams_a_running_job_until_it_ends() {
         .into_inner();
     let mut got = Vec::new();
     let mut eof = false;
-    while let Some(d) = tokio::time::timeout(LIMIT, s.message()).await.unwrap().unwrap() {
+    while let Some(d) = tokio::time::timeout(LIMIT, s.message())
+        .await
+        .unwrap()
+        .unwrap()
+    {
         got.extend_from_slice(&d.data);
         if d.eof {
             eof = true;
@@ -110,8 +135,15 @@ async fn cancel_stops_the_container_and_leaves_nothing() {
     let j = c.wait_final(&id, LIMIT).await;
     assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
     let log = String::from_utf8(c.logs(&id).await).unwrap();
-    assert_eq!(log.matches("got-sigint").count(), 1, "exactly one SIGINT: {log:?}");
-    assert!(containers_of(&id).await.is_empty(), "no container left behind");
+    assert_eq!(
+        log.matches("got-sigint").count(),
+        1,
+        "exactly one SIGINT: {log:?}"
+    );
+    assert!(
+        containers_of(&id).await.is_empty(),
+        "no container left behind"
+    );
 
     // Cancelling a queued job never runs it.
     agent.stop().await;
@@ -119,7 +151,9 @@ async fn cancel_stops_the_container_and_leaves_nothing() {
     let j = c
         .client()
         .await
-        .cancel_job(admin::CancelJobRequest { job_id: queued.clone() })
+        .cancel_job(admin::CancelJobRequest {
+            job_id: queued.clone(),
+        })
         .await
         .unwrap()
         .into_inner();

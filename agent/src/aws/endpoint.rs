@@ -327,7 +327,7 @@ mod tests {
             Some(b"3f1c9a7e5b2d4f608a1c3e5f7092b4d6e8f0a1c3e5b7d9f1a3c5e7092b4d6e8e".as_slice()),
             Some(format!("{TOKEN}0").as_bytes()),
         ] {
-            let a = s.answer(bad.as_deref(), now());
+            let a = s.answer(bad, now());
             assert_eq!(a.status, 403, "{bad:?}");
             assert!(!a.body.contains("ASIAJOBKEY") && !a.body.contains(TOKEN));
         }

@@ -176,9 +176,16 @@ mod tests {
         let s: &[&[u8]] = &[b"hunter2"];
         assert_eq!(mask_all(s, &[b"pw=hunter2!"]), b"pw=***!");
         assert_eq!(mask_all(s, &[b"pw=hun", b"ter2!"]), b"pw=***!");
-        assert_eq!(mask_all(s, &[b"h", b"u", b"n", b"t", b"e", b"r", b"2"]), b"***");
+        assert_eq!(
+            mask_all(s, &[b"h", b"u", b"n", b"t", b"e", b"r", b"2"]),
+            b"***"
+        );
         assert_eq!(mask_all(s, &[b"hunter", b"3 hunter2"]), b"hunter3 ***");
-        assert_eq!(mask_all(s, &[b"hunte"]), b"hunte", "a prefix at the end is not a secret");
+        assert_eq!(
+            mask_all(s, &[b"hunte"]),
+            b"hunte",
+            "a prefix at the end is not a secret"
+        );
     }
 
     #[test]

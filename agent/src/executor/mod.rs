@@ -503,10 +503,8 @@ mod tests {
         // Egress is the local policy's decision, not a sandbox key.
         let e = toml::from_str::<SandboxConfig>("allow_egress = true").unwrap_err();
         assert!(e.to_string().contains("allow_egress"), "{e}");
-        let c: SandboxConfig = toml::from_str(
-            "secrets_dir = \"/srv/secrets\"\nmax_output_bytes = 1048576",
-        )
-        .unwrap();
+        let c: SandboxConfig =
+            toml::from_str("secrets_dir = \"/srv/secrets\"\nmax_output_bytes = 1048576").unwrap();
         assert_eq!(c.secrets_dir, PathBuf::from("/srv/secrets"));
         assert_eq!(c.max_output_bytes, 1 << 20);
     }

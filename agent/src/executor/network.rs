@@ -98,7 +98,9 @@ pub fn bridge_name(id: &str) -> Option<String> {
 /// The rules fencing `bridge`, in the order they end up at the top of their
 /// chain: `(chain, rule specification)`.
 pub fn rules(bridge: &str, comment: &str) -> Vec<(&'static str, Vec<String>)> {
-    let tail = |mut spec: Vec<&str>| {
+    let rule = |matches: &[&str]| {
+        let mut spec = vec!["-i", bridge];
+        spec.extend_from_slice(matches);
         spec.extend([
             "-m",
             "comment",
@@ -112,10 +114,10 @@ pub fn rules(bridge: &str, comment: &str) -> Vec<(&'static str, Vec<String>)> {
         spec.into_iter().map(str::to_string).collect::<Vec<_>>()
     };
     vec![
-        ("INPUT", tail(vec!["-i", bridge])),
-        ("DOCKER-USER", tail(vec!["-i", bridge, "-d", LINK_LOCAL])),
-        ("DOCKER-USER", tail(vec!["-i", bridge, "-o", "br-+"])),
-        ("DOCKER-USER", tail(vec!["-i", bridge, "-o", "docker0"])),
+        ("INPUT", rule(&[])),
+        ("DOCKER-USER", rule(&["-d", LINK_LOCAL])),
+        ("DOCKER-USER", rule(&["-o", "br-+"])),
+        ("DOCKER-USER", rule(&["-o", "docker0"])),
     ]
 }
 
@@ -281,7 +283,10 @@ pub async fn remove_named(docker: &Docker, name: &str) -> Result<bool, ExecError
         })?;
     let mut removed = false;
     // The name filter matches substrings: compare exactly.
-    for n in networks.into_iter().filter(|n| n.name.as_deref() == Some(name)) {
+    for n in networks
+        .into_iter()
+        .filter(|n| n.name.as_deref() == Some(name))
+    {
         if let Some(id) = n.id {
             removed |= remove_id(docker, &id).await?;
         }
@@ -317,7 +322,13 @@ pub async fn list_labelled(
         .map_err(|source| ExecError::ListNetworks { filter, source })?;
     Ok(networks
         .into_iter()
-        .filter_map(|n| Some((n.id?, n.name.unwrap_or_default(), n.labels.unwrap_or_default())))
+        .filter_map(|n| {
+            Some((
+                n.id?,
+                n.name.unwrap_or_default(),
+                n.labels.unwrap_or_default(),
+            ))
+        })
         .collect())
 }
 
@@ -332,7 +343,8 @@ mod tests {
             .iter()
             .map(|(chain, spec)| format!("{chain} {}", spec.join(" ")))
             .collect();
-        let tail = "-m comment --comment outpost:s:job-1-2 -j REJECT --reject-with icmp-admin-prohibited";
+        let tail =
+            "-m comment --comment outpost:s:job-1-2 -j REJECT --reject-with icmp-admin-prohibited";
         assert_eq!(
             text,
             vec![
@@ -342,8 +354,11 @@ mod tests {
                 format!("DOCKER-USER -i br-0123456789ab -o docker0 {tail}"),
             ]
         );
-        assert!(r.iter().all(|(_, spec)| spec.iter().any(|t| t == "-i")
-            && !spec.iter().any(|t| t == "ACCEPT")));
+        assert!(
+            r.iter()
+                .all(|(_, spec)| spec.iter().any(|t| t == "-i")
+                    && !spec.iter().any(|t| t == "ACCEPT"))
+        );
     }
 
     #[test]

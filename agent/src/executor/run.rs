@@ -1092,7 +1092,7 @@ async fn forward_output(
     mut filter: OutputFilter,
 ) -> Forwarded {
     let mut receiver_gone = false;
-    let mut send = async |bytes: Bytes, receiver_gone: &mut bool| {
+    let send = async |bytes: Bytes, receiver_gone: &mut bool| {
         if bytes.is_empty() || *receiver_gone {
             return;
         }

@@ -906,8 +906,14 @@ mod tests {
         assert_eq!(
             h.sysctls,
             Some(HashMap::from([
-                ("net.ipv6.conf.all.disable_ipv6".to_string(), "1".to_string()),
-                ("net.ipv6.conf.default.disable_ipv6".to_string(), "1".to_string()),
+                (
+                    "net.ipv6.conf.all.disable_ipv6".to_string(),
+                    "1".to_string()
+                ),
+                (
+                    "net.ipv6.conf.default.disable_ipv6".to_string(),
+                    "1".to_string()
+                ),
             ]))
         );
         check_sandbox(&body, &key(), &c, &ws()).unwrap();
@@ -986,7 +992,14 @@ mod tests {
         assert!(!env.iter().any(|e| e.contains("value of")), "{env:?}");
         check_sandbox(&body, &key(), &c, &ws()).unwrap();
         // No secrets: no second mount.
-        assert_eq!(host(&build(&spec()).unwrap()).mounts.as_ref().unwrap().len(), 1);
+        assert_eq!(
+            host(&build(&spec()).unwrap())
+                .mounts
+                .as_ref()
+                .unwrap()
+                .len(),
+            1
+        );
 
         type Loosen = fn(&mut Mount);
         let cases: [Loosen; 5] = [
@@ -1013,14 +1026,26 @@ mod tests {
         }
         // The secrets mount in the workspace's place, or a third mount.
         let mut b = body.clone();
-        b.host_config.as_mut().unwrap().mounts.as_mut().unwrap().swap(0, 1);
+        b.host_config
+            .as_mut()
+            .unwrap()
+            .mounts
+            .as_mut()
+            .unwrap()
+            .swap(0, 1);
         assert_eq!(
             check_sandbox(&b, &key(), &c, &ws()),
             Err(SpecError::SandboxLoosened("host paths"))
         );
         let mut b = body.clone();
         let extra = b.host_config.as_ref().unwrap().mounts.as_ref().unwrap()[1].clone();
-        b.host_config.as_mut().unwrap().mounts.as_mut().unwrap().push(extra);
+        b.host_config
+            .as_mut()
+            .unwrap()
+            .mounts
+            .as_mut()
+            .unwrap()
+            .push(extra);
         assert_eq!(
             check_sandbox(&b, &key(), &c, &ws()),
             Err(SpecError::SandboxLoosened("host paths"))
@@ -1029,11 +1054,28 @@ mod tests {
 
     #[test]
     fn secret_names_are_file_names() {
-        for good in ["A", "db_password", "tls.key", "x-1", ".npmrc", &"n".repeat(128)] {
+        for good in [
+            "A",
+            "db_password",
+            "tls.key",
+            "x-1",
+            ".npmrc",
+            &"n".repeat(128),
+        ] {
             assert!(build(&with_secrets(&[good])).is_ok(), "{good:?}");
         }
         for bad in [
-            "", ".", "..", "a..b", "../etc", "a/b", "/abs", "a b", "é", "a\0", "a=b",
+            "",
+            ".",
+            "..",
+            "a..b",
+            "../etc",
+            "a/b",
+            "/abs",
+            "a b",
+            "é",
+            "a\0",
+            "a=b",
             &"n".repeat(129),
         ] {
             assert_eq!(
@@ -1048,7 +1090,10 @@ mod tests {
         );
         let many: Vec<String> = (0..=MAX_SECRETS).map(|i| format!("s{i}")).collect();
         let many: Vec<&str> = many.iter().map(String::as_str).collect();
-        assert_eq!(build(&with_secrets(&many)).unwrap_err(), SpecError::SecretsTooLarge);
+        assert_eq!(
+            build(&with_secrets(&many)).unwrap_err(),
+            SpecError::SecretsTooLarge
+        );
         let mut big = with_secrets(&["big"]);
         big.secrets[0].value = crate::job::SecretBytes::new(vec![b'x'; MAX_SECRET_BYTES + 1]);
         assert_eq!(build(&big).unwrap_err(), SpecError::SecretsTooLarge);

@@ -229,7 +229,11 @@ fn parse_digest(digest: &str) -> Result<String, String> {
     let len = match algorithm {
         "sha256" => 64,
         "sha512" => 128,
-        _ => return Err(format!("digest algorithm {algorithm:?} is not sha256 or sha512")),
+        _ => {
+            return Err(format!(
+                "digest algorithm {algorithm:?} is not sha256 or sha512"
+            ));
+        }
     };
     if hex.len() != len
         || !hex
@@ -272,7 +276,9 @@ fn parse_domain(domain: &str) -> Result<String, String> {
     let label_ok = |label: &str| {
         !label.is_empty()
             && label.len() <= 63
-            && label.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
             && !label.starts_with('-')
             && !label.ends_with('-')
     };
@@ -339,15 +345,24 @@ mod tests {
         assert_eq!(norm("alpine"), "docker.io/library/alpine:latest");
         assert_eq!(norm("alpine:3.20"), "docker.io/library/alpine:3.20");
         assert_eq!(norm("outpost/runner:dev"), "docker.io/outpost/runner:dev");
-        assert_eq!(norm("docker.io/outpost/runner"), "docker.io/outpost/runner:latest");
-        assert_eq!(norm("index.docker.io/library/alpine"), "docker.io/library/alpine:latest");
+        assert_eq!(
+            norm("docker.io/outpost/runner"),
+            "docker.io/outpost/runner:latest"
+        );
+        assert_eq!(
+            norm("index.docker.io/library/alpine"),
+            "docker.io/library/alpine:latest"
+        );
         assert_eq!(norm("docker.io/alpine"), "docker.io/library/alpine:latest");
         assert_eq!(
             norm("Registry.Internal:5000/team/runner:v1"),
             "registry.internal:5000/team/runner:v1"
         );
         assert_eq!(norm("localhost/x"), "localhost/x:latest");
-        assert_eq!(norm(&format!("alpine@{D}")), format!("docker.io/library/alpine@{D}"));
+        assert_eq!(
+            norm(&format!("alpine@{D}")),
+            format!("docker.io/library/alpine@{D}")
+        );
         assert_eq!(
             norm(&format!("outpost/runner:dev@{D}")),
             format!("docker.io/outpost/runner:dev@{D}")
@@ -410,13 +425,34 @@ mod tests {
         assert!(!admitted("outpost/", "outpostevil/runner"));
         assert!(!admitted("outpost/", "evil.com/outpost/x"));
         assert!(!admitted("outpost/", "library/outpost"));
-        assert!(!admitted("outpost/", "outpost"), "docker.io/library/outpost");
-        assert!(admitted("registry.internal/team/", "registry.internal/team/runner:v1"));
-        assert!(admitted("registry.internal/team/", "REGISTRY.internal/team/a/b"));
-        assert!(!admitted("registry.internal/team/", "registry.internal/teamx/runner"));
-        assert!(!admitted("registry.internal/team/", "registry.internal:5000/team/runner"));
-        assert!(!admitted("registry.internal/team/", "registry.internal.evil.com/team/x"));
-        assert!(admitted("registry.internal/", "registry.internal/any/thing"));
+        assert!(
+            !admitted("outpost/", "outpost"),
+            "docker.io/library/outpost"
+        );
+        assert!(admitted(
+            "registry.internal/team/",
+            "registry.internal/team/runner:v1"
+        ));
+        assert!(admitted(
+            "registry.internal/team/",
+            "REGISTRY.internal/team/a/b"
+        ));
+        assert!(!admitted(
+            "registry.internal/team/",
+            "registry.internal/teamx/runner"
+        ));
+        assert!(!admitted(
+            "registry.internal/team/",
+            "registry.internal:5000/team/runner"
+        ));
+        assert!(!admitted(
+            "registry.internal/team/",
+            "registry.internal.evil.com/team/x"
+        ));
+        assert!(admitted(
+            "registry.internal/",
+            "registry.internal/any/thing"
+        ));
         assert!(!admitted("registry.internal/", "registry.internalx/any"));
         assert!(admitted("localhost:5000/", "localhost:5000/x"));
         assert!(!admitted("localhost:5000/", "localhost/x"));
@@ -433,9 +469,15 @@ mod tests {
         assert!(admitted("alpine", "docker.io/library/alpine:3"));
 
         assert!(admitted("outpost/runner:dev", "outpost/runner:dev"));
-        assert!(admitted("outpost/runner:dev", "docker.io/outpost/runner:dev"));
+        assert!(admitted(
+            "outpost/runner:dev",
+            "docker.io/outpost/runner:dev"
+        ));
         assert!(!admitted("outpost/runner:dev", "outpost/runner:dev2"));
-        assert!(!admitted("outpost/runner:dev", "outpost/runner"), "that is :latest");
+        assert!(
+            !admitted("outpost/runner:dev", "outpost/runner"),
+            "that is :latest"
+        );
         assert!(
             !admitted("outpost/runner:dev", &format!("outpost/runner:dev@{D}")),
             "a digest would run other content than the allowed tag"
@@ -455,8 +497,16 @@ mod tests {
     #[test]
     fn unusable_rules_are_refused() {
         for bad in [
-            "", "/", "outpost//", "Outpost/", "outpost/:dev/", "outpost/x:dev/", "a b/", "../",
-            "outpost/../x", "outpost/x@sha256:1",
+            "",
+            "/",
+            "outpost//",
+            "Outpost/",
+            "outpost/:dev/",
+            "outpost/x:dev/",
+            "a b/",
+            "../",
+            "outpost/../x",
+            "outpost/x@sha256:1",
         ] {
             assert!(ImageRule::parse(bad).is_err(), "{bad:?} must be refused");
         }

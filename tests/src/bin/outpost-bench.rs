@@ -59,7 +59,17 @@ async fn main() {
         let name = format!("outpost-bench-{}-{i}", std::process::id());
         let t0 = SystemTime::now();
         let st = Command::new("docker")
-            .args(["run", "-d", "--network", "none", "--name", &name, RUNNER_IMAGE, "sleep", "1"])
+            .args([
+                "run",
+                "-d",
+                "--network",
+                "none",
+                "--name",
+                &name,
+                RUNNER_IMAGE,
+                "sleep",
+                "1",
+            ])
             .output()
             .expect("docker run");
         assert!(st.status.success());
@@ -100,7 +110,16 @@ async fn main() {
         let st = Command::new(bin("outpost"))
             .arg("--state-dir")
             .arg(&c.state.root)
-            .args(["submit", "--image", RUNNER_IMAGE, "--label", "zone=test", "--wait", "--", "true"])
+            .args([
+                "submit",
+                "--image",
+                RUNNER_IMAGE,
+                "--label",
+                "zone=test",
+                "--wait",
+                "--",
+                "true",
+            ])
             .stdout(std::process::Stdio::null())
             .status()
             .expect("outpost submit");
@@ -110,7 +129,8 @@ async fn main() {
 
     // Idle footprint.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let status = std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
     let rss = status
         .lines()
         .find(|l| l.starts_with("VmRSS:"))
@@ -124,14 +144,26 @@ async fn main() {
         median(&mut job_rt),
     );
     println!("rounds: {rounds} (medians)");
-    println!("{:<44} {:>10} {:>10} {:>8}", "measure", "docker", "outpost", "ratio");
     println!(
-        "{:<44} {:>8.1}ms {:>8.1}ms {:>7.2}x",
-        "invoke/submit -> process running", bp, jp, jp / bp
+        "{:<44} {:>10} {:>10} {:>8}",
+        "measure", "docker", "outpost", "ratio"
     );
     println!(
         "{:<44} {:>8.1}ms {:>8.1}ms {:>7.2}x",
-        "trivial job end to end (run --rm / --wait)", br, jr, jr / br
+        "invoke/submit -> process running",
+        bp,
+        jp,
+        jp / bp
     );
-    println!("idle agent resident memory: {}", rss.trim_start_matches("VmRSS:").trim());
+    println!(
+        "{:<44} {:>8.1}ms {:>8.1}ms {:>7.2}x",
+        "trivial job end to end (run --rm / --wait)",
+        br,
+        jr,
+        jr / br
+    );
+    println!(
+        "idle agent resident memory: {}",
+        rss.trim_start_matches("VmRSS:").trim()
+    );
 }
