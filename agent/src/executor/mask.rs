@@ -2,10 +2,13 @@
 //!
 //! A job's output reaches the executor in chunks cut wherever the engine
 //! chose, so a secret may be split across two (or more) chunks. [`Masker`]
-//! keeps back the last `max(len) − 1` bytes of what it was given (the
-//! *carry*): only positions followed by at least `max(len)` bytes are decided,
-//! so every decision is the one masking the whole stream at once would make.
-//! [`Masker::finish`] decides the carry at the end of the stream.
+//! decides a position only once what follows it settles the decision (at
+//! least `max(len)` bytes follow, or no secret could still start there), so
+//! every decision is the one masking the whole stream at once would make. It
+//! keeps back the rest (the *carry*): at most `max(len) − 1` bytes, and only
+//! from the first position where a secret may begin, so output that cannot
+//! be part of a secret is never delayed. [`Masker::finish`] decides the carry
+//! at the end of the stream.
 //!
 //! Properties (property tested below):
 //!
@@ -91,7 +94,8 @@ impl Masker {
     }
 
     /// Masks the next chunk; returns what can be emitted now (possibly
-    /// nothing), keeping back at most `max(len) − 1` bytes.
+    /// nothing), keeping back at most `max(len) − 1` bytes that may begin a
+    /// secret.
     pub fn push(&mut self, chunk: Bytes) -> Bytes {
         if self.is_empty() {
             return chunk;
@@ -116,27 +120,33 @@ impl Masker {
         Bytes::from(out)
     }
 
-    /// Decides every position of `buf` that has `max_len` bytes after it (all
-    /// of them at the end), appending to `out`; returns the bytes consumed.
+    /// Decides every position of `buf` whose decision cannot depend on
+    /// bytes still to come (all of them at the end), in order, appending to
+    /// `out`; returns the bytes consumed (up to the first undecided position).
     fn scan(&self, buf: &[u8], out: &mut Vec<u8>, at_end: bool) -> usize {
-        let limit = if at_end {
-            buf.len()
-        } else {
-            buf.len().saturating_sub(self.max_len - 1)
-        };
         let mut i = 0;
-        while i < limit {
-            let Some(k) = buf[i..limit]
+        while i < buf.len() {
+            let Some(k) = buf[i..]
                 .iter()
                 .position(|&b| self.first[usize::from(b)])
             else {
-                out.extend_from_slice(&buf[i..limit]);
-                i = limit;
-                break;
+                out.extend_from_slice(&buf[i..]);
+                return buf.len();
             };
             out.extend_from_slice(&buf[i..i + k]);
             i += k;
-            match self.patterns.iter().find(|p| buf[i..].starts_with(p)) {
+            let rest = &buf[i..];
+            // A secret longer than what is left that begins with all of it:
+            // only the next bytes can tell.
+            if !at_end
+                && self
+                    .patterns
+                    .iter()
+                    .any(|p| p.len() > rest.len() && p.starts_with(rest))
+            {
+                return i;
+            }
+            match self.patterns.iter().find(|p| rest.starts_with(p)) {
                 Some(p) => {
                     out.extend_from_slice(MASK);
                     i += p.len();
@@ -197,12 +207,23 @@ mod tests {
     }
 
     #[test]
-    fn carry_is_bounded_by_the_longest_value() {
+    fn only_a_possible_secret_prefix_is_kept_back() {
         let mut m = Masker::new([&b"0123456789"[..], &b"xy"[..]]);
-        let out = m.push(Bytes::from_static(b"aaaaaaaaaaaaaaaaaaaa"));
-        assert_eq!(out.len(), 20 - 9);
-        assert_eq!(m.carry.len(), 9);
-        assert_eq!(m.finish(), Bytes::from_static(b"aaaaaaaaa"));
+        // Nothing here can begin a secret: all of it goes out at once.
+        let out = m.push(Bytes::from_static(b"aaaaaaaaaaaaaaaaaaaa\n"));
+        assert_eq!(out, Bytes::from_static(b"aaaaaaaaaaaaaaaaaaaa\n"));
+        assert!(m.carry.is_empty());
+        let out = m.push(Bytes::from_static(b"abc 012345"));
+        assert_eq!(out, Bytes::from_static(b"abc "));
+        assert_eq!(m.carry, b"012345");
+        let out = m.push(Bytes::from_static(b"6789 x"));
+        assert_eq!(out, Bytes::from_static(b"*** "));
+        assert_eq!(m.carry, b"x");
+        // Never more than max(len) - 1 bytes.
+        let out = m.push(Bytes::from_static(b"0123456780123"));
+        assert_eq!(out, Bytes::from_static(b"x012345678"));
+        assert_eq!(m.carry, b"0123");
+        assert_eq!(m.finish(), Bytes::from_static(b"0123"));
     }
 
     #[test]
