@@ -228,7 +228,18 @@ impl Runtime {
         if self.is_draining() {
             return Err("agent is draining".into());
         }
-        let encoded = raw.encode_to_vec();
+        // The spooled copy (for re-adoption) carries no credential: the
+        // web-identity token and secret values never touch the agent's disk.
+        let mut for_disk = raw.clone();
+        if let Some(spec) = for_disk.spec.as_mut() {
+            if let Some(aws) = spec.aws.as_mut() {
+                aws.web_identity_token.clear();
+            }
+            for secret in spec.secrets.iter_mut() {
+                secret.value.clear();
+            }
+        }
+        let encoded = for_disk.encode_to_vec();
         let lease = wire::lease_from_pb(raw)?;
         let key = lease.key.clone();
         {

@@ -272,3 +272,42 @@ impl Cluster {
         cfg
     }
 }
+
+/// Removes, when dropped, whatever Docker and iptables still hold for a job
+/// (its containers, networks and firewall rules): a test that fails while
+/// its agent is killed would otherwise leave them with no agent to clean
+/// them up (its `work_dir` is gone with the test).
+pub struct JobLeftoversGuard(pub String);
+
+impl Drop for JobLeftoversGuard {
+    fn drop(&mut self) {
+        let label = format!("label=outpost.job={}", self.0);
+        let list = |what: &[&str]| -> Vec<String> {
+            Command::new("docker")
+                .args(what)
+                .args(["--filter", &label, "-q"])
+                .output()
+                .map(|o| {
+                    String::from_utf8_lossy(&o.stdout)
+                        .split_whitespace()
+                        .map(str::to_string)
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        for id in list(&["ps", "-a"]) {
+            let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+        }
+        for id in list(&["network", "ls"]) {
+            let _ = Command::new("docker").args(["network", "rm", &id]).output();
+        }
+        for rule in rules_of(&self.0) {
+            let args: Vec<String> = rule
+                .replacen("-A", "-D", 1)
+                .split_whitespace()
+                .map(|t| t.trim_matches('"').to_string())
+                .collect();
+            let _ = Command::new("iptables").arg("-w").args(&args).output();
+        }
+    }
+}

@@ -11,11 +11,11 @@ use std::time::{Duration, Instant};
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
 use outpost_tests::sandbox_helpers::{
-    NetFixture, inspect_job, networks_of, probe, rules_of, secrets_path, verdict,
+    JobLeftoversGuard, NetFixture, inspect_job, networks_of, probe, rules_of, secrets_path, verdict,
 };
 use outpost_tests::{Cluster, bin, containers_of, spec, state};
 
-const LIMIT: Duration = Duration::from_secs(60);
+const LIMIT: Duration = Duration::from_secs(30);
 
 fn script(text: &str) -> pb::JobSpec {
     spec(&["sh", "-c", text])
@@ -43,7 +43,10 @@ async fn wait_log(c: &Cluster, id: &str, marker: &str) -> String {
             !outpost_tests::is_final(&j),
             "job {id} ended before printing {marker:?}: {j:?}\n{log}"
         );
-        assert!(Instant::now() < deadline, "no {marker:?} from {id}:\n{log}");
+        assert!(
+            Instant::now() < deadline,
+            "no {marker:?} from {id}: {j:?}\n{log}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
@@ -173,6 +176,7 @@ async fn egress_reaches_out_but_never_metadata_the_host_or_another_job() {
             probe("self", "$me", 8080)
         ))))
         .await;
+    let _guard_a = JobLeftoversGuard(a.clone());
     let log_a = wait_log(&c, &a, "ready").await;
     assert!(
         verdict(&log_a, "self").starts_with("REACHED JOB-A"),
@@ -396,7 +400,9 @@ async fn after_an_agent_crash_the_next_start_leaves_nothing_behind() {
         value: b"crash-canary".to_vec(),
     }];
     let id = c.submit_spec(s).await;
-    wait_log(&c, &id, "up").await;
+    let _guard = JobLeftoversGuard(id.clone());
+    let job_started = tokio::time::timeout(LIMIT, wait_log(&c, &id, "up")).await;
+    assert!(job_started.is_ok(), "agent log:\n{}", agent.log_text());
     let sandbox = outpost_agent::executor::SandboxConfig {
         work_dir: config.parent().expect("agent dir").join("work"),
         ..Default::default()

@@ -41,7 +41,6 @@ pub struct Masker {
     patterns: Arc<[Vec<u8>]>,
     /// Whether a byte starts some pattern.
     first: Arc<[bool; 256]>,
-    max_len: usize,
     carry: Vec<u8>,
 }
 
@@ -70,11 +69,9 @@ impl Masker {
                 first[usize::from(b)] = true;
             }
         }
-        let max_len = patterns.first().map_or(0, Vec::len);
         Masker {
             patterns: patterns.into(),
             first: Arc::new(first),
-            max_len,
             carry: Vec::new(),
         }
     }
@@ -126,10 +123,7 @@ impl Masker {
     fn scan(&self, buf: &[u8], out: &mut Vec<u8>, at_end: bool) -> usize {
         let mut i = 0;
         while i < buf.len() {
-            let Some(k) = buf[i..]
-                .iter()
-                .position(|&b| self.first[usize::from(b)])
-            else {
+            let Some(k) = buf[i..].iter().position(|&b| self.first[usize::from(b)]) else {
                 out.extend_from_slice(&buf[i..]);
                 return buf.len();
             };
@@ -231,8 +225,11 @@ mod tests {
         let mut m = Masker::new([&b"secret"[..]]);
         let _ = m.push(Bytes::from_static(b"sec"));
         let mut again = m.restart();
-        assert_eq!(again.push(Bytes::from_static(b"ret")), Bytes::new());
-        assert_eq!(again.finish(), Bytes::from_static(b"ret"));
+        assert_eq!(
+            again.push(Bytes::from_static(b"ret")),
+            Bytes::from_static(b"ret")
+        );
+        assert_eq!(again.finish(), Bytes::new());
     }
 
     /// Splits `data` at the given (sorted, deduplicated) cut points.

@@ -123,7 +123,7 @@ impl DockerExecutor {
         }
         let work_dir = workspace::prepare_work_dir(&cfg.work_dir).await?;
         let scope = spec::agent_scope(&work_dir);
-        let secrets_dir = secrets::prepare(&cfg.secrets_dir, &scope).await?;
+        let secrets_dir = secrets::prepare(&cfg.secrets_dir).await?;
         tracing::info!(
             api_version = %docker.client_version(),
             engine_version = info.server_version.as_deref().unwrap_or("unknown"),

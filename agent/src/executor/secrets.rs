@@ -28,12 +28,11 @@ use crate::job::JobSecret;
 /// takes memory).
 const TMPFS_SIZE: &str = "64m";
 
-/// Makes `secrets_dir` a root-only tmpfs (mounting one if needed) and
-/// creates this agent's `scope` directory in it. Returns the canonical
-/// `secrets_dir`.
-pub(super) async fn prepare(secrets_dir: &Path, scope: &str) -> Result<PathBuf, ExecError> {
+/// Makes `secrets_dir` a root-only tmpfs (mounting one if needed). Returns
+/// its canonical path. (This agent's `<scope>` directory in it is created
+/// with its first job that has secrets.)
+pub(super) async fn prepare(secrets_dir: &Path) -> Result<PathBuf, ExecError> {
     let dir = secrets_dir.to_path_buf();
-    let scope = scope.to_string();
     blocking("preparing the secrets directory", move || {
         let fail = |reason: String| ExecError::SecretsDir {
             path: dir.clone(),
@@ -72,15 +71,6 @@ pub(super) async fn prepare(secrets_dir: &Path, scope: &str) -> Result<PathBuf, 
         }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| fail(e.to_string()))?;
-        let scoped = dir.join(&scope);
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&scoped)
-            .or_else(|e| match e.kind() {
-                io::ErrorKind::AlreadyExists => Ok(()),
-                _ => Err(e),
-            })
-            .map_err(|e| fail(e.to_string()))?;
         dir.canonicalize().map_err(|e| fail(e.to_string()))
     })
     .await
@@ -103,6 +93,12 @@ pub(super) async fn write(
     let secrets = secrets.to_vec();
     blocking("writing secrets", move || {
         let result = remove_if_present(&path).and_then(|()| {
+            if let Some(scope) = path.parent() {
+                std::fs::DirBuilder::new()
+                    .recursive(true)
+                    .mode(0o700)
+                    .create(scope)?;
+            }
             std::fs::DirBuilder::new().mode(0o700).create(&path)?;
             for s in &secrets {
                 // Names were checked by the spec builder ([A-Za-z0-9_.-], no "..").
