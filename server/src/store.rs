@@ -247,7 +247,11 @@ impl Store {
         self.with(move |c| {
             let n = c
                 .execute(
-                    "UPDATE jobs SET state = 'queued', agent_id = NULL, lease_deadline_ms = 0
+                    "UPDATE jobs SET
+                         state = CASE WHEN cancel_requested = 1 THEN 'cancelled' ELSE 'queued' END,
+                         message = CASE WHEN cancel_requested = 1 THEN 'cancelled before it ran' ELSE message END,
+                         agent_id = CASE WHEN cancel_requested = 1 THEN agent_id ELSE NULL END,
+                         lease_deadline_ms = 0
                      WHERE id = ?1 AND epoch = ?2 AND agent_id = ?3 AND state IN ('leased','running')",
                     params![id, epoch as i64, agent],
                 )

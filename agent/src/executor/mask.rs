@@ -23,9 +23,13 @@
 //! Matching is leftmost, then longest: at each position the longest secret
 //! starting there is replaced by [`MASK`].
 //!
+//! The executor masks stdout and stderr apart, so output on one stream
+//! never splits a secret written to the other.
+//!
 //! What masking cannot catch: a secret transformed before printing (encoded,
-//! quoted or escaped by `set -x`, split by other output written in between,
-//! or printed one line of a multi-line value at a time).
+//! quoted or escaped by `set -x`, split by other output written in between
+//! to the same stream, or printed one line of a multi-line value at a time).
+//! It guards against accidents, not against a job that means to leak.
 
 use std::sync::Arc;
 

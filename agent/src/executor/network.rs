@@ -166,6 +166,12 @@ async fn iptables(args: &[String]) -> Result<String, ExecError> {
     }
 }
 
+/// Whether an `iptables` executable is on the `PATH`.
+fn iptables_installed() -> bool {
+    std::env::var_os("PATH")
+        .is_some_and(|path| std::env::split_paths(&path).any(|dir| dir.join("iptables").is_file()))
+}
+
 /// Deletes every rule of ours (comment `outpost:<scope>:<job>`) for which
 /// `remove(job)` holds. Returns how many were deleted.
 async fn remove_rules_where(
@@ -174,6 +180,10 @@ async fn remove_rules_where(
 ) -> Result<usize, ExecError> {
     let prefix = rule_comment(scope, "");
     let mut removed = 0;
+    if !iptables_installed() {
+        // Then no rule of ours can exist (nor could an egress job run).
+        return Ok(0);
+    }
     for chain in CHAINS {
         let listing = match iptables(&["-S".to_string(), chain.to_string()]).await {
             Ok(listing) => listing,

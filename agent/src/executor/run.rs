@@ -573,6 +573,7 @@ impl DockerExecutor {
         flush: bool,
     ) -> OutputFilter {
         OutputFilter {
+            stderr_masker: masker.restart(),
             masker,
             skip,
             position: 0,
@@ -597,6 +598,7 @@ impl DockerExecutor {
         // continues at the same offset. The carry is flushed at this end.
         let filter = OutputFilter {
             masker: done.filter.masker.restart(),
+            stderr_masker: done.filter.stderr_masker.restart(),
             skip: done.position + done.unskipped,
             position: 0,
             flush: true,
@@ -761,11 +763,15 @@ impl DockerExecutor {
         match self.docker.inspect_container(name, None).await {
             Ok(inspect) => {
                 let state = inspect.state.unwrap_or_default();
-                let outcome = Outcome::Exited {
-                    code: state.exit_code.unwrap_or(code),
-                    oom_killed: state.oom_killed.unwrap_or(false),
-                };
-                (outcome, true)
+                let code = state.exit_code.unwrap_or(code);
+                let mut oom_killed = state.oom_killed.unwrap_or(false);
+                // Docker 20.10 sets `OOMKilled` only if the kernel's OOM
+                // event reached it before the exit; under load it can come
+                // after. The engine still records the event.
+                if !oom_killed && code == 137 {
+                    oom_killed = self.oom_event_seen(name, state.started_at.as_deref()).await;
+                }
+                (Outcome::Exited { code, oom_killed }, true)
             }
             Err(source) => {
                 let e = ExecError::InspectContainer {
@@ -782,6 +788,30 @@ impl DockerExecutor {
                 )
             }
         }
+    }
+
+    /// Whether the engine recorded an `oom` event for the container since it
+    /// started (waiting up to a second for a late one).
+    async fn oom_event_seen(&self, name: &str, started_at: Option<&str>) -> bool {
+        let until = SystemTime::now() + Duration::from_secs(1);
+        let until = until
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        let options = bollard::query_parameters::EventsOptions {
+            since: started_at.map(str::to_string),
+            until: Some(format!("{}.{:09}", until.as_secs(), until.subsec_nanos())),
+            filters: Some(
+                [
+                    ("type".to_string(), vec!["container".to_string()]),
+                    ("container".to_string(), vec![name.to_string()]),
+                    ("event".to_string(), vec!["oom".to_string()]),
+                ]
+                .into(),
+            ),
+        };
+        let mut events = Box::pin(self.docker.events(Some(options)));
+        let first = tokio::time::timeout(Duration::from_secs(3), events.next()).await;
+        matches!(first, Ok(Some(Ok(_))))
     }
 
     /// The exit code once the container has stopped. A wait request that
@@ -1010,8 +1040,15 @@ async fn init_available(docker: &Docker, info: &SystemInfo) -> bool {
 /// an earlier agent process already delivered skipped, and the total capped.
 /// Offsets (`skip`, `position`, `limit`) count masked bytes, the bytes the
 /// control plane receives.
+///
+/// stdout and stderr are masked apart, each with its own carry, so a secret
+/// written in two pieces to one stream is masked even if the other stream
+/// wrote in between (a piece that may begin a secret waits for the rest,
+/// as the engine's log does with a partial line).
 struct OutputFilter {
+    /// For stdout (and anything that is not stderr).
     masker: Masker,
+    stderr_masker: Masker,
     /// Masked bytes still to drop (already delivered).
     skip: u64,
     /// Masked bytes passed so far, skipped ones included.
@@ -1104,7 +1141,10 @@ async fn forward_output(
     while let Some(item) = stream.next().await {
         match item {
             Ok(chunk) => {
-                let masked = filter.masker.push(chunk.into_bytes());
+                let masked = match chunk {
+                    LogOutput::StdErr { message } => filter.stderr_masker.push(message),
+                    other => filter.masker.push(other.into_bytes()),
+                };
                 let bytes = filter.pass(masked);
                 send(bytes, &mut receiver_gone).await;
             }
@@ -1115,9 +1155,10 @@ async fn forward_output(
         }
     }
     if filter.flush {
-        let rest = filter.masker.finish();
-        let bytes = filter.pass(rest);
-        send(bytes, &mut receiver_gone).await;
+        for rest in [filter.masker.finish(), filter.stderr_masker.finish()] {
+            let bytes = filter.pass(rest);
+            send(bytes, &mut receiver_gone).await;
+        }
     }
     Forwarded {
         position: filter.position,
