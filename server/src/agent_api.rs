@@ -132,19 +132,9 @@ async fn run_session(
         capabilities: vec!["log-ack".into(), "status-ack".into()],
         resumed: renewed
             .iter()
-            .map(|j| pb::LeaseResume {
-                lease: Some(pb::LeaseRef {
-                    job_id: j.id.clone(),
-                    epoch: j.epoch,
-                }),
-                acked_offset: j.log_acked,
-                ttl_ms,
-            })
+            .map(|j| wire::lease_resume(j, ttl_ms))
             .collect(),
-        revoked: revoked
-            .into_iter()
-            .map(|(job_id, epoch)| pb::LeaseRef { job_id, epoch })
-            .collect(),
+        revoked: wire::lease_refs(revoked),
         heartbeat_interval_ms: hub.timing.heartbeat.as_millis() as u64,
     };
     out(&tx, Out::Welcome(welcome)).await?;
@@ -207,19 +197,9 @@ async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> 
                 Out::HeartbeatAck(pb::HeartbeatAck {
                     renewed: renewed
                         .iter()
-                        .map(|j| pb::LeaseResume {
-                            lease: Some(pb::LeaseRef {
-                                job_id: j.id.clone(),
-                                epoch: j.epoch,
-                            }),
-                            acked_offset: j.log_acked,
-                            ttl_ms,
-                        })
+                        .map(|j| wire::lease_resume(j, ttl_ms))
                         .collect(),
-                    revoked: revoked
-                        .into_iter()
-                        .map(|(job_id, epoch)| pb::LeaseRef { job_id, epoch })
-                        .collect(),
+                    revoked: wire::lease_refs(revoked),
                 }),
             )
             .await?;

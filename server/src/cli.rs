@@ -809,7 +809,7 @@ pub async fn wait_final(client: &ClientConfig, job: &str) -> Result<admin::Job> 
     }
 }
 
-fn write_addr(state: &StateDir, addr: std::net::SocketAddr) -> Result<()> {
+pub(crate) fn write_addr(state: &StateDir, addr: std::net::SocketAddr) -> Result<()> {
     std::fs::create_dir_all(&state.root)
         .with_context(|| format!("failed to create {}", state.root.display()))?;
     let url = format!("https://{addr}");
@@ -817,10 +817,6 @@ fn write_addr(state: &StateDir, addr: std::net::SocketAddr) -> Result<()> {
     std::fs::write(&tmp, &url)?;
     std::fs::rename(&tmp, state.addr_file())?;
     Ok(())
-}
-
-pub(crate) fn write_server_addr(state: &StateDir, addr: std::net::SocketAddr) -> Result<()> {
-    write_addr(state, addr)
 }
 
 /// Resolves on the first SIGINT or SIGTERM.

@@ -141,7 +141,7 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
         .await
         .with_context(|| format!("failed to listen on {}", args.listen))?;
     let addr = listener.local_addr()?;
-    crate::cli::write_server_addr(state, addr)?;
+    crate::cli::write_addr(state, addr)?;
     let url = format!("https://{addr}");
 
     let server_stop = CancellationToken::new();

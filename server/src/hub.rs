@@ -291,11 +291,6 @@ impl Hub {
         }
         Ok(())
     }
-
-    /// Number of connected agents and the running jobs each holds.
-    pub fn connected(&self) -> Vec<String> {
-        self.agents.lock().keys().cloned().collect()
-    }
 }
 
 fn selects(job: &Job, labels: &BTreeMap<String, String>) -> bool {

@@ -282,6 +282,26 @@ pub fn agent_to_pb(a: &AgentInfo, connected: bool, running: u32) -> admin::Agent
     }
 }
 
+/// A lease the control plane still honours, with the log offset it holds.
+pub fn lease_resume(j: &Job, ttl_ms: u64) -> pb::LeaseResume {
+    pb::LeaseResume {
+        lease: Some(pb::LeaseRef {
+            job_id: j.id.clone(),
+            epoch: j.epoch,
+        }),
+        acked_offset: j.log_acked,
+        ttl_ms,
+    }
+}
+
+/// Leases the control plane no longer honours.
+pub fn lease_refs(leases: Vec<(String, u64)>) -> Vec<pb::LeaseRef> {
+    leases
+        .into_iter()
+        .map(|(job_id, epoch)| pb::LeaseRef { job_id, epoch })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
