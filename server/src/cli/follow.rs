@@ -29,6 +29,9 @@ pub fn backoff(attempt: u32) -> Duration {
 pub struct Reconnect {
     limit: Duration,
     outage: Option<(Instant, u32)>,
+    /// Whether the control plane answered once: a first connection that
+    /// fails is an error at once (a wrong address, nothing running).
+    answered: bool,
 }
 
 impl Reconnect {
@@ -36,12 +39,16 @@ impl Reconnect {
         Reconnect {
             limit: client.reconnect_for,
             outage: None,
+            answered: false,
         }
     }
 
     /// After a failure: says so (once per outage), waits the next backoff,
     /// or gives up when the outage has lasted `reconnect_for`.
     pub async fn failed(&mut self, why: &str) -> Result<()> {
+        if !self.answered {
+            bail!("{why}");
+        }
         let (since, attempt) = match self.outage {
             Some(o) => o,
             None => {
@@ -65,6 +72,7 @@ impl Reconnect {
 
     /// After a success: ends the outage.
     pub fn ok(&mut self) {
+        self.answered = true;
         if let Some((since, _)) = self.outage.take() {
             note!(
                 "reconnected to the control plane after {}",
@@ -366,7 +374,7 @@ mod tests {
         // A resumed stream repeating bytes already written, then overlapping.
         feed(&mut c, data(1, 0, b"hello "));
         feed(&mut c, data(1, 3, b"lo wor"));
-        feed(&mut c, data(1, 9, b"rld\n"));
+        feed(&mut c, data(1, 8, b"rld\n"));
         assert_eq!(out, b"hello world\n");
         assert_eq!(
             c,
@@ -380,7 +388,8 @@ mod tests {
         assert_eq!(c.offset, 12);
         // A new attempt starts over.
         let mut c2 = c;
-        let (bytes, restarted) = c2.take(&data(2, 0, b"again")).unwrap();
+        let again = data(2, 0, b"again");
+        let (bytes, restarted) = c2.take(&again).unwrap();
         assert!(restarted);
         assert_eq!(
             (bytes, c2),
