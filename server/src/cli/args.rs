@@ -226,8 +226,6 @@ impl SubmitArgs {
     }
 }
 
-/// Entry point of the `outpost` binary.
-
 #[cfg(test)]
 mod tests {
     use clap::Parser;
