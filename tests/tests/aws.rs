@@ -492,7 +492,7 @@ async fn a_role_outside_the_allow_list_is_refused_before_anything_runs() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("failed") && text.contains("allowed_roles"),
+        text.contains("rejected") && text.contains("allowed_roles"),
         "{text}"
     );
     agent.stop().await;
