@@ -1145,14 +1145,14 @@ mod tests {
         let env = body.env.as_ref().unwrap();
         assert!(!env.iter().any(|e| e.contains("value of")), "{env:?}");
         check_sandbox(&body, &key(), &c, &ws()).unwrap();
-        // No secrets: no second mount.
+        // No secrets: no secrets mount.
         assert_eq!(
             host(&build(&spec()).unwrap())
                 .mounts
                 .as_ref()
                 .unwrap()
                 .len(),
-            1
+            3
         );
 
         type Loosen = fn(&mut Mount);
@@ -1172,7 +1172,7 @@ mod tests {
         ];
         for loosen in cases {
             let mut b = body.clone();
-            loosen(&mut b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[1]);
+            loosen(&mut b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[3]);
             assert_eq!(
                 check_sandbox(&b, &key(), &c, &ws()),
                 Err(SpecError::SandboxLoosened("host paths"))
@@ -1180,19 +1180,14 @@ mod tests {
         }
         // The secrets mount in the workspace's place, or a third mount.
         let mut b = body.clone();
-        b.host_config
-            .as_mut()
-            .unwrap()
-            .mounts
-            .as_mut()
-            .unwrap()
-            .swap(0, 1);
+        b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[3].target =
+            Some(WORKSPACE_MOUNT.to_string());
         assert_eq!(
             check_sandbox(&b, &key(), &c, &ws()),
             Err(SpecError::SandboxLoosened("host paths"))
         );
         let mut b = body.clone();
-        let extra = b.host_config.as_ref().unwrap().mounts.as_ref().unwrap()[1].clone();
+        let extra = b.host_config.as_ref().unwrap().mounts.as_ref().unwrap()[3].clone();
         b.host_config
             .as_mut()
             .unwrap()
