@@ -70,12 +70,13 @@ async fn forward(mut client: TcpStream, upstream: SocketAddr, mut cut: watch::Re
     let Ok(mut server) = TcpStream::connect(upstream).await else {
         return;
     };
-    tokio::select! {
-        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
-        _ = cut.wait_for(|c| *c) => {
-            // Partitioned: hold both sides without a byte until healed.
-            let _ = cut.wait_for(|c| !*c).await;
-        }
+    let partitioned = tokio::select! {
+        _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+        r = cut.wait_for(|c| *c) => r.is_ok(),
+    };
+    if partitioned {
+        // Hold both sides without a byte until healed, then drop them.
+        let _ = cut.wait_for(|c| !*c).await;
     }
 }
 
