@@ -152,6 +152,28 @@ async fn wait_agent_log(agent: &AgentProc, text: &str, limit: Duration) {
     }
 }
 
+/// Removes what a killed agent `agent` that never came back left of attempt
+/// 1 of `id`: its container and its workspace filesystem.
+async fn remove_orphan(c: &Cluster, agent: &str, id: &str) {
+    remove_container(&format!("outpost-{id}-1")).await;
+    let workspace = c
+        .dir
+        .path()
+        .join("agents")
+        .join(agent)
+        .join("work")
+        .join(format!("{id}-1"));
+    let st = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&workspace)
+        .status()
+        .expect("umount");
+    assert!(
+        st.success(),
+        "the orphan's workspace filesystem was mounted"
+    );
+}
+
 /// Removes a container the scenario left on purpose (its agent never came back).
 async fn remove_container(name: &str) {
     let docker = bollard::Docker::connect_with_local_defaults()
@@ -292,7 +314,7 @@ async fn a_killed_agent_that_never_returns_cannot_run_a_job_twice() {
         "epoch 2 has every byte exactly once"
     );
     // Nobody else removes what the dead agent left.
-    remove_container(&format!("outpost-{id}-1")).await;
+    remove_orphan(&c, "a", &id).await;
     assert_no_containers(&id).await;
     eprintln!(
         "scenario kill -9, no restart: {:?}; epoch 1 died {gap:?} before epoch 2 started",
@@ -337,7 +359,7 @@ async fn a_killed_agents_orphan_still_meets_its_timeout() {
         ran >= Duration::from_secs(3) && ran < Duration::from_secs(6),
         "ran {ran:?}"
     );
-    remove_container(&name).await;
+    remove_orphan(&c, "a", &id).await;
     assert_no_containers(&id).await;
 }
 
