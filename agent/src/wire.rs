@@ -34,8 +34,7 @@ pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
                 memory_bytes: nz(r.memory_bytes),
                 nano_cpus: nz(r.nano_cpus),
                 pids: nz(r.pids),
-                // Not on the wire yet: the agent's size applies.
-                workspace_bytes: None,
+                workspace_bytes: nz(r.workspace_bytes),
             },
             timeout: nz(spec.timeout_ms).map(Duration::from_millis),
             network,

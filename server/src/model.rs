@@ -77,6 +77,8 @@ pub struct JobSpec {
     pub memory_bytes: u64,
     pub nano_cpus: u64,
     pub pids: u64,
+    /// Size of the job's workspace filesystem; 0 means the agent's size.
+    pub workspace_bytes: u64,
     pub timeout_ms: u64,
     pub network: Network,
     /// AWS role for the job's credentials (the token is minted per lease, never stored).

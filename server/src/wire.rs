@@ -62,6 +62,7 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
         memory_bytes: r.memory_bytes,
         nano_cpus: r.nano_cpus,
         pids: r.pids,
+        workspace_bytes: r.workspace_bytes,
         timeout_ms: spec.timeout_ms,
         network,
         aws,
@@ -213,6 +214,7 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
             memory_bytes: spec.memory_bytes,
             nano_cpus: spec.nano_cpus,
             pids: spec.pids,
+            workspace_bytes: spec.workspace_bytes,
         }),
         timeout_ms: spec.timeout_ms,
         network: match spec.network {
@@ -288,6 +290,7 @@ pub fn job_to_pb(j: &Job) -> admin::Job {
             memory_bytes: j.spec.memory_bytes,
             nano_cpus: j.spec.nano_cpus,
             pids: j.spec.pids,
+            workspace_bytes: j.spec.workspace_bytes,
         }),
         timeout_ms: j.spec.timeout_ms,
         network: match j.spec.network {
@@ -425,6 +428,7 @@ mod tests {
                 memory_bytes,
                 nano_cpus,
                 pids,
+                workspace_bytes: 0,
             }),
             ..Default::default()
         }))

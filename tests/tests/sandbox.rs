@@ -79,6 +79,7 @@ async fn a_job_cannot_escape_its_sandbox_and_gets_the_limits_it_asked_for() {
         memory_bytes: 64 << 20,
         nano_cpus: 500_000_000,
         pids: 32,
+        ..Default::default()
     });
     let ok = c.submit_spec(s).await;
     // Asking for more than the agent's ceiling (1 GiB) is refused.

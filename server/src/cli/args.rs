@@ -59,6 +59,9 @@ pub struct SubmitArgs {
     /// Process limit.
     #[arg(long)]
     pub pids: Option<u64>,
+    /// Size of the job's workspace filesystem (e.g. 256m); only lowers the agent's.
+    #[arg(long, value_parser = parse_bytes)]
+    pub workspace_size: Option<u64>,
     /// Stop the job after this long (e.g. 30m).
     #[arg(long, value_parser = parse_duration)]
     pub timeout: Option<std::time::Duration>,
@@ -196,6 +199,7 @@ impl SubmitArgs {
                 memory_bytes: self.memory.unwrap_or(0),
                 nano_cpus: self.cpus.unwrap_or(0),
                 pids: self.pids.unwrap_or(0),
+                workspace_bytes: self.workspace_size.unwrap_or(0),
             }),
             timeout_ms: self.timeout.map(|d| d.as_millis() as u64).unwrap_or(0),
             network: match self.network {

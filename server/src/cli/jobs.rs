@@ -275,6 +275,7 @@ fn job_lines(j: &admin::Job, now: i64) -> Vec<(&'static str, String)> {
         or_default(r.nano_cpus, &|n: u64| format!("{}", n as f64 / 1e9)),
     ));
     lines.push(("pids", or_default(r.pids, &|n: u64| n.to_string())));
+    lines.push(("workspace", or_default(r.workspace_bytes, &bytes_text)));
     let ms = |v: u64, none: &str| {
         if v == 0 {
             none.to_string()
@@ -328,6 +329,7 @@ fn job_json(j: &admin::Job) -> serde_json::Value {
             "memory_bytes": r.memory_bytes,
             "nano_cpus": r.nano_cpus,
             "pids": r.pids,
+            "workspace_bytes": r.workspace_bytes,
         },
         "timeout_ms": j.timeout_ms,
         "queue_timeout_ms": j.queue_timeout_ms,
@@ -492,6 +494,7 @@ mod tests {
                 memory_bytes: 64 << 20,
                 nano_cpus: 500_000_000,
                 pids: 0,
+                workspace_bytes: 0,
             }),
             timeout_ms: 1_800_000,
             network: pb::NetworkMode::Egress as i32,
