@@ -90,6 +90,8 @@ pub enum Command {
     },
     /// Run a control plane and one local agent; build the runner image if missing.
     Dev(crate::dev::DevArgs),
+    #[command(flatten)]
+    Iac(crate::iac::cli::IacCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -422,6 +424,10 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dev(args) => crate::dev::run(&state, args).await,
+        Command::Iac(cmd) => {
+            let client = ClientConfig::from_state(&state, cli.server.clone())?;
+            crate::iac::cli::run(cmd, &client).await
+        }
         Command::Oidc {
             command: OidcCommand::Publish { out, oidc },
         } => {
@@ -619,7 +625,11 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Server { .. } | Command::Pki { .. } | Command::Dev(_) | Command::Oidc { .. } => {
+        Command::Server { .. }
+        | Command::Pki { .. }
+        | Command::Dev(_)
+        | Command::Oidc { .. }
+        | Command::Iac(_) => {
             bail!("not an admin command")
         }
     }

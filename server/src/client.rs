@@ -107,6 +107,12 @@ impl ClientConfig {
     }
 
     pub async fn connect(&self) -> Result<AdminServiceClient<Channel>, ClientError> {
+        Ok(AdminServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+    }
+
+    /// An mTLS channel to the control plane with the admin certificate (for
+    /// any admin service).
+    pub async fn channel(&self) -> Result<Channel, ClientError> {
         let read = |what, p: &Path| {
             std::fs::read(p).map_err(|source| ClientError::Read {
                 what,
@@ -132,6 +138,6 @@ impl ClientConfig {
             url: self.server.clone(),
             source,
         })?;
-        Ok(AdminServiceClient::new(ch).max_decoding_message_size(64 << 20))
+        Ok(ch)
     }
 }

@@ -82,6 +82,7 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
             allowed_images: vec![RUNNER_IMAGE.to_string()],
             ..Default::default()
         },
+        iac: Default::default(),
     }
 }
 
