@@ -64,44 +64,46 @@ impl PlanPolicy {
     }
 
     /// The policy's verdict on `input`, or why it could not be evaluated
-    /// (callers fail closed).
+    /// (callers fail closed). A rule the policy does not define is empty.
     pub fn evaluate(&mut self, input: &serde_json::Value) -> Result<Verdict, String> {
         let input =
             regorus::Value::from_json_str(&input.to_string()).map_err(|e| error_text(&e))?;
         self.engine.set_input(input);
+        let results = self
+            .engine
+            .eval_query(PACKAGE.to_string(), false)
+            .map_err(|e| error_text(&e))?;
+        let package = match results.result.first().and_then(|r| r.expressions.first()) {
+            Some(e) => e.value.to_json_str().map_err(|e| error_text(&e))?,
+            None => "{}".to_string(),
+        };
+        let package: serde_json::Value =
+            serde_json::from_str(&package).map_err(|e| e.to_string())?;
         Ok(Verdict {
-            deny: self.messages("deny")?,
-            warn: self.messages("warn")?,
+            deny: messages(&package, "deny")?,
+            warn: messages(&package, "warn")?,
         })
     }
+}
 
-    fn messages(&mut self, rule: &str) -> Result<Vec<String>, String> {
-        let query = format!("{PACKAGE}.{rule}");
-        let value = self
-            .engine
-            .eval_rule(query.clone())
-            .map_err(|e| error_text(&e))?;
-        let items: Vec<regorus::Value> = match value {
-            regorus::Value::Undefined => Vec::new(),
-            regorus::Value::Set(set) => set.iter().cloned().collect(),
-            regorus::Value::Array(items) => items.iter().cloned().collect(),
-            other => {
-                return Err(format!(
-                    "{query} must be a set of strings, not {}",
-                    other.to_json_str().unwrap_or_default()
-                ));
-            }
-        };
-        let mut out: Vec<String> = items
-            .into_iter()
+fn messages(package: &serde_json::Value, rule: &str) -> Result<Vec<String>, String> {
+    let mut out: Vec<String> = match package.get(rule) {
+        None | Some(serde_json::Value::Null) => Vec::new(),
+        Some(serde_json::Value::Array(items)) => items
+            .iter()
             .map(|item| match item {
-                regorus::Value::String(s) => s.to_string(),
-                other => other.to_json_str().unwrap_or_default(),
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
             })
-            .collect();
-        out.sort();
-        Ok(out)
-    }
+            .collect(),
+        Some(other) => {
+            return Err(format!(
+                "{PACKAGE}.{rule} must be a set of strings, not {other}"
+            ));
+        }
+    };
+    out.sort();
+    Ok(out)
 }
 
 #[cfg(test)]
