@@ -2,7 +2,7 @@
 //! certificates if absent, builds the runner image if missing, starts the
 //! control plane with its embedded store and one local agent; `--demo` also
 //! runs a real Terraform init/plan/apply in a sandboxed container and streams
-//! its log to the terminal.
+//! its log to the terminal, then the stack workflow (`crate::iac::demo`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -177,8 +177,9 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
 
     let code = if args.demo {
         let client = ClientConfig::from_state(state, Some(url.clone()))?;
-        let code = run_demo(&client).await;
-        code?
+        let code = run_demo(&client).await?;
+        crate::iac::demo::run(state, &client).await?;
+        code
     } else {
         eprintln!("outpost dev: agent \"local\" connected; try:");
         eprintln!(

@@ -2,6 +2,8 @@
 //! program on the control plane, real Terraform (1.0.3 with the null
 //! provider, in the runner image) in the real sandbox, real mTLS.
 
+#![allow(clippy::unwrap_used)]
+
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -486,10 +488,28 @@ deny contains msg if {
     let empty_repo = dir.path().join("e");
     let empty_repo = repo(&empty_repo, "terraform {}\n");
     let empty = stack("empty", &empty_repo);
-    apply(&mut a, vec![denied, local_denied, empty]).await;
+    // Autodeploy confirms by itself only when no policy warns. The plan of
+    // `auto` holds a sensitive value that exists only once planned.
+    let auto_repo = dir.path().join("a");
+    let auto_repo = repo(
+        &auto_repo,
+        &format!(
+            "{MAIN_TF}\nresource \"null_resource\" \"s\" {{\n  triggers = {{ token = sensitive(upper(\"plan-only-canary-7d1\")) }}\n}}\n"
+        ),
+    );
+    let mut auto = stack("auto", &auto_repo);
+    auto.autodeploy = true;
+    let mut auto_warn = stack("auto-warn", &auto_repo);
+    auto_warn.autodeploy = true;
+    auto_warn.plan_policy =
+        "package outpost.plan\nwarn contains \"needs a human\" if { count(input.plan.resource_changes) > 0 }\n"
+            .into();
+    apply(&mut a, vec![denied, local_denied, empty, auto, auto_warn]).await;
     let d = sync(&mut a, "denied").await;
     let l = sync(&mut a, "local-denied").await;
     let e = sync(&mut a, "empty").await;
+    let au = sync(&mut a, "auto").await;
+    let aw = sync(&mut a, "auto-warn").await;
 
     let r = wait_run(&mut a, &d, PLAN_WAIT, settled).await;
     assert_eq!(r.state, "FAILED", "{r:#?}");
@@ -508,5 +528,34 @@ deny contains msg if {
     assert_eq!(r.state, "FINISHED", "{r:#?}");
     assert!(!r.has_changes);
     assert_eq!(r.message, "no changes");
+    let r = wait_run(&mut a, &au, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "CONFIRMED", "{r:#?}");
+    assert_eq!(r.message, "autodeploy");
+    let r = wait_run(&mut a, &aw, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    assert!(r.message.contains("a policy warned"), "{r:#?}");
+    assert_eq!(r.verdicts[0].warn, ["needs a human"]);
+    // The plan's sensitive value never reached the control plane: not in
+    // its store (runs, logs), not in its blobs.
+    let canary = b"PLAN-ONLY-CANARY-7D1";
+    let mut seen = 0;
+    let mut stack_dirs = vec![c.state.data_dir()];
+    while let Some(d) = stack_dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack_dirs.push(p);
+            } else if p.is_file() {
+                seen += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                assert!(
+                    !bytes.windows(canary.len()).any(|w| w == canary),
+                    "{} holds the plan's sensitive value",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(seen >= 3, "the data directory was searched ({seen} files)");
     agent.stop().await;
 }

@@ -383,7 +383,8 @@ fn print_stack(s: &iac::Stack, output: Output) {
     }
 }
 
-fn print_run(r: &iac::Run, output: Output) {
+/// Prints a run (also used by `outpost dev --demo`).
+pub(crate) fn print_run(r: &iac::Run, output: Output) {
     if output == Output::Json {
         println!("{}", run_json(r));
         return;

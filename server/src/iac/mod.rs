@@ -12,6 +12,7 @@ pub mod api;
 pub mod blobs;
 pub mod cli;
 pub mod config;
+pub mod demo;
 pub mod model;
 pub mod runs;
 pub mod source;

@@ -184,14 +184,17 @@ impl RunState {
     /// Whether the state machine allows `self → to`.
     pub fn can_go(self, to: RunState) -> bool {
         use RunState::*;
-        match (self, to) {
-            (Queued, Planning | Cancelled) => true,
-            (Planning, Finished | Unconfirmed | Confirmed | Failed | Cancelled) => true,
-            (Unconfirmed, Confirmed | Discarded | Cancelled | Stale) => true,
-            (Confirmed, Applying | Cancelled | Stale) => true,
-            (Applying, Finished | Failed | Stale) => true,
-            _ => false,
-        }
+        matches!(
+            (self, to),
+            (Queued, Planning | Cancelled)
+                | (
+                    Planning,
+                    Finished | Unconfirmed | Confirmed | Failed | Cancelled
+                )
+                | (Unconfirmed, Confirmed | Discarded | Cancelled | Stale)
+                | (Confirmed, Applying | Cancelled | Stale)
+                | (Applying, Finished | Failed | Stale)
+        )
     }
 }
 

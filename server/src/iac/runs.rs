@@ -537,17 +537,17 @@ impl Engine {
     }
 
     async fn cancel_job(&self, job: &str, who: &str) -> Result<(), IacError> {
-        if let CancelOutcome::Requested(j) = self.hub.store.request_cancel(job.to_string()).await? {
-            if let Some(agent) = &j.agent_id {
-                self.hub.send(
-                    agent,
-                    pb::server_message::Msg::Cancel(pb::Cancel {
-                        job_id: j.id.clone(),
-                        epoch: j.epoch,
-                        reason: format!("run cancelled by {who}"),
-                    }),
-                );
-            }
+        if let CancelOutcome::Requested(j) = self.hub.store.request_cancel(job.to_string()).await?
+            && let Some(agent) = &j.agent_id
+        {
+            self.hub.send(
+                agent,
+                pb::server_message::Msg::Cancel(pb::Cancel {
+                    job_id: j.id.clone(),
+                    epoch: j.epoch,
+                    reason: format!("run cancelled by {who}"),
+                }),
+            );
         }
         Ok(())
     }
