@@ -334,6 +334,27 @@ warn contains msg if {
     let log = String::from_utf8_lossy(&c.logs(&run.plan_job).await).into_owned();
     assert!(log.contains("Plan: 1 to add"), "{log}");
     assert!(!log.contains("\"resource_changes\""), "{log}");
+    // The same through the CLI: `run logs`, `runs STACK --output json`.
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("outpost"))
+            .arg("--state-dir")
+            .arg(&c.state.root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(cli(&["run", "logs", &run_id]).contains("Plan: 1 to add"));
+    let runs: serde_json::Value =
+        serde_json::from_str(&cli(&["runs", "web", "--output", "json"])).unwrap();
+    assert_eq!(runs[0]["run_id"], run_id.as_str());
+    assert_eq!(runs[0]["state"], "UNCONFIRMED");
+    assert_eq!(runs[0]["changes"][0]["address"], "null_resource.first");
 
     // The trigger's own approval does not count; one other is not enough.
     let r = a
