@@ -281,6 +281,45 @@ async fn stacks_apply_idempotently_and_bad_input_is_refused_with_nothing_queued(
     assert!(out.status.success());
     let out = cli(&["stack", "show", "gone"]);
     assert!(!out.status.success());
+
+    // Polling: a stack with an interval queues a tracked run for its first
+    // commit and for each new one, without `stack sync`.
+    let mut polled = stack("polled", &repo);
+    polled.poll_interval_ms = 300;
+    apply(&mut a, vec![polled]).await;
+    let runs_of = |n: usize| move |runs: &Vec<iac::Run>| runs.len() >= n;
+    async fn wait_runs(
+        a: &mut IacAdminClient<Channel>,
+        pred: impl Fn(&Vec<iac::Run>) -> bool,
+    ) -> Vec<iac::Run> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let runs = a
+                .list_runs(iac::ListRunsRequest {
+                    stack: "polled".into(),
+                    limit: 10,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .runs;
+            if pred(&runs) {
+                return runs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "polling queued no run in 30s: {runs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let first = wait_runs(&mut a, runs_of(1)).await;
+    assert_eq!(first[0].triggered_by, "poll");
+    std::fs::write(repo.join("infra/extra.tf"), "# a new commit\n").unwrap();
+    commit(&repo, "polled");
+    let both = wait_runs(&mut a, runs_of(2)).await;
+    assert_ne!(both[0].commit, both[1].commit, "{both:?}");
+    assert_eq!(both.len(), 2, "one run per new commit: {both:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
