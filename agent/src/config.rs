@@ -92,6 +92,9 @@ pub struct AgentConfig {
     /// names, maximum timeout, optional Rego policy (`crate::policy`).
     #[serde(default)]
     pub policy: crate::policy::PolicyConfig,
+    /// Stack runs: the owner's local plan policy (`crate::iac`).
+    #[serde(default)]
+    pub iac: crate::iac::IacConfig,
 }
 
 fn default_capacity() -> u32 {

@@ -130,6 +130,8 @@ pub struct Lease {
     pub spec: JobSpec,
     /// Log bytes the server already holds (non-zero on a re-lease).
     pub log_offset: u64,
+    /// Set when the job is a phase of a stack's run (`crate::iac`).
+    pub iac: Option<crate::iac::IacTask>,
 }
 
 /// How a job's process ended, as far as the executor can tell.

@@ -8,6 +8,7 @@
 pub mod aws;
 pub mod config;
 pub mod executor;
+pub mod iac;
 pub mod job;
 pub mod policy;
 pub mod runtime;
@@ -42,6 +43,10 @@ pub enum AgentError {
     Docker(#[source] ExecError),
     #[error("the agent's policy is not usable")]
     Policy(#[source] policy::PolicyError),
+    #[error("the agent's iac settings are not usable")]
+    Iac(#[source] iac::IacError),
+    #[error("the control plane endpoint is not usable")]
+    Endpoint(#[source] session::SessionError),
 }
 
 /// Signals that stop the agent.
@@ -89,6 +94,13 @@ pub async fn run(
     // Re-adopt what a previous run of this agent left running, then remove
     // every other container carrying our labels.
     let _ = rt.aws.set(Arc::new(aws::AwsAgent::new(cfg.aws.clone())));
+    // IaC calls (source blobs, plan reports) use the agent's own mTLS
+    // identity on a lazily dialled channel: still outbound only.
+    let iac_channel = session::endpoint(&cfg)
+        .map_err(AgentError::Endpoint)?
+        .connect_lazy();
+    let iac_agent = iac::IacAgent::new(&cfg.iac, iac_channel).map_err(AgentError::Iac)?;
+    let _ = rt.iac.set(Arc::new(iac_agent));
     let adopted = rt.restore(recovered).await;
     match rt.executor.cleanup_orphans_except(&adopted).await {
         Ok(0) => {}

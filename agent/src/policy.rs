@@ -613,6 +613,7 @@ pids = 256
             ttl: Duration::from_secs(30),
             spec,
             log_offset: 0,
+            iac: None,
         }
     }
 

@@ -126,6 +126,8 @@ pub struct Runtime {
     pub tracker: TaskTracker,
     /// AWS credentials and S3 for jobs (`crate::aws`); set once at start.
     pub aws: std::sync::OnceLock<Arc<crate::aws::AwsAgent>>,
+    /// Stack runs' plan phases (`crate::iac`); set once at start.
+    pub iac: std::sync::OnceLock<Arc<crate::iac::IacAgent>>,
 }
 
 /// Messages the session should send now.
@@ -211,6 +213,7 @@ impl Runtime {
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             aws: std::sync::OnceLock::new(),
+            iac: std::sync::OnceLock::new(),
         })
     }
 
@@ -437,9 +440,26 @@ impl Runtime {
         let spec = lease.spec.clone();
         let job_cancel = cancel.clone();
         let aws = self.aws.get().cloned();
+        let iac = self.iac.get().cloned();
+        let task = lease.iac.clone();
         let run = tokio::spawn(
             async move {
                 match drive {
+                    Drive::Run if task.is_some() => {
+                        let task = task.unwrap_or_default();
+                        let outcome = crate::iac::run_job(
+                            iac.as_ref(),
+                            &exec,
+                            &key,
+                            &spec,
+                            &task,
+                            out_tx,
+                            job_cancel,
+                            started_tx,
+                        )
+                        .await;
+                        (outcome, Vec::new())
+                    }
                     Drive::Run => {
                         crate::aws::run_job(
                             aws.as_ref(),

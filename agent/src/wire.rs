@@ -51,7 +51,20 @@ pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
                 .collect(),
         },
         log_offset: l.log_offset,
+        iac: l.iac.map(iac_task_from_pb),
     })
+}
+
+fn iac_task_from_pb(t: pb::IacTask) -> crate::iac::IacTask {
+    crate::iac::IacTask {
+        run_id: t.run_id,
+        stack: t.stack,
+        phase: t.phase,
+        source_digest: t.source_digest,
+        tool: t.tool,
+        plan_policy: t.plan_policy,
+        variables: t.variables.into_iter().collect(),
+    }
 }
 
 fn aws_role_from_pb(a: pb::AwsRole) -> Result<AwsRole, String> {

@@ -13,3 +13,9 @@ pub mod admin {
         tonic::include_proto!("outpost.admin.v1");
     }
 }
+
+pub mod iac {
+    pub mod v1 {
+        tonic::include_proto!("outpost.iac.v1");
+    }
+}

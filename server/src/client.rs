@@ -155,6 +155,12 @@ impl ClientConfig {
     }
 
     pub async fn connect(&self) -> Result<AdminServiceClient<Channel>, ClientError> {
+        Ok(AdminServiceClient::new(self.channel().await?).max_decoding_message_size(64 << 20))
+    }
+
+    /// An mTLS channel to the control plane with the admin certificate (for
+    /// any admin service).
+    pub async fn channel(&self) -> Result<Channel, ClientError> {
         let read = |what, p: &Path| {
             std::fs::read(p).map_err(|source| ClientError::Read {
                 what,
@@ -182,7 +188,7 @@ impl ClientConfig {
             .connect()
             .await
             .map_err(|source| ClientError::Connect { url, name, source })?;
-        Ok(AdminServiceClient::new(ch).max_decoding_message_size(64 << 20))
+        Ok(ch)
     }
 }
 

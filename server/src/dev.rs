@@ -2,7 +2,7 @@
 //! certificates if absent, builds the runner image if missing, starts the
 //! control plane with its embedded store and one local agent; `--demo` also
 //! runs a real Terraform init/plan/apply in a sandboxed container and streams
-//! its log to the terminal.
+//! its log to the terminal, then the stack workflow (`crate::iac::demo`).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -82,6 +82,7 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
             allowed_images: vec![RUNNER_IMAGE.to_string()],
             ..Default::default()
         },
+        iac: Default::default(),
     }
 }
 
@@ -191,8 +192,9 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
 
     let code = if args.demo {
         let client = ClientConfig::from_state(state, Some(url.clone()))?;
-        let code = run_demo(&client).await;
-        code?
+        let code = run_demo(&client).await?;
+        crate::iac::demo::run(state, &client).await?;
+        code
     } else {
         eprintln!("outpost dev: agent \"local\" connected; try:");
         eprintln!(

@@ -20,6 +20,13 @@ use crate::wire;
 /// Messages to one agent's session stream.
 pub type AgentTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
 
+/// Tasks pushed with the leases of a run's jobs (`crate::iac`): the hub
+/// asks, so that it needs to know nothing about runs.
+pub trait LeaseTasks: Send + Sync {
+    /// The IaC task of `job_id`, if the job is a phase of a run.
+    fn task(&self, job_id: &str) -> futures::future::BoxFuture<'_, Option<pb::IacTask>>;
+}
+
 /// Lease timing.
 #[derive(Debug, Clone, Copy)]
 pub struct LeaseTiming {
@@ -59,6 +66,8 @@ pub struct Hub {
     changes: watch::Sender<u64>,
     /// Mints the per-lease web-identity tokens of AWS jobs.
     issuer: std::sync::OnceLock<Arc<crate::oidc::Issuer>>,
+    /// IaC tasks of run jobs.
+    lease_tasks: std::sync::OnceLock<Arc<dyn LeaseTasks>>,
 }
 
 impl Hub {
@@ -72,12 +81,18 @@ impl Hub {
             dispatch: Notify::new(),
             changes,
             issuer: std::sync::OnceLock::new(),
+            lease_tasks: std::sync::OnceLock::new(),
         })
     }
 
     /// Sets the token issuer (once, at start).
     pub fn set_issuer(&self, issuer: Arc<crate::oidc::Issuer>) {
         let _ = self.issuer.set(issuer);
+    }
+
+    /// Sets where IaC tasks come from (once, at start).
+    pub fn set_lease_tasks(&self, tasks: Arc<dyn LeaseTasks>) {
+        let _ = self.lease_tasks.set(tasks);
     }
 
     /// The spec pushed with a lease: for an AWS job, with a web-identity
@@ -325,7 +340,12 @@ impl Hub {
                 continue;
             };
             *slots -= 1;
+            let iac = match self.lease_tasks.get() {
+                Some(tasks) => tasks.task(&leased.id).await,
+                None => None,
+            };
             let lease = pb::Lease {
+                iac,
                 lease_id: format!("{}-{}", leased.id, leased.epoch),
                 job_id: leased.id.clone(),
                 epoch: leased.epoch,

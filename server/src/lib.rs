@@ -6,6 +6,7 @@
 //! on one mTLS port and authorised by the role in the client certificate
 //! (`identity`). Jobs, leases and logs live in an embedded SQLite store
 //! (`store`); `hub` pushes leases to connected agents and expires stale ones.
+//! `iac` adds stacks, runs, plans and approvals on top of jobs.
 
 pub mod admin_api;
 pub mod agent_api;
@@ -13,6 +14,7 @@ pub mod cli;
 pub mod client;
 pub mod dev;
 pub mod hub;
+pub mod iac;
 pub mod identity;
 pub mod model;
 pub mod oidc;

@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 use outpost_proto::admin::v1::admin_service_server::AdminServiceServer;
 use outpost_proto::agent::v1::agent_service_server::AgentServiceServer;
+use outpost_proto::iac::v1::iac_admin_server::IacAdminServer;
+use outpost_proto::iac::v1::iac_agent_server::IacAgentServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -39,6 +41,8 @@ pub enum ServerError {
     },
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("the iac layer failed to start")]
+    Iac(#[from] crate::iac::IacError),
     #[error("the oidc token issuer is not usable")]
     Oidc(#[from] crate::oidc::OidcError),
 }
@@ -102,8 +106,10 @@ pub async fn run(
     let issuer = crate::oidc::Issuer::load_or_create(config.oidc.clone())?;
     info!(issuer = %config.oidc.issuer, kid = %issuer.kid(), "oidc token issuer ready");
     hub.set_issuer(std::sync::Arc::new(issuer));
+    let iac = crate::iac::runs::Engine::start(hub.clone(), &config.data_dir).await?;
     let tasks = shutdown.child_token();
     hub.spawn_tasks(tasks.clone());
+    iac.spawn(tasks.clone());
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "control plane listening");
     let result = Server::builder()
@@ -119,6 +125,16 @@ pub async fn run(
             hub: hub.clone(),
             shutdown: tasks.clone(),
         }))
+        .add_service(
+            IacAdminServer::new(crate::iac::api::IacAdminApi {
+                engine: iac.clone(),
+            })
+            .max_decoding_message_size(16 << 20),
+        )
+        .add_service(
+            IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
+                .max_encoding_message_size(crate::iac::source::MAX_SOURCE_BYTES + (1 << 20)),
+        )
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             shutdown.cancelled().await;
             tasks.cancel();

@@ -174,8 +174,9 @@ impl Store {
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool.
-    async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
+    /// Runs `f` with the connection on the blocking pool (also used by the
+    /// IaC layer's tables, `crate::iac::store`, which share the database).
+    pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,

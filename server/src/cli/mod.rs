@@ -121,6 +121,8 @@ pub enum Command {
     },
     /// Run a control plane and one local agent; build the runner image if missing.
     Dev(crate::dev::DevArgs),
+    #[command(flatten)]
+    Iac(crate::iac::cli::IacCommand),
 }
 
 #[derive(Subcommand, Debug)]
@@ -240,6 +242,7 @@ async fn admin_command(client: &ClientConfig, command: Command) -> Result<ExitCo
         Command::Artifacts { job, output } => jobs::artifacts(client, &job, output).await,
         Command::Agents { output } => agents::list(client, output).await,
         Command::Drain { agent } => agents::drain(client, &agent).await,
+        Command::Iac(command) => crate::iac::cli::run(command, client).await,
         Command::Server { .. } | Command::Pki { .. } | Command::Dev(_) | Command::Oidc { .. } => {
             anyhow::bail!("not an admin command")
         }

@@ -1,0 +1,523 @@
+//! Infrastructure-as-code runs on the agent. A lease whose `iac` task is set
+//! is a phase of a stack's run; the agent drives it itself (the job's own
+//! command is ignored):
+//!
+//! 1. the source tarball named by the task is fetched from the control
+//!    plane over the agent's mTLS identity (`outpost.iac.v1.IacAgent`, served
+//!    only for the caller's current lease), checked against its SHA-256 and
+//!    unpacked into the job's workspace (`src/`);
+//! 2. the sandboxed container runs `init`, `plan -out -detailed-exitcode`
+//!    and `show -json` (the JSON stays in the workspace, never in the log);
+//! 3. the agent evaluates the stack's plan policy (from the lease) and its
+//!    owner's local plan policy (`[iac] plan_policy`) on that JSON
+//!    ([`policy`]); a `deny` fails the job with the messages, a `warn` keeps
+//!    the run from deploying by itself;
+//! 4. only the verdicts, the changed addresses with their actions and the
+//!    plan digest ([`plan`]) are reported, before the job's final status.
+//!
+//! Files the job leaves in its workspace are opened without following
+//! symlinks, so a job cannot make the agent read a host file.
+
+pub mod plan;
+pub mod policy;
+
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::FutureExt;
+use futures::future::BoxFuture;
+use outpost_proto::iac::v1 as iacpb;
+use outpost_proto::iac::v1::iac_agent_client::IacAgentClient;
+use parking_lot::Mutex;
+use serde::Deserialize;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tracing::{info, warn};
+
+use crate::executor::DockerExecutor;
+use crate::executor::hooks::{HookContext, HookError, JobHooks};
+use crate::job::{JobSpec, LeaseKey, Outcome};
+use policy::PlanPolicy;
+
+/// Largest source tarball and largest file read back from a workspace.
+const MAX_BLOB_BYTES: usize = 64 << 20;
+const MAX_PLAN_JSON_BYTES: u64 = 256 << 20;
+
+/// The `[iac]` table of the agent's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct IacConfig {
+    /// Rego file (`package outpost.plan`, `deny`/`warn` sets) every plan on
+    /// this agent must also pass, whatever the stack's own policy says.
+    pub plan_policy: Option<PathBuf>,
+}
+
+/// Errors of the IaC layer of the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum IacError {
+    #[error("the local plan policy {path} is not usable: {message}")]
+    LocalPolicy { path: PathBuf, message: String },
+    #[error("the stack's plan policy does not compile: {0}")]
+    StackPolicy(String),
+    #[error("the task is not valid: {0}")]
+    Task(String),
+    #[error("fetching the source {digest} failed: {message}")]
+    Fetch { digest: String, message: String },
+    #[error("the source {digest} does not match its digest")]
+    Digest { digest: String },
+    #[error("unpacking the source failed")]
+    Unpack(#[source] std::io::Error),
+    #[error("reading {what} from the workspace failed")]
+    Read {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} is not valid: {message}")]
+    Invalid { what: &'static str, message: String },
+    #[error("evaluating the {origin} plan policy failed: {message}")]
+    Evaluate {
+        origin: &'static str,
+        message: String,
+    },
+    #[error("plan policy denied: {0}")]
+    Denied(String),
+    #[error("reporting the plan failed: {0}")]
+    Report(String),
+    #[error("{0} was interrupted")]
+    Join(&'static str),
+}
+
+/// One phase of a run, as the lease carries it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IacTask {
+    pub run_id: String,
+    pub stack: String,
+    pub phase: String,
+    pub source_digest: String,
+    pub tool: String,
+    pub plan_policy: String,
+    pub variables: BTreeMap<String, String>,
+}
+
+/// The agent's IaC side: its local plan policy and its client of the
+/// control plane's `IacAgent` service.
+pub struct IacAgent {
+    local_policy: Option<(PathBuf, String)>,
+    client: IacAgentClient<Channel>,
+}
+
+impl IacAgent {
+    /// Compiles the local plan policy; `channel` is the agent's mTLS channel.
+    pub fn new(cfg: &IacConfig, channel: Channel) -> Result<IacAgent, IacError> {
+        let local_policy = match &cfg.plan_policy {
+            None => None,
+            Some(path) => {
+                let fail = |message: String| IacError::LocalPolicy {
+                    path: path.clone(),
+                    message,
+                };
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| fail(format!("cannot read it: {e}")))?;
+                PlanPolicy::compile(&path.display().to_string(), &text).map_err(fail)?;
+                Some((path.clone(), text))
+            }
+        };
+        Ok(IacAgent {
+            local_policy,
+            client: IacAgentClient::new(channel)
+                .max_decoding_message_size(MAX_BLOB_BYTES + (1 << 20)),
+        })
+    }
+}
+
+/// The plan phase's script. `show -json` goes to a file, never to the log.
+const PLAN_SCRIPT: &str = r#"set -u
+cd /workspace/src
+tf="$OUTPOST_TOOL"
+"$tf" init -input=false -no-color || exit 1
+"$tf" plan -input=false -no-color -out=/workspace/tfplan -detailed-exitcode
+rc=$?
+if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then exit 1; fi
+echo "$rc" > /workspace/plan.exitcode
+"$tf" show -json /workspace/tfplan > /workspace/plan.json || exit 1
+"#;
+
+/// The spec the container runs for a task: the job's sandbox settings, the
+/// agent's own command, variables as `TF_VAR_*`.
+fn task_spec(spec: &JobSpec, task: &IacTask) -> Result<JobSpec, IacError> {
+    if !matches!(task.tool.as_str(), "terraform" | "tofu") {
+        return Err(IacError::Task(format!("tool {:?}", task.tool)));
+    }
+    if task.phase != "plan" {
+        return Err(IacError::Task(format!(
+            "phase {:?} is not supported by this agent",
+            task.phase
+        )));
+    }
+    let mut s = spec.clone();
+    s.command = vec!["sh".into(), "-c".into(), PLAN_SCRIPT.into()];
+    s.env.insert("OUTPOST_TOOL".into(), task.tool.clone());
+    for (k, v) in &task.variables {
+        if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Err(IacError::Task(format!("variable name {k:?}")));
+        }
+        s.env.insert(format!("TF_VAR_{k}"), v.clone());
+    }
+    Ok(s)
+}
+
+/// Runs one IaC phase through `exec`.
+#[allow(clippy::too_many_arguments)]
+pub async fn run_job(
+    agent: Option<&Arc<IacAgent>>,
+    exec: &DockerExecutor,
+    key: &LeaseKey,
+    spec: &JobSpec,
+    task: &IacTask,
+    output: mpsc::Sender<Bytes>,
+    cancel: CancellationToken,
+    started: oneshot::Sender<()>,
+) -> Outcome {
+    let fail = |e: IacError| {
+        warn!(error = %crate::executor::error_chain(&e), "refusing the run's task");
+        Outcome::Failed {
+            reason: crate::executor::error_chain(&e),
+        }
+    };
+    let Some(agent) = agent else {
+        return fail(IacError::Task("this agent has no iac support".into()));
+    };
+    let run_spec = match task_spec(spec, task) {
+        Ok(s) => s,
+        Err(e) => return fail(e),
+    };
+    let stack_policy = if task.plan_policy.is_empty() {
+        None
+    } else {
+        match PlanPolicy::compile(&format!("{}.rego", task.stack), &task.plan_policy) {
+            Ok(p) => Some(p),
+            Err(e) => return fail(IacError::StackPolicy(e)),
+        }
+    };
+    let (uid, gid) = match exec.config().uid_gid() {
+        Ok(ids) => ids,
+        Err(e) => {
+            return Outcome::Failed {
+                reason: crate::executor::error_chain(&e),
+            };
+        }
+    };
+    let hooks = JobIac {
+        agent: agent.clone(),
+        key: key.clone(),
+        task: task.clone(),
+        image: spec.image.clone(),
+        uid,
+        gid,
+        stack_policy: Mutex::new(stack_policy),
+    };
+    exec.run_with_hooks(key, &run_spec, output, cancel, started, Some(&hooks))
+        .await
+}
+
+struct JobIac {
+    agent: Arc<IacAgent>,
+    key: LeaseKey,
+    task: IacTask,
+    image: String,
+    uid: u32,
+    gid: u32,
+    stack_policy: Mutex<Option<PlanPolicy>>,
+}
+
+impl JobIac {
+    async fn before_start(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
+        let digest = self.task.source_digest.clone();
+        let blob = self
+            .agent
+            .client
+            .clone()
+            .fetch_blob(iacpb::FetchBlobRequest {
+                job_id: self.key.job_id.clone(),
+                epoch: self.key.epoch,
+                digest: digest.clone(),
+            })
+            .await
+            .map_err(|s| IacError::Fetch {
+                digest: digest.clone(),
+                message: s.message().to_string(),
+            })?
+            .into_inner();
+        let actual = plan::hex(ring::digest::digest(&ring::digest::SHA256, &blob.data).as_ref());
+        if actual != digest {
+            return Err(IacError::Digest { digest });
+        }
+        let dest = ctx.workspace.join("src");
+        let (uid, gid) = (self.uid, self.gid);
+        let size = blob.data.len();
+        tokio::task::spawn_blocking(move || unpack(&blob.data, &dest, uid, gid))
+            .await
+            .map_err(|_| IacError::Join("unpacking the source"))?
+            .map_err(IacError::Unpack)?;
+        info!(digest = %self.task.source_digest, bytes = size, "source unpacked");
+        Ok(())
+    }
+
+    async fn after_exit(&self, ctx: &HookContext<'_>, outcome: &Outcome) -> Result<(), IacError> {
+        if !matches!(outcome, Outcome::Exited { code: 0, .. }) {
+            return Ok(());
+        }
+        let ws = ctx.workspace.to_path_buf();
+        let files = tokio::task::spawn_blocking(move || -> Result<_, IacError> {
+            let code =
+                read_nofollow(&ws.join("plan.exitcode"), 16).map_err(|source| IacError::Read {
+                    what: "the plan's exit code",
+                    source,
+                })?;
+            let plan_file =
+                read_nofollow(&ws.join("tfplan"), MAX_PLAN_JSON_BYTES).map_err(|source| {
+                    IacError::Read {
+                        what: "the plan file",
+                        source,
+                    }
+                })?;
+            let json =
+                read_nofollow(&ws.join("plan.json"), MAX_PLAN_JSON_BYTES).map_err(|source| {
+                    IacError::Read {
+                        what: "the plan's JSON",
+                        source,
+                    }
+                })?;
+            Ok((code, plan_file, json))
+        })
+        .await
+        .map_err(|_| IacError::Join("reading the plan"))??;
+        let (code, plan_file, json) = files;
+        let has_changes = match String::from_utf8_lossy(&code).trim() {
+            "0" => false,
+            "2" => true,
+            other => {
+                return Err(IacError::Invalid {
+                    what: "the plan's exit code",
+                    message: format!("{other:?}"),
+                });
+            }
+        };
+        let show: serde_json::Value =
+            serde_json::from_slice(&json).map_err(|e| IacError::Invalid {
+                what: "the plan's JSON",
+                message: e.to_string(),
+            })?;
+        let changes = plan::summary(&show);
+        let input = serde_json::json!({
+            "plan": show,
+            "run": {
+                "id": self.task.run_id,
+                "stack": self.task.stack,
+                "phase": self.task.phase,
+                "drift": false,
+            },
+        });
+        let mut verdicts = Vec::new();
+        if let Some(p) = self.stack_policy.lock().as_mut() {
+            let v = p.evaluate(&input).map_err(|message| IacError::Evaluate {
+                origin: "stack",
+                message,
+            })?;
+            verdicts.push(("stack", v));
+        }
+        if let Some((path, text)) = &self.agent.local_policy {
+            let mut p =
+                PlanPolicy::compile(&path.display().to_string(), text).map_err(|message| {
+                    IacError::Evaluate {
+                        origin: "agent",
+                        message,
+                    }
+                })?;
+            let v = p.evaluate(&input).map_err(|message| IacError::Evaluate {
+                origin: "agent",
+                message,
+            })?;
+            verdicts.push(("agent", v));
+        }
+        let digest = plan::digest(
+            &plan_file,
+            &self.task.source_digest,
+            &self.image,
+            &self.task.variables,
+        );
+        let denied: Vec<String> = verdicts
+            .iter()
+            .flat_map(|(src, v)| v.deny.iter().map(move |m| format!("{src}: {m}")))
+            .collect();
+        let report = iacpb::PlanReport {
+            job_id: self.key.job_id.clone(),
+            epoch: self.key.epoch,
+            has_changes,
+            changes: changes
+                .iter()
+                .map(|c| iacpb::ResourceChange {
+                    address: c.address.clone(),
+                    actions: c.actions.clone(),
+                })
+                .collect(),
+            verdicts: verdicts
+                .iter()
+                .map(|(src, v)| iacpb::PolicyVerdict {
+                    source: src.to_string(),
+                    deny: v.deny.clone(),
+                    warn: v.warn.clone(),
+                })
+                .collect(),
+            plan_digest: digest.clone(),
+        };
+        self.agent
+            .client
+            .clone()
+            .report_plan(report)
+            .await
+            .map_err(|s| IacError::Report(s.message().to_string()))?;
+        info!(has_changes, changes = changes.len(), digest = %digest, denied = denied.len(), "plan reported");
+        if !denied.is_empty() {
+            return Err(IacError::Denied(denied.join("; ")));
+        }
+        Ok(())
+    }
+}
+
+impl JobHooks for JobIac {
+    fn configure<'a>(
+        &'a self,
+        _ctx: &'a HookContext<'a>,
+        _body: &'a mut bollard::models::ContainerCreateBody,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(()) }.boxed()
+    }
+
+    fn before_start<'a>(
+        &'a self,
+        ctx: &'a HookContext<'a>,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobIac::before_start(self, ctx).await?) }.boxed()
+    }
+
+    fn after_start<'a>(
+        &'a self,
+        _ctx: &'a HookContext<'a>,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(()) }.boxed()
+    }
+
+    fn after_exit<'a>(
+        &'a self,
+        ctx: &'a HookContext<'a>,
+        outcome: &'a Outcome,
+    ) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobIac::after_exit(self, ctx, outcome).await?) }.boxed()
+    }
+}
+
+/// Unpacks a source tarball into `dest` (entries may not leave it), owned
+/// by the job's user.
+fn unpack(data: &[u8], dest: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::fs::create_dir_all(dest)?;
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(data));
+    archive.set_preserve_permissions(false);
+    archive.set_overwrite(true);
+    for entry in archive.entries()? {
+        let mut entry = entry?;
+        // `unpack_in` refuses paths that escape `dest`.
+        entry.unpack_in(dest)?;
+    }
+    chown_tree(dest, uid, gid)
+}
+
+fn chown_tree(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    std::os::unix::fs::lchown(path, Some(uid), Some(gid))?;
+    let meta = std::fs::symlink_metadata(path)?;
+    if meta.is_dir() {
+        for entry in std::fs::read_dir(path)? {
+            chown_tree(&entry?.path(), uid, gid)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads a regular file the job wrote, without following a symlink, at
+/// most `max` bytes.
+fn read_nofollow(path: &Path, max: u64) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(nix::fcntl::OFlag::O_NOFOLLOW.bits() | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(path)?;
+    let meta = f.metadata()?;
+    if !meta.is_file() {
+        return Err(std::io::Error::other(format!(
+            "{} is not a regular file",
+            path.display()
+        )));
+    }
+    if meta.len() > max {
+        return Err(std::io::Error::other(format!(
+            "{} is larger than {max} bytes",
+            path.display()
+        )));
+    }
+    let mut out = Vec::with_capacity(meta.len() as usize);
+    f.take(max).read_to_end(&mut out)?;
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_files_are_read_without_following_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("host-secret"), "canary").unwrap();
+        std::os::unix::fs::symlink(dir.path().join("host-secret"), dir.path().join("plan.json"))
+            .unwrap();
+        assert!(read_nofollow(&dir.path().join("plan.json"), 100).is_err());
+        std::fs::write(dir.path().join("big"), vec![b'x'; 200]).unwrap();
+        assert!(read_nofollow(&dir.path().join("big"), 100).is_err());
+        assert_eq!(
+            read_nofollow(&dir.path().join("host-secret"), 100).unwrap(),
+            b"canary"
+        );
+    }
+
+    #[test]
+    fn the_task_spec_runs_the_agents_script_with_variables() {
+        let spec = JobSpec {
+            image: "img".into(),
+            command: vec!["rm".into(), "-rf".into(), "/".into()],
+            ..Default::default()
+        };
+        let task = IacTask {
+            phase: "plan".into(),
+            tool: "terraform".into(),
+            variables: [("greeting".to_string(), "hi".to_string())].into(),
+            ..Default::default()
+        };
+        let s = task_spec(&spec, &task).unwrap();
+        assert_eq!(s.command[0], "sh");
+        assert_eq!(s.env.get("TF_VAR_greeting").map(String::as_str), Some("hi"));
+        let bad = IacTask {
+            tool: "/bin/evil".into(),
+            ..task.clone()
+        };
+        assert!(task_spec(&spec, &bad).is_err());
+        let bad = IacTask {
+            variables: [("a=b".to_string(), String::new())].into(),
+            ..task
+        };
+        assert!(task_spec(&spec, &bad).is_err());
+    }
+}

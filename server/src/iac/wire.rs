@@ -1,0 +1,151 @@
+//! The IaC layer's one converter between `outpost.iac.v1` (and the
+//! `IacTask` of `outpost.agent.v1`) and its domain types.
+
+use outpost_proto::agent::v1 as pb;
+use outpost_proto::iac::v1 as iac;
+
+use super::model::{Approval, PlanResult, PolicyVerdict, ResourceChange, Run, Stack, StackSpec};
+use super::store::Task;
+
+pub fn task_to_pb(t: &Task) -> pb::IacTask {
+    pb::IacTask {
+        run_id: t.run_id.clone(),
+        stack: t.stack.clone(),
+        phase: t.phase.clone(),
+        source_digest: t.source_digest.clone(),
+        tool: t.tool.clone(),
+        plan_policy: t.plan_policy.clone(),
+        variables: t.variables.clone().into_iter().collect(),
+    }
+}
+
+pub fn spec_from_pb(s: iac::StackSpec) -> StackSpec {
+    StackSpec {
+        name: s.name,
+        repo: s.repo,
+        branch: s.branch,
+        project_root: s.project_root,
+        image: s.image,
+        tool: s.tool,
+        variables: s.variables.into_iter().collect(),
+        labels: s.labels.into_iter().collect(),
+        autodeploy: s.autodeploy,
+        plan_policy: s.plan_policy,
+        approvals_required: s.approvals_required,
+        poll_interval_ms: s.poll_interval_ms,
+    }
+}
+
+pub fn spec_to_pb(s: &StackSpec) -> iac::StackSpec {
+    iac::StackSpec {
+        name: s.name.clone(),
+        repo: s.repo.clone(),
+        branch: s.branch.clone(),
+        project_root: s.project_root.clone(),
+        image: s.image.clone(),
+        tool: s.tool.clone(),
+        variables: s.variables.clone().into_iter().collect(),
+        labels: s.labels.clone().into_iter().collect(),
+        autodeploy: s.autodeploy,
+        plan_policy: s.plan_policy.clone(),
+        approvals_required: s.approvals_required,
+        poll_interval_ms: s.poll_interval_ms,
+    }
+}
+
+pub fn stack_to_pb(s: &Stack) -> iac::Stack {
+    iac::Stack {
+        spec: Some(spec_to_pb(&s.spec)),
+        commit: s.commit.clone().unwrap_or_default(),
+        source_digest: s.source_digest.clone().unwrap_or_default(),
+        fetch_error: s.fetch_error.clone().unwrap_or_default(),
+        fetched_at_ms: s.fetched_ms,
+        created_at_ms: s.created_ms,
+        updated_at_ms: s.updated_ms,
+    }
+}
+
+fn change_to_pb(c: &ResourceChange) -> iac::ResourceChange {
+    iac::ResourceChange {
+        address: c.address.clone(),
+        actions: c.actions.clone(),
+    }
+}
+
+fn verdict_to_pb(v: &PolicyVerdict) -> iac::PolicyVerdict {
+    iac::PolicyVerdict {
+        source: v.source.clone(),
+        deny: v.deny.clone(),
+        warn: v.warn.clone(),
+    }
+}
+
+fn approval_to_pb(a: &Approval) -> iac::Approval {
+    iac::Approval {
+        identity: a.identity.clone(),
+        decision: a.decision.clone(),
+        comment: a.comment.clone(),
+        plan_digest: a.plan_digest.clone(),
+        at_ms: a.at_ms,
+    }
+}
+
+pub fn run_to_pb(r: &Run) -> iac::Run {
+    let plan = r.plan.clone().unwrap_or_default();
+    iac::Run {
+        run_id: r.id.clone(),
+        stack: r.stack.clone(),
+        state: r.state.as_str().to_string(),
+        commit: r.commit.clone(),
+        source_digest: r.source_digest.clone(),
+        plan_job: r.plan_job.clone().unwrap_or_default(),
+        apply_job: r.apply_job.clone().unwrap_or_default(),
+        message: r.message.clone(),
+        triggered_by: r.triggered_by.clone(),
+        transitions: r
+            .transitions
+            .iter()
+            .map(|t| iac::Transition {
+                state: t.state.as_str().to_string(),
+                at_ms: t.at_ms,
+                note: t.note.clone(),
+            })
+            .collect(),
+        has_changes: plan.has_changes,
+        changes: plan.changes.iter().map(change_to_pb).collect(),
+        verdicts: plan.verdicts.iter().map(verdict_to_pb).collect(),
+        approvals: r.approvals.iter().map(approval_to_pb).collect(),
+        plan_digest: plan.plan_digest.clone(),
+        created_at_ms: r.created_ms,
+    }
+}
+
+/// A plan report from an agent: sizes are bounded so that a report cannot
+/// fill the store.
+pub fn plan_from_pb(p: iac::PlanReport) -> Result<PlanResult, String> {
+    const MAX_ITEMS: usize = 10_000;
+    if p.changes.len() > MAX_ITEMS || p.verdicts.len() > 16 {
+        return Err("the plan report is too large".into());
+    }
+    Ok(PlanResult {
+        has_changes: p.has_changes,
+        changes: p
+            .changes
+            .into_iter()
+            .map(|c| ResourceChange {
+                address: c.address,
+                actions: c.actions,
+            })
+            .collect(),
+        verdicts: p
+            .verdicts
+            .into_iter()
+            .map(|v| PolicyVerdict {
+                source: v.source,
+                deny: v.deny,
+                warn: v.warn,
+            })
+            .collect(),
+        plan_digest: p.plan_digest,
+    })
+}

@@ -1,0 +1,621 @@
+//! Stacks and runs end to end: a real git repository, the real `git`
+//! program on the control plane, real Terraform (1.0.3 with the null
+//! provider, in the runner image) in the real sandbox, real mTLS.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use outpost::client::ClientConfig;
+use outpost::identity::Role;
+use outpost_proto::iac::v1 as iac;
+use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
+use outpost_tests::{Cluster, RUNNER_IMAGE, bin};
+use tonic::transport::Channel;
+
+const MAIN_TF: &str = r#"
+terraform {
+  required_providers {
+    null = {
+      source  = "hashicorp/null"
+      version = "~> 2.1"
+    }
+  }
+}
+
+variable "greeting" {
+  type    = string
+  default = "hello"
+}
+
+resource "null_resource" "first" {
+  triggers = {
+    greeting = var.greeting
+  }
+}
+"#;
+
+/// A git repository with `infra/main.tf` on branch `main`.
+fn repo(dir: &Path, main_tf: &str) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(repo.join("infra")).unwrap();
+    std::fs::write(repo.join("infra/main.tf"), main_tf).unwrap();
+    git(&repo, &["init", "-q", "-b", "main", "."]);
+    commit(&repo, "first");
+    repo
+}
+
+fn git(repo: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn commit(repo: &Path, msg: &str) {
+    git(repo, &["add", "-A"]);
+    git(
+        repo,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            msg,
+        ],
+    );
+}
+
+fn url(repo: &Path) -> String {
+    format!("file://{}", repo.display())
+}
+
+fn stack(name: &str, repo: &Path) -> iac::StackSpec {
+    iac::StackSpec {
+        name: name.into(),
+        repo: url(repo),
+        branch: "main".into(),
+        project_root: "infra".into(),
+        image: RUNNER_IMAGE.into(),
+        ..Default::default()
+    }
+}
+
+async fn iac_client(cfg: &ClientConfig) -> IacAdminClient<Channel> {
+    IacAdminClient::new(cfg.channel().await.expect("admin channel"))
+}
+
+/// A client with the admin certificate of `name` (issued on first use).
+async fn admin_as(c: &Cluster, name: &str) -> IacAdminClient<Channel> {
+    let pki = c.state.pki();
+    if !pki.issued(Role::Admin, name).cert.exists() {
+        pki.issue(Role::Admin, name).expect("issue admin cert");
+    }
+    let paths = pki.issued(Role::Admin, name);
+    let cfg = ClientConfig {
+        cert: paths.cert,
+        key: paths.key,
+        ..c.client_config()
+    };
+    iac_client(&cfg).await
+}
+
+async fn apply(
+    c: &mut IacAdminClient<Channel>,
+    specs: Vec<iac::StackSpec>,
+) -> Vec<(String, String)> {
+    c.apply_stacks(iac::ApplyStacksRequest { stacks: specs })
+        .await
+        .expect("apply stacks")
+        .into_inner()
+        .changes
+        .into_iter()
+        .map(|c| (c.name, c.action))
+        .collect()
+}
+
+async fn sync(c: &mut IacAdminClient<Channel>, name: &str) -> String {
+    let r = c
+        .sync_stack(iac::SyncStackRequest { name: name.into() })
+        .await
+        .expect("sync")
+        .into_inner();
+    assert!(!r.run_id.is_empty(), "a new commit queues a run: {r:?}");
+    r.run_id
+}
+
+/// Polls the run until `pred` holds (bounded), failing with what it saw.
+async fn wait_run(
+    c: &mut IacAdminClient<Channel>,
+    id: &str,
+    limit: Duration,
+    pred: impl Fn(&iac::Run) -> bool,
+) -> iac::Run {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let r = c
+            .get_run(iac::GetRunRequest { run_id: id.into() })
+            .await
+            .expect("get run")
+            .into_inner();
+        if pred(&r) {
+            return r;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!("run {id} did not reach the expected state in {limit:?}: {r:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn settled(r: &iac::Run) -> bool {
+    !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
+}
+
+const PLAN_WAIT: Duration = Duration::from_secs(120);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stacks_apply_idempotently_and_bad_input_is_refused_with_nothing_queued() {
+    let c = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), MAIN_TF);
+    let mut a = iac_client(&c.client_config()).await;
+
+    // Declared from a file with the CLI, twice: created, then unchanged.
+    std::fs::write(
+        dir.path().join("stacks.toml"),
+        format!(
+            "[[stack]]\nname = \"net\"\nrepo = \"{}\"\nproject_root = \"infra\"\nimage = \"{RUNNER_IMAGE}\"\n[stack.variables]\ngreeting = \"hi\"\n",
+            url(&repo)
+        ),
+    )
+    .unwrap();
+    let cli = |args: &[&str]| {
+        Command::new(bin("outpost"))
+            .arg("--state-dir")
+            .arg(&c.state.root)
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let f = dir.path().join("stacks.toml");
+    let f = f.to_str().unwrap();
+    let out = cli(&["stack", "apply", "-f", f, "--output", "json"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v, serde_json::json!([{"name": "net", "action": "created"}]));
+    let out = cli(&["stack", "apply", "-f", f, "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        v,
+        serde_json::json!([{"name": "net", "action": "unchanged"}])
+    );
+
+    // Unknown keys in the file: a clear error naming the key.
+    std::fs::write(
+        dir.path().join("bad.toml"),
+        "[[stack]]\nname = \"x\"\nrepo = \"r\"\nimage = \"i\"\nauto_deploy = true\n",
+    )
+    .unwrap();
+    let out = cli(&[
+        "stack",
+        "apply",
+        "-f",
+        dir.path().join("bad.toml").to_str().unwrap(),
+    ]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("auto_deploy"));
+
+    // A plan policy that does not compile is refused when the stack is applied.
+    let mut bad = stack("bad-policy", &repo);
+    bad.plan_policy = "package outpost.plan\ndeny contains msg if {".into();
+    let e = a
+        .apply_stacks(iac::ApplyStacksRequest { stacks: vec![bad] })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("plan_policy"), "{}", e.message());
+
+    // An unreachable repository and a missing branch: the stack shows the
+    // error and nothing is queued.
+    let mut gone = stack("gone", &repo);
+    gone.repo = "file:///nonexistent/outpost-repo".into();
+    let mut nobranch = stack("nobranch", &repo);
+    nobranch.branch = "no-such-branch".into();
+    assert_eq!(
+        apply(&mut a, vec![gone, nobranch]).await,
+        [
+            ("gone".to_string(), "created".to_string()),
+            ("nobranch".to_string(), "created".to_string())
+        ]
+    );
+    for (name, needle) in [
+        ("gone", "/nonexistent/outpost-repo"),
+        ("nobranch", "no-such-branch"),
+    ] {
+        let e = a
+            .sync_stack(iac::SyncStackRequest { name: name.into() })
+            .await
+            .unwrap_err();
+        assert!(e.message().contains(needle), "{name}: {}", e.message());
+        let s = a
+            .get_stack(iac::GetStackRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(s.fetch_error.contains(needle), "{s:?}");
+        assert!(s.commit.is_empty());
+    }
+    let runs = a
+        .list_runs(iac::ListRunsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert!(runs.is_empty(), "nothing queued: {runs:?}");
+
+    // `stack show --output json` and the list.
+    let out = cli(&["stack", "show", "gone", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["fetch_error"].as_str().unwrap().contains("nonexistent"));
+    let out = cli(&["stack", "list", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v.as_array().unwrap().len(), 3);
+    let out = cli(&["stack", "delete", "gone"]);
+    assert!(out.status.success());
+    let out = cli(&["stack", "show", "gone"]);
+    assert!(!out.status.success());
+
+    // Polling: a stack with an interval queues a tracked run for its first
+    // commit and for each new one, without `stack sync`.
+    let mut polled = stack("polled", &repo);
+    polled.poll_interval_ms = 300;
+    apply(&mut a, vec![polled]).await;
+    let runs_of = |n: usize| move |runs: &Vec<iac::Run>| runs.len() >= n;
+    async fn wait_runs(
+        a: &mut IacAdminClient<Channel>,
+        pred: impl Fn(&Vec<iac::Run>) -> bool,
+    ) -> Vec<iac::Run> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let runs = a
+                .list_runs(iac::ListRunsRequest {
+                    stack: "polled".into(),
+                    limit: 10,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .runs;
+            if pred(&runs) {
+                return runs;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "polling queued no run in 30s: {runs:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    let first = wait_runs(&mut a, runs_of(1)).await;
+    assert_eq!(first[0].triggered_by, "poll");
+    std::fs::write(repo.join("infra/extra.tf"), "# a new commit\n").unwrap();
+    commit(&repo, "polled");
+    let both = wait_runs(&mut a, runs_of(2)).await;
+    assert_ne!(both[0].commit, both[1].commit, "{both:?}");
+    assert_eq!(both.len(), 2, "one run per new commit: {both:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tracked_run_plans_in_the_sandbox_and_needs_two_distinct_approvals() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), MAIN_TF);
+    let mut a = iac_client(&c.client_config()).await;
+    let mut spec = stack("web", &repo);
+    spec.approvals_required = 2;
+    spec.variables = [("greeting".to_string(), "bonjour".to_string())].into();
+    spec.plan_policy = r#"package outpost.plan
+warn contains msg if {
+    some rc in input.plan.resource_changes
+    rc.change.actions == ["create"]
+    msg := sprintf("creates %s", [rc.address])
+}
+"#
+    .into();
+    apply(&mut a, vec![spec]).await;
+    let started = std::time::Instant::now();
+    let run_id = sync(&mut a, "web").await;
+    // A second sync without a new commit queues nothing.
+    let again = a
+        .sync_stack(iac::SyncStackRequest { name: "web".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.run_id.is_empty());
+
+    let run = wait_run(&mut a, &run_id, PLAN_WAIT, settled).await;
+    let planned_in = started.elapsed();
+    assert_eq!(run.state, "UNCONFIRMED", "{run:#?}");
+    assert!(run.has_changes);
+    assert_eq!(run.changes.len(), 1, "{run:#?}");
+    assert_eq!(run.changes[0].address, "null_resource.first");
+    assert_eq!(run.changes[0].actions, ["create"]);
+    assert_eq!(run.verdicts.len(), 1);
+    assert_eq!(run.verdicts[0].warn, ["creates null_resource.first"]);
+    assert_eq!(run.plan_digest.len(), 64);
+    assert_eq!(
+        run.transitions
+            .iter()
+            .map(|t| t.state.as_str())
+            .collect::<Vec<_>>(),
+        ["QUEUED", "PLANNING", "UNCONFIRMED"]
+    );
+    eprintln!("commit to UNCONFIRMED: {planned_in:?}");
+    // The log shows the plan (and never the JSON of `show`).
+    let log = String::from_utf8_lossy(&c.logs(&run.plan_job).await).into_owned();
+    assert!(log.contains("Plan: 1 to add"), "{log}");
+    assert!(!log.contains("\"resource_changes\""), "{log}");
+    // The same through the CLI: `run logs`, `runs STACK --output json`.
+    let cli = |args: &[&str]| {
+        let out = Command::new(bin("outpost"))
+            .arg("--state-dir")
+            .arg(&c.state.root)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(cli(&["run", "logs", &run_id]).contains("Plan: 1 to add"));
+    let runs: serde_json::Value =
+        serde_json::from_str(&cli(&["runs", "web", "--output", "json"])).unwrap();
+    assert_eq!(runs[0]["run_id"], run_id.as_str());
+    assert_eq!(runs[0]["state"], "UNCONFIRMED");
+    assert_eq!(runs[0]["changes"][0]["address"], "null_resource.first");
+
+    // The trigger's own approval does not count; one other is not enough.
+    let r = a
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "approve".into(),
+            comment: "mine".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "UNCONFIRMED");
+    let mut alice = admin_as(&c, "alice").await;
+    let r = alice
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "approve".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "UNCONFIRMED");
+    // Twice by the same identity: refused.
+    let e = alice
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "approve".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    // An agent certificate cannot approve.
+    let agent_paths = c.state.pki().issued(Role::Agent, "local");
+    let mut as_agent = iac_client(&ClientConfig {
+        cert: agent_paths.cert,
+        key: agent_paths.key,
+        ..c.client_config()
+    })
+    .await;
+    let e = as_agent
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "approve".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    let mut bob = admin_as(&c, "bob").await;
+    let r = bob
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "approve".into(),
+            comment: "lgtm".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "CONFIRMED", "{r:#?}");
+    assert!(r.message.contains("admin:alice") && r.message.contains("admin:bob"));
+    assert_eq!(r.approvals.len(), 3);
+    assert!(r.approvals.iter().all(|x| x.plan_digest == run.plan_digest));
+    // Approving a run that is not UNCONFIRMED is refused.
+    let mut carol = admin_as(&c, "carol").await;
+    let e = carol
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "approve".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+
+    // The stack lock: a second commit queues a run that waits while the
+    // first holds the lock, and plans once the first is cancelled.
+    std::fs::write(
+        repo.join("infra/main.tf"),
+        format!("{MAIN_TF}\nresource \"null_resource\" \"second\" {{}}\n"),
+    )
+    .unwrap();
+    commit(&repo, "second");
+    let second = sync(&mut a, "web").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = a
+        .get_run(iac::GetRunRequest {
+            run_id: second.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "QUEUED", "the stack lock holds it: {r:#?}");
+    let r = a
+        .decide_run(iac::DecideRunRequest {
+            run_id: run_id.clone(),
+            decision: "cancel".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "CANCELLED");
+    let r = wait_run(&mut a, &second, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    let addrs: Vec<_> = r.changes.iter().map(|c| c.address.as_str()).collect();
+    assert_eq!(addrs, ["null_resource.first", "null_resource.second"]);
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn plan_policies_deny_in_the_agent_and_no_changes_finish() {
+    let c = Cluster::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    // The agent owner's local policy denies what the stack's policy allows.
+    let local = dir.path().join("local.rego");
+    std::fs::write(
+        &local,
+        r#"package outpost.plan
+deny contains msg if {
+    some rc in input.plan.resource_changes
+    rc.address == "null_resource.forbidden"
+    msg := "null_resource.forbidden is not allowed here"
+}
+"#,
+    )
+    .unwrap();
+    let mut cfg = c.agent_config(2);
+    cfg.iac.plan_policy = Some(local);
+    let agent = c.start_agent_with(cfg).await;
+    let mut a = iac_client(&c.client_config()).await;
+
+    let deny_repo = dir.path().join("d");
+    let deny_repo = repo(&deny_repo, MAIN_TF);
+    let mut denied = stack("denied", &deny_repo);
+    denied.plan_policy = r#"package outpost.plan
+deny contains msg if {
+    input.plan.variables.greeting.value == "hello"
+    msg := "greeting must not be hello"
+}
+"#
+    .into();
+    let local_repo = dir.path().join("l");
+    let local_repo = repo(
+        &local_repo,
+        &format!("{MAIN_TF}\nresource \"null_resource\" \"forbidden\" {{}}\n"),
+    );
+    let mut local_denied = stack("local-denied", &local_repo);
+    local_denied.variables = [("greeting".to_string(), "fine".to_string())].into();
+    local_denied.plan_policy = denied.plan_policy.clone();
+    let empty_repo = dir.path().join("e");
+    let empty_repo = repo(&empty_repo, "terraform {}\n");
+    let empty = stack("empty", &empty_repo);
+    // Autodeploy confirms by itself only when no policy warns. The plan of
+    // `auto` holds a sensitive value that exists only once planned.
+    let auto_repo = dir.path().join("a");
+    let auto_repo = repo(
+        &auto_repo,
+        &format!(
+            "{MAIN_TF}\nresource \"null_resource\" \"s\" {{\n  triggers = {{ token = sensitive(upper(\"plan-only-canary-7d1\")) }}\n}}\n"
+        ),
+    );
+    let mut auto = stack("auto", &auto_repo);
+    auto.autodeploy = true;
+    let mut auto_warn = stack("auto-warn", &auto_repo);
+    auto_warn.autodeploy = true;
+    auto_warn.plan_policy =
+        "package outpost.plan\nwarn contains \"needs a human\" if { count(input.plan.resource_changes) > 0 }\n"
+            .into();
+    apply(&mut a, vec![denied, local_denied, empty, auto, auto_warn]).await;
+    let d = sync(&mut a, "denied").await;
+    let l = sync(&mut a, "local-denied").await;
+    let e = sync(&mut a, "empty").await;
+    let au = sync(&mut a, "auto").await;
+    let aw = sync(&mut a, "auto-warn").await;
+
+    let r = wait_run(&mut a, &d, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "FAILED", "{r:#?}");
+    assert!(r.message.contains("greeting must not be hello"), "{r:#?}");
+    assert_eq!(r.verdicts[0].source, "stack");
+    let r = wait_run(&mut a, &l, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "FAILED", "{r:#?}");
+    assert!(
+        r.message
+            .contains("null_resource.forbidden is not allowed here"),
+        "{r:#?}"
+    );
+    let stack_verdict = r.verdicts.iter().find(|v| v.source == "stack").unwrap();
+    assert!(stack_verdict.deny.is_empty(), "{r:#?}");
+    let r = wait_run(&mut a, &e, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert!(!r.has_changes);
+    assert_eq!(r.message, "no changes");
+    let r = wait_run(&mut a, &au, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "CONFIRMED", "{r:#?}");
+    assert_eq!(r.message, "autodeploy");
+    let r = wait_run(&mut a, &aw, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    assert!(r.message.contains("a policy warned"), "{r:#?}");
+    assert_eq!(r.verdicts[0].warn, ["needs a human"]);
+    // The plan's sensitive value never reached the control plane: not in
+    // its store (runs, logs), not in its blobs.
+    let canary = b"PLAN-ONLY-CANARY-7D1";
+    let mut seen = 0;
+    let mut stack_dirs = vec![c.state.data_dir()];
+    while let Some(d) = stack_dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                stack_dirs.push(p);
+            } else if p.is_file() {
+                seen += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                assert!(
+                    !bytes.windows(canary.len()).any(|w| w == canary),
+                    "{} holds the plan's sensitive value",
+                    p.display()
+                );
+            }
+        }
+    }
+    assert!(seen >= 3, "the data directory was searched ({seen} files)");
+    agent.stop().await;
+}
