@@ -61,24 +61,27 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-/// The TLS error somewhere in `e`'s chain (a local verification failure,
-/// or an alert the peer sent), looking inside `io::Error`s too.
-pub fn tls_error(e: &(dyn std::error::Error + 'static)) -> Option<rustls::Error> {
+/// What the TLS layer said somewhere in `e`'s chain: the message of each
+/// `rustls::Error` in it, including those the I/O layer carries as an
+/// `io::Error` payload (a local verification failure, or an alert the peer
+/// sent). Compare with `rustls::Error::...to_string()`.
+pub fn tls_messages(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out = Vec::new();
     let mut next = Some(e);
     while let Some(err) = next {
         if let Some(t) = err.downcast_ref::<rustls::Error>() {
-            return Some(t.clone());
+            out.push(t.to_string());
         }
         if let Some(inner) = err
             .downcast_ref::<std::io::Error>()
             .and_then(|io| io.get_ref())
-            && let Some(t) = tls_error(inner)
         {
-            return Some(t);
+            out.push(inner.to_string());
+            out.extend(tls_messages(inner));
         }
         next = err.source();
     }
-    None
+    out
 }
 
 /// A `tracing` writer keeping everything written to it, for tests that

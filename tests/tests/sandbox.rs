@@ -272,9 +272,13 @@ async fn secrets_are_private_tmpfs_files_never_environment_and_masked_in_logs() 
         echo mounted=$(grep -c ' /run/secrets ' /proc/self/mountinfo)
         echo "plain: $(cat /run/secrets/token)"
         v=$(cat /run/secrets/token)
+        # The shell's trace on stdout: one stream, so that no line of the
+        # other stream can land inside it.
+        exec 3>&2 2>&1
         set -x
         : "traced $v"
         set +x
+        exec 2>&3 3>&-
         printf 'split: %s' '{first}'; sleep 1; printf '%s end\n' '{second}'
         (i=0; while [ $i -lt 20 ]; do echo noise-$i >&2; i=$((i+1)); sleep 0.05; done) &
         printf 'interleaved: %s' '{first}'; sleep 0.3; printf '%s\n' '{second}'; wait
