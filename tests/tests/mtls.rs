@@ -62,6 +62,19 @@ fn refused_handshakes(logs: &Captured) -> Vec<String> {
         .collect()
 }
 
+/// Waits (bounded) for the server to log a refused handshake (its accept
+/// task may log after the client already saw the connection fail).
+async fn wait_refused_handshakes(logs: &Captured) -> Vec<String> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let refused = refused_handshakes(logs);
+        if !refused.is_empty() || std::time::Instant::now() > deadline {
+            return refused;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn admin_certificate_is_accepted() {
     let c = Cluster::start().await;
@@ -96,7 +109,7 @@ async fn a_client_without_a_certificate_is_refused() {
     // the server's alert, or only the connection closing if its request
     // went out first (TLS 1.3 ends the client's handshake before the server
     // checks its certificate).
-    let refused = refused_handshakes(&logs);
+    let refused = wait_refused_handshakes(&logs).await;
     let why = rustls::Error::NoCertificatesPresented.to_string();
     assert!(
         !refused.is_empty() && refused.iter().all(|l| l.contains(&why)),
@@ -130,7 +143,7 @@ async fn a_certificate_from_another_ca_is_refused() {
     // client only sees the connection close: TLS 1.3 ends the client's
     // handshake before the server checks its certificate).
     let e = try_list_jobs(&cfg).await.expect_err("must be refused");
-    let refused = refused_handshakes(&logs);
+    let refused = wait_refused_handshakes(&logs).await;
     assert!(
         !refused.is_empty()
             && refused
@@ -209,14 +222,19 @@ async fn impostor_control_plane(
     tokio::task::JoinHandle<Result<(), outpost::server::ServerError>>,
 ) {
     let foreign = PkiDir::new(dir.join("foreign"));
-    foreign.init(&[]).unwrap();
+    foreign.init(&[]).expect("impostor set-up");
     let mixed = PkiDir::new(dir.join("mixed"));
-    std::fs::create_dir_all(dir.join("mixed")).unwrap();
-    std::fs::copy(c.state.pki().ca_cert(), mixed.ca_cert()).unwrap();
-    std::fs::copy(foreign.server().cert, mixed.server().cert).unwrap();
-    std::fs::copy(foreign.server().key, mixed.server().key).unwrap();
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("https://{}", listener.local_addr().unwrap());
+    std::fs::create_dir_all(dir.join("mixed")).expect("impostor set-up");
+    std::fs::copy(c.state.pki().ca_cert(), mixed.ca_cert()).expect("impostor set-up");
+    std::fs::copy(foreign.server().cert, mixed.server().cert).expect("impostor set-up");
+    std::fs::copy(foreign.server().key, mixed.server().key).expect("impostor set-up");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("impostor set-up");
+    let url = format!(
+        "https://{}",
+        listener.local_addr().expect("impostor set-up")
+    );
     let stop = tokio_util::sync::CancellationToken::new();
     let cfg = outpost::server::ServerConfig::new(dir.join("mixed"), dir.join("data"));
     let task = tokio::spawn(outpost::server::run(listener, cfg, stop.clone()));

@@ -772,7 +772,7 @@ mod tests {
             loosen(&mut b);
             assert_eq!(
                 check_sandbox(&b, &key(), &cfg(), &ws()),
-                Err(SpecError::SandboxLoosened(*what)),
+                Err(SpecError::SandboxLoosened(what)),
                 "case {i}: {what}"
             );
         }
