@@ -17,7 +17,11 @@ type AnyError = Box<dyn std::error::Error + Send + Sync + 'static>;
 /// Connects with `cfg` and lists jobs; the error, whichever step failed.
 async fn try_list_jobs(cfg: &ClientConfig) -> Result<(), AnyError> {
     let mut c = cfg.connect().await?;
-    c.list_jobs(admin::ListJobsRequest { limit: 1 }).await?;
+    c.list_jobs(admin::ListJobsRequest {
+        limit: 1,
+        ..Default::default()
+    })
+    .await?;
     Ok(())
 }
 
@@ -99,7 +103,10 @@ async fn a_client_without_a_certificate_is_refused() {
     let result: Result<(), AnyError> = match ep.connect().await {
         Err(e) => Err(e.into()),
         Ok(ch) => admin::admin_service_client::AdminServiceClient::new(ch)
-            .list_jobs(admin::ListJobsRequest { limit: 1 })
+            .list_jobs(admin::ListJobsRequest {
+                limit: 1,
+                ..Default::default()
+            })
             .await
             .map(|_| ())
             .map_err(Into::into),

@@ -540,7 +540,10 @@ async fn the_control_plane_never_logs_or_returns_a_secret_value() {
             .expect("get")
             .into_inner();
         let jobs = client
-            .list_jobs(admin::ListJobsRequest { limit: 100 })
+            .list_jobs(admin::ListJobsRequest {
+                limit: 100,
+                ..Default::default()
+            })
             .await
             .expect("list")
             .into_inner();
