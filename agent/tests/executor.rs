@@ -647,7 +647,7 @@ async fn rejected_and_unstartable_jobs_are_reported() {
         let done = run(&h, &key("egress"), &egress, Drive::default()).await;
         assert_eq!(
             done.outcome,
-            Outcome::Failed {
+            Outcome::Rejected {
                 reason: "the job was rejected by this agent: egress is not allowed by this \
                          agent's policy"
                     .to_string()
