@@ -657,7 +657,7 @@ async fn rejected_and_unstartable_jobs_are_reported() {
         let mut greedy = job("true");
         greedy.resources.memory_bytes = Some(64 << 30);
         let done = run(&h, &key("greedy"), &greedy, Drive::default()).await;
-        let Outcome::Failed { reason } = &done.outcome else {
+        let Outcome::Rejected { reason } = &done.outcome else {
             panic!("{:?}", done.outcome);
         };
         assert!(reason.contains("above this agent's limit"), "{reason}");
