@@ -576,9 +576,13 @@ mod tests {
             image[i] ^= flip;
             let rec = ends.iter().filter(|e| **e <= i).count() - 1;
             let mut got = Vec::new();
-            parse_records(&image, |r| got.push(r.to_vec()));
-            prop_assert_eq!(&got[..rec.min(got.len())], &records[..rec.min(got.len())]);
-            prop_assert!(got.len() <= rec || got.len() == rec, "records after the corrupt one are not trusted");
+            let (bytes, valid) = parse_records(&image, |r| got.push(r.to_vec()));
+            // Every record before the corrupted one survives, exactly; the
+            // corrupted one and everything after it are not trusted. (A flip
+            // passing the CRC is a 2^-32 event.)
+            prop_assert_eq!(&got[..], &records[..rec]);
+            prop_assert_eq!(valid, ends[rec]);
+            prop_assert_eq!(bytes as usize, records[..rec].iter().map(Vec::len).sum::<usize>());
         }
     }
 
@@ -616,11 +620,74 @@ mod tests {
         assert!(r.torn_bytes > 0);
         let data = r.spool.read(0, usize::MAX).unwrap();
         let text = String::from_utf8(data).unwrap();
-        assert!(text.starts_with("0000-"));
-        assert!(
-            text.lines().all(|l| l.len() == 31),
-            "only complete records: {text:?}"
-        );
+        // Everything in the segments before the torn one survives, and
+        // nothing from the torn segment on.
+        assert_eq!(text, records_before(&segs, 2), "{text:?}");
         assert_eq!(r.spool.end(), text.len() as u64);
+    }
+
+    /// The log text held by the first `n` segments (sorted) of a spool.
+    fn records_before(segs: &[PathBuf], n: usize) -> String {
+        let mut out = Vec::new();
+        for seg in &segs[..n] {
+            let image = fs::read(seg).unwrap();
+            let (_, valid) = parse_records(&image, |r| out.extend_from_slice(r));
+            assert_eq!(valid, image.len(), "{} is intact", seg.display());
+        }
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn a_corrupted_record_on_disk_keeps_every_record_before_it() {
+        let dir = tempfile::tempdir().unwrap();
+        // Segments of a few records each.
+        let spool = Spool::open(dir.path(), 1 << 30, 200).unwrap();
+        let mut js = spool.create(&key(), b"lease", 0).unwrap();
+        let lines: Vec<String> = (0..40)
+            .map(|i| format!("{i:04}-abcdefghijklmnopqrstuvwxyz\n"))
+            .collect();
+        for l in &lines {
+            js.append(l.as_bytes()).unwrap();
+        }
+        drop(js);
+        let jd = dir.path().join("job-a-3");
+        let mut segs: Vec<_> = fs::read_dir(&jd)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "seg"))
+            .collect();
+        segs.sort();
+        assert!(segs.len() >= 4, "{segs:?}");
+        let before = records_before(&segs, 2);
+        // Flip one byte in the data of the third segment's second record.
+        let third = &segs[2];
+        let mut image = fs::read(third).unwrap();
+        let first_len = u32::from_le_bytes(image[..4].try_into().unwrap()) as usize;
+        let mut kept_in_third = image[HEADER..HEADER + first_len].to_vec();
+        let at = HEADER + first_len + HEADER + 3;
+        image[at] ^= 0x20;
+        fs::write(third, &image).unwrap();
+
+        let mut rec = Spool::open(dir.path(), 1 << 30, 200)
+            .unwrap()
+            .recover()
+            .unwrap();
+        let r = rec.remove(0);
+        assert!(r.torn_bytes > 0);
+        let text = String::from_utf8(r.spool.read(0, usize::MAX).unwrap()).unwrap();
+        let mut expected = before.into_bytes();
+        expected.append(&mut kept_in_third);
+        let expected = String::from_utf8(expected).unwrap();
+        assert_eq!(text, expected);
+        assert!(lines.concat().starts_with(&text));
+        assert_eq!(r.spool.end(), text.len() as u64);
+        // The later segments are gone from disk, the torn one truncated.
+        assert_eq!(
+            fs::metadata(third).unwrap().len() as usize,
+            HEADER + first_len
+        );
+        for later in &segs[3..] {
+            assert!(!later.exists(), "{} kept", later.display());
+        }
     }
 }

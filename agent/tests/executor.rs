@@ -205,6 +205,11 @@ fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
 
+/// A job that prints `got-int` on every SIGINT and ends by itself (exit 3)
+/// one second after the first: a second SIGINT would show.
+const SURVIVES_SIGINT: &str = "trap 'echo got-int; touch /tmp/int' INT; echo ready; \
+     while [ ! -e /tmp/int ]; do sleep 0.1; done; sleep 1; echo done; exit 3";
+
 #[tokio::test]
 async fn exit_codes_propagate() {
     bounded(async {
@@ -384,19 +389,20 @@ async fn cancel_sends_exactly_one_sigint() {
 async fn cancel_of_a_job_trapping_sigint_ends_it_promptly() {
     bounded(async {
         let h = harness(|c| c.stop_grace = Duration::from_secs(20)).await;
-        let script = "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.1; done";
         let drive = Drive {
             cancel_on: Some("ready"),
             ..Default::default()
         };
-        let done = run(&h, &key("trap"), &job(script), drive).await;
+        let done = run(&h, &key("trap"), &job(SURVIVES_SIGINT), drive).await;
         assert!(
             matches!(done.outcome, Outcome::Cancelled { .. }),
             "{:?}",
             done.outcome
         );
         assert_eq!(count(&done.text(), "got-int"), 1, "{}", done.text());
-        assert!(done.since_cancel.unwrap() < Duration::from_secs(10));
+        assert!(done.text().ends_with("done\n"), "{}", done.text());
+        // Ended by its own exit, not by SIGKILL after the 20 s grace.
+        assert!(done.since_cancel.unwrap() < Duration::from_secs(15));
     })
     .await;
 }
@@ -449,14 +455,17 @@ async fn a_job_ignoring_sigint_is_killed_after_the_grace() {
 #[tokio::test]
 async fn timeout_interrupts_the_job() {
     bounded(async {
-        let h = harness(|c| c.stop_grace = Duration::from_secs(1)).await;
-        let mut spec = job("trap 'echo got-int; exit 3' INT; while :; do sleep 0.1; done");
+        let h = harness(|c| c.stop_grace = Duration::from_secs(20)).await;
+        let mut spec = job(SURVIVES_SIGINT);
         spec.timeout = Some(Duration::from_secs(1));
         let started = Instant::now();
         let done = run(&h, &key("timeout"), &spec, Drive::default()).await;
         assert_eq!(done.outcome, Outcome::TimedOut);
         assert_eq!(count(&done.text(), "got-int"), 1, "{}", done.text());
+        assert!(done.text().ends_with("done\n"), "{}", done.text());
+        // Ended by its own exit, not by SIGKILL after the 20 s grace.
         assert!(started.elapsed() < Duration::from_secs(20));
+        let h = harness(|c| c.stop_grace = Duration::from_secs(1)).await;
 
         // Ignoring the SIGINT does not help either.
         let mut spec = job("trap '' INT; while :; do sleep 0.1; done");
@@ -482,7 +491,8 @@ async fn the_sandbox_holds_inside_the_job() {
             if [ -e /var/run/docker.sock ] || [ -e /run/docker.sock ]; then echo socket=present; else echo socket=absent; fi
             echo interfaces=$(tail -n +3 /proc/net/dev | cut -d: -f1 | tr -d ' ' | tr '\n' ' ')
             echo memory=$(cat /sys/fs/cgroup/memory/memory.limit_in_bytes /sys/fs/cgroup/memory.max 2>/dev/null)
-            echo swap=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null)
+            echo swapv1=$(cat /sys/fs/cgroup/memory/memory.memsw.limit_in_bytes 2>/dev/null)
+            echo swapv2=$(cat /sys/fs/cgroup/memory.swap.max 2>/dev/null)
             echo pids=$(cat /sys/fs/cgroup/pids/pids.max /sys/fs/cgroup/pids.max 2>/dev/null)
             echo mounts=$(grep -c -E ' /workspace ' /proc/self/mountinfo)
             echo pid1=$(tr '\0' ' ' < /proc/1/cmdline | cut -d' ' -f1)
@@ -523,13 +533,60 @@ async fn the_sandbox_holds_inside_the_job() {
             assert!(text.contains(expected), "missing {expected:?} in:\n{text}");
         }
         assert!(text.lines().any(|l| l == "interfaces=lo"), "{text}");
-        // With no swap, memory+swap equals memory (cgroup v1 only).
-        if let Some(swap) = text.lines().find_map(|l| l.strip_prefix("swap=")) {
-            assert!(swap.is_empty() || swap == "67108864", "swap={swap}");
-        }
+        let line = |p: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(p))
+                .unwrap_or_default()
+                .to_string()
+        };
+        assert_eq!(
+            swap_disabled(&line("swapv1="), &line("swapv2="), 64 << 20),
+            Ok(true),
+            "{text}"
+        );
         assert!(text.contains("pid1=/run/outpost-init"), "{text}");
     })
     .await;
+}
+
+/// Whether a job's memory cgroup allows it no swap, from what it read:
+/// cgroup v1 `memory.memsw.limit_in_bytes` (memory + swap) equal to its
+/// memory limit, or cgroup v2 `memory.swap.max` of 0. An error when neither
+/// file was readable (swap accounting off: nothing to check against).
+fn swap_disabled(v1_memsw: &str, v2_swap_max: &str, memory: u64) -> Result<bool, String> {
+    match (v1_memsw.trim(), v2_swap_max.trim()) {
+        ("", "") => Err("neither memory.memsw.limit_in_bytes nor memory.swap.max".into()),
+        (v1, "") => v1
+            .parse::<u64>()
+            .map(|limit| limit == memory)
+            .map_err(|e| format!("memory.memsw.limit_in_bytes {v1:?}: {e}")),
+        ("", "max") => Ok(false),
+        ("", v2) => v2
+            .parse::<u64>()
+            .map(|max| max == 0)
+            .map_err(|e| format!("memory.swap.max {v2:?}: {e}")),
+        (v1, v2) => Err(format!("both cgroup versions answered: {v1:?} {v2:?}")),
+    }
+}
+
+#[test]
+fn no_swap_reads_cgroup_v1_and_v2() {
+    const M: u64 = 64 << 20;
+    // cgroup v1: memory + swap limit.
+    assert_eq!(swap_disabled("67108864", "", M), Ok(true));
+    assert_eq!(swap_disabled("67108864\n", "", M), Ok(true));
+    assert_eq!(swap_disabled("134217728", "", M), Ok(false));
+    assert_eq!(swap_disabled("9223372036854771712", "", M), Ok(false));
+    // cgroup v2: the swap limit alone.
+    assert_eq!(swap_disabled("", "0", M), Ok(true));
+    assert_eq!(swap_disabled("", "0\n", M), Ok(true));
+    assert_eq!(swap_disabled("", "max", M), Ok(false));
+    assert_eq!(swap_disabled("", "67108864", M), Ok(false));
+    // Nothing to judge by, or nonsense.
+    assert!(swap_disabled("", "", M).is_err());
+    assert!(swap_disabled("lots", "", M).is_err());
+    assert!(swap_disabled("", "none", M).is_err());
+    assert!(swap_disabled("67108864", "0", M).is_err());
 }
 
 #[tokio::test]
@@ -593,7 +650,7 @@ async fn rejected_and_unstartable_jobs_are_reported() {
         let done = run(&h, &key("egress"), &egress, Drive::default()).await;
         assert_eq!(
             done.outcome,
-            Outcome::Failed {
+            Outcome::Rejected {
                 reason: "the job was rejected by this agent: egress is not allowed by this \
                          agent's policy"
                     .to_string()
@@ -603,7 +660,7 @@ async fn rejected_and_unstartable_jobs_are_reported() {
         let mut greedy = job("true");
         greedy.resources.memory_bytes = Some(64 << 30);
         let done = run(&h, &key("greedy"), &greedy, Drive::default()).await;
-        let Outcome::Failed { reason } = &done.outcome else {
+        let Outcome::Rejected { reason } = &done.outcome else {
             panic!("{:?}", done.outcome);
         };
         assert!(reason.contains("above this agent's limit"), "{reason}");
@@ -876,29 +933,75 @@ async fn adopt_collects_a_job_that_ended_while_the_agent_was_down() {
 async fn adopt_cancels_with_one_sigint_and_keeps_the_original_timeout() {
     bounded(async {
         let h = harness(|c| c.stop_grace = Duration::from_secs(10)).await;
-        let script = "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.1; done";
         let k = key("adopt-cancel");
-        leave_job(&h.docker, h.exec.config(), &k, &job(script)).await;
-        let (outcome, output) = adopt(&h, &k, &job(script), 0, Some("ready")).await;
+        let spec = job(SURVIVES_SIGINT);
+        leave_job(&h.docker, h.exec.config(), &k, &spec).await;
+        let (outcome, output) = adopt(&h, &k, &spec, 0, Some("ready")).await;
         let output = String::from_utf8_lossy(&output);
         assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
         assert_eq!(count(&output, "got-int"), 1, "{output}");
+        assert!(output.ends_with("done\n"), "{output}");
 
         // The timeout counts from the container's start, not the adoption.
-        let mut spec = job(script);
-        spec.timeout = Some(Duration::from_secs(3));
+        // Times are the kernel's uptime, the same inside and outside.
+        const TIMEOUT: f64 = 5.0;
+        let mut spec = job("echo start=$(cut -d' ' -f1 /proc/uptime); \
+             trap 'echo int=$(cut -d\" \" -f1 /proc/uptime); touch /tmp/int' INT; \
+             while [ ! -e /tmp/int ]; do sleep 0.1; done; sleep 1; exit 3");
+        spec.timeout = Some(Duration::from_secs_f64(TIMEOUT));
         let k = key("adopt-timeout");
         leave_job(&h.docker, h.exec.config(), &k, &spec).await;
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let adopted_at = Instant::now();
+        let name = spec::container_name(&k).expect("container name");
+        let started = wait_for_value(&name, "start=").await;
+        // Adopt well into the timeout: counted from the adoption it would
+        // end at least `TIMEOUT + 3` s after the start.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while uptime() < started + 3.0 {
+            assert!(Instant::now() < deadline, "uptime does not advance");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let adopted_at = uptime();
         let (outcome, output) = adopt(&h, &k, &spec, 0, None).await;
         let output = String::from_utf8_lossy(&output);
-        assert_eq!(outcome, Outcome::TimedOut);
-        assert_eq!(count(&output, "got-int"), 1, "{output}");
-        let took = adopted_at.elapsed();
-        assert!(took < Duration::from_millis(2500), "{took:?}");
+        assert_eq!(outcome, Outcome::TimedOut, "{output}");
+        assert_eq!(count(&output, "int="), 1, "{output}");
+        let interrupted: f64 = value_of(&output, "int=").expect("int= line");
+        let after_start = interrupted - started;
+        assert!(
+            (TIMEOUT - 0.2..adopted_at - started + TIMEOUT - 0.5).contains(&after_start),
+            "SIGINT {after_start:.2}s after the start (adopted {:.2}s after it), \
+             timeout {TIMEOUT}s:\n{output}",
+            adopted_at - started
+        );
     })
     .await;
+}
+
+/// The number after `prefix` on a line of `text`.
+fn value_of(text: &str, prefix: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// Waits (bounded) for `prefix<number>` in a container's log.
+async fn wait_for_value(container: &str, prefix: &str) -> f64 {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = std::process::Command::new("docker")
+            .args(["logs", container])
+            .output()
+            .expect("docker logs");
+        let text = String::from_utf8_lossy(&out.stdout);
+        if let Some(v) = value_of(&text, prefix) {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no {prefix:?} in the log of {container}: {text}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test]

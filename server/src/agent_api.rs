@@ -285,6 +285,12 @@ async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> 
         In::Drain(d) => {
             info!(reason = %d.reason, "agent is draining");
             hub.set_draining(agent);
+            // What operators see (`outpost agents`) says so too.
+            hub.store
+                .set_agent_draining(agent.to_string())
+                .await
+                .map_err(internal)?;
+            hub.changed();
         }
         In::Artifact(a) => {
             match hub

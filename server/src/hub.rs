@@ -402,6 +402,119 @@ fn selects(job: &Job, labels: &BTreeMap<String, String>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::JobSpec;
+
+    const HEARTBEAT: Duration = Duration::from_secs(1);
+
+    fn hub() -> (tempfile::TempDir, Arc<Hub>) {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("outpost.db")).expect("store");
+        let hub = Hub::new(
+            store,
+            LeaseTiming {
+                ttl: Duration::from_secs(30),
+                heartbeat: HEARTBEAT,
+                sweep: Duration::from_secs(1),
+            },
+        );
+        (dir, hub)
+    }
+
+    /// Connects agent `id` with capacity 4; returns its message stream.
+    fn connect(hub: &Hub, id: &str) -> mpsc::Receiver<Result<pb::ServerMessage, Status>> {
+        let (tx, rx) = mpsc::channel(16);
+        hub.connect(id, tx, BTreeMap::new(), 4, false);
+        rx
+    }
+
+    /// Pretends the agent last spoke `ago` before now.
+    fn silent_for(hub: &Hub, id: &str, ago: Duration) {
+        let mut agents = hub.agents.lock();
+        let conn = agents.get_mut(id).expect("connected");
+        conn.last_seen = std::time::Instant::now()
+            .checked_sub(ago)
+            .expect("clock far enough from boot");
+    }
+
+    async fn submit(hub: &Hub, id: &str) {
+        let spec = JobSpec {
+            image: "img".into(),
+            ..Default::default()
+        };
+        hub.store
+            .insert_job(id.to_string(), spec)
+            .await
+            .expect("insert");
+    }
+
+    fn leases(rx: &mut mpsc::Receiver<Result<pb::ServerMessage, Status>>) -> Vec<(String, u64)> {
+        let mut out = Vec::new();
+        while let Ok(m) = rx.try_recv() {
+            if let Ok(pb::ServerMessage {
+                msg: Some(pb::server_message::Msg::Lease(l)),
+            }) = m
+            {
+                out.push((l.job_id, l.epoch));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn an_agent_silent_for_three_heartbeats_gets_no_new_lease() {
+        let (_dir, hub) = hub();
+        let mut rx = connect(&hub, "quiet");
+        submit(&hub, "job-1").await;
+        // Silent for just under three heartbeats: still a candidate.
+        silent_for(&hub, "quiet", HEARTBEAT * 3 - Duration::from_millis(500));
+        hub.dispatch_once().await.expect("dispatch");
+        assert_eq!(leases(&mut rx), [("job-1".to_string(), 1)]);
+
+        // Silent for three heartbeats: the job stays queued, never leased.
+        submit(&hub, "job-2").await;
+        silent_for(&hub, "quiet", HEARTBEAT * 3);
+        hub.dispatch_once().await.expect("dispatch");
+        assert!(leases(&mut rx).is_empty());
+        let j = hub
+            .store
+            .get_job("job-2".into())
+            .await
+            .expect("get")
+            .expect("job");
+        assert_eq!(j.state, crate::model::JobState::Queued);
+        assert_eq!(j.epoch, 0, "never leased");
+
+        // Another agent that talks gets it instead.
+        let mut other = connect(&hub, "talkative");
+        hub.dispatch_once().await.expect("dispatch");
+        assert_eq!(leases(&mut other), [("job-2".to_string(), 1)]);
+        assert!(leases(&mut rx).is_empty());
+
+        // Once the quiet agent speaks again, it is a candidate again.
+        submit(&hub, "job-3").await;
+        hub.touch("quiet");
+        silent_for(&hub, "talkative", HEARTBEAT * 10);
+        hub.dispatch_once().await.expect("dispatch");
+        assert_eq!(leases(&mut rx), [("job-3".to_string(), 1)]);
+        assert!(leases(&mut other).is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_draining_agent_gets_no_new_lease() {
+        let (_dir, hub) = hub();
+        let mut rx = connect(&hub, "a");
+        hub.set_draining("a");
+        submit(&hub, "job-1").await;
+        hub.dispatch_once().await.expect("dispatch");
+        assert!(leases(&mut rx).is_empty());
+        let j = hub
+            .store
+            .get_job("job-1".into())
+            .await
+            .expect("get")
+            .expect("job");
+        assert_eq!(j.epoch, 0, "never leased");
+    }
 
     #[test]
     fn queue_timeouts_read_like_the_flag() {

@@ -232,24 +232,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn secrets_round_trip_and_are_redacted() {
+    fn the_stored_form_keeps_a_secret_and_debug_never_shows_it() {
+        let value = b"hunter2\xff".to_vec();
         let spec = JobSpec {
             image: "img".into(),
             secrets: vec![JobSecret {
                 name: "db".into(),
-                value: b"hunter2\xff".to_vec(),
+                value: value.clone(),
             }],
             ..Default::default()
         };
-        let json = serde_json::to_string(&spec).unwrap();
-        assert!(!json.contains("hunter2"), "{json}");
-        let back: JobSpec = serde_json::from_str(&json).unwrap();
+        // The store's JSON holds the value (base64-encoded, not redacted)
+        // until the job is final: the agent of the next lease needs it.
+        let json: serde_json::Value = serde_json::to_value(&spec).unwrap();
+        use base64::Engine;
+        let encoded = base64::engine::general_purpose::STANDARD.encode(&value);
+        assert_eq!(json["secrets"][0]["value"], encoded.as_str(), "{json}");
+        assert_eq!(json["secrets"][0]["name"], "db", "{json}");
+        let back: JobSpec = serde_json::from_value(json).unwrap();
         assert_eq!(back, spec);
-        assert!(!format!("{spec:?}").contains("hunter2"));
+
+        // Debug (what logs and error messages would show) holds the name and
+        // no form of the value: raw, base64, or the bytes listed.
+        for shown in [
+            format!("{spec:?}"),
+            format!("{spec:#?}"),
+            format!("{:?}", spec.secrets[0]),
+        ] {
+            assert!(shown.contains("\"db\""), "{shown}");
+            assert!(shown.contains("<redacted>"), "{shown}");
+            for form in ["hunter2", encoded.as_str(), "104, 117, 110"] {
+                assert!(!shown.contains(form), "{form:?} in {shown}");
+            }
+        }
+
         assert!(spec.holds_secret_values());
         let cleared = spec.without_secret_values();
         assert!(!cleared.holds_secret_values());
         assert_eq!(cleared.secrets[0].name, "db");
+        let json = serde_json::to_string(&cleared).unwrap();
+        assert!(!json.contains(&encoded), "{json}");
         // Specs stored before secrets existed still load.
         let old: JobSpec = serde_json::from_str(r#"{"image":"img"}"#).unwrap();
         assert!(old.secrets.is_empty());

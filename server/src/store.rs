@@ -643,6 +643,16 @@ impl Store {
         .await
     }
 
+    /// Records that `id` drains (it said so itself).
+    pub async fn set_agent_draining(&self, id: String) -> Result<(), StoreError> {
+        self.with(move |c| {
+            c.execute("UPDATE agents SET draining = 1 WHERE id = ?1", params![id])
+                .map_err(q("mark agent draining"))?;
+            Ok(())
+        })
+        .await
+    }
+
     pub async fn list_agents(&self) -> Result<Vec<AgentInfo>, StoreError> {
         self.with(move |c| {
             let mut stmt = c

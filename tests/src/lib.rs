@@ -33,11 +33,83 @@ pub struct Agent {
 }
 
 impl Agent {
-    /// Drains (SIGTERM-like) and waits for the agent to exit.
-    pub async fn stop(self) {
+    /// Stops the agent (drain, then force) and waits for it to exit; panics
+    /// with the agent's error, or if it does not exit within 60 s.
+    pub async fn stop(mut self) {
         self.shutdown.drain.cancel();
         self.shutdown.force.cancel();
-        let _ = tokio::time::timeout(Duration::from_secs(60), self.task).await;
+        match tokio::time::timeout(Duration::from_secs(60), &mut self.task).await {
+            Err(_) => {
+                self.task.abort();
+                panic!("the agent did not stop within 60s of being told to");
+            }
+            Ok(Err(e)) => panic!("the agent's task failed: {e}"),
+            Ok(Ok(Err(e))) => panic!("the agent stopped with an error: {}", error_chain(&e)),
+            Ok(Ok(Ok(()))) => {}
+        }
+    }
+}
+
+/// `error: cause: cause ...` of an error and its sources.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut next = e.source();
+    while let Some(s) = next {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        next = s.source();
+    }
+    out
+}
+
+/// What the TLS layer said somewhere in `e`'s chain: the message of each
+/// `rustls::Error` in it, including those the I/O layer carries as an
+/// `io::Error` payload (a local verification failure, or an alert the peer
+/// sent). Compare with `rustls::Error::...to_string()`.
+pub fn tls_messages(e: &(dyn std::error::Error + 'static)) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut next = Some(e);
+    while let Some(err) = next {
+        if let Some(t) = err.downcast_ref::<rustls::Error>() {
+            out.push(t.to_string());
+        }
+        if let Some(inner) = err
+            .downcast_ref::<std::io::Error>()
+            .and_then(|io| io.get_ref())
+        {
+            out.push(inner.to_string());
+            out.extend(tls_messages(inner));
+        }
+        next = err.source();
+    }
+    out
+}
+
+/// A `tracing` writer keeping everything written to it, for tests that
+/// search what a component logged.
+#[derive(Clone, Default)]
+pub struct Captured(pub std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
+
+impl Captured {
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock()).into_owned()
+    }
+}
+
+impl std::io::Write for Captured {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().extend_from_slice(data);
+        Ok(data.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
+    type Writer = Captured;
+    fn make_writer(&'a self) -> Captured {
+        self.clone()
     }
 }
 
@@ -128,13 +200,17 @@ impl Cluster {
     pub async fn start_agent_with(&self, cfg: outpost_agent::config::AgentConfig) -> Agent {
         let shutdown = outpost_agent::Shutdown::default();
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let task = tokio::spawn(outpost_agent::run(cfg, shutdown.clone(), move || {
+        let mut task = tokio::spawn(outpost_agent::run(cfg, shutdown.clone(), move || {
             let _ = tx.send(());
         }));
-        tokio::time::timeout(Duration::from_secs(30), rx)
-            .await
-            .expect("agent ready within 30s")
-            .expect("agent started");
+        tokio::select! {
+            r = rx => r.expect("the agent reports ready"),
+            r = &mut task => match r {
+                Ok(Err(e)) => panic!("the agent failed to start: {}", error_chain(&e)),
+                r => panic!("the agent ended before it was ready: {r:?}"),
+            },
+            _ = tokio::time::sleep(Duration::from_secs(30)) => panic!("agent not ready within 30s"),
+        }
         Agent { shutdown, task }
     }
 
@@ -349,34 +425,171 @@ pull = "never"
     /// Starts `outpost-agent` with `config`; returns once the control plane
     /// lists it as connected.
     pub async fn spawn_agent(&self, name: &str, config: &Path) -> AgentProc {
-        let log = config.with_extension("log");
-        let child = std::process::Command::new(bin("outpost-agent"))
-            .arg("--config")
-            .arg(config)
-            .env("OUTPOST_LOG", "info")
-            .stdout(std::process::Stdio::null())
-            .stderr(
-                std::fs::OpenOptions::new()
-                    .create(true)
-                    .append(true)
-                    .open(&log)
-                    .expect("agent log"),
-            )
-            .spawn()
-            .expect("spawn outpost-agent");
-        let state_dir = config.parent().expect("dir").join("state");
-        let proc = AgentProc {
-            name: name.to_string(),
-            child,
-            config: config.to_path_buf(),
-            log,
-            state_dir,
-        };
+        let proc = spawn_agent_process(name, config);
         self.wait_agent_connected(name, true, Duration::from_secs(30))
             .await;
         proc
     }
 
+    /// Waits (bounded) until the control plane lists agent `name` in a state
+    /// `pred` accepts; panics with what it last listed.
+    pub async fn wait_agent(
+        &self,
+        name: &str,
+        limit: Duration,
+        pred: impl Fn(&admin::Agent) -> bool,
+    ) -> admin::Agent {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut seen = None;
+        loop {
+            if let Ok(mut c) = self.client_config().connect().await
+                && let Ok(r) = c.list_agents(admin::ListAgentsRequest {}).await
+            {
+                let agent = r
+                    .into_inner()
+                    .agents
+                    .into_iter()
+                    .find(|a| a.agent_id == name);
+                if let Some(a) = agent.as_ref().filter(|a| pred(a)) {
+                    return a.clone();
+                }
+                seen = agent;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "agent {name} did not reach the expected state in {limit:?}: {seen:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Opens an agent session as a scripted agent holding the certificate
+    /// of agent `cert_name` (issued if missing), sends `hello` and waits for
+    /// the welcome.
+    pub async fn raw_agent(
+        &self,
+        cert_name: &str,
+        hello: pb::Hello,
+    ) -> Result<RawAgent, tonic::Status> {
+        let pki = self.state.pki();
+        let paths = pki.issued(outpost::identity::Role::Agent, cert_name);
+        if !paths.cert.exists() {
+            pki.issue(outpost::identity::Role::Agent, cert_name)
+                .expect("issue agent cert");
+        }
+        let tls = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(
+                std::fs::read(pki.ca_cert()).expect("ca"),
+            ))
+            .identity(tonic::transport::Identity::from_pem(
+                std::fs::read(&paths.cert).expect("cert"),
+                std::fs::read(&paths.key).expect("key"),
+            ))
+            .domain_name("localhost");
+        let channel = tonic::transport::Endpoint::from_shared(self.url())
+            .expect("url")
+            .tls_config(tls)
+            .expect("tls")
+            .connect_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .expect("the scripted agent connects");
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        tx.send(pb::AgentMessage {
+            msg: Some(pb::agent_message::Msg::Hello(hello)),
+        })
+        .await
+        .expect("queue hello");
+        let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
+            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await?
+            .into_inner();
+        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+            .await
+            .expect("a welcome within 30s")?;
+        match first.and_then(|m| m.msg) {
+            Some(pb::server_message::Msg::Welcome(welcome)) => Ok(RawAgent {
+                tx,
+                inbound,
+                welcome,
+            }),
+            other => panic!("expected a welcome, got {other:?}"),
+        }
+    }
+}
+
+/// A scripted agent session over real mTLS: the test decides every message.
+pub struct RawAgent {
+    pub tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
+    pub inbound: tonic::Streaming<pb::ServerMessage>,
+    pub welcome: pb::Welcome,
+}
+
+impl RawAgent {
+    pub async fn send(&self, msg: pb::agent_message::Msg) {
+        self.tx
+            .send(pb::AgentMessage { msg: Some(msg) })
+            .await
+            .expect("the session is open");
+    }
+
+    /// Receives until `pick` returns something (bounded); panics with every
+    /// message seen meanwhile.
+    pub async fn recv_until<T>(
+        &mut self,
+        limit: Duration,
+        mut pick: impl FnMut(&pb::server_message::Msg) -> Option<T>,
+    ) -> T {
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut seen = Vec::new();
+        loop {
+            let m = tokio::time::timeout_at(deadline, self.inbound.message())
+                .await
+                .unwrap_or_else(|_| panic!("nothing expected arrived in {limit:?}; saw {seen:#?}"));
+            match m {
+                Ok(Some(pb::ServerMessage { msg: Some(m) })) => {
+                    if let Some(t) = pick(&m) {
+                        return t;
+                    }
+                    seen.push(m);
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => panic!("the session ended; saw {seen:#?}"),
+                Err(s) => panic!("the session failed: {s:?}; saw {seen:#?}"),
+            }
+        }
+    }
+}
+
+/// Starts `outpost-agent --config CONFIG` (log in `CONFIG.log`) without
+/// waiting for anything.
+pub fn spawn_agent_process(name: &str, config: &Path) -> AgentProc {
+    let log = config.with_extension("log");
+    let child = std::process::Command::new(bin("outpost-agent"))
+        .arg("--config")
+        .arg(config)
+        .env("OUTPOST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&log)
+                .expect("agent log"),
+        )
+        .spawn()
+        .expect("spawn outpost-agent");
+    let state_dir = config.parent().expect("dir").join("state");
+    AgentProc {
+        name: name.to_string(),
+        child,
+        config: config.to_path_buf(),
+        log,
+        state_dir,
+    }
+}
+
+impl Cluster {
     pub async fn wait_agent_connected(&self, name: &str, connected: bool, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
         loop {

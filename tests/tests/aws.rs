@@ -10,7 +10,7 @@ use aws_sdk_s3::config::Credentials;
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
 use outpost_tests::moto::{self, Moto, NetnsProxy};
-use outpost_tests::{Agent, Cluster, containers_of, state};
+use outpost_tests::{Agent, Captured, Cluster, containers_of, state};
 
 const LIMIT: Duration = Duration::from_secs(120);
 const PORT: u16 = 9911;
@@ -347,26 +347,6 @@ async fn the_endpoint_refuses_other_jobs_tokens_and_stops_when_the_job_ends() {
 }
 
 /// Captures the agent's and control plane's own log lines in this process.
-#[derive(Clone, Default)]
-struct Captured(std::sync::Arc<parking_lot::Mutex<Vec<u8>>>);
-
-impl std::io::Write for Captured {
-    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        self.0.lock().extend_from_slice(data);
-        Ok(data.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
-impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Captured {
-    type Writer = Captured;
-    fn make_writer(&'a self) -> Captured {
-        self.clone()
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_credential_appears_in_inspect_environ_or_logs() {
     let captured = Captured::default();
@@ -706,63 +686,140 @@ async fn an_artifact_report_with_a_stale_epoch_is_refused_by_the_control_plane()
     assert_eq!(claims["outpost"]["epoch"], lease.epoch);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pickup_latency_cost_of_the_credentials_channel() {
-    let captured = Captured::default();
-    tracing_subscriber::fmt()
-        .with_env_filter(outpost_agent::aws::quiet_sdk_logs(
-            tracing_subscriber::EnvFilter::new("warn,outpost_agent::aws=info"),
-        ))
-        .with_writer(captured.clone())
-        .with_ansi(false)
-        .init();
-    let (_moto, c, agent) = setup(|_| {}).await;
-    let mut plain = Vec::new();
-    let mut with = Vec::new();
-    for round in 0..6 {
-        for aws in [false, true] {
-            let spec = if aws {
-                aws_spec("outpost-fast", "echo started")
-            } else {
-                outpost_tests::spec(&["sh", "-c", "echo started"])
-            };
-            let id = c.submit_spec(spec).await;
-            // Submit → job process running (the agent reports Running only
-            // once the job is released), as the control plane timed it.
-            let j = c.wait_final(&id, LIMIT).await;
-            assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
-            let took = Duration::from_millis((j.started_at_ms - j.created_at_ms) as u64);
-            if round > 0 {
-                if aws {
-                    with.push(took)
-                } else {
-                    plain.push(took)
-                }
-            }
+/// A socket of a `/proc/<pid>/net/{tcp,tcp6,udp,udp6}` table.
+#[derive(Debug)]
+struct Socket {
+    table: &'static str,
+    local: String,
+    remote: String,
+    state: String,
+    inode: u64,
+}
+
+/// The sockets in the network namespace `/proc/<pid>/net` shows.
+fn sockets_in_netns_of(pid: u32) -> Vec<Socket> {
+    let mut out = Vec::new();
+    for table in ["tcp", "tcp6", "udp", "udp6"] {
+        let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+        for line in text.lines().skip(1) {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            out.push(Socket {
+                table,
+                local: f[1].to_string(),
+                remote: f[2].to_string(),
+                state: f[3].to_string(),
+                inode: f[9].parse().unwrap(),
+            });
         }
     }
-    plain.sort();
-    with.sort();
-    let median = |v: &[Duration]| v[v.len() / 2];
-    eprintln!(
-        "pickup (submit → job running), median of {}: plain {:?}, with aws credentials {:?} (+{:?}); plain {plain:?}; aws {with:?}",
-        plain.len(),
-        median(&plain),
-        median(&with),
-        median(&with).saturating_sub(median(&plain)),
+    out
+}
+
+/// Inodes of the sockets process `pid` holds open.
+fn socket_inodes_of(pid: u32) -> std::collections::HashSet<u64> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+        .filter_map(|target| {
+            let t = target.to_string_lossy().into_owned();
+            t.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
+        })
+        .collect()
+}
+
+/// Sockets of `pid` that accept traffic: TCP in LISTEN, UDP unconnected.
+fn listeners(sockets: &[Socket], held: &std::collections::HashSet<u64>) -> Vec<String> {
+    sockets
+        .iter()
+        .filter(|s| held.contains(&s.inode))
+        .filter(|s| match s.table {
+            "tcp" | "tcp6" => s.state == "0A",
+            _ => s.state == "07",
+        })
+        .map(|s| format!("{s:?}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_agent_never_listens_on_a_port_of_its_host() {
+    let moto = Moto::start().await;
+    moto.create_bucket("artifacts").await;
+    let c = Cluster::start().await;
+    let aws = format!(
+        "[aws]\nsts_endpoint = \"{url}\"\ns3_endpoint = \"{url}\"\ns3_force_path_style = true\n\
+         allowed_roles = [\"arn:aws:iam::{account}:role/outpost-*\"]\ncredentials_port = {PORT}\n",
+        url = moto.url(),
+        account = moto::ACCOUNT,
     );
-    // The agent's own account of the channel's cost, after the container started.
-    let logs = String::from_utf8_lossy(&captured.0.lock()).into_owned();
-    for line in logs.lines().filter(|l| l.contains("job released")) {
-        let fields: Vec<&str> = line
-            .split_whitespace()
-            .filter(|f| f.contains("_ms="))
-            .collect();
-        eprintln!("agent: {}", fields.join(" "));
+    let cfg = c.write_agent_config("quiet", 1, "", &aws);
+    let agent = c.spawn_agent("quiet", &cfg).await;
+    let pid = agent.pid();
+    let host_listeners = || listeners(&sockets_in_netns_of(pid), &socket_inodes_of(pid));
+    assert_eq!(host_listeners(), Vec::<String>::new(), "idle agent");
+
+    // A job with AWS credentials: the one thing the agent serves, inside the
+    // job's own network namespace.
+    let script = r#"wget -q -O /dev/null --header "Authorization: $(cat "$AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE")" "$AWS_CONTAINER_CREDENTIALS_FULL_URI" && echo got-credentials
+echo waiting; i=0; while [ ! -e /workspace/go ] && [ $i -lt 1200 ]; do sleep 0.1; i=$((i+1)); done"#;
+    let id = c.submit_spec(aws_spec("outpost-quiet", script)).await;
+    let deadline = Instant::now() + LIMIT;
+    while !log_text(&c, &id).await.contains("waiting") {
+        let j = c.job(&id).await;
+        assert!(!outpost_tests::is_final(&j), "{j:?}\n{}", agent.log_text());
+        assert!(Instant::now() < deadline, "{j:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
+    assert!(log_text(&c, &id).await.contains("got-credentials"));
+
+    let held = socket_inodes_of(pid);
+    let host = sockets_in_netns_of(pid);
+    // The tables are read right: the agent's own connection to the control
+    // plane is there, established ("01").
+    let port = c.url().rsplit(':').next().unwrap().parse::<u16>().unwrap();
     assert!(
-        median(&with) < median(&plain) + Duration::from_secs(1),
-        "the credentials channel costs well under a second"
+        host.iter().any(|s| held.contains(&s.inode)
+            && s.table == "tcp"
+            && s.state == "01"
+            && s.remote == format!("0100007F:{port:04X}")),
+        "no connection of the agent in {host:?}"
     );
-    agent.stop().await;
+    assert_eq!(
+        listeners(&host, &held),
+        Vec::<String>::new(),
+        "while a job runs"
+    );
+    // And the same method finds the agent's endpoint in the job's namespace.
+    let container = containers_of(&id).await;
+    let out = std::process::Command::new("docker")
+        .args(["inspect", "-f", "{{.State.Pid}}", &container[0]])
+        .output()
+        .unwrap();
+    let job_pid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    let in_job = sockets_in_netns_of(job_pid);
+    let endpoint: Vec<&Socket> = in_job
+        .iter()
+        .filter(|s| held.contains(&s.inode) && s.table == "tcp" && s.state == "0A")
+        .collect();
+    assert_eq!(endpoint.len(), 1, "{in_job:?}");
+    assert_eq!(
+        endpoint[0].local,
+        format!("0100007F:{PORT:04X}"),
+        "the endpoint on 127.0.0.1:{PORT} in the job's namespace"
+    );
+    assert_eq!(listeners(&in_job, &held).len(), 1, "{in_job:?}");
+
+    std::fs::write(
+        cfg.parent()
+            .unwrap()
+            .join("work")
+            .canonicalize()
+            .unwrap()
+            .join(format!("{id}-1"))
+            .join("go"),
+        b"",
+    )
+    .unwrap();
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!(host_listeners(), Vec::<String>::new(), "after the job");
 }

@@ -114,12 +114,18 @@ async fn follow_streams_a_running_job_until_it_ends() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_stops_the_container_and_leaves_nothing() {
     let c = Cluster::start().await;
-    let agent = c.start_agent(1).await;
+    // A SIGKILL grace long enough for the job to outlive the SIGINT.
+    let mut cfg = c.agent_config(1);
+    cfg.sandbox.stop_grace = Duration::from_secs(20);
+    let agent = c.start_agent_with(cfg).await;
+    // The job survives the SIGINT by two seconds: a second SIGINT would
+    // print a second "got-sigint".
     let id = c
         .submit(&[
             "sh",
             "-c",
-            "trap 'echo got-sigint; exit 130' INT; echo started; while :; do sleep 0.1; done",
+            "trap 'echo got-sigint; touch /tmp/int' INT; echo started; \
+             while [ ! -e /tmp/int ]; do sleep 0.1; done; sleep 2; echo bye; exit 130",
         ])
         .await;
     c.wait_state(&id, LIMIT, |j| {
@@ -141,6 +147,10 @@ async fn cancel_stops_the_container_and_leaves_nothing() {
         "exactly one SIGINT: {log:?}"
     );
     assert!(
+        log.ends_with("bye\n"),
+        "the job's own shutdown ran: {log:?}"
+    );
+    assert!(
         containers_of(&id).await.is_empty(),
         "no container left behind"
     );
@@ -159,8 +169,14 @@ async fn cancel_stops_the_container_and_leaves_nothing() {
         .into_inner();
     assert_eq!(state(&j), pb::JobState::Cancelled);
     let agent = c.start_agent(1).await;
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(state(&c.job(&queued).await), pb::JobState::Cancelled);
+    // A job submitted after it runs: the dispatcher (FIFO) went past the
+    // cancelled one.
+    let after = c.submit(&["true"]).await;
+    let j = c.wait_final(&after, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    let j = c.job(&queued).await;
+    assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
+    assert_eq!(j.epoch, 0, "never leased: {j:?}");
     assert!(c.logs(&queued).await.is_empty());
     agent.stop().await;
 }

@@ -38,17 +38,85 @@ pub fn bind_in_netns(ns: File, addr: SocketAddr) -> io::Result<TcpListener> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::MetadataExt;
+
+    /// A process in a network namespace of its own (killed on drop).
+    struct OtherNetns(std::process::Child);
+
+    impl Drop for OtherNetns {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+
+    /// Inodes of the listening TCP sockets in the namespace `/proc/<pid>/net` shows.
+    fn listening_inodes(pid: u32, port: u16) -> Vec<u64> {
+        let mut out = Vec::new();
+        for table in ["tcp", "tcp6"] {
+            let text = std::fs::read_to_string(format!("/proc/{pid}/net/{table}")).unwrap();
+            for line in text.lines().skip(1) {
+                let f: Vec<&str> = line.split_whitespace().collect();
+                let local_port = f[1].rsplit(':').next().unwrap();
+                if u16::from_str_radix(local_port, 16).unwrap() == port && f[3] == "0A" {
+                    out.push(f[9].parse().unwrap());
+                }
+            }
+        }
+        out
+    }
+
+    fn socket_inode(l: &TcpListener) -> u64 {
+        use std::os::fd::AsRawFd;
+        std::fs::metadata(format!("/proc/self/fd/{}", l.as_raw_fd()))
+            .unwrap()
+            .ino()
+    }
 
     #[test]
-    fn binds_in_our_own_namespace() {
-        // Entering one's own namespace is allowed for root and a no-op
-        // otherwise fails with EPERM; both show the plumbing works.
-        let pid = std::process::id();
-        match bind_in_netns_of(pid, "127.0.0.1:0".parse().unwrap()) {
-            Ok(l) => assert!(l.local_addr().unwrap().port() > 0),
-            Err(e) => assert_eq!(e.kind(), io::ErrorKind::PermissionDenied, "{e}"),
+    fn binds_inside_the_other_namespace_and_the_caller_never_moves() {
+        // Needs CAP_SYS_ADMIN like the agent (the test suite runs as root).
+        let child = std::process::Command::new("unshare")
+            .args(["--net", "sleep", "60"])
+            .spawn()
+            .expect("unshare --net (util-linux)");
+        let other = OtherNetns(child);
+        let pid = other.0.id();
+        let ours = std::fs::read_link("/proc/self/ns/net").unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::fs::read_link(format!("/proc/{pid}/ns/net")).ok() == Some(ours.clone()) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unshare did not enter a new network namespace"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+
+        // A port that happens to be taken here already would prove nothing:
+        // try a few.
+        let (listener, here) = (0..5)
+            .find_map(|_| {
+                let l = bind_in_netns_of(pid, "0.0.0.0:0".parse().unwrap())
+                    .expect("bind in another namespace (run as root)");
+                let port = l.local_addr().unwrap().port();
+                // Free in our namespace: the bind did not happen here.
+                TcpListener::bind(("0.0.0.0", port)).ok().map(|h| (l, h))
+            })
+            .expect("the other namespace's port is free in ours");
+        let port = listener.local_addr().unwrap().port();
+        assert!(port > 0);
+        let inode = socket_inode(&listener);
+        // The socket listens in the other namespace, not in ours.
+        assert_eq!(listening_inodes(pid, port), [inode]);
+        assert!(!listening_inodes(std::process::id(), port).contains(&inode));
+        assert_eq!(
+            listening_inodes(std::process::id(), port),
+            [socket_inode(&here)]
+        );
         // The calling thread never moved.
-        assert!(std::net::TcpListener::bind("127.0.0.1:0").is_ok());
+        assert_eq!(
+            std::fs::read_link("/proc/thread-self/ns/net").unwrap(),
+            ours
+        );
     }
 }

@@ -359,7 +359,8 @@ fn check_workspace(key: &LeaseKey, cfg: &SandboxConfig, path: &Path) -> Result<(
 /// Checks that a create-container body (after any hook changed it) still
 /// holds the sandbox's non-negotiable properties: nothing privileged, no
 /// capability, `no-new-privileges` with the default seccomp and AppArmor
-/// profiles, a read-only root, no host namespace, no device, no host path
+/// profiles, a read-only root, the configured non-root user, no host
+/// namespace, no device, no host path
 /// but the job's own (its workspace, read-write, and its secrets directory,
 /// read-only), and no network but `none` or its own (if egress is allowed).
 /// Hooks may add tmpfs mounts and environment.
@@ -391,6 +392,13 @@ pub fn check_sandbox(
     }
     if h.readonly_rootfs != Some(true) {
         return loosened("read-only root filesystem");
+    }
+    // The configured (validated non-root) user, and never root whatever the
+    // configuration says: an unset or empty user is the image's, often root.
+    let user = body.user.as_deref().unwrap_or_default();
+    let uid = user.split(':').next().unwrap_or_default();
+    if user != cfg.user || uid.is_empty() || uid == "0" || uid == "root" {
+        return loosened("user");
     }
     let host_mode = |mode: &Option<String>| {
         mode.as_deref()
@@ -828,7 +836,7 @@ mod tests {
         check_sandbox(&ok, &key(), &cfg(), &ws()).unwrap();
 
         type Loosen = fn(&mut ContainerCreateBody);
-        let cases: [(&str, Loosen); 16] = [
+        let cases: &[(&str, Loosen)] = &[
             ("outpost-init as PID 1", |b| {
                 b.host_config.as_mut().unwrap().init = Some(true)
             }),
@@ -870,6 +878,29 @@ mod tests {
             ("host namespaces", |b| {
                 b.host_config.as_mut().unwrap().pid_mode = Some("host".into())
             }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().ipc_mode = Some("host".into())
+            }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().ipc_mode = Some("container:other".into())
+            }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().uts_mode = Some("host".into())
+            }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().userns_mode = Some("host".into())
+            }),
+            ("host namespaces", |b| {
+                b.host_config.as_mut().unwrap().cgroupns_mode =
+                    Some(HostConfigCgroupnsModeEnum::HOST)
+            }),
+            ("user", |b| b.user = Some("0".into())),
+            ("user", |b| b.user = Some("0:0".into())),
+            ("user", |b| b.user = Some("root".into())),
+            ("user", |b| b.user = Some("root:root".into())),
+            ("user", |b| b.user = Some(String::new())),
+            ("user", |b| b.user = None),
+            ("user", |b| b.user = Some("1001:1001".into())),
             ("host paths", |b| {
                 b.host_config.as_mut().unwrap().binds =
                     Some(vec!["/var/run/docker.sock:/var/run/docker.sock".into()])
@@ -893,15 +924,26 @@ mod tests {
                 b.host_config.as_mut().unwrap().memory_swap = Some(-1)
             }),
         ];
-        for (what, loosen) in cases {
+        for (i, (what, loosen)) in cases.iter().enumerate() {
             let mut b = body.clone();
             loosen(&mut b);
             assert_eq!(
                 check_sandbox(&b, &key(), &cfg(), &ws()),
                 Err(SpecError::SandboxLoosened(what)),
-                "{what}"
+                "case {i}: {what}"
             );
         }
+        // Root is refused even when an unvalidated configuration names it.
+        let root = SandboxConfig {
+            user: "0:0".into(),
+            ..cfg()
+        };
+        let mut b = body.clone();
+        b.user = Some("0:0".into());
+        assert_eq!(
+            check_sandbox(&b, &key(), &root, &ws()),
+            Err(SpecError::SandboxLoosened("user"))
+        );
     }
 
     #[test]

@@ -4,7 +4,11 @@
 //! - pickup: submit → the job's process running (the engine's `StartedAt`),
 //!   beside `docker run` invoked → `StartedAt`;
 //! - round trip: `outpost submit --wait -- true` beside `docker run --rm IMAGE true`;
-//! - footprint: the idle agent's resident memory.
+//! - footprint: the idle agent's resident memory;
+//! - the credentials channel: pickup (submit → job running, as the control
+//!   plane timed it) of a job with an AWS role beside the same job without
+//!   one, against a local STS (moto from `scripts/setup.sh`); the channel
+//!   should cost well under a second.
 //!
 //! Run: `cargo run -p outpost-tests --bin outpost-bench [-- ROUNDS]`.
 
@@ -166,4 +170,60 @@ async fn main() {
         "idle agent resident memory: {}",
         rss.trim_start_matches("VmRSS:").trim()
     );
+    drop(agent);
+    drop(c);
+
+    let (plain, with) = credentials_channel(rounds.min(6)).await;
+    println!(
+        "{:<44} {:>10} {:>10} {:>8}",
+        "", "no role", "aws role", "cost"
+    );
+    println!(
+        "{:<44} {:>8.1}ms {:>8.1}ms {:>6.0}ms   (target: under 1000ms)",
+        "submit -> job running, credentials channel",
+        plain,
+        with,
+        with - plain
+    );
+}
+
+/// Median pickup (ms) of a job without and with an AWS role, alternated,
+/// after one warm-up round, as the control plane timed it (the agent reports
+/// Running only once the job's process is released).
+async fn credentials_channel(rounds: usize) -> (f64, f64) {
+    let moto = outpost_tests::moto::Moto::start().await;
+    let c = Cluster::start().await;
+    let mut cfg = c.agent_config(2);
+    cfg.aws = moto.agent_aws_config();
+    let agent = c.start_agent_with(cfg).await;
+    let mut plain = Vec::new();
+    let mut with = Vec::new();
+    for round in 0..=rounds {
+        for aws in [false, true] {
+            let mut spec = outpost_tests::spec(&["sh", "-c", "echo started"]);
+            if aws {
+                spec.aws = Some(outpost_proto::agent::v1::AwsRole {
+                    role_arn: outpost_tests::moto::role("outpost-bench"),
+                    ..Default::default()
+                });
+            }
+            let id = c.submit_spec(spec).await;
+            let j = c.wait_final(&id, Duration::from_secs(120)).await;
+            assert_eq!(
+                outpost_tests::state(&j),
+                outpost_proto::agent::v1::JobState::Succeeded,
+                "{j:?}"
+            );
+            if round > 0 {
+                let took = (j.started_at_ms - j.created_at_ms) as f64;
+                if aws {
+                    with.push(took)
+                } else {
+                    plain.push(took)
+                }
+            }
+        }
+    }
+    agent.stop().await;
+    (median(&mut plain), median(&mut with))
 }
