@@ -1178,7 +1178,7 @@ async fn the_workspace_is_a_bounded_nosuid_filesystem_and_filling_it_fails_the_j
         big.resources.workspace_bytes = Some(64 << 20);
         let done = run(&h, &key("disk-big"), &big, Drive::default()).await;
         assert!(
-            matches!(&done.outcome, Outcome::Failed { reason } if reason.contains("workspace_bytes")),
+            matches!(&done.outcome, Outcome::Rejected { reason } if reason.contains("workspace_bytes")),
             "{:?}",
             done.outcome
         );
