@@ -40,6 +40,8 @@ pub enum Command {
         lease_ttl: std::time::Duration,
         #[command(flatten)]
         oidc: OidcArgs,
+        #[command(flatten)]
+        retention: crate::retention::RetentionArgs,
     },
     /// Manage the local certificate authority.
     Pki {
@@ -61,7 +63,11 @@ pub enum Command {
         output: Output,
         #[arg(long, default_value_t = 50)]
         limit: u32,
+        #[command(subcommand)]
+        command: Option<crate::retention::JobsCommand>,
     },
+    /// Show the control plane's store size and retention.
+    Status,
     /// Show one job.
     Job {
         job: String,
@@ -384,23 +390,29 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             listen,
             lease_ttl,
             oidc,
+            retention,
         } => {
+            // Private (0700) and ours alone; the store opens before the
+            // port does, so a broken store ends here with its error.
+            let _lock = outpost_agent::statedir::lock(&state.root)?;
+            let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
+            cfg.oidc = oidc.config(&state.data_dir());
+            cfg.timing.ttl = lease_ttl;
+            cfg.timing.heartbeat = (lease_ttl / 6).max(std::time::Duration::from_millis(200));
+            cfg.retention = retention.retention();
+            let prepared = crate::server::prepare(cfg)?;
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
             let local = listener.local_addr()?;
             write_addr(&state, local)?;
-            let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
-            cfg.oidc = oidc.config(&state.data_dir());
-            cfg.timing.ttl = lease_ttl;
-            cfg.timing.heartbeat = (lease_ttl / 6).max(std::time::Duration::from_millis(200));
             let shutdown = tokio_util::sync::CancellationToken::new();
             let sd = shutdown.clone();
             tokio::spawn(async move {
                 wait_for_signal().await;
                 sd.cancel();
             });
-            crate::server::run(listener, cfg, shutdown).await?;
+            prepared.serve(listener, shutdown).await?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Pki { command } => {
@@ -466,7 +478,11 @@ async fn admin_command(client: &ClientConfig, cmd: Command) -> Result<ExitCode> 
             stream_logs(client, &job, follow).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Jobs { output, limit } => {
+        Command::Jobs {
+            command: Some(cmd), ..
+        } => crate::retention::jobs_command(&mut c, cmd).await,
+        Command::Status => crate::retention::status_command(&mut c).await,
+        Command::Jobs { output, limit, .. } => {
             let jobs = c
                 .list_jobs(admin::ListJobsRequest { limit })
                 .await
