@@ -178,10 +178,11 @@ pub async fn status_command(c: &mut Admin) -> anyhow::Result<std::process::ExitC
         .into_inner();
     println!("version {}", s.version);
     println!("{}", s.store.as_ref().map(store_line).unwrap_or_default());
-    let age = if s.retain_for_ms == 0 {
-        "any age".to_string()
-    } else {
-        format!("{}h", s.retain_for_ms / 3_600_000)
+    let age = match s.retain_for_ms {
+        0 => "at any age".to_string(),
+        ms if ms % 86_400_000 == 0 => format!("for {}d", ms / 86_400_000),
+        ms if ms % 3_600_000 == 0 => format!("for {}h", ms / 3_600_000),
+        ms => format!("for {}s", ms / 1000),
     };
     let count = if s.retain_jobs == 0 {
         "any number".to_string()
