@@ -290,7 +290,10 @@ mod tests {
         };
         let page = fit_page(std::iter::repeat_n(job, 10_000));
         assert!(!page.is_empty() && page.len() < 10_000);
-        let resp = admin::ListJobsResponse { jobs: page };
+        let resp = admin::ListJobsResponse {
+            jobs: page,
+            ..Default::default()
+        };
         assert!(resp.encoded_len() <= LIST_BUDGET_BYTES);
         let cmd: usize = resp.jobs[0].command.iter().map(String::len).sum();
         assert!(cmd <= LIST_COMMAND_BYTES + "…".len(), "{cmd}");

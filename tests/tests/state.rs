@@ -252,7 +252,10 @@ async fn a_second_process_on_a_state_directory_refuses_and_names_the_first() {
         .connect()
         .await
         .expect("the first still answers")
-        .list_jobs(admin::ListJobsRequest { limit: 1 })
+        .list_jobs(admin::ListJobsRequest {
+            limit: 1,
+            ..Default::default()
+        })
         .await
         .expect("list");
     drop(first);
@@ -528,7 +531,10 @@ async fn oversized_specs_are_refused_and_every_accepted_one_runs_and_lists() {
         .await
         .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES);
     let jobs = strict
-        .list_jobs(admin::ListJobsRequest { limit: 100 })
+        .list_jobs(admin::ListJobsRequest {
+            limit: 100,
+            ..Default::default()
+        })
         .await
         .expect("a list within the message limit")
         .into_inner()

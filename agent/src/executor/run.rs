@@ -1306,9 +1306,17 @@ async fn remove_job(docker: &Docker, job: &Leftovers) {
     }
 }
 
+/// The outcome of a job that could not run: `Rejected` when this agent's
+/// sandbox refuses what it asks for (like any other local refusal),
+/// `Failed` otherwise.
 fn failed(error: ExecError) -> Outcome {
-    Outcome::Failed {
-        reason: error_chain(&error),
+    match error {
+        ExecError::Rejected { .. } => Outcome::Rejected {
+            reason: error_chain(&error),
+        },
+        error => Outcome::Failed {
+            reason: error_chain(&error),
+        },
     }
 }
 
@@ -1347,6 +1355,25 @@ fn split_reference(image: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sandbox_refusal_ends_rejected_and_other_errors_failed() {
+        let refused = failed(ExecError::Rejected {
+            source: spec::SpecError::BelowMinimum {
+                resource: "pids",
+                requested: 1,
+                minimum: spec::MIN_PIDS,
+            },
+        });
+        assert!(
+            matches!(&refused, Outcome::Rejected { reason } if reason.contains("below the minimum of 8")),
+            "{refused:?}"
+        );
+        let other = failed(ExecError::ImageNotPresent {
+            image: "img".into(),
+        });
+        assert!(matches!(other, Outcome::Failed { .. }), "{other:?}");
+    }
 
     #[test]
     fn references_split_into_repo_and_tag() {

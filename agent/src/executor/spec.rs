@@ -50,6 +50,10 @@ const EGRESS_SYSCTLS: [&str; 2] = [
 pub const MIN_MEMORY_BYTES: u64 = 6 << 20;
 /// Docker's smallest accepted CPU limit (0.01 CPU).
 pub const MIN_NANO_CPUS: u64 = 10_000_000;
+/// Smallest pids limit a job may ask for: below it the container's init
+/// cannot even fork the job's process, and a shell running one command
+/// needs a few more (the AWS entry is one of them).
+pub const MIN_PIDS: u64 = 8;
 /// Set in the environment when the engine's init (tini) is PID 1: signals
 /// then go to the job's whole process group, like a terminal's Ctrl-C.
 const TINI_KILL_PROCESS_GROUP: &str = "TINI_KILL_PROCESS_GROUP";
@@ -260,7 +264,7 @@ pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<L
             cfg.nano_cpus,
             MIN_NANO_CPUS,
         )?,
-        pids: limit("pids", spec.resources.pids, cfg.pids, 1)?,
+        pids: limit("pids", spec.resources.pids, cfg.pids, MIN_PIDS)?,
     };
     for (name, value) in &spec.env {
         if name.is_empty() || name.contains(['=', '\0']) {
