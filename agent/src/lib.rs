@@ -178,6 +178,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(10), rt.tracker.wait()).await;
     let _ = session.await;
     let _ = fencer.await;
+    rt.executor.shutdown().await;
     info!("agent stopped");
     Ok(())
 }

@@ -97,8 +97,8 @@ pub struct PolicyConfig {
 /// - `DOCKER_*`: `DOCKER_HOST` and friends point tools at a Docker engine;
 /// - `*_PROXY`: the network path out (`HTTP_PROXY`, `NO_PROXY`, …) is the
 ///   VPC owner's;
-/// - `TINI_*`: the engine's init must forward the single SIGINT to the whole
-///   process group (the agent sets `TINI_KILL_PROCESS_GROUP`);
+/// - `TINI_*`: configure an init's signal handling (jobs run under
+///   `outpost-init`, but an image may bring tini of its own);
 /// - `OUTPOST_*`: reserved for the agent;
 /// - `BASH_ENV`, `ENV`: shell start-up files run before any script.
 pub const DEFAULT_DENIED_ENV: &[&str] = &[
@@ -822,12 +822,14 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#
             memory_bytes: Some(1 << 30),
             nano_cpus: Some(1_000_000_000),
             pids: Some(256),
+            workspace_bytes: None,
         })))
         .unwrap();
         p.check(&lease(with(Resources {
             memory_bytes: Some(64 << 20),
             nano_cpus: Some(100_000_000),
             pids: Some(10),
+            workspace_bytes: None,
         })))
         .unwrap();
     }

@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: a real control plane, real agents,
 //! a real Docker engine and real mTLS with certificates generated per test.
 
+pub mod faults;
 pub mod moto;
 pub mod sandbox_helpers;
 
