@@ -14,6 +14,7 @@ pub mod policy;
 pub mod runtime;
 pub mod session;
 pub mod spool;
+pub mod statedir;
 pub mod units;
 pub mod wire;
 
@@ -31,12 +32,8 @@ use crate::spool::{Spool, SpoolError};
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
-    #[error("failed to create the state directory {path}")]
-    StateDir {
-        path: std::path::PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the state directory is not usable")]
+    StateDir(#[source] statedir::StateDirError),
     #[error("the log spool is not usable")]
     Spool(#[source] SpoolError),
     #[error("the Docker engine is not usable")]
@@ -56,6 +53,11 @@ pub struct Shutdown {
     pub drain: CancellationToken,
     /// Stop running jobs now (one SIGINT, then SIGKILL), report, exit.
     pub force: CancellationToken,
+    /// Stop like a restart: close the session and return at once, leaving
+    /// running jobs' containers to the next run of this agent on the same
+    /// `state_dir`, which re-adopts them (as after a crash). Their tasks
+    /// still run in this process: the caller exits it right after.
+    pub detach: CancellationToken,
 }
 
 /// Runs the agent until it has drained. `ready` is called once the agent is
@@ -65,11 +67,10 @@ pub async fn run(
     shutdown: Shutdown,
     ready: impl FnOnce(),
 ) -> Result<(), AgentError> {
-    std::fs::create_dir_all(&cfg.state_dir).map_err(|source| AgentError::StateDir {
-        path: cfg.state_dir.clone(),
-        source,
-    })?;
+    // Private (0700) and ours alone until this function returns.
+    let _lock = statedir::lock(&cfg.state_dir).map_err(AgentError::StateDir)?;
     let spool_dir = cfg.state_dir.join("spool");
+    statedir::private_dir(&spool_dir).map_err(AgentError::StateDir)?;
     let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, cfg.spool_segment_bytes)
         .map_err(AgentError::Spool)?;
     let recovered = spool.recover().map_err(AgentError::Spool)?;
@@ -147,6 +148,15 @@ pub async fn run(
     tokio::select! {
         _ = shutdown.drain.cancelled() => {}
         _ = shutdown.force.cancelled() => {}
+        _ = shutdown.detach.cancelled() => {
+            rt.start_draining();
+            stop.cancel();
+            let _ = session.await;
+            let _ = fencer.await;
+            rt.sync_spools();
+            info!(running = rt.len(), "agent stopped; running jobs are left for re-adoption");
+            return Ok(());
+        }
     }
     rt.start_draining();
     info!(

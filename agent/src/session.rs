@@ -45,6 +45,12 @@ pub enum SessionError {
     Rpc(#[from] tonic::Status),
     #[error("the control plane closed the session before welcoming the agent")]
     NoWelcome,
+    #[error(
+        "this agent could not read a message from the control plane (it reads at most {limit} bytes); any lease in it is re-offered and the control plane ends its job after a few tries: {message}"
+    )]
+    Unreadable { limit: usize, message: String },
+    #[error("the session stream broke: {0}")]
+    Stream(#[source] tonic::Status),
     #[error("the session's send queue closed")]
     Closed,
 }
@@ -135,7 +141,9 @@ async fn session(
     drain: &CancellationToken,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
-    let mut client = AgentServiceClient::new(channel);
+    let mut client = AgentServiceClient::new(channel)
+        .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(outpost_proto::MAX_MESSAGE_BYTES);
     let (tx, rx) = mpsc::channel::<pb::AgentMessage>(64);
     let hello = pb::Hello {
         agent_id: cfg.agent_id.clone().unwrap_or_default(),
@@ -154,7 +162,7 @@ async fn session(
         Ok(Some(Ok(pb::ServerMessage {
             msg: Some(In::Welcome(w)),
         }))) => w,
-        Ok(Some(Err(status))) => return Err(status.into()),
+        Ok(Some(Err(status))) => return Err(inbound_error(status)),
         _ => return Err(SessionError::NoWelcome),
     };
     for r in &welcome.resumed {
@@ -216,13 +224,25 @@ async fn session(
             m = inbound.next() => {
                 let m = match m {
                     None => return Ok(()),
-                    Some(Err(status)) => return Err(status.into()),
+                    Some(Err(status)) => return Err(inbound_error(status)),
                     Some(Ok(m)) => m,
                 };
                 handle(rt, &tx, m).await?;
             }
         }
     }
+}
+
+/// An error on the stream from the control plane: a message this agent
+/// could not decode is its own limit, not the control plane refusing it.
+fn inbound_error(status: tonic::Status) -> SessionError {
+    if status.code() == tonic::Code::OutOfRange {
+        return SessionError::Unreadable {
+            limit: outpost_proto::MAX_MESSAGE_BYTES,
+            message: status.message().to_string(),
+        };
+    }
+    SessionError::Stream(status)
 }
 
 async fn handle(
@@ -236,13 +256,23 @@ async fn handle(
         In::Lease(l) => {
             let job_id = l.job_id.clone();
             let epoch = l.epoch;
-            let result = rt.accept(l);
+            // A lease this agent cannot even read is declined for good (the
+            // control plane ends the job after a few); anything else
+            // (capacity, draining, local disk) is a passing refusal.
+            let (result, permanent) = match wire::lease_from_pb(l.clone()) {
+                Err(e) => (
+                    Err(format!("the lease is not valid for this agent: {e}")),
+                    true,
+                ),
+                Ok(_) => (rt.accept(l), false),
+            };
             if let Err(reason) = result {
-                warn!(job = %job_id, epoch, reason = %reason, "declining a lease");
+                warn!(job = %job_id, epoch, reason = %reason, permanent, "declining a lease");
                 tx.send(msg(Out::LeaseRejected(pb::LeaseRejected {
                     job_id,
                     epoch,
                     reason,
+                    permanent,
                 })))
                 .await
                 .map_err(|_| SessionError::Closed)?;
@@ -300,4 +330,21 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreadable_message_is_this_agents_limit_not_a_refusal() {
+        let too_large = tonic::Status::out_of_range(
+            "Error, decoded message length too large: found 4194400 bytes, the limit is: 4194304 bytes",
+        );
+        let e = inbound_error(too_large).to_string();
+        assert!(e.contains("this agent could not read"), "{e}");
+        assert!(!e.contains("refused"), "{e}");
+        let e = inbound_error(tonic::Status::unavailable("gone")).to_string();
+        assert!(e.contains("stream broke") && !e.contains("refused"), "{e}");
+    }
 }

@@ -21,6 +21,7 @@
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -118,7 +119,11 @@ impl Spool {
         offset: u64,
     ) -> Result<JobSpool, SpoolError> {
         let dir = self.job_dir(key);
-        fs::create_dir_all(&dir).map_err(io_err("create the job spool", &dir))?;
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io_err("create the job spool", &dir))?;
         write_atomic(&dir.join("lease.pb"), lease)?;
         Ok(JobSpool {
             dir,
@@ -367,6 +372,7 @@ impl JobSpool {
         let f = OpenOptions::new()
             .create(true)
             .append(true)
+            .mode(0o600)
             .open(&path)
             .map_err(io_err("create the segment", &path))?;
         // An empty segment from an earlier attempt at this offset is reused.
@@ -455,7 +461,13 @@ impl JobSpool {
 
 fn write_atomic(path: &Path, data: &[u8]) -> Result<(), SpoolError> {
     let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io_err("create", &tmp))?;
+    let mut f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(io_err("create", &tmp))?;
     f.write_all(data).map_err(io_err("write", &tmp))?;
     f.sync_all().map_err(io_err("sync", &tmp))?;
     fs::rename(&tmp, path).map_err(io_err("rename", path))?;

@@ -22,6 +22,8 @@ use crate::wire;
 pub struct AdminApi {
     pub hub: Arc<Hub>,
     pub shutdown: CancellationToken,
+    /// The server's retention, applied by `PruneJobs` without arguments.
+    pub retention: crate::retention::Retention,
 }
 
 fn internal(e: StoreError) -> Status {
@@ -106,10 +108,20 @@ impl admin::admin_service_server::AdminService for AdminApi {
             .list_jobs(filter, limit)
             .await
             .map_err(internal)?;
+        // Summarised and cut to a byte budget: a page never exceeds the
+        // message limit; one cut short continues after its last job.
+        let all: Vec<_> = page.jobs.iter().map(|j| self.job_to_pb(j)).collect();
+        let offered = all.len();
+        let jobs = crate::limits::fit_page(all);
+        let next = if jobs.len() < offered {
+            page.seqs.get(jobs.len().max(1) - 1).copied()
+        } else {
+            page.next
+        };
         Ok(Response::new(admin::ListJobsResponse {
-            jobs: page.jobs.iter().map(|j| self.job_to_pb(j)).collect(),
+            jobs,
             total: page.total,
-            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
+            next_page_token: next.map(|n| n.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -208,6 +220,51 @@ impl admin::admin_service_server::AdminService for AdminApi {
         let artifacts = self.hub.store.list_artifacts(id).await.map_err(internal)?;
         Ok(Response::new(admin::ListArtifactsResponse {
             artifacts: artifacts.iter().map(wire::artifact_to_pb).collect(),
+        }))
+    }
+
+    async fn prune_jobs(
+        &self,
+        request: Request<admin::PruneJobsRequest>,
+    ) -> Result<Response<admin::PruneJobsResponse>, Status> {
+        let who = Identity::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let rule = if req.older_than_ms.is_none() && req.keep.is_none() {
+            self.retention.rule()
+        } else {
+            crate::store::PruneRule {
+                older_than_ms: req.older_than_ms,
+                keep: req.keep,
+            }
+        };
+        let pruned = crate::retention::prune(&self.hub, rule)
+            .await
+            .map_err(internal)?;
+        let size = self.hub.store.size().await.map_err(internal)?;
+        info!(by = %who.name, jobs = pruned.jobs, log_bytes = pruned.log_bytes, store_bytes = size.bytes, "jobs pruned");
+        Ok(Response::new(admin::PruneJobsResponse {
+            jobs_deleted: pruned.jobs,
+            log_bytes_deleted: pruned.log_bytes,
+            store: Some(wire::store_status_to_pb(&size)),
+        }))
+    }
+
+    async fn get_status(
+        &self,
+        request: Request<admin::GetStatusRequest>,
+    ) -> Result<Response<admin::ServerStatus>, Status> {
+        Identity::require(&request, Role::Admin)?;
+        let size = self.hub.store.size().await.map_err(internal)?;
+        Ok(Response::new(admin::ServerStatus {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            store: Some(wire::store_status_to_pb(&size)),
+            retain_for_ms: self
+                .retention
+                .max_age
+                .map(|d| d.as_millis() as u64)
+                .unwrap_or(0),
+            retain_jobs: self.retention.max_jobs.unwrap_or(0),
+            connected_agents: self.hub.connected_count() as u32,
         }))
     }
 

@@ -119,11 +119,20 @@ async fn run_session(
     let kept: HashSet<String> = renewed.iter().map(|j| j.id.clone()).collect();
     for j in hub.store.active_jobs().await.map_err(internal)? {
         if j.agent_id.as_deref() == Some(agent.as_str()) && !kept.contains(&j.id) {
-            info!(job = %j.id, epoch = j.epoch, "agent no longer holds this lease; re-queueing");
-            hub.store
-                .requeue(j.id.clone(), j.epoch, agent.clone())
+            // A lease it never confirmed (its session broke, e.g. it could
+            // not decode it) counts towards the job's undelivered limit.
+            let after = hub
+                .store
+                .lease_not_taken(
+                    j.id.clone(),
+                    j.epoch,
+                    agent.clone(),
+                    "the agent's session ended before it confirmed the lease".into(),
+                )
                 .await
                 .map_err(internal)?;
+            let state = after.as_ref().map(|j| j.state.as_str()).unwrap_or("gone");
+            info!(job = %j.id, epoch = j.epoch, now = state, "agent no longer holds this lease");
         }
     }
     let welcome = pb::Welcome {
@@ -310,11 +319,18 @@ async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> 
             }
         }
         In::LeaseRejected(r) => {
-            warn!(job = %r.job_id, epoch = r.epoch, reason = %r.reason, "agent declined a lease; re-queueing");
-            hub.store
-                .requeue(r.job_id, r.epoch, agent.to_string())
-                .await
-                .map_err(internal)?;
+            warn!(job = %r.job_id, epoch = r.epoch, reason = %r.reason, permanent = r.permanent, "agent declined a lease");
+            if r.permanent {
+                hub.store
+                    .lease_not_taken(r.job_id, r.epoch, agent.to_string(), r.reason)
+                    .await
+                    .map_err(internal)?;
+            } else {
+                hub.store
+                    .requeue(r.job_id, r.epoch, agent.to_string())
+                    .await
+                    .map_err(internal)?;
+            }
             hub.changed();
             hub.kick();
         }

@@ -136,8 +136,9 @@ async fn ensure_runner_image() -> Result<()> {
 const EX_CONFIG: u8 = 64;
 
 pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
-    std::fs::create_dir_all(&state.root)
-        .with_context(|| format!("failed to create {}", state.root.display()))?;
+    // Private (0700) and ours alone: a second `outpost dev` or `outpost
+    // server` on this directory refuses to start.
+    let _lock = outpost_agent::statedir::lock(&state.root)?;
     ensure_pki(state)?;
     // The local agent's configuration is checked like `outpost-agent`
     // checks its file, before anything starts.
@@ -151,6 +152,10 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
         eprintln!("outpost dev: local agent: {e}");
         return Ok(ExitCode::from(EX_CONFIG));
     }
+    // The store opens before anything starts: a broken one ends here.
+    let server_cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
+    let prepared = crate::server::prepare(server_cfg)?;
+    let store = prepared.store();
     ensure_runner_image().await?;
 
     let listener = tokio::net::TcpListener::bind(&args.listen)
@@ -161,24 +166,23 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
     let url = format!("https://{addr}");
 
     let server_stop = CancellationToken::new();
-    let server_cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
-    let server = tokio::spawn(crate::server::run(
-        listener,
-        server_cfg,
-        server_stop.clone(),
-    ));
+    let mut server = tokio::spawn(prepared.serve(listener, server_stop.clone()));
 
     let agent_cfg = local_agent_config(state, &url, args.capacity);
     let agent_shutdown = outpost_agent::Shutdown::default();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel();
-    let agent = tokio::spawn(outpost_agent::run(
+    let mut agent = tokio::spawn(outpost_agent::run(
         agent_cfg,
         agent_shutdown.clone(),
         move || {
             let _ = ready_tx.send(());
         },
     ));
-    if ready_rx.await.is_err() {
+    let ready = tokio::select! {
+        r = ready_rx => r.is_ok(),
+        r = &mut server => return Err(server_ended(r)),
+    };
+    if !ready {
         server_stop.cancel();
         return match agent.await {
             Ok(Err(e)) => Err(anyhow::Error::new(e).context("the local agent failed to start")),
@@ -190,27 +194,75 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
         state.root.display()
     );
 
-    let code = if args.demo {
+    if args.demo {
         let client = ClientConfig::from_state(state, Some(url.clone()))?;
-        let code = run_demo(&client).await?;
-        crate::iac::demo::run(state, &client).await?;
-        code
-    } else {
-        eprintln!("outpost dev: agent \"local\" connected; try:");
-        eprintln!(
-            "  outpost --state-dir {} submit --image {RUNNER_IMAGE} --follow -- sh -c 'echo hello from a sandbox'",
-            state.root.display()
-        );
-        eprintln!("outpost dev: press Ctrl-C to stop");
-        wait_for_signal().await;
-        ExitCode::SUCCESS
-    };
-    agent_shutdown.drain.cancel();
-    agent_shutdown.force.cancel();
+        let code = tokio::select! {
+            c = run_demo(&client) => c?,
+            r = &mut server => return Err(server_ended(r)),
+        };
+        tokio::select! {
+            r = crate::iac::demo::run(state, &client) => r?,
+            r = &mut server => return Err(server_ended(r)),
+        };
+        agent_shutdown.drain.cancel();
+        agent_shutdown.force.cancel();
+        let _ = agent.await;
+        server_stop.cancel();
+        let _ = server.await;
+        return Ok(code);
+    }
+    eprintln!("outpost dev: agent \"local\" connected; try:");
+    eprintln!(
+        "  outpost --state-dir {} submit --image {RUNNER_IMAGE} --follow -- sh -c 'echo hello from a sandbox'",
+        state.root.display()
+    );
+    eprintln!(
+        "outpost dev: press Ctrl-C to stop; running jobs are left running and re-adopted by the next `outpost dev` (`outpost cancel ID` stops one)"
+    );
+    tokio::select! {
+        _ = wait_for_signal() => {}
+        r = &mut server => return Err(server_ended(r)),
+        r = &mut agent => {
+            server_stop.cancel();
+            return match r {
+                Ok(Err(e)) => Err(anyhow::Error::new(e).context("the local agent stopped")),
+                _ => bail!("the local agent stopped"),
+            };
+        }
+    }
+    // Like a restart (or a crash): the jobs' containers go on, the spool
+    // keeps their output, and the next `outpost dev` re-adopts them under
+    // the same lease.
+    agent_shutdown.detach.cancel();
     let _ = agent.await;
     server_stop.cancel();
     let _ = server.await;
-    Ok(code)
+    let running = store
+        .active_jobs()
+        .await
+        .map(|jobs| jobs.len())
+        .unwrap_or(0);
+    if running > 0 {
+        eprintln!(
+            "outpost dev: stopped; {running} running job(s) left running, re-adopted by the next `outpost dev` on {}",
+            state.root.display()
+        );
+    } else {
+        eprintln!("outpost dev: stopped");
+    }
+    // Exit now, as a restart would: unwinding the runtime would drop the
+    // jobs' tasks, whose clean-up removes their containers.
+    std::process::exit(0)
+}
+
+fn server_ended(
+    r: Result<Result<(), crate::server::ServerError>, tokio::task::JoinError>,
+) -> anyhow::Error {
+    match r {
+        Ok(Err(e)) => anyhow::Error::new(e).context("the control plane stopped"),
+        Ok(Ok(())) => anyhow::anyhow!("the control plane stopped"),
+        Err(e) => anyhow::anyhow!("the control plane failed: {e}"),
+    }
 }
 
 async fn run_demo(client: &ClientConfig) -> Result<ExitCode> {

@@ -164,6 +164,10 @@ impl Hub {
         }
     }
 
+    pub fn connected_count(&self) -> usize {
+        self.agents.lock().len()
+    }
+
     /// Connected agents that could be given a job with `selector` now or
     /// once they have a free slot: not draining, heard from recently, every
     /// label of the selector among theirs.
@@ -324,6 +328,19 @@ impl Hub {
             }
         }
         for job in queued {
+            // Jobs accepted before the size limits existed may not fit in a
+            // lease: they end now instead of breaking agents' sessions.
+            let size = prost::Message::encoded_len(&wire::spec_to_pb(&job.spec));
+            if size > outpost_proto::MAX_SPEC_BYTES {
+                let reason = format!(
+                    "the job spec is {size} bytes encoded, above the {} bytes a lease may carry",
+                    outpost_proto::MAX_SPEC_BYTES
+                );
+                warn!(job = %job.id, size, "job too large to lease; failing it");
+                self.store.fail_queued(job.id.clone(), reason).await?;
+                self.changed();
+                continue;
+            }
             let pick = free
                 .iter_mut()
                 .filter(|(_, labels, slots)| *slots > 0 && selects(&job, labels))

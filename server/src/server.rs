@@ -2,6 +2,7 @@
 //! one port and authorise by the role in the client certificate.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use outpost_proto::admin::v1::admin_service_server::AdminServiceServer;
 use outpost_proto::agent::v1::agent_service_server::AgentServiceServer;
@@ -33,12 +34,8 @@ pub enum ServerError {
     Tls(#[source] tonic::transport::Error),
     #[error("failed to open the store")]
     Store(#[from] StoreError),
-    #[error("failed to create the data directory {path}")]
-    DataDir {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    #[error("the data directory is not usable")]
+    DataDir(#[source] outpost_agent::statedir::StateDirError),
     #[error("the gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
     #[error("the iac layer failed to start")]
@@ -57,6 +54,8 @@ pub struct ServerConfig {
     pub timing: LeaseTiming,
     /// Issuer of the per-job web-identity tokens (key in `data_dir`).
     pub oidc: crate::oidc::OidcConfig,
+    /// How long final jobs and their logs are kept.
+    pub retention: crate::retention::Retention,
 }
 
 impl ServerConfig {
@@ -67,6 +66,7 @@ impl ServerConfig {
             oidc: crate::oidc::OidcConfig::new(&data_dir),
             data_dir,
             timing: LeaseTiming::default(),
+            retention: crate::retention::Retention::default(),
         }
     }
 }
@@ -79,12 +79,19 @@ fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, ServerError> {
     })
 }
 
-/// Serves the control plane on `listener` until `shutdown` is cancelled.
-pub async fn run(
-    listener: TcpListener,
-    config: ServerConfig,
-    shutdown: CancellationToken,
-) -> Result<(), ServerError> {
+/// A control plane with its store open and its TLS identity read, not yet
+/// serving: opening first lets `outpost server` and `outpost dev` fail
+/// (non-zero, with the store's error) before anything else starts.
+pub struct Prepared {
+    tls: ServerTlsConfig,
+    hub: Arc<Hub>,
+    retention: crate::retention::Retention,
+    data_dir: PathBuf,
+}
+
+/// Reads the TLS identity, opens the store (a private `0700` data
+/// directory, `0600` files) and the token issuer.
+pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
     let pki = PkiDir::new(&config.pki_dir);
     let server = pki.server();
     let tls = ServerTlsConfig::new()
@@ -97,50 +104,98 @@ pub async fn run(
             &pki.ca_cert(),
         )?))
         .client_auth_optional(false);
-    std::fs::create_dir_all(&config.data_dir).map_err(|source| ServerError::DataDir {
-        path: config.data_dir.clone(),
-        source,
-    })?;
+    outpost_agent::statedir::private_dir(&config.data_dir).map_err(ServerError::DataDir)?;
     let store = Store::open(&config.data_dir.join("outpost.db"))?;
     let hub = Hub::new(store, config.timing);
     let issuer = crate::oidc::Issuer::load_or_create(config.oidc.clone())?;
     info!(issuer = %config.oidc.issuer, kid = %issuer.kid(), "oidc token issuer ready");
-    hub.set_issuer(std::sync::Arc::new(issuer));
-    let iac = crate::iac::runs::Engine::start(hub.clone(), &config.data_dir).await?;
-    let tasks = shutdown.child_token();
-    hub.spawn_tasks(tasks.clone());
-    iac.spawn(tasks.clone());
-    let addr = listener.local_addr().ok();
-    info!(addr = ?addr, "control plane listening");
-    let result = Server::builder()
-        .tls_config(tls)
-        .map_err(ServerError::Tls)?
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-        .add_service(AgentServiceServer::new(AgentApi {
-            hub: hub.clone(),
-            shutdown: tasks.clone(),
-        }))
-        .add_service(AdminServiceServer::new(AdminApi {
-            hub: hub.clone(),
-            shutdown: tasks.clone(),
-        }))
-        .add_service(
-            IacAdminServer::new(crate::iac::api::IacAdminApi {
-                engine: iac.clone(),
+    hub.set_issuer(Arc::new(issuer));
+    Ok(Prepared {
+        tls,
+        hub,
+        retention: config.retention,
+        data_dir: config.data_dir.clone(),
+    })
+}
+
+/// Serves the control plane on `listener` until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    config: ServerConfig,
+    shutdown: CancellationToken,
+) -> Result<(), ServerError> {
+    prepare(config)?.serve(listener, shutdown).await
+}
+
+impl Prepared {
+    /// The store (for a caller that reports on it after serving).
+    pub fn store(&self) -> Store {
+        self.hub.store.clone()
+    }
+
+    /// Serves on `listener` until `shutdown` is cancelled.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        shutdown: CancellationToken,
+    ) -> Result<(), ServerError> {
+        let Prepared {
+            tls,
+            hub,
+            retention,
+            data_dir,
+        } = self;
+        // Agents could not renew while the control plane was down: every
+        // held lease gets one full TTL from now to be claimed again.
+        match hub.store.extend_active_leases(hub.timing.ttl).await {
+            Ok(0) => {}
+            Ok(n) => info!(leases = n, "held leases get one lease TTL to be renewed"),
+            Err(e) => return Err(ServerError::Store(e)),
+        }
+        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir).await?;
+        let tasks = shutdown.child_token();
+        hub.spawn_tasks(tasks.clone());
+        iac.spawn(tasks.clone());
+        crate::retention::spawn(hub.clone(), retention, tasks.clone());
+        let addr = listener.local_addr().ok();
+        info!(addr = ?addr, "control plane listening");
+        let result = Server::builder()
+            .tls_config(tls)
+            .map_err(ServerError::Tls)?
+            .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
+            .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+            .add_service(
+                AgentServiceServer::new(AgentApi {
+                    hub: hub.clone(),
+                    shutdown: tasks.clone(),
+                })
+                .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                AdminServiceServer::new(AdminApi {
+                    hub: hub.clone(),
+                    shutdown: tasks.clone(),
+                    retention,
+                })
+                .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                IacAdminServer::new(crate::iac::api::IacAdminApi {
+                    engine: iac.clone(),
+                })
+                .max_decoding_message_size(16 << 20),
+            )
+            .add_service(
+                IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
+                    .max_encoding_message_size(crate::iac::source::MAX_SOURCE_BYTES + (1 << 20)),
+            )
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                shutdown.cancelled().await;
+                tasks.cancel();
             })
-            .max_decoding_message_size(16 << 20),
-        )
-        .add_service(
-            IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
-                .max_encoding_message_size(crate::iac::source::MAX_SOURCE_BYTES + (1 << 20)),
-        )
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            shutdown.cancelled().await;
-            tasks.cancel();
-        })
-        .await
-        .map_err(ServerError::Serve);
-    info!("control plane stopped");
-    result
+            .await
+            .map_err(ServerError::Serve);
+        info!("control plane stopped");
+        result
+    }
 }

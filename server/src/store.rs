@@ -21,6 +21,9 @@ use crate::model::{AgentInfo, Job, JobSpec, JobState, StatusReport, now_ms};
 
 /// Artifact reports (fenced like every lease-scoped write).
 mod artifacts;
+/// Retention: pruning final jobs and shrinking the file.
+mod prune;
+pub use prune::{PruneRule, Pruned, StoreSize};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,14 @@ pub enum StoreError {
     },
     #[error("store task failed")]
     Join,
+    #[error(
+        "the store {path} is an empty file: refusing to start with no jobs; restore it from a backup, or remove it to start with an empty store"
+    )]
+    Empty { path: PathBuf },
+    #[error("the store {path} failed its integrity check: {detail}")]
+    Integrity { path: PathBuf, detail: String },
+    #[error("the store's files are not private")]
+    Private(#[source] outpost_agent::statedir::StateDirError),
 }
 
 fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
@@ -80,7 +91,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_deadline_ms INTEGER NOT NULL DEFAULT 0,
     cancel_requested INTEGER NOT NULL DEFAULT 0,
     log_acked INTEGER NOT NULL DEFAULT 0,
-    log_total INTEGER
+    log_total INTEGER,
+    undelivered INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, seq);
 CREATE TABLE IF NOT EXISTS logs (
@@ -143,6 +155,8 @@ pub struct JobPage {
     pub total: u64,
     /// `before` of the next page; `None` on the last one.
     pub next: Option<i64>,
+    /// `seq` of each job in `jobs` (a page cut short ends at one of them).
+    pub seqs: Vec<i64>,
 }
 
 /// Result of a cancel request.
@@ -157,18 +171,65 @@ pub enum CancelOutcome {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `path`.
+    /// Opens (creating if needed) the store at `path`. The file and its
+    /// WAL are `0600`; an existing empty file is refused (it is a lost
+    /// store, not a new one), and so is one failing SQLite's quick check.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let open_err = |source| StoreError::Open {
             path: path.to_path_buf(),
             source,
         };
+        let io_err = |source: std::io::Error| {
+            StoreError::Private(outpost_agent::statedir::StateDirError::Io {
+                op: "create",
+                path: path.to_path_buf(),
+                source,
+            })
+        };
+        match std::fs::metadata(path) {
+            Ok(m) if m.len() == 0 => {
+                return Err(StoreError::Empty {
+                    path: path.to_path_buf(),
+                });
+            }
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Created here with its final mode; SQLite gives the WAL
+                // and shared-memory files the mode of the database file.
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(path)
+                    .map_err(io_err)?;
+            }
+            Err(e) => return Err(io_err(e)),
+        }
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            outpost_agent::statedir::private_file(Path::new(&p)).map_err(StoreError::Private)?;
+        }
         let conn = Connection::open(path).map_err(open_err)?;
+        // `auto_vacuum` takes effect only on a new database (before its
+        // first table): stores created earlier reuse freed pages but do
+        // not shrink.
         conn.execute_batch(
-            "PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA secure_delete=ON;",
+            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA secure_delete=ON;",
         )
         .map_err(open_err)?;
+        let check: String = conn
+            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
+            .map_err(open_err)?;
+        if check != "ok" {
+            return Err(StoreError::Integrity {
+                path: path.to_path_buf(),
+                detail: check,
+            });
+        }
         conn.execute_batch(SCHEMA).map_err(open_err)?;
+        migrate(&conn).map_err(open_err)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
         })
@@ -265,7 +326,8 @@ impl Store {
             }
             let next = if jobs.len() > limit as usize {
                 jobs.truncate(limit as usize);
-                seqs.get(jobs.len().saturating_sub(1)).copied()
+                seqs.truncate(limit as usize);
+                seqs.last().copied()
             } else {
                 None
             };
@@ -273,6 +335,7 @@ impl Store {
                 jobs,
                 total: total.max(0) as u64,
                 next,
+                seqs,
             })
         })
         .await
@@ -451,7 +514,7 @@ impl Store {
                 forget_secrets(&tx, &id)?;
             } else if report.state == JobState::Running && job.state == JobState::Leased {
                 tx.execute(
-                    "UPDATE jobs SET state = 'running', started_ms = ?2 WHERE id = ?1",
+                    "UPDATE jobs SET state = 'running', started_ms = ?2, undelivered = 0 WHERE id = ?1",
                     params![id, now],
                 )
                 .map_err(q("record running"))?;
@@ -680,6 +743,111 @@ impl Store {
         .await
     }
 
+    /// Gives every held lease `ttl` from now (at least): agents could not
+    /// renew while the control plane was down. Returns how many.
+    pub async fn extend_active_leases(
+        &self,
+        ttl: std::time::Duration,
+    ) -> Result<usize, StoreError> {
+        self.with(move |c| {
+            c.execute(
+                "UPDATE jobs SET lease_deadline_ms = MAX(lease_deadline_ms, ?1)
+                 WHERE state IN ('leased','running')",
+                params![now_ms() + ttl.as_millis() as i64],
+            )
+            .map_err(q("extend leases"))
+        })
+        .await
+    }
+
+    /// A lease the agent could not take (it declined it, or its session
+    /// broke before it said it holds it): the job is re-queued, or, after
+    /// [`MAX_UNDELIVERED`] such leases in a row, ends `failed` with `reason`.
+    /// Only a lease not yet running counts. `None` if `(id, epoch, agent)`
+    /// is not the current lease.
+    pub async fn lease_not_taken(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        reason: String,
+    ) -> Result<Option<Job>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin lease not taken"))?;
+            let job = match current(&tx, &id, epoch, &agent) {
+                Ok(j) => j,
+                Err(StoreError::Stale { .. } | StoreError::NotFound(_)) => return Ok(None),
+                Err(e) => return Err(e),
+            };
+            let undelivered: i64 = tx
+                .query_row(
+                    "SELECT undelivered FROM jobs WHERE id = ?1",
+                    params![id],
+                    |r| r.get(0),
+                )
+                .map_err(q("read undelivered count"))?;
+            let counts = job.state == JobState::Leased;
+            let n = undelivered + i64::from(counts);
+            if job.cancel_requested {
+                tx.execute(
+                    "UPDATE jobs SET state = 'cancelled', message = 'cancelled before it ran',
+                         finished_ms = ?2, lease_deadline_ms = 0 WHERE id = ?1",
+                    params![id, now_ms()],
+                )
+                .map_err(q("cancel undelivered job"))?;
+                forget_secrets(&tx, &id)?;
+            } else if counts && n >= MAX_UNDELIVERED {
+                tx.execute(
+                    "UPDATE jobs SET state = 'failed', undelivered = ?2, finished_ms = ?3,
+                         lease_deadline_ms = 0, log_total = 0,
+                         message = ?4 WHERE id = ?1",
+                    params![
+                        id,
+                        n,
+                        now_ms(),
+                        format!("no agent could take the job's lease ({n} tries); last: {reason}")
+                    ],
+                )
+                .map_err(q("fail undelivered job"))?;
+                forget_secrets(&tx, &id)?;
+            } else {
+                tx.execute(
+                    "UPDATE jobs SET state = 'queued', agent_id = NULL, lease_deadline_ms = 0,
+                         undelivered = ?2 WHERE id = ?1",
+                    params![id, n],
+                )
+                .map_err(q("requeue undelivered job"))?;
+            }
+            let job = get_job(&tx, &id)?;
+            tx.commit().map_err(q("commit lease not taken"))?;
+            Ok(job)
+        })
+        .await
+    }
+
+    /// Ends a queued job `failed` before any lease (it could never be
+    /// delivered). `None` if it is no longer queued.
+    pub async fn fail_queued(&self, id: String, reason: String) -> Result<Option<Job>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin fail queued"))?;
+            let n = tx
+                .execute(
+                    "UPDATE jobs SET state = 'failed', finished_ms = ?2, log_total = 0, message = ?3
+                     WHERE id = ?1 AND state = 'queued'",
+                    params![id, now_ms(), reason],
+                )
+                .map_err(q("fail queued job"))?;
+            if n == 0 {
+                return Ok(None);
+            }
+            forget_secrets(&tx, &id)?;
+            let job = get_job(&tx, &id)?;
+            tx.commit().map_err(q("commit fail queued"))?;
+            Ok(job)
+        })
+        .await
+    }
+
     /// Number of leases `agent` holds.
     pub async fn active_count(&self, agent: String) -> Result<u32, StoreError> {
         self.with(move |c| {
@@ -692,6 +860,22 @@ impl Store {
         })
         .await
     }
+}
+
+/// Leases in a row an agent could not take before a job ends `failed`.
+pub const MAX_UNDELIVERED: i64 = 5;
+
+/// Brings a store made by an earlier version up to the current schema.
+fn migrate(c: &Connection) -> rusqlite::Result<()> {
+    let has_undelivered: bool = c.query_row(
+        "SELECT COUNT(*) FROM pragma_table_info('jobs') WHERE name = 'undelivered'",
+        [],
+        |r| r.get::<_, i64>(0).map(|n| n > 0),
+    )?;
+    if !has_undelivered {
+        c.execute_batch("ALTER TABLE jobs ADD COLUMN undelivered INTEGER NOT NULL DEFAULT 0")?;
+    }
+    Ok(())
 }
 
 fn current(c: &Connection, id: &str, epoch: u64, agent: &str) -> Result<Job, StoreError> {
@@ -928,6 +1112,89 @@ mod tests {
         let j = s.report("j1".into(), 2, "b".into(), r).await.unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert!(j.log_complete());
+    }
+
+    #[tokio::test]
+    async fn a_lease_never_taken_ends_the_job_failed_after_a_bounded_number_of_tries() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        s.insert_job("j".into(), spec()).await.unwrap();
+        for n in 1..=MAX_UNDELIVERED {
+            let j = s
+                .lease_job("j".into(), "a".into(), 60_000)
+                .await
+                .unwrap()
+                .expect("queued again");
+            // A stale lease is not counted.
+            assert!(
+                s.lease_not_taken("j".into(), j.epoch - 1, "a".into(), "x".into())
+                    .await
+                    .unwrap()
+                    .is_none()
+            );
+            let after = s
+                .lease_not_taken("j".into(), j.epoch, "a".into(), "cannot decode".into())
+                .await
+                .unwrap()
+                .unwrap();
+            if n < MAX_UNDELIVERED {
+                assert_eq!(after.state, JobState::Queued, "try {n}");
+            } else {
+                assert_eq!(after.state, JobState::Failed);
+                assert!(after.message.contains("cannot decode"), "{}", after.message);
+                assert!(after.log_complete());
+            }
+        }
+        // A job that ran once starts counting afresh.
+        s.insert_job("k".into(), spec()).await.unwrap();
+        let j = s
+            .lease_job("k".into(), "a".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        s.lease_not_taken("k".into(), j.epoch, "a".into(), "x".into())
+            .await
+            .unwrap();
+        let j = s
+            .lease_job("k".into(), "a".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        let running = StatusReport {
+            state: JobState::Running,
+            exit_code: None,
+            message: String::new(),
+            log_total: 0,
+            oom_killed: false,
+        };
+        s.report("k".into(), j.epoch, "a".into(), running)
+            .await
+            .unwrap();
+        // Its session breaks while running: re-queued, never failed for it.
+        let after = s
+            .lease_not_taken("k".into(), j.epoch, "a".into(), "x".into())
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(after.state, JobState::Queued);
+    }
+
+    #[tokio::test]
+    async fn an_empty_store_file_is_refused_and_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("db");
+        std::fs::write(&path, b"").unwrap();
+        let e = Store::open(&path).err().expect("refused");
+        assert!(matches!(e, StoreError::Empty { .. }), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let s = Store::open(&path).unwrap();
+        s.insert_job("j".into(), spec()).await.unwrap();
+        for suffix in ["", "-wal", "-shm"] {
+            let p = format!("{}{suffix}", path.display());
+            let mode = std::fs::metadata(&p).unwrap().permissions().mode() & 0o777;
+            assert_eq!(mode, 0o600, "{p}");
+        }
     }
 
     #[tokio::test]

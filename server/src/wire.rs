@@ -41,6 +41,7 @@ pub fn state_from_pb(s: pb::JobState) -> Option<JobState> {
 /// Validates and converts a submitted spec.
 pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
     let spec = spec.ok_or("a job spec is required")?;
+    crate::limits::check_spec(&spec)?;
     if spec.image.trim().is_empty() {
         return Err("an image is required".into());
     }
@@ -346,7 +347,8 @@ pub fn status_from_pb(s: &pb::JobStatus) -> Result<StatusReport, String> {
     Ok(StatusReport {
         state,
         exit_code: s.exit_code,
-        message: s.message.clone(),
+        message: crate::limits::truncate(&s.message, crate::limits::MAX_MESSAGE_TEXT_BYTES)
+            .to_string(),
         log_total: s.log_length,
         oom_killed: s.oom_killed,
     })
@@ -362,6 +364,15 @@ pub fn agent_to_pb(a: &AgentInfo, connected: bool, running: u32) -> admin::Agent
         running,
         draining: a.draining,
         last_seen_ms: a.last_seen_ms,
+    }
+}
+
+pub fn store_status_to_pb(s: &crate::store::StoreSize) -> admin::StoreStatus {
+    admin::StoreStatus {
+        bytes: s.bytes,
+        free_bytes: s.free_bytes,
+        jobs: s.jobs,
+        incremental_vacuum: s.incremental_vacuum,
     }
 }
 

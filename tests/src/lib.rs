@@ -119,6 +119,8 @@ pub struct Cluster {
     pub state: StateDir,
     pub server: Option<Server>,
     pub timing: LeaseTiming,
+    /// Retention of the control plane (applied at its next start).
+    pub retention: outpost::retention::Retention,
 }
 
 impl Cluster {
@@ -141,6 +143,7 @@ impl Cluster {
             state,
             server: None,
             timing,
+            retention: outpost::retention::Retention::default(),
         };
         c.start_server("127.0.0.1:0").await;
         c
@@ -152,6 +155,7 @@ impl Cluster {
         let mut cfg =
             outpost::server::ServerConfig::new(self.state.pki().dir, self.state.data_dir());
         cfg.timing = self.timing;
+        cfg.retention = self.retention;
         let stop = CancellationToken::new();
         let task = tokio::spawn(outpost::server::run(listener, cfg, stop.clone()));
         std::fs::write(self.state.addr_file(), format!("https://{addr}")).expect("addr file");

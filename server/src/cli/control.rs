@@ -18,23 +18,29 @@ pub async fn server(
     listen: &str,
     lease_ttl: Duration,
     oidc: &OidcArgs,
+    retention: &crate::retention::RetentionArgs,
 ) -> Result<ExitCode> {
+    // Private (0700) and ours alone; the store opens before the port does,
+    // so a broken store ends here with its error.
+    let _lock = outpost_agent::statedir::lock(&state.root)?;
+    let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
+    cfg.oidc = oidc.config(&state.data_dir());
+    cfg.timing.ttl = lease_ttl;
+    cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));
+    cfg.retention = retention.retention();
+    let prepared = crate::server::prepare(cfg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("failed to listen on {listen}"))?;
     let local = listener.local_addr()?;
     write_addr(state, local)?;
-    let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
-    cfg.oidc = oidc.config(&state.data_dir());
-    cfg.timing.ttl = lease_ttl;
-    cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));
     let shutdown = tokio_util::sync::CancellationToken::new();
     let sd = shutdown.clone();
     tokio::spawn(async move {
         wait_for_signal().await;
         sd.cancel();
     });
-    crate::server::run(listener, cfg, shutdown).await?;
+    prepared.serve(listener, shutdown).await?;
     Ok(ExitCode::SUCCESS)
 }
 

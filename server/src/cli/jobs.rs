@@ -114,6 +114,8 @@ pub struct JobsArgs {
     /// The next page, as printed after the previous one.
     #[arg(long)]
     page_token: Option<String>,
+    #[command(subcommand)]
+    pub command: Option<crate::retention::JobsCommand>,
 }
 
 pub async fn list(client: &ClientConfig, args: JobsArgs) -> Result<ExitCode> {

@@ -70,7 +70,11 @@ pub enum Command {
         lease_ttl: Duration,
         #[command(flatten)]
         oidc: OidcArgs,
+        #[command(flatten)]
+        retention: crate::retention::RetentionArgs,
     },
+    /// Show the control plane's store size and retention.
+    Status,
     /// Manage the local certificate authority.
     Pki {
         #[command(subcommand)]
@@ -215,7 +219,8 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             listen,
             lease_ttl,
             oidc,
-        } => control::server(&state, &listen, lease_ttl, &oidc).await,
+            retention,
+        } => control::server(&state, &listen, lease_ttl, &oidc, &retention).await,
         Command::Pki { command } => control::pki(&state, command),
         Command::Oidc {
             command: OidcCommand::Publish { out, oidc },
@@ -238,7 +243,11 @@ async fn admin_command(client: &ClientConfig, command: Command) -> Result<ExitCo
             stream_logs(client, &job, follow).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Jobs(args) => jobs::list(client, args).await,
+        Command::Jobs(mut args) => match args.command.take() {
+            Some(cmd) => crate::retention::jobs_command(&mut client.connect().await?, cmd).await,
+            None => jobs::list(client, args).await,
+        },
+        Command::Status => crate::retention::status_command(&mut client.connect().await?).await,
         Command::Job { job, output } => jobs::show(client, &job, output).await,
         Command::Cancel { job, wait } => jobs::cancel(client, &job, wait).await,
         Command::Artifacts { job, output } => jobs::artifacts(client, &job, output).await,

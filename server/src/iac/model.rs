@@ -30,6 +30,13 @@ pub struct StackSpec {
 
 /// Longest stack name.
 const MAX_NAME: usize = 63;
+/// Largest plan policy (Rego source) a stack may carry; it travels in
+/// every lease of the stack's runs.
+pub const MAX_PLAN_POLICY_BYTES: usize = 256 << 10;
+/// Largest total of a stack's variable names and values.
+pub const MAX_VARIABLES_BYTES: usize = 256 << 10;
+/// Longest repository URL, branch, project root, image or tool.
+pub const MAX_FIELD_BYTES: usize = 4096;
 
 impl StackSpec {
     /// Fills defaults and checks what the control plane relies on; the
@@ -89,6 +96,31 @@ impl StackSpec {
             if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
                 return Err(format!(
                     "stack {n}: variable name {k:?} must be letters, digits or '_'"
+                ));
+            }
+        }
+        let vars: usize = self.variables.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if vars > MAX_VARIABLES_BYTES {
+            return Err(format!(
+                "stack {n}: variables take {vars} bytes, more than the limit of {MAX_VARIABLES_BYTES}"
+            ));
+        }
+        if self.plan_policy.len() > MAX_PLAN_POLICY_BYTES {
+            return Err(format!(
+                "stack {n}: plan_policy is {} bytes, more than the limit of {MAX_PLAN_POLICY_BYTES}",
+                self.plan_policy.len()
+            ));
+        }
+        for (field, v) in [
+            ("repo", &self.repo),
+            ("branch", &self.branch),
+            ("project_root", &self.project_root),
+            ("image", &self.image),
+            ("tool", &self.tool),
+        ] {
+            if v.len() > MAX_FIELD_BYTES {
+                return Err(format!(
+                    "stack {n}: `{field}` is longer than {MAX_FIELD_BYTES} bytes"
                 ));
             }
         }
