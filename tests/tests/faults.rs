@@ -656,7 +656,7 @@ async fn a_tiny_spool_filesystem_slows_the_job_and_loses_nothing() {
     let spool = cfg.parent().unwrap().join("state/spool");
     std::fs::create_dir_all(&spool).unwrap();
     let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=512k", "tmpfs"])
+        .args(["-t", "tmpfs", "-o", "size=512k,mode=0700", "tmpfs"])
         .arg(&spool)
         .status()
         .unwrap();
