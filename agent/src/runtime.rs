@@ -24,6 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::executor::DockerExecutor;
 use crate::job::{Lease, LeaseKey, Outcome};
+use crate::observe::JobOutcome;
 use crate::spool::{JobSpool, Recovered, Spool};
 use crate::wire;
 
@@ -101,6 +102,8 @@ pub struct Runtime {
     pub tracker: TaskTracker,
     /// AWS credentials and S3 for jobs (`crate::aws`); set once at start.
     pub aws: std::sync::OnceLock<Arc<crate::aws::AwsAgent>>,
+    /// Counters for the operator (`crate::observe`).
+    pub metrics: Arc<crate::observe::Metrics>,
 }
 
 /// Messages the session should send now.
@@ -186,6 +189,7 @@ impl Runtime {
             draining: AtomicBool::new(false),
             tracker: TaskTracker::new(),
             aws: std::sync::OnceLock::new(),
+            metrics: Arc::new(crate::observe::Metrics::default()),
         })
     }
 
@@ -266,6 +270,7 @@ impl Runtime {
             if let Err(e) = spool.set_outcome(&rec) {
                 warn!(error = %e, "could not persist the job's outcome");
             }
+            self.metrics.job_finished(JobOutcome::Rejected);
             self.insert(
                 &lease,
                 lease.log_offset,
@@ -559,9 +564,26 @@ impl Runtime {
                 reason: reason.trim_start_matches("failed: ").to_string(),
             };
         }
+        let counted = match &outcome {
+            Outcome::Exited { code: 0, oom_killed: false } => JobOutcome::Succeeded,
+            Outcome::Exited { .. } => JobOutcome::Failed,
+            Outcome::Cancelled { .. } => JobOutcome::Cancelled,
+            Outcome::TimedOut => JobOutcome::TimedOut,
+            Outcome::Rejected { .. } => JobOutcome::Rejected,
+            Outcome::Failed { .. } => {
+                self.metrics.docker_error();
+                JobOutcome::Error
+            }
+        };
+        self.metrics.job_finished(counted);
         e.outcome = Some(outcome);
         drop(jobs);
         self.wake.notify_one();
+    }
+
+    /// Bytes in the log spool.
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool.used()
     }
 
     fn cancel_as(&self, key: &LeaseKey, reason: &str) {
@@ -596,6 +618,9 @@ impl Runtime {
         let mut jobs = self.jobs.lock();
         let Some(e) = jobs.get_mut(key) else { return };
         warn!(job = %key.job_id, epoch = key.epoch, reason = why, "lease revoked; stopping the job");
+        if !e.revoked {
+            self.metrics.lease_revoked();
+        }
         e.revoked = true;
         e.cancel.cancel();
         e.space.notify_waiters();
@@ -622,6 +647,7 @@ impl Runtime {
 
     pub fn renewed(&self, key: &LeaseKey, ttl: Duration) {
         if let Some(e) = self.jobs.lock().get_mut(key) {
+            self.metrics.lease_renewed();
             e.deadline = Instant::now() + self.limits.fence_after(ttl);
         }
     }
@@ -658,6 +684,7 @@ impl Runtime {
                         .to_string(),
                 );
                 e.cancel.cancel();
+                self.metrics.lease_fenced();
                 fenced.push(k.clone());
             }
         }
@@ -708,6 +735,7 @@ impl Runtime {
                 }));
                 e.sent += n as u64;
                 used += n;
+                self.metrics.log_bytes_sent(n as u64);
             }
             if let Some(o) = &e.outcome
                 && e.sent == e.end()

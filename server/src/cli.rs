@@ -24,6 +24,9 @@ pub struct Cli {
     /// Control plane URL; default: read from the state directory.
     #[arg(long, global = true, env = "OUTPOST_SERVER")]
     pub server: Option<String>,
+    /// Log output: `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, value_enum, env = "OUTPOST_LOG_FORMAT", default_value_t = outpost_agent::observe::logging::LogFormat::Text)]
+    pub log_format: outpost_agent::observe::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -38,6 +41,10 @@ pub enum Command {
         /// Lease time-to-live (renewed by heartbeats).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         lease_ttl: std::time::Duration,
+        /// Serve Prometheus `/metrics` and `/healthz` (plain HTTP) on this
+        /// address, e.g. 127.0.0.1:9465. Off unless set.
+        #[arg(long)]
+        metrics_listen: Option<String>,
         #[command(flatten)]
         oidc: OidcArgs,
     },
@@ -353,10 +360,7 @@ pub fn main() -> ExitCode {
     });
     // `outpost dev` runs an agent in this process: keep the SDK's identities out of the logs.
     let filter = outpost_agent::aws::quiet_sdk_logs(filter);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+    outpost_agent::observe::logging::init(cli.log_format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -383,8 +387,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Server {
             listen,
             lease_ttl,
+            metrics_listen,
             oidc,
         } => {
+            // A taken metrics address fails before the control plane starts.
+            let metrics = match &metrics_listen {
+                Some(addr) => Some(crate::metrics::bind(addr).await?),
+                None => None,
+            };
             let listener = tokio::net::TcpListener::bind(&listen)
                 .await
                 .with_context(|| format!("failed to listen on {listen}"))?;
@@ -392,6 +402,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             write_addr(&state, local)?;
             let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
             cfg.oidc = oidc.config(&state.data_dir());
+            cfg.metrics = metrics;
             cfg.timing.ttl = lease_ttl;
             cfg.timing.heartbeat = (lease_ttl / 6).max(std::time::Duration::from_millis(200));
             let shutdown = tokio_util::sync::CancellationToken::new();

@@ -14,6 +14,7 @@ pub mod client;
 pub mod dev;
 pub mod hub;
 pub mod identity;
+pub mod metrics;
 pub mod model;
 pub mod oidc;
 pub mod pki;

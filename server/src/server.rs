@@ -44,7 +44,7 @@ pub enum ServerError {
 }
 
 /// Everything the control plane needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServerConfig {
     /// Directory with `ca.pem`, `server.pem` and `server.key`.
     pub pki_dir: PathBuf,
@@ -53,6 +53,8 @@ pub struct ServerConfig {
     pub timing: LeaseTiming,
     /// Issuer of the per-job web-identity tokens (key in `data_dir`).
     pub oidc: crate::oidc::OidcConfig,
+    /// Where to serve `/metrics` and `/healthz` (bound by the caller), if anywhere.
+    pub metrics: Option<TcpListener>,
 }
 
 impl ServerConfig {
@@ -63,6 +65,7 @@ impl ServerConfig {
             oidc: crate::oidc::OidcConfig::new(&data_dir),
             data_dir,
             timing: LeaseTiming::default(),
+            metrics: None,
         }
     }
 }
@@ -104,6 +107,10 @@ pub async fn run(
     hub.set_issuer(std::sync::Arc::new(issuer));
     let tasks = shutdown.child_token();
     hub.spawn_tasks(tasks.clone());
+    if let Some(listener) = config.metrics {
+        info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz");
+        tokio::spawn(crate::metrics::serve(listener, hub.clone(), tasks.clone()));
+    }
     let addr = listener.local_addr().ok();
     info!(addr = ?addr, "control plane listening");
     let result = Server::builder()
