@@ -317,7 +317,12 @@ key = "/agent.key"
         assert_eq!(asg.heartbeat_interval, Duration::from_secs(60));
         let mut c = AgentConfig::parse(MIN).unwrap();
         c.metrics_listen = Some("localhost:9464".into());
-        assert!(c.validate().unwrap_err().to_string().contains("metrics_listen"));
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("metrics_listen")
+        );
         let e = AgentConfig::parse(&format!("{MIN}\n[asg]\ngroup_name = \"g\"\n")).unwrap_err();
         assert!(e.contains("hook_name"), "{e}");
     }

@@ -107,7 +107,10 @@ pub async fn run(
     {
         return Err(AgentError::NoDockerSocket { path });
     }
-    write_state(&cfg.state_dir.join("agent.pid"), &std::process::id().to_string())?;
+    write_state(
+        &cfg.state_dir.join("agent.pid"),
+        &std::process::id().to_string(),
+    )?;
     let spool_dir = cfg.state_dir.join("spool");
     let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, cfg.spool_segment_bytes)
         .map_err(AgentError::Spool)?;

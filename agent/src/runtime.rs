@@ -565,7 +565,10 @@ impl Runtime {
             };
         }
         let counted = match &outcome {
-            Outcome::Exited { code: 0, oom_killed: false } => JobOutcome::Succeeded,
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false,
+            } => JobOutcome::Succeeded,
             Outcome::Exited { .. } => JobOutcome::Failed,
             Outcome::Cancelled { .. } => JobOutcome::Cancelled,
             Outcome::TimedOut => JobOutcome::TimedOut,

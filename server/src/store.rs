@@ -192,12 +192,11 @@ impl Store {
             let mut depth = BTreeMap::new();
             for row in rows {
                 let (id, spec) = row.map_err(q("queue depth"))?;
-                let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| {
-                    StoreError::Corrupt {
+                let spec: JobSpec =
+                    serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
                         id,
                         what: e.to_string(),
-                    }
-                })?;
+                    })?;
                 *depth
                     .entry(crate::metrics::label_set(&spec.selector))
                     .or_insert(0) += 1;

@@ -76,7 +76,9 @@ async fn serve<F>(handler: F) -> SocketAddr
 where
     F: Fn(Request) -> (u16, String, String) + Send + Sync + 'static,
 {
-    let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stand-in");
+    let listener = TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind stand-in");
     let addr = listener.local_addr().expect("addr");
     let handler = Arc::new(handler);
     tokio::spawn(async move {
@@ -242,9 +244,11 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .await
         .expect("connect in time")
         .expect("connect");
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes())
-        .await
-        .expect("send");
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .expect("send");
     let mut out = String::new();
     tokio::time::timeout(Duration::from_secs(5), s.read_to_string(&mut out))
         .await
@@ -263,9 +267,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
 /// (`prometheus_client.parser`, in the venv `scripts/setup.sh` makes).
 /// Returns every sample as `name{k="v",...}` (labels sorted) → value.
 pub fn parse_prometheus(text: &str) -> BTreeMap<String, f64> {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("repo");
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("repo");
     let py = repo.join(".cache/validators/bin/python");
-    assert!(py.is_file(), "{} missing: run scripts/setup.sh", py.display());
+    assert!(
+        py.is_file(),
+        "{} missing: run scripts/setup.sh",
+        py.display()
+    );
     let script = r#"
 import json, sys
 from prometheus_client.parser import text_string_to_metric_families

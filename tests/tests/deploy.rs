@@ -80,7 +80,9 @@ async fn systemd_gets_ready_after_the_session_watchdog_and_drain_signals() {
         .into_inner()
         .agents;
     assert!(
-        agents.iter().any(|a| a.agent_id == "notify-agent" && a.connected),
+        agents
+            .iter()
+            .any(|a| a.agent_id == "notify-agent" && a.connected),
         "READY=1 came before the session was up: {agents:?}"
     );
     assert!(ready.0.contains("STATUS=connected"), "{:?}", ready.0);
@@ -93,7 +95,9 @@ async fn systemd_gets_ready_after_the_session_watchdog_and_drain_signals() {
     let started = Instant::now();
     let mut pings = 0;
     while pings < 3 {
-        recv_until(&sock, &mut seen, Duration::from_secs(5), |m| m.trim_end() == "WATCHDOG=1");
+        recv_until(&sock, &mut seen, Duration::from_secs(5), |m| {
+            m.trim_end() == "WATCHDOG=1"
+        });
         pings += 1;
     }
     assert!(started.elapsed() < Duration::from_secs(5), "{seen:?}");
@@ -116,7 +120,10 @@ async fn systemd_gets_ready_after_the_session_watchdog_and_drain_signals() {
     let stopping = recv_until(&sock, &mut seen, Duration::from_secs(10), |m| {
         m.contains("STOPPING=1")
     });
-    assert!(stopping.contains("STATUS=draining: 1 job running"), "{stopping:?}");
+    assert!(
+        stopping.contains("STATUS=draining: 1 job running"),
+        "{stopping:?}"
+    );
     let extend = recv_until(&sock, &mut seen, Duration::from_secs(10), |m| {
         m.starts_with("EXTEND_TIMEOUT_USEC=")
     });
@@ -133,7 +140,10 @@ async fn systemd_gets_ready_after_the_session_watchdog_and_drain_signals() {
         if let Some(st) = child.try_wait().expect("wait") {
             break st;
         }
-        assert!(Instant::now() < deadline, "agent did not exit after draining");
+        assert!(
+            Instant::now() < deadline,
+            "agent did not exit after draining"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(
@@ -171,7 +181,11 @@ async fn metrics_scraped_during_a_running_job_parse_as_prometheus_text() {
         let (status, text) = http_get(addr, "/metrics").await;
         assert_eq!(status, 200, "{text}");
         let m = parse_prometheus(&text);
-        if m.get("outpost_agent_log_bytes_sent_total").copied().unwrap_or(0.0) >= 20.0 {
+        if m.get("outpost_agent_log_bytes_sent_total")
+            .copied()
+            .unwrap_or(0.0)
+            >= 20.0
+        {
             break m;
         }
         assert!(Instant::now() < deadline, "log bytes never counted: {m:#?}");
@@ -180,7 +194,10 @@ async fn metrics_scraped_during_a_running_job_parse_as_prometheus_text() {
     assert_eq!(during["outpost_agent_running_jobs"], 1.0, "{during:#?}");
     assert_eq!(during["outpost_agent_connected"], 1.0);
     assert_eq!(during["outpost_agent_draining"], 0.0);
-    assert_eq!(during["outpost_agent_jobs_total{outcome=\"succeeded\"}"], 0.0);
+    assert_eq!(
+        during["outpost_agent_jobs_total{outcome=\"succeeded\"}"],
+        0.0
+    );
     for family in [
         "outpost_agent_lease_renewals_total",
         "outpost_agent_leases_revoked_total",
@@ -222,7 +239,10 @@ async fn metrics_scraped_during_a_running_job_parse_as_prometheus_text() {
     assert_eq!(status, 200, "{text}");
     let m = parse_prometheus(&text);
     assert_eq!(m["outpost_agents_connected"], 1.0, "{m:#?}");
-    assert_eq!(m["outpost_queue_depth{selector=\"pool=nowhere\"}"], 1.0, "{m:#?}");
+    assert_eq!(
+        m["outpost_queue_depth{selector=\"pool=nowhere\"}"], 1.0,
+        "{m:#?}"
+    );
     assert_eq!(m["outpost_pickup_latency_seconds_count"], 1.0, "{m:#?}");
     assert!(m["outpost_store_call_seconds_count"] > 0.0, "{m:#?}");
     agent.stop().await;
@@ -240,7 +260,10 @@ async fn run_to_exit(config: &std::path::Path, env: &[(&str, &str)]) -> (Option<
         .await
         .expect("the agent exits by itself")
         .expect("run agent");
-    (out.status.code(), String::from_utf8_lossy(&out.stderr).into_owned())
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[tokio::test]
@@ -248,12 +271,8 @@ async fn a_metrics_address_in_use_is_a_clear_error() {
     let cluster = Cluster::start().await;
     let taken = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
     let addr = taken.local_addr().expect("addr");
-    let config = cluster.write_agent_config(
-        "busy-port",
-        1,
-        &format!("metrics_listen = \"{addr}\""),
-        "",
-    );
+    let config =
+        cluster.write_agent_config("busy-port", 1, &format!("metrics_listen = \"{addr}\""), "");
     let (code, stderr) = run_to_exit(&config, &[]).await;
     assert_eq!(code, Some(1), "{stderr}");
     assert!(
@@ -278,7 +297,11 @@ async fn a_node_without_a_docker_socket_fails_fast_with_a_clear_message() {
             && stderr.contains("containerd-only"),
         "{stderr}"
     );
-    assert!(started.elapsed() < Duration::from_secs(5), "not fast: {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "not fast: {:?}",
+        started.elapsed()
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -300,9 +323,7 @@ async fn asg_termination_drains_heartbeats_and_completes_the_hook_once() {
     });
     let agent = cluster.start_agent_with(cfg).await;
 
-    let running = cluster
-        .submit(&["sh", "-c", "sleep 3; echo done"])
-        .await;
+    let running = cluster.submit(&["sh", "-c", "sleep 3; echo done"]).await;
     cluster
         .wait_state(&running, Duration::from_secs(30), |j| {
             state(j) == pb::JobState::Running
@@ -347,7 +368,10 @@ async fn asg_termination_drains_heartbeats_and_completes_the_hook_once() {
     let completes = asg.calls_of("CompleteLifecycleAction");
     let ok: Vec<_> = completes.iter().filter(|c| c.ok).collect();
     assert_eq!(ok.len(), 1, "completed exactly once: {completes:#?}");
-    assert!(completes.len() >= 2, "the refused completion was retried: {completes:#?}");
+    assert!(
+        completes.len() >= 2,
+        "the refused completion was retried: {completes:#?}"
+    );
     let done = ok[0];
     for (k, v) in [
         ("AutoScalingGroupName", "outpost-pool"),
@@ -361,7 +385,9 @@ async fn asg_termination_drains_heartbeats_and_completes_the_hook_once() {
     assert!(
         done.authorization
             .starts_with(&format!("AWS4-HMAC-SHA256 Credential={}/", ec2::ACCESS_KEY))
-            && done.authorization.contains("/eu-west-1/autoscaling/aws4_request"),
+            && done
+                .authorization
+                .contains("/eu-west-1/autoscaling/aws4_request"),
         "{}",
         done.authorization
     );

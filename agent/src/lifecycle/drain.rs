@@ -51,14 +51,12 @@ pub fn request(state_dir: &Path, limit: Duration) -> Result<(), DrainError> {
     if !is_agent(pid) {
         return Err(DrainError::NotAnAgent { pid });
     }
-    kill(Pid::from_raw(pid), Signal::SIGTERM).map_err(|source| DrainError::Signal { pid, source })?;
+    kill(Pid::from_raw(pid), Signal::SIGTERM)
+        .map_err(|source| DrainError::Signal { pid, source })?;
     let started = Instant::now();
     while is_agent(pid) {
         if started.elapsed() >= limit {
-            return Err(DrainError::StillRunning {
-                pid,
-                waited: limit,
-            });
+            return Err(DrainError::StillRunning { pid, waited: limit });
         }
         std::thread::sleep(Duration::from_millis(200));
     }

@@ -28,9 +28,11 @@ impl Imds {
             .strip_prefix("http://")
             .map(|r| r.trim_end_matches('/'))
             .filter(|r| !r.is_empty() && !r.contains('/'))
-            .ok_or_else(|| LifecycleError::Config(format!(
-                "imds_endpoint {endpoint:?} must be http://host[:port]"
-            )))?;
+            .ok_or_else(|| {
+                LifecycleError::Config(format!(
+                    "imds_endpoint {endpoint:?} must be http://host[:port]"
+                ))
+            })?;
         let authority = if authority.contains(':') && !authority.ends_with(']') {
             authority.to_string()
         } else {

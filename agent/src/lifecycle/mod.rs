@@ -33,10 +33,7 @@ pub enum LifecycleError {
     #[error("instance metadata at {endpoint}: {message}")]
     Imds { endpoint: String, message: String },
     #[error("auto scaling {call} failed: {message}")]
-    AutoScaling {
-        call: &'static str,
-        message: String,
-    },
+    AutoScaling { call: &'static str, message: String },
 }
 
 /// `[asg]`: the Auto Scaling group whose termination hook the agent completes.
@@ -60,10 +57,7 @@ pub struct AsgConfig {
     #[serde(default = "default_poll", with = "crate::units::serde_duration")]
     pub poll_interval: Duration,
     /// How often the hook is extended while jobs finish (below its heartbeat timeout).
-    #[serde(
-        default = "default_heartbeat",
-        with = "crate::units::serde_duration"
-    )]
+    #[serde(default = "default_heartbeat", with = "crate::units::serde_duration")]
     pub heartbeat_interval: Duration,
 }
 
@@ -139,7 +133,11 @@ impl Ec2Lifecycle {
             let instance_id = self.imds.require("/latest/meta-data/instance-id").await?;
             let region = match &self.cfg.region {
                 Some(r) => r.clone(),
-                None => self.imds.require("/latest/meta-data/placement/region").await?,
+                None => {
+                    self.imds
+                        .require("/latest/meta-data/placement/region")
+                        .await?
+                }
             };
             Ok::<_, LifecycleError>((instance_id.trim().to_string(), region.trim().to_string()))
         };

@@ -96,7 +96,9 @@ impl Notifier {
         {
             let mut s = self.state.lock();
             let now = Instant::now();
-            if s.last_watchdog.is_some_and(|t| now.duration_since(t) < every) {
+            if s.last_watchdog
+                .is_some_and(|t| now.duration_since(t) < every)
+            {
                 return;
             }
             s.last_watchdog = Some(now);

@@ -184,7 +184,10 @@ mod tests {
         let task = tokio::spawn(serve(l, Arc::new(Fixed), stop.clone()));
         let r = get(addr, "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 200 OK\r\n"), "{r}");
-        assert!(r.contains("version=0.0.4") && r.ends_with("\r\n\r\nm 1\n"), "{r}");
+        assert!(
+            r.contains("version=0.0.4") && r.ends_with("\r\n\r\nm 1\n"),
+            "{r}"
+        );
         let r = get(addr, "GET /healthz HTTP/1.1\r\n\r\n").await;
         assert!(r.starts_with("HTTP/1.1 503 "), "{r}");
         let r = get(addr, "POST /metrics HTTP/1.1\r\n\r\n").await;
@@ -203,6 +206,11 @@ mod tests {
         let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
         assert!(msg.contains(&addr) && msg.contains("in use"), "{msg}");
         let e = bind("localhost:x").await.unwrap_err();
-        assert!(std::error::Error::source(&e).unwrap().to_string().contains("IP:port"));
+        assert!(
+            std::error::Error::source(&e)
+                .unwrap()
+                .to_string()
+                .contains("IP:port")
+        );
     }
 }

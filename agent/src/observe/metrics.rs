@@ -302,12 +302,24 @@ mod tests {
             spool_bytes: 7,
             draining: true,
         });
-        assert!(text.contains("outpost_agent_jobs_total{outcome=\"succeeded\"} 2\n"), "{text}");
-        assert!(text.contains("outpost_agent_jobs_total{outcome=\"rejected\"} 1\n"), "{text}");
+        assert!(
+            text.contains("outpost_agent_jobs_total{outcome=\"succeeded\"} 2\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outpost_agent_jobs_total{outcome=\"rejected\"} 1\n"),
+            "{text}"
+        );
         assert!(text.contains("outpost_agent_running_jobs 3\n"), "{text}");
         assert!(text.contains("outpost_agent_spool_bytes 7\n"), "{text}");
-        assert!(text.contains("outpost_agent_log_bytes_sent_total 42\n"), "{text}");
-        assert!(text.contains("outpost_agent_session_reconnects_total 1\n"), "{text}");
+        assert!(
+            text.contains("outpost_agent_log_bytes_sent_total 42\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("outpost_agent_session_reconnects_total 1\n"),
+            "{text}"
+        );
         assert!(text.contains("outpost_agent_connected 1\n"), "{text}");
         assert!(text.contains("outpost_agent_draining 1\n"), "{text}");
         // Every sample line belongs to a family declared just before it.
