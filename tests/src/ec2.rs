@@ -87,8 +87,9 @@ where
             tokio::spawn(async move {
                 let mut r = BufReader::new(stream);
                 while let Some(req) = read_request(&mut r).await {
+                    let close = req.headers.get("connection").map(String::as_str) == Some("close");
                     let (status, ct, body) = handler(req);
-                    if !write_response(r.get_mut(), status, &ct, &body).await {
+                    if !write_response(r.get_mut(), status, &ct, &body).await || close {
                         return;
                     }
                 }

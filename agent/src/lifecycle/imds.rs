@@ -53,11 +53,33 @@ impl Imds {
         let exchange = async {
             let mut s = TcpStream::connect(&self.authority).await?;
             s.write_all(head.as_bytes()).await?;
+            // Read until the body announced by Content-Length is complete (or
+            // the peer closes): a keep-alive server need not close.
             let mut out = Vec::new();
-            (&mut s)
-                .take(MAX_RESPONSE as u64)
-                .read_to_end(&mut out)
-                .await?;
+            let mut buf = [0u8; 4096];
+            loop {
+                let n = s.read(&mut buf).await?;
+                if n == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..n]);
+                if out.len() > MAX_RESPONSE {
+                    break;
+                }
+                if let Some(end) = out.windows(4).position(|w| w == b"\r\n\r\n") {
+                    let head = String::from_utf8_lossy(&out[..end]).to_ascii_lowercase();
+                    let len = head
+                        .lines()
+                        .find_map(|l| l.strip_prefix("content-length:"))
+                        .and_then(|v| v.trim().parse::<usize>().ok());
+                    if let Some(len) = len
+                        && out.len() >= end + 4 + len
+                    {
+                        out.truncate(end + 4 + len);
+                        break;
+                    }
+                }
+            }
             Ok::<_, std::io::Error>(out)
         };
         let raw = tokio::time::timeout(self.timeout, exchange)
