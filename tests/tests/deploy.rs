@@ -430,3 +430,51 @@ async fn unreachable_instance_metadata_is_reported_once_and_the_agent_runs_on() 
         "{log}"
     );
 }
+
+#[tokio::test]
+async fn the_drain_command_stops_a_running_agent_like_a_prestop_hook() {
+    let cluster = Cluster::start().await;
+    let config = cluster.write_agent_config("prestop", 1, "", "");
+    let mut agent = cluster.spawn_agent("prestop", &config).await;
+    let id = cluster.submit(&["sh", "-c", "sleep 1; echo drained"]).await;
+    cluster
+        .wait_state(&id, Duration::from_secs(30), |j| {
+            state(j) == pb::JobState::Running
+        })
+        .await;
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(bin("outpost-agent"))
+            .arg("--config")
+            .arg(&config)
+            .arg("drain")
+            .output(),
+    )
+    .await
+    .expect("drain returns once the agent exited")
+    .expect("run drain");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The agent had exited when the command returned, after the job ended.
+    assert_eq!(agent.wait_exit(Duration::from_secs(1)).await, Some(0));
+    let job = cluster.wait_final(&id, Duration::from_secs(5)).await;
+    assert_eq!(state(&job), pb::JobState::Succeeded, "{job:?}");
+    assert_eq!(cluster.logs(&id).await, b"drained\n");
+    // No agent: a clear error.
+    let out = tokio::process::Command::new(bin("outpost-agent"))
+        .arg("--config")
+        .arg(&config)
+        .arg("drain")
+        .output()
+        .await
+        .expect("run drain");
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no agent is running"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
