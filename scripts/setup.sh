@@ -13,7 +13,7 @@ on_exit() {
 }
 trap on_exit EXIT
 
-APT_PACKAGES=(protobuf-compiler busybox-static iproute2 iptables python3-venv systemd)
+APT_PACKAGES=(protobuf-compiler busybox-static iproute2 iptables python3-venv e2fsprogs mount libc6-dev systemd)
 
 step() { echo "--- $*" >>"$LOG"; }
 

@@ -33,6 +33,8 @@ pub struct Resources {
     pub memory_bytes: Option<u64>,
     pub nano_cpus: Option<u64>,
     pub pids: Option<u64>,
+    /// Size of the job's workspace filesystem (only below the agent's).
+    pub workspace_bytes: Option<u64>,
 }
 
 /// What the control plane asked the agent to run.

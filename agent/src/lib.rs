@@ -286,6 +286,7 @@ pub async fn run(
     let _ = tokio::time::timeout(Duration::from_secs(10), rt.tracker.wait()).await;
     let _ = session.await;
     let _ = fencer.await;
+    rt.executor.shutdown().await;
     if let Some(w) = watcher {
         let _ = w.await;
     }

@@ -15,15 +15,17 @@
 //!   are normalised and compared);
 //! - egress against `allow_egress`;
 //! - every environment variable *name* against `denied_env`;
-//! - memory, CPU and pids requests against the `[sandbox]` ceilings, and the
-//!   timeout against `max_timeout`;
+//! - memory, CPU and pids requests against the `[sandbox]` ceilings and the
+//!   minimums a container needs to start, and the timeout against
+//!   `max_timeout`;
+//! - the AWS role against `[aws] allowed_roles`;
 //! - the optional Rego policy: `data.outpost.deny`, a set of messages; any
 //!   message refuses the job, and an evaluation error refuses it too (fail
 //!   closed).
 //!
-//! The AWS role and session length are checked by `crate::aws` against
-//! `[aws] allowed_roles` and `max_session_duration` (one allow-list, not
-//! two); the Rego policy sees the role too.
+//! The AWS role is checked here against `[aws] allowed_roles`, the one
+//! allow-list `crate::aws` enforces again (with `max_session_duration`)
+//! before it assumes the role; the Rego policy sees the role too.
 //!
 //! A policy that cannot be loaded (bad entry, missing or invalid Rego file,
 //! a Rego file without `data.outpost.deny`) is a configuration error: the
@@ -95,8 +97,8 @@ pub struct PolicyConfig {
 /// - `DOCKER_*`: `DOCKER_HOST` and friends point tools at a Docker engine;
 /// - `*_PROXY`: the network path out (`HTTP_PROXY`, `NO_PROXY`, …) is the
 ///   VPC owner's;
-/// - `TINI_*`: the engine's init must forward the single SIGINT to the whole
-///   process group (the agent sets `TINI_KILL_PROCESS_GROUP`);
+/// - `TINI_*`: configure an init's signal handling (jobs run under
+///   `outpost-init`, but an image may bring tini of its own);
 /// - `OUTPOST_*`: reserved for the agent;
 /// - `BASH_ENV`, `ENV`: shell start-up files run before any script.
 pub const DEFAULT_DENIED_ENV: &[&str] = &[
@@ -153,6 +155,8 @@ pub struct Policy {
     denied_env: Vec<(String, String)>,
     max_timeout: Option<Duration>,
     ceilings: Ceilings,
+    /// `[aws]`, for its `allowed_roles`.
+    aws: crate::aws::AwsConfig,
     rego: Option<Rego>,
     /// `agent` in the Rego input.
     agent: serde_json::Value,
@@ -210,6 +214,7 @@ impl Policy {
                 nano_cpus: cfg.sandbox.nano_cpus,
                 pids: cfg.sandbox.pids,
             },
+            aws: cfg.aws.clone(),
             rego: None,
             agent: serde_json::json!({
                 "id": cfg.agent_id,
@@ -272,6 +277,43 @@ impl Policy {
                     unit.show(max)
                 ));
             }
+        }
+        use crate::executor::spec::{MIN_MEMORY_BYTES, MIN_NANO_CPUS, MIN_PIDS};
+        for (field, asked, min, unit) in [
+            (
+                "memory_bytes",
+                r.memory_bytes,
+                MIN_MEMORY_BYTES,
+                Unit::Bytes,
+            ),
+            ("nano_cpus", r.nano_cpus, MIN_NANO_CPUS, Unit::NanoCpus),
+            ("pids", r.pids, MIN_PIDS, Unit::Count),
+        ] {
+            if let Some(asked) = asked
+                && asked < min
+            {
+                violations.push(format!(
+                    "resources.{field} {} is below the minimum of {} a job needs to start",
+                    unit.show(asked),
+                    unit.show(min)
+                ));
+            }
+        }
+        if let Some(aws) = &spec.aws
+            && !self.aws.role_allowed(&aws.role_arn)
+        {
+            violations.push(if self.aws.allowed_roles.is_empty() {
+                format!(
+                    "aws role {:?} is not allowed: this agent allows no aws role ([aws] allowed_roles is empty)",
+                    aws.role_arn
+                )
+            } else {
+                format!(
+                    "aws role {:?} is not in [aws] allowed_roles {}",
+                    aws.role_arn,
+                    quoted_list(&self.aws.allowed_roles)
+                )
+            });
         }
         if let Some(max) = self.max_timeout {
             match spec.timeout {
@@ -780,14 +822,63 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#
             memory_bytes: Some(1 << 30),
             nano_cpus: Some(1_000_000_000),
             pids: Some(256),
+            workspace_bytes: None,
         })))
         .unwrap();
         p.check(&lease(with(Resources {
             memory_bytes: Some(64 << 20),
             nano_cpus: Some(100_000_000),
             pids: Some(10),
+            workspace_bytes: None,
         })))
         .unwrap();
+    }
+
+    #[test]
+    fn resources_below_what_a_container_needs_and_unlisted_roles_are_refused() {
+        let p = policy(OPEN);
+        let with = |r: Resources| JobSpec {
+            resources: r,
+            ..job("outpost/runner:dev")
+        };
+        let e = refusal(
+            &p,
+            with(Resources {
+                memory_bytes: Some(1 << 20),
+                nano_cpus: Some(1_000),
+                pids: Some(1),
+            }),
+        );
+        let parts: Vec<&str> = e.split("; ").collect();
+        assert_eq!(parts.len(), 3, "{e}");
+        assert!(parts[0].starts_with("resources.memory_bytes 1048576 bytes (1 MiB) is below the minimum of 6291456 bytes (6 MiB)"), "{e}");
+        assert!(parts[1].starts_with("resources.nano_cpus 1000"), "{e}");
+        assert!(
+            parts[2].starts_with("resources.pids 1 is below the minimum of 8"),
+            "{e}"
+        );
+
+        let role = |arn: &str| JobSpec {
+            aws: Some(AwsRole {
+                role_arn: arn.into(),
+                session_policy: None,
+                duration: None,
+                web_identity_token: None,
+            }),
+            ..job("outpost/runner:dev")
+        };
+        let e = refusal(&p, role("arn:aws:iam::1:role/admin"));
+        assert!(e.contains("allows no aws role"), "{e}");
+        let mut cfg = config(OPEN);
+        cfg.aws.allowed_roles = vec!["arn:aws:iam::1:role/outpost-*".into()];
+        let p = Policy::new(&cfg).unwrap();
+        let e = refusal(&p, role("arn:aws:iam::1:role/admin"));
+        assert!(
+            e.contains("\"arn:aws:iam::1:role/admin\" is not in [aws] allowed_roles [\"arn:aws:iam::1:role/outpost-*\"]"),
+            "{e}"
+        );
+        p.check(&lease(role("arn:aws:iam::1:role/outpost-tf")))
+            .unwrap();
     }
 
     #[test]

@@ -11,7 +11,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::{Buf, Bytes, BytesMut};
 use outpost_proto::agent::v1 as pb;
@@ -22,7 +22,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::{Instrument, info, info_span, warn};
 
-use crate::executor::DockerExecutor;
+use crate::executor::{DockerExecutor, Lease as FenceLease};
 use crate::job::{Lease, LeaseKey, Outcome};
 use crate::observe::JobOutcome;
 use crate::spool::{JobSpool, Recovered, Spool};
@@ -49,10 +49,35 @@ impl RuntimeLimits {
     /// not renew: the lease TTL minus the stop grace minus a safety margin,
     /// but never less than half the TTL.
     pub fn fence_after(&self, ttl: Duration) -> Duration {
-        let margin = (ttl / 10).min(Duration::from_secs(2));
-        ttl.saturating_sub(self.stop_grace + margin).max(ttl / 2)
+        ttl.saturating_sub(self.stop_grace + Self::margin(ttl))
+            .max(ttl / 2)
+    }
+
+    /// Safety margin between the job's death and the lease's expiry on the
+    /// control plane (covers the renewal's trip and clock reading).
+    fn margin(ttl: Duration) -> Duration {
+        (ttl / 10).min(Duration::from_secs(2))
+    }
+
+    /// The lease `outpost-init` enforces in the container, for a renewal
+    /// received now: one `SIGINT` a moment after the agent's own fence
+    /// ([`fence_after`](Self::fence_after)), so that a live agent stops and
+    /// reports the job itself; `SIGKILL` at `ttl − margin` at the latest,
+    /// strictly before the control plane can lease the job again, even when
+    /// the grace does not fit in the TTL.
+    pub fn container_lease(&self, ttl: Duration, now: SystemTime) -> FenceLease {
+        let kill_after = ttl.saturating_sub(Self::margin(ttl));
+        let lag = (self.stop_grace / 4).min(INIT_LAG);
+        let stop_after = (self.fence_after(ttl) + lag).min(kill_after);
+        FenceLease::Until {
+            stop_at: now + stop_after,
+            kill_at: now + kill_after,
+        }
     }
 }
+
+/// How long after the agent's own fence `outpost-init` sends its `SIGINT`.
+const INIT_LAG: Duration = Duration::from_millis(500);
 
 /// One job the agent holds a lease for.
 struct Entry {
@@ -282,6 +307,11 @@ impl Runtime {
             return Ok(());
         }
         self.insert(&lease, lease.log_offset, BytesMut::new(), spool, None);
+        // Granted just now: the container's own fence starts from here.
+        self.executor.set_lease(
+            &key,
+            self.limits.container_lease(lease.ttl, SystemTime::now()),
+        );
         self.spawn(lease, Drive::Run);
         Ok(())
     }
@@ -638,21 +668,42 @@ impl Runtime {
 
     /// A new session starts: resend everything not acknowledged.
     pub fn resume(&self, key: &LeaseKey, acked: u64, ttl: Duration) {
-        if let Some(e) = self.jobs.lock().get_mut(key) {
-            ack_to(e, acked);
-            e.sent = e.acked;
-            e.running_sent = false;
-            e.final_sent = false;
-            e.deadline = Instant::now() + self.limits.fence_after(ttl);
+        let held = match self.jobs.lock().get_mut(key) {
+            Some(e) => {
+                ack_to(e, acked);
+                e.sent = e.acked;
+                e.running_sent = false;
+                e.final_sent = false;
+                e.deadline = Instant::now() + self.limits.fence_after(ttl);
+                e.outcome.is_none() && !e.revoked
+            }
+            None => false,
+        };
+        if held {
+            self.extend_container_lease(key, ttl);
         }
         self.wake.notify_one();
     }
 
     pub fn renewed(&self, key: &LeaseKey, ttl: Duration) {
-        if let Some(e) = self.jobs.lock().get_mut(key) {
-            self.metrics.lease_renewed();
-            e.deadline = Instant::now() + self.limits.fence_after(ttl);
+        let held = match self.jobs.lock().get_mut(key) {
+            Some(e) => {
+                self.metrics.lease_renewed();
+                e.deadline = Instant::now() + self.limits.fence_after(ttl);
+                e.outcome.is_none() && !e.revoked
+            }
+            None => false,
+        };
+        if held {
+            self.extend_container_lease(key, ttl);
         }
+    }
+
+    /// Moves the deadline `outpost-init` enforces in the job's container
+    /// (outside the jobs lock: it writes a small file).
+    fn extend_container_lease(&self, key: &LeaseKey, ttl: Duration) {
+        self.executor
+            .set_lease(key, self.limits.container_lease(ttl, SystemTime::now()));
     }
 
     pub fn log_acked(&self, key: &LeaseKey, offset: u64) {
@@ -670,6 +721,7 @@ impl Runtime {
         {
             drop(jobs);
             remove_spool(&e);
+            self.executor.forget_lease(key);
             self.gone.notify_waiters();
             self.wake.notify_one();
         }
@@ -800,5 +852,34 @@ mod tests {
             limits.fence_after(Duration::from_secs(4)),
             Duration::from_secs(2)
         );
+    }
+
+    #[test]
+    fn the_container_kills_strictly_before_the_lease_expires() {
+        let limits = RuntimeLimits {
+            capacity: 1,
+            log_buffer: 1 << 20,
+            spool_full_timeout: Duration::from_secs(1),
+            stop_grace: Duration::from_secs(10),
+        };
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let at = |d: Duration| now + d;
+        // TTL 30 s: the agent fences at 18 s, the init interrupts at 18.5 s
+        // and kills at 28 s (the margin is 2 s).
+        assert_eq!(
+            limits.container_lease(Duration::from_secs(30), now),
+            FenceLease::Until {
+                stop_at: at(Duration::from_millis(18_500)),
+                kill_at: at(Duration::from_secs(28)),
+            }
+        );
+        // A grace longer than the TTL: the kill still comes before expiry.
+        let FenceLease::Until { stop_at, kill_at } =
+            limits.container_lease(Duration::from_secs(4), now)
+        else {
+            panic!("bounded lease expected");
+        };
+        assert_eq!(kill_at, at(Duration::from_millis(3_600)));
+        assert!(stop_at <= kill_at && kill_at < at(Duration::from_secs(4)));
     }
 }

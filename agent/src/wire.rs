@@ -34,6 +34,8 @@ pub fn lease_from_pb(l: pb::Lease) -> Result<Lease, String> {
                 memory_bytes: nz(r.memory_bytes),
                 nano_cpus: nz(r.nano_cpus),
                 pids: nz(r.pids),
+                // Not on the wire yet: the agent's size applies.
+                workspace_bytes: None,
             },
             timeout: nz(spec.timeout_ms).map(Duration::from_millis),
             network,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use bollard::Docker;
 use bollard::query_parameters::{ListContainersOptions, RemoveContainerOptions};
 use bytes::Bytes;
-use outpost_agent::executor::{DockerExecutor, PullPolicy, SandboxConfig, spec};
+use outpost_agent::executor::{DockerExecutor, Lease, PullPolicy, SandboxConfig, spec};
 use outpost_agent::job::{JobSecret, JobSpec, LeaseKey, Network, Outcome, Resources, SecretBytes};
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -195,6 +195,10 @@ async fn assert_cleaned_up(h: &Harness, key: &LeaseKey) {
     assert!(!workspace.exists(), "{} is left", workspace.display());
     let secrets = spec::secrets_dir(key, h.exec.config()).expect("secrets path");
     assert!(!secrets.exists(), "{} is left", secrets.display());
+    let lease = spec::lease_dir(key, h.exec.config()).expect("lease path");
+    assert!(!lease.exists(), "{} is left", lease.display());
+    let image = spec::disks_dir(h.exec.config()).join(format!("{}-{}.img", key.job_id, key.epoch));
+    assert!(!image.exists(), "{} is left", image.display());
 }
 
 fn count(haystack: &str, needle: &str) -> usize {
@@ -488,6 +492,7 @@ async fn the_sandbox_holds_inside_the_job() {
             memory_bytes: Some(64 << 20),
             nano_cpus: Some(500_000_000),
             pids: Some(64),
+            workspace_bytes: None,
         };
         let done = run(&h, &key("sandbox"), &spec, Drive::default()).await;
         let text = done.text();
@@ -522,9 +527,7 @@ async fn the_sandbox_holds_inside_the_job() {
         if let Some(swap) = text.lines().find_map(|l| l.strip_prefix("swap=")) {
             assert!(swap.is_empty() || swap == "67108864", "swap={swap}");
         }
-        if h.exec.uses_init() {
-            assert!(text.contains("pid1=/sbin/docker-init"), "{text}");
-        }
+        assert!(text.contains("pid1=/run/outpost-init"), "{text}");
     })
     .await;
 }
@@ -685,20 +688,18 @@ async fn a_dropped_run_still_removes_its_container() {
 
 /// Creates a running container as a crashed agent with `cfg` would have left it.
 async fn leave_container(docker: &Docker, cfg: &SandboxConfig, k: &LeaseKey) -> String {
-    leave_job(docker, cfg, k, &job("sleep 300"), false).await
+    leave_job(docker, cfg, k, &job("sleep 300")).await
 }
 
 /// Creates and starts `spec` as a crashed agent with `cfg` would have left it.
-async fn leave_job(
-    docker: &Docker,
-    cfg: &SandboxConfig,
-    k: &LeaseKey,
-    spec: &JobSpec,
-    init: bool,
-) -> String {
+async fn leave_job(docker: &Docker, cfg: &SandboxConfig, k: &LeaseKey, spec: &JobSpec) -> String {
     let workspace = spec::workspace_dir(k, &cfg.work_dir).expect("workspace path");
     std::fs::create_dir_all(&workspace).expect("create workspace");
-    let body = spec::container_config(k, spec, cfg, &workspace, init).expect("container config");
+    let lease = spec::lease_dir(k, cfg).expect("lease path");
+    std::fs::create_dir_all(&lease).expect("create lease dir");
+    std::fs::write(lease.join("lease"), Lease::Unbounded.encode()).expect("write lease");
+    let mut body = spec::container_config(k, spec, cfg, &workspace).expect("container config");
+    spec::supervise(&mut body, None, cfg, spec.timeout).expect("supervise");
     let options = bollard::query_parameters::CreateContainerOptions {
         name: Some(spec::container_name(k).expect("container name")),
         ..Default::default()
@@ -729,10 +730,13 @@ async fn cleanup_orphans_removes_this_agents_leftovers_only() {
 
         // Another agent on the same engine, with its own work_dir.
         let other_dir = tempfile::tempdir().unwrap();
-        let other_cfg = SandboxConfig {
+        let other = DockerExecutor::connect(SandboxConfig {
             work_dir: other_dir.path().to_path_buf(),
             ..Default::default()
-        };
+        })
+        .await
+        .expect("connect the other agent");
+        let other_cfg = other.config().clone();
         let other = key("other-agent");
         let other_id = leave_container(&h.docker, &other_cfg, &other).await;
 
@@ -817,7 +821,7 @@ async fn adopt_follows_a_running_job_from_the_delivered_offset() {
         let k = key("adopt");
         // Raw bytes replay exactly (the `local` log driver keeps them).
         let spec = job(r"printf 'first\377\n'; sleep 1; printf 'second\377'; exit 5");
-        leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
+        leave_job(&h.docker, h.exec.config(), &k, &spec).await;
         tokio::time::sleep(Duration::from_millis(300)).await;
         assert!(h.exec.container_exists(&k).await);
         let (outcome, output) = adopt(&h, &k, &spec, b"first\xff\n".len() as u64, None).await;
@@ -840,7 +844,7 @@ async fn adopt_collects_a_job_that_ended_while_the_agent_was_down() {
         let h = harness(|_| {}).await;
         let k = key("adopt-ended");
         let spec = job("echo done; exit 9");
-        let id = leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
+        let id = leave_job(&h.docker, h.exec.config(), &k, &spec).await;
         let mut wait = h.docker.wait_container(&id, None);
         let _ = futures::StreamExt::next(&mut wait).await;
         assert!(h.exec.container_exists(&k).await);
@@ -874,14 +878,7 @@ async fn adopt_cancels_with_one_sigint_and_keeps_the_original_timeout() {
         let h = harness(|c| c.stop_grace = Duration::from_secs(10)).await;
         let script = "trap 'echo got-int; exit 3' INT; echo ready; while :; do sleep 0.1; done";
         let k = key("adopt-cancel");
-        leave_job(
-            &h.docker,
-            h.exec.config(),
-            &k,
-            &job(script),
-            h.exec.uses_init(),
-        )
-        .await;
+        leave_job(&h.docker, h.exec.config(), &k, &job(script)).await;
         let (outcome, output) = adopt(&h, &k, &job(script), 0, Some("ready")).await;
         let output = String::from_utf8_lossy(&output);
         assert!(matches!(outcome, Outcome::Cancelled { .. }), "{outcome:?}");
@@ -891,7 +888,7 @@ async fn adopt_cancels_with_one_sigint_and_keeps_the_original_timeout() {
         let mut spec = job(script);
         spec.timeout = Some(Duration::from_secs(3));
         let k = key("adopt-timeout");
-        leave_job(&h.docker, h.exec.config(), &k, &spec, h.exec.uses_init()).await;
+        leave_job(&h.docker, h.exec.config(), &k, &spec).await;
         tokio::time::sleep(Duration::from_secs(2)).await;
         let adopted_at = Instant::now();
         let (outcome, output) = adopt(&h, &k, &spec, 0, None).await;
@@ -1013,7 +1010,7 @@ async fn adopt_masks_the_replay_before_skipping() {
         let plain = job(
             "printf 'one hunter2 two\\n'; sleep 1; printf 'three hun'; sleep 0.3; printf 'ter2 four'",
         );
-        leave_job(&h.docker, h.exec.config(), &k, &plain, h.exec.uses_init()).await;
+        leave_job(&h.docker, h.exec.config(), &k, &plain).await;
         tokio::time::sleep(Duration::from_millis(400)).await;
         let secret = with_secret(plain, "pw", "hunter2");
         // Delivered before the restart: the masked first line.
@@ -1027,6 +1024,87 @@ async fn adopt_masks_the_replay_before_skipping() {
             }
         );
         assert_eq!(String::from_utf8_lossy(&output), "three *** four");
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn the_workspace_is_a_bounded_nosuid_filesystem_and_filling_it_fails_the_job() {
+    bounded(async {
+        let h = harness(|c| c.workspace_bytes = 32 << 20).await;
+        let script = "grep ' /workspace ' /proc/self/mountinfo; \
+                      stat -f -c 'bytes=%b*%S' /workspace; \
+                      ls -A /workspace | wc -l | sed 's/^ */entries=/'; \
+                      dd if=/dev/zero of=/workspace/fill bs=1M count=64 2>&1; echo dd=$?; exit 1";
+        let done = run(&h, &key("disk"), &job(script), Drive::default()).await;
+        let text = done.text();
+        assert_eq!(
+            done.outcome,
+            Outcome::Failed {
+                reason: "workspace full (32 MiB): the job wrote as much as its workspace holds \
+                         (exit code 1)"
+                    .to_string()
+            },
+            "{text}"
+        );
+        let mountinfo = text.lines().next().unwrap_or_default();
+        assert!(
+            mountinfo.contains("nosuid") && mountinfo.contains("nodev"),
+            "the workspace is mounted nosuid,nodev: {text}"
+        );
+        assert!(text.contains("entries=0"), "an empty workspace: {text}");
+        let total = |text: &str| -> u64 {
+            let product = text
+                .lines()
+                .find_map(|l| l.strip_prefix("bytes="))
+                .expect("bytes line");
+            let (blocks, size) = product.split_once('*').expect("blocks*size");
+            blocks.trim().parse::<u64>().unwrap() * size.trim().parse::<u64>().unwrap()
+        };
+        let bytes = total(&text);
+        assert!((24 << 20..=32 << 20).contains(&bytes), "{bytes}: {text}");
+        assert!(text.contains("No space left on device"), "{text}");
+
+        // A job may ask for less, never more.
+        let mut small = job("stat -f -c 'bytes=%b*%S' /workspace");
+        small.resources.workspace_bytes = Some(20 << 20);
+        let done = run(&h, &key("disk-small"), &small, Drive::default()).await;
+        let bytes = total(&done.text());
+        assert!((12 << 20..=20 << 20).contains(&bytes), "{bytes}");
+        let mut big = job("true");
+        big.resources.workspace_bytes = Some(64 << 20);
+        let done = run(&h, &key("disk-big"), &big, Drive::default()).await;
+        assert!(
+            matches!(&done.outcome, Outcome::Failed { reason } if reason.contains("workspace_bytes")),
+            "{:?}",
+            done.outcome
+        );
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn outpost_init_is_pid_1_and_cannot_be_killed_or_traced_by_the_job() {
+    bounded(async {
+        let h = harness(|_| {}).await;
+        let script = "echo pid1=$(tr '\\0' ' ' < /proc/1/cmdline | cut -d' ' -f1); \
+                      kill -KILL 1; kill -STOP 1; sleep 0.2; \
+                      grep State /proc/1/status; \
+                      if cat /proc/1/environ >/dev/null 2>&1; then echo environ=readable; else echo environ=denied; fi; \
+                      exit 4";
+        let done = run(&h, &key("init"), &job(script), Drive::default()).await;
+        let text = done.text();
+        assert_eq!(
+            done.outcome,
+            Outcome::Exited {
+                code: 4,
+                oom_killed: false
+            },
+            "the job's own exit code comes through: {text}"
+        );
+        assert!(text.contains("pid1=/run/outpost-init"), "{text}");
+        assert!(text.contains("State:\tS (sleeping)"), "not stopped: {text}");
+        assert!(text.contains("environ=denied"), "non-dumpable: {text}");
     })
     .await;
 }

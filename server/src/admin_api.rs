@@ -31,6 +31,22 @@ fn internal(e: StoreError) -> Status {
     }
 }
 
+impl AdminApi {
+    /// The admin view of a job; a queued one says how many connected agents
+    /// could take it.
+    fn job_to_pb(&self, job: &crate::model::Job) -> admin::Job {
+        let mut pb = wire::job_to_pb(job);
+        if job.state == crate::model::JobState::Queued {
+            pb.matching_agents = Some(self.hub.matching_agents(&job.spec.selector));
+        }
+        pb
+    }
+}
+
+/// Jobs per `ListJobs` page when the caller asks for no number, and at most.
+const DEFAULT_PAGE: u32 = 100;
+const MAX_PAGE: u32 = 1000;
+
 type LogStream = Pin<Box<dyn Stream<Item = Result<admin::LogData, Status>> + Send>>;
 
 const LOG_BATCH: usize = 256 * 1024;
@@ -70,7 +86,7 @@ impl admin::admin_service_server::AdminService for AdminApi {
             .await
             .map_err(internal)?
             .ok_or_else(|| Status::not_found(format!("job {id} not found")))?;
-        Ok(Response::new(wire::job_to_pb(&job)))
+        Ok(Response::new(self.job_to_pb(&job)))
     }
 
     async fn list_jobs(
@@ -78,13 +94,22 @@ impl admin::admin_service_server::AdminService for AdminApi {
         request: Request<admin::ListJobsRequest>,
     ) -> Result<Response<admin::ListJobsResponse>, Status> {
         Identity::require(&request, Role::Admin)?;
-        let limit = match request.into_inner().limit {
-            0 => 100,
-            n => n.min(10_000),
+        let req = request.into_inner();
+        let limit = match req.limit {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
         };
-        let jobs = self.hub.store.list_jobs(limit).await.map_err(internal)?;
+        let filter = wire::job_filter_from_pb(&req).map_err(Status::invalid_argument)?;
+        let page = self
+            .hub
+            .store
+            .list_jobs(filter, limit)
+            .await
+            .map_err(internal)?;
         Ok(Response::new(admin::ListJobsResponse {
-            jobs: jobs.iter().map(wire::job_to_pb).collect(),
+            jobs: page.jobs.iter().map(|j| self.job_to_pb(j)).collect(),
+            total: page.total,
+            next_page_token: page.next.map(|n| n.to_string()).unwrap_or_default(),
         }))
     }
 
@@ -118,7 +143,7 @@ impl admin::admin_service_server::AdminService for AdminApi {
             }
         };
         self.hub.changed();
-        Ok(Response::new(wire::job_to_pb(&job)))
+        Ok(Response::new(self.job_to_pb(&job)))
     }
 
     type FollowLogsStream = LogStream;

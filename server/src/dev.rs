@@ -29,7 +29,7 @@ pub struct DevArgs {
     /// Address for the control plane (port 0: any free port).
     #[arg(long, default_value = "127.0.0.1:0")]
     pub listen: String,
-    /// Jobs the local agent runs at once.
+    /// Jobs the local agent runs at once (1 to 256).
     #[arg(long, default_value_t = 2)]
     pub capacity: u32,
 }
@@ -133,10 +133,25 @@ async fn ensure_runner_image() -> Result<()> {
     Ok(())
 }
 
+/// Exit code of a refused configuration, as `outpost-agent` uses.
+const EX_CONFIG: u8 = 64;
+
 pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
     std::fs::create_dir_all(&state.root)
         .with_context(|| format!("failed to create {}", state.root.display()))?;
     ensure_pki(state)?;
+    // The local agent's configuration is checked like `outpost-agent`
+    // checks its file, before anything starts.
+    let planned = local_agent_config(state, &format!("https://{}", args.listen), args.capacity);
+    let invalid = match (planned.validate(), planned.sandbox.validate()) {
+        (Err(e), _) => Some(e.to_string()),
+        (_, Err(e)) => Some(format!("invalid [sandbox] configuration: {e}")),
+        _ => None,
+    };
+    if let Some(e) = invalid {
+        eprintln!("outpost dev: local agent: {e}");
+        return Ok(ExitCode::from(EX_CONFIG));
+    }
     ensure_runner_image().await?;
 
     let listener = tokio::net::TcpListener::bind(&args.listen)

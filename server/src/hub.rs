@@ -159,6 +159,59 @@ impl Hub {
         }
     }
 
+    /// Connected agents that could be given a job with `selector` now or
+    /// once they have a free slot: not draining, heard from recently, every
+    /// label of the selector among theirs.
+    pub fn matching_agents(&self, selector: &BTreeMap<String, String>) -> u32 {
+        let fresh = self.timing.heartbeat * 3;
+        self.agents
+            .lock()
+            .values()
+            .filter(|c| {
+                !c.draining
+                    && c.capacity > 0
+                    && c.last_seen.elapsed() < fresh
+                    && selector.iter().all(|(k, v)| c.labels.get(k) == Some(v))
+            })
+            .count() as u32
+    }
+
+    /// Why a queued job has not been leased, for its final message.
+    fn queue_timeout_reason(&self, job: &Job) -> String {
+        let waited = show_ms(job.spec.queue_timeout_ms);
+        let matching = self.matching_agents(&job.spec.selector);
+        let why = if matching > 0 {
+            format!("{matching} connected agent(s) match its labels, none had a free slot")
+        } else if job.spec.selector.is_empty() {
+            "no agent that takes jobs is connected".to_string()
+        } else {
+            format!(
+                "no connected agent has the labels {}",
+                labels_text(&job.spec.selector)
+            )
+        };
+        format!("not leased within its queue timeout of {waited}: {why}")
+    }
+
+    /// Ends the queued jobs past their queue timeout.
+    async fn expire_queued(self: &Arc<Self>) {
+        let hub = self.clone();
+        match self
+            .store
+            .expire_queued(move |job| hub.queue_timeout_reason(job))
+            .await
+        {
+            Ok(gone) if !gone.is_empty() => {
+                for j in &gone {
+                    info!(job = %j.id, reason = %j.message, "queue timeout; job ended");
+                }
+                self.changed();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "queue timeout sweep failed"),
+        }
+    }
+
     pub fn is_connected(&self, id: &str) -> bool {
         self.agents.lock().contains_key(id)
     }
@@ -234,6 +287,7 @@ impl Hub {
                         Ok(_) => {}
                         Err(e) => warn!(error = %e, "lease sweep failed"),
                     }
+                    hub.expire_queued().await;
                 }
                 debug!("lease sweeper stopped");
             }
@@ -309,9 +363,48 @@ impl Hub {
     }
 }
 
+/// `k=v,k=v`
+pub fn labels_text(labels: &BTreeMap<String, String>) -> String {
+    labels
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
+/// `90s`, `5m`, `1h30m`, `1500ms`
+fn show_ms(ms: u64) -> String {
+    if !ms.is_multiple_of(1000) {
+        return format!("{ms}ms");
+    }
+    let s = ms / 1000;
+    match (s / 3600, s % 3600 / 60, s % 60) {
+        (0, 0, s) => format!("{s}s"),
+        (0, m, 0) => format!("{m}m"),
+        (0, m, s) => format!("{m}m{s}s"),
+        (h, 0, 0) => format!("{h}h"),
+        (h, m, 0) => format!("{h}h{m}m"),
+        (h, m, s) => format!("{h}h{m}m{s}s"),
+    }
+}
+
 fn selects(job: &Job, labels: &BTreeMap<String, String>) -> bool {
     job.spec
         .selector
         .iter()
         .all(|(k, v)| labels.get(k) == Some(v))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn queue_timeouts_read_like_the_flag() {
+        assert_eq!(show_ms(8_000), "8s");
+        assert_eq!(show_ms(300_000), "5m");
+        assert_eq!(show_ms(5_400_000), "1h30m");
+        assert_eq!(show_ms(1_500), "1500ms");
+        assert_eq!(show_ms(3_661_000), "1h1m1s");
+    }
 }

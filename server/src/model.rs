@@ -90,6 +90,9 @@ pub struct JobSpec {
     /// never logged, and cleared from the store once the job is final (the
     /// names stay).
     pub secrets: Vec<JobSecret>,
+    /// Longest the job may wait in the queue before it ends `timed_out`;
+    /// zero: no limit.
+    pub queue_timeout_ms: u64,
 }
 
 impl JobSpec {

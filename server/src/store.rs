@@ -125,6 +125,28 @@ pub enum Expired {
     Cancelled(Job),
 }
 
+/// Which jobs `list_jobs` returns.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct JobFilter {
+    /// Any of these states; empty: any state.
+    pub states: Vec<JobState>,
+    /// Every one of these labels in the job's selector.
+    pub labels: BTreeMap<String, String>,
+    /// Only jobs submitted before the one with this sequence number (the
+    /// page token of the previous page).
+    pub before: Option<i64>,
+}
+
+/// One page of jobs, newest first.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JobPage {
+    pub jobs: Vec<Job>,
+    /// Jobs matching the filter over all pages.
+    pub total: u64,
+    /// `before` of the next page; `None` on the last one.
+    pub next: Option<i64>,
+}
+
 /// Result of a cancel request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CancelOutcome {
@@ -226,11 +248,104 @@ impl Store {
         self.with(move |c| get_job(c, &id)).await
     }
 
-    /// The newest `limit` jobs, newest first.
-    pub async fn list_jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+    /// The newest `limit` jobs matching `filter`, newest first, with the
+    /// number of matching jobs over all pages.
+    pub async fn list_jobs(&self, filter: JobFilter, limit: u32) -> Result<JobPage, StoreError> {
+        use rusqlite::types::Value;
         self.with(move |c| {
-            let sql = format!("SELECT {JOB_COLS} FROM jobs ORDER BY seq DESC LIMIT ?1");
-            select_jobs(c, &sql, params![limit])
+            let mut args: Vec<Value> = Vec::new();
+            let arg = |args: &mut Vec<Value>, v: Value| {
+                args.push(v);
+                format!("?{}", args.len())
+            };
+            let mut conds = Vec::new();
+            if !filter.states.is_empty() {
+                let states: Vec<String> = filter
+                    .states
+                    .iter()
+                    .map(|s| arg(&mut args, Value::Text(s.as_str().into())))
+                    .collect();
+                conds.push(format!("state IN ({})", states.join(", ")));
+            }
+            for (k, v) in &filter.labels {
+                let k = arg(&mut args, Value::Text(k.clone()));
+                let v = arg(&mut args, Value::Text(v.clone()));
+                conds.push(format!(
+                    "EXISTS (SELECT 1 FROM json_each(spec, '$.selector') WHERE key = {k} AND value = {v})"
+                ));
+            }
+            let matching = if conds.is_empty() {
+                "1".to_string()
+            } else {
+                conds.join(" AND ")
+            };
+            let total: i64 = c
+                .query_row(
+                    &format!("SELECT COUNT(*) FROM jobs WHERE {matching}"),
+                    rusqlite::params_from_iter(args.iter()),
+                    |r| r.get(0),
+                )
+                .map_err(q("count jobs"))?;
+            let before = arg(&mut args, Value::Integer(filter.before.unwrap_or(i64::MAX)));
+            let lim = arg(&mut args, Value::Integer(i64::from(limit) + 1));
+            let sql = format!(
+                "SELECT {JOB_COLS}, seq FROM jobs WHERE {matching} AND seq < {before} ORDER BY seq DESC LIMIT {lim}"
+            );
+            let mut stmt = c.prepare(&sql).map_err(q("prepare list jobs"))?;
+            let mut rows = stmt
+                .query(rusqlite::params_from_iter(args.iter()))
+                .map_err(q("list jobs"))?;
+            let mut jobs = Vec::new();
+            let mut seqs = Vec::new();
+            while let Some(r) = rows.next().map_err(q("read job row"))? {
+                jobs.push(row_to_job(r)?);
+                seqs.push(r.get::<_, i64>(15).map_err(q("read job seq"))?);
+            }
+            let next = if jobs.len() > limit as usize {
+                jobs.truncate(limit as usize);
+                seqs.get(jobs.len().saturating_sub(1)).copied()
+            } else {
+                None
+            };
+            Ok(JobPage {
+                jobs,
+                total: total.max(0) as u64,
+                next,
+            })
+        })
+        .await
+    }
+
+    /// Ends every job still waiting for its first lease past its queue
+    /// timeout: `timed_out`, with `why(job)` as its message.
+    pub async fn expire_queued(
+        &self,
+        why: impl Fn(&Job) -> String + Send + 'static,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.with(move |c| {
+            let tx = c.transaction().map_err(q("begin expire queued"))?;
+            let now = now_ms();
+            let sql = format!(
+                "SELECT {JOB_COLS} FROM jobs WHERE state = 'queued' AND epoch = 0
+                     AND json_extract(spec, '$.queue_timeout_ms') > 0
+                     AND created_ms + json_extract(spec, '$.queue_timeout_ms') <= ?1"
+            );
+            let expired = select_jobs(&tx, &sql, params![now])?;
+            let mut out = Vec::new();
+            for job in expired {
+                tx.execute(
+                    "UPDATE jobs SET state = 'timed_out', message = ?2, finished_ms = ?3
+                     WHERE id = ?1 AND state = 'queued'",
+                    params![job.id, why(&job), now],
+                )
+                .map_err(q("expire queued job"))?;
+                forget_secrets(&tx, &job.id)?;
+                if let Some(j) = get_job(&tx, &job.id)? {
+                    out.push(j);
+                }
+            }
+            tx.commit().map_err(q("commit expire queued"))?;
+            Ok(out)
         })
         .await
     }
@@ -841,6 +956,111 @@ mod tests {
         let j = s.report("j1".into(), 2, "b".into(), r).await.unwrap();
         assert_eq!(j.state, JobState::Succeeded);
         assert!(j.log_complete());
+    }
+
+    #[tokio::test]
+    async fn list_jobs_filters_by_state_and_label_and_pages_with_a_total() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        for i in 0..7 {
+            let team = if i % 2 == 0 { "a" } else { "b" };
+            let spec = JobSpec {
+                selector: [("team".to_string(), team.to_string())].into(),
+                ..spec()
+            };
+            s.insert_job(format!("j{i}"), spec).await.unwrap();
+        }
+        s.request_cancel("j6".into()).await.unwrap();
+        s.request_cancel("j5".into()).await.unwrap();
+        let ids = |p: &JobPage| p.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>();
+
+        let all = s.list_jobs(JobFilter::default(), 3).await.unwrap();
+        assert_eq!(
+            (ids(&all), all.total),
+            (vec!["j6".into(), "j5".into(), "j4".into()], 7)
+        );
+        let next = JobFilter {
+            before: all.next,
+            ..Default::default()
+        };
+        let p2 = s.list_jobs(next.clone(), 3).await.unwrap();
+        assert_eq!(ids(&p2), ["j3", "j2", "j1"]);
+        let p3 = s
+            .list_jobs(
+                JobFilter {
+                    before: p2.next,
+                    ..next
+                },
+                3,
+            )
+            .await
+            .unwrap();
+        assert_eq!((ids(&p3), p3.next, p3.total), (vec!["j0".into()], None, 7));
+
+        let queued_a = JobFilter {
+            states: vec![JobState::Queued],
+            labels: [("team".to_string(), "a".to_string())].into(),
+            before: None,
+        };
+        let p = s.list_jobs(queued_a, 10).await.unwrap();
+        assert_eq!(
+            (ids(&p), p.total),
+            (vec!["j4".into(), "j2".into(), "j0".into()], 3)
+        );
+        let cancelled = JobFilter {
+            states: vec![JobState::Cancelled, JobState::Failed],
+            ..Default::default()
+        };
+        assert_eq!(s.list_jobs(cancelled, 10).await.unwrap().total, 2);
+        // A quote in a label cannot escape the query.
+        let odd = JobFilter {
+            labels: [("team'\"".to_string(), "a') OR 1=1 --".to_string())].into(),
+            ..Default::default()
+        };
+        assert_eq!(s.list_jobs(odd, 10).await.unwrap().total, 0);
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_past_their_queue_timeout_end_timed_out() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(&dir.path().join("db")).unwrap();
+        let with_timeout = |ms| JobSpec {
+            queue_timeout_ms: ms,
+            ..spec()
+        };
+        s.insert_job("short".into(), with_timeout(1)).await.unwrap();
+        s.insert_job("long".into(), with_timeout(3_600_000))
+            .await
+            .unwrap();
+        s.insert_job("none".into(), spec()).await.unwrap();
+        s.insert_job("leased".into(), with_timeout(1))
+            .await
+            .unwrap();
+        s.lease_job("leased".into(), "a".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        let gone = s
+            .expire_queued(|j| format!("waited too long: {}", j.id))
+            .await
+            .unwrap();
+        assert_eq!(gone.len(), 1, "{gone:?}");
+        assert_eq!(gone[0].id, "short");
+        assert_eq!(gone[0].state, JobState::TimedOut);
+        assert_eq!(gone[0].message, "waited too long: short");
+        assert!(gone[0].finished_ms > 0);
+        // Once timed out it can never be leased.
+        assert!(
+            s.lease_job("short".into(), "a".into(), 1)
+                .await
+                .unwrap()
+                .is_none()
+        );
+        for id in ["long", "none"] {
+            let j = s.get_job(id.into()).await.unwrap().unwrap();
+            assert_eq!(j.state, JobState::Queued, "{id}");
+        }
     }
 
     #[tokio::test]

@@ -7,6 +7,7 @@ use outpost_proto::agent::v1 as pb;
 use crate::model::{
     AgentInfo, Artifact, AwsRole, Job, JobSecret, JobSpec, JobState, Network, StatusReport,
 };
+use crate::store::JobFilter;
 
 pub fn state_to_pb(s: JobState) -> pb::JobState {
     match s {
@@ -49,6 +50,7 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
         Err(_) => return Err(format!("unknown network mode {}", spec.network)),
     };
     let r = spec.resources.unwrap_or_default();
+    check_minimums(&r)?;
     let aws = spec.aws.map(aws_from_pb).transpose()?;
     check_s3_use(aws.is_some(), &spec.workspace_source, &spec.artifacts)?;
     let secrets = secrets_from_pb(spec.secrets)?;
@@ -66,7 +68,36 @@ pub fn spec_from_pb(spec: Option<pb::JobSpec>) -> Result<JobSpec, String> {
         workspace_source: spec.workspace_source,
         artifacts: spec.artifacts,
         secrets,
+        queue_timeout_ms: spec.queue_timeout_ms,
     })
+}
+
+/// Refuses resources no agent can run a job with (zero: the agent's
+/// default). The agent refuses the same (`REJECTED`); refusing at submit
+/// tells the user at once.
+fn check_minimums(r: &pb::Resources) -> Result<(), String> {
+    use outpost_agent::executor::spec::{MIN_MEMORY_BYTES, MIN_NANO_CPUS, MIN_PIDS};
+    if r.memory_bytes != 0 && r.memory_bytes < MIN_MEMORY_BYTES {
+        return Err(format!(
+            "memory {} bytes is below the minimum of {} MiB a job container needs",
+            r.memory_bytes,
+            MIN_MEMORY_BYTES >> 20
+        ));
+    }
+    if r.nano_cpus != 0 && r.nano_cpus < MIN_NANO_CPUS {
+        return Err(format!(
+            "cpus {} is below the minimum of {} a job container needs",
+            r.nano_cpus as f64 / 1e9,
+            MIN_NANO_CPUS as f64 / 1e9
+        ));
+    }
+    if r.pids != 0 && r.pids < MIN_PIDS {
+        return Err(format!(
+            "pids {} is below the minimum of {MIN_PIDS} a job needs to start (the container's init, a shell and the command)",
+            r.pids
+        ));
+    }
+    Ok(())
 }
 
 /// Most secrets one job may have, and most bytes of values in all (the
@@ -204,6 +235,7 @@ pub fn spec_to_pb(spec: &JobSpec) -> pb::JobSpec {
                 value: s.value.clone(),
             })
             .collect(),
+        queue_timeout_ms: spec.queue_timeout_ms,
     }
 }
 
@@ -252,7 +284,55 @@ pub fn job_to_pb(j: &Job) -> admin::Job {
         finished_at_ms: j.finished_ms,
         log_length: j.log_acked,
         oom_killed: j.oom_killed,
+        resources: Some(pb::Resources {
+            memory_bytes: j.spec.memory_bytes,
+            nano_cpus: j.spec.nano_cpus,
+            pids: j.spec.pids,
+        }),
+        timeout_ms: j.spec.timeout_ms,
+        network: match j.spec.network {
+            Network::None => pb::NetworkMode::None,
+            Network::Egress => pb::NetworkMode::Egress,
+        } as i32,
+        env_names: j.spec.env.keys().cloned().collect(),
+        secret_names: j.spec.secrets.iter().map(|s| s.name.clone()).collect(),
+        aws_role: j
+            .spec
+            .aws
+            .as_ref()
+            .map(|a| a.role_arn.clone())
+            .unwrap_or_default(),
+        cancel_requested: j.cancel_requested,
+        queue_timeout_ms: j.spec.queue_timeout_ms,
+        // Only the hub knows; the admin service fills it in.
+        matching_agents: None,
     }
+}
+
+/// The filters of a `ListJobs` request.
+pub fn job_filter_from_pb(req: &admin::ListJobsRequest) -> Result<JobFilter, String> {
+    let states = req
+        .states
+        .iter()
+        .map(|&s| {
+            pb::JobState::try_from(s)
+                .ok()
+                .and_then(state_from_pb)
+                .ok_or_else(|| format!("unknown job state {s}"))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let before = match req.page_token.as_str() {
+        "" => None,
+        t => Some(
+            t.parse::<i64>()
+                .map_err(|_| format!("invalid page token {t:?}"))?,
+        ),
+    };
+    Ok(JobFilter {
+        states,
+        labels: req.labels.clone().into_iter().collect(),
+        before,
+    })
 }
 
 pub fn status_from_pb(s: &pb::JobStatus) -> Result<StatusReport, String> {
@@ -336,5 +416,68 @@ mod tests {
         assert!(e.contains("twice") && !e.contains("secret-"), "{e}");
         let big = vec![0u8; MAX_SECRET_BYTES + 1];
         assert!(submitted(vec![("big", &big)]).is_err());
+    }
+
+    fn with_resources(memory_bytes: u64, nano_cpus: u64, pids: u64) -> Result<JobSpec, String> {
+        spec_from_pb(Some(pb::JobSpec {
+            image: "img".into(),
+            resources: Some(pb::Resources {
+                memory_bytes,
+                nano_cpus,
+                pids,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn resources_no_container_can_start_with_are_refused_at_submit() {
+        let e = with_resources(1 << 20, 0, 0).unwrap_err();
+        assert!(
+            e.contains("memory") && e.contains("minimum of 6 MiB"),
+            "{e}"
+        );
+        let e = with_resources(0, 1_000_000, 0).unwrap_err();
+        assert!(e.contains("cpus 0.001") && e.contains("0.01"), "{e}");
+        let e = with_resources(0, 0, 1).unwrap_err();
+        assert!(e.contains("pids 1") && e.contains("minimum of 8"), "{e}");
+        // Zero is the agent's default; the minimums themselves are fine.
+        with_resources(0, 0, 0).unwrap();
+        with_resources(6 << 20, 10_000_000, 8).unwrap();
+    }
+
+    #[test]
+    fn the_admin_view_of_a_job_names_env_and_secrets_never_their_values() {
+        let mut spec = submitted(vec![("db_password", b"hunter2")]).unwrap();
+        spec.env
+            .insert("TF_VAR_token".into(), "canary-value".into());
+        spec.timeout_ms = 30_000;
+        spec.queue_timeout_ms = 5_000;
+        let job = Job {
+            id: "j".into(),
+            spec,
+            state: JobState::Queued,
+            epoch: 0,
+            agent_id: None,
+            exit_code: None,
+            message: String::new(),
+            oom_killed: false,
+            created_ms: 1,
+            started_ms: 0,
+            finished_ms: 0,
+            lease_deadline_ms: 0,
+            cancel_requested: false,
+            log_acked: 0,
+            log_total: None,
+        };
+        let pb = job_to_pb(&job);
+        assert_eq!(pb.env_names, ["TF_VAR_token"]);
+        assert_eq!(pb.secret_names, ["db_password"]);
+        assert_eq!((pb.timeout_ms, pb.queue_timeout_ms), (30_000, 5_000));
+        let text = format!("{pb:?}");
+        assert!(
+            !text.contains("canary-value") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 }

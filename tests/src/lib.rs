@@ -2,6 +2,7 @@
 //! a real Docker engine and real mTLS with certificates generated per test.
 
 pub mod ec2;
+pub mod faults;
 pub mod moto;
 pub mod sandbox_helpers;
 

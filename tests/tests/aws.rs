@@ -473,7 +473,8 @@ async fn a_role_outside_the_allow_list_is_refused_before_anything_runs() {
     let (_moto, c, agent) = setup(|_| {}).await;
     let id = c.submit_spec(aws_spec("admin", "echo must-not-run")).await;
     let j = c.wait_final(&id, LIMIT).await;
-    assert_eq!(state(&j), pb::JobState::Failed, "{j:?}");
+    // Like every other refusal of the agent's local policy.
+    assert_eq!(state(&j), pb::JobState::Rejected, "{j:?}");
     assert!(
         j.message.contains("role/admin") && j.message.contains("allowed_roles"),
         "{}",
@@ -491,7 +492,7 @@ async fn a_role_outside_the_allow_list_is_refused_before_anything_runs() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("failed") && text.contains("allowed_roles"),
+        text.contains("rejected") && text.contains("allowed_roles"),
         "{text}"
     );
     agent.stop().await;

@@ -9,7 +9,8 @@ use std::time::{Duration, Instant};
 use outpost::hub::LeaseTiming;
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
-use outpost_tests::{Cluster, containers_of, numbered_job, state};
+use outpost_tests::faults::{EventRecorder, Partition};
+use outpost_tests::{AgentProc, Cluster, containers_of, numbered_job, state};
 
 const LIMIT: Duration = Duration::from_secs(120);
 
@@ -119,22 +120,101 @@ async fn control_plane_down_shorter_than_the_lease_loses_nothing() {
     eprintln!("scenario control plane restart: {:?}", t0.elapsed());
 }
 
+/// The engine's own record that attempt 1 of `id` died before attempt 2
+/// started; returns the gap between the two.
+async fn assert_epoch_1_died_before_epoch_2_started(events: &EventRecorder, id: &str) -> Duration {
+    let died = events
+        .wait_for(&format!("outpost-{id}-1"), "die", LIMIT)
+        .await;
+    let started = events
+        .wait_for(&format!("outpost-{id}-2"), "start", LIMIT)
+        .await;
+    assert!(
+        died.time_nano < started.time_nano,
+        "both attempts ran at once: epoch 1 died at {} ns, epoch 2 started at {} ns",
+        died.time_nano,
+        started.time_nano
+    );
+    Duration::from_nanos(u64::try_from(started.time_nano - died.time_nano).unwrap_or(0))
+}
+
+/// Waits (bounded) until the agent's log contains `text`.
+async fn wait_agent_log(agent: &AgentProc, text: &str, limit: Duration) {
+    let deadline = Instant::now() + limit;
+    while !agent.log_text().contains(text) {
+        assert!(
+            Instant::now() < deadline,
+            "agent {} did not log {text:?} within {limit:?}:\n{}",
+            agent.name,
+            agent.log_text()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Removes what a killed agent `agent` that never came back left of attempt
+/// 1 of `id`: its container and its workspace filesystem.
+async fn remove_orphan(c: &Cluster, agent: &str, id: &str) {
+    remove_container(&format!("outpost-{id}-1")).await;
+    let workspace = c
+        .dir
+        .path()
+        .join("agents")
+        .join(agent)
+        .join("work")
+        .join(format!("{id}-1"));
+    let st = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&workspace)
+        .status()
+        .expect("umount");
+    assert!(
+        st.success(),
+        "the orphan's workspace filesystem was mounted"
+    );
+}
+
+/// Removes a container the scenario left on purpose (its agent never came back).
+async fn remove_container(name: &str) {
+    let docker = bollard::Docker::connect_with_local_defaults()
+        .expect("docker")
+        .negotiate_version()
+        .await
+        .expect("docker version");
+    let options = bollard::query_parameters::RemoveContainerOptions {
+        force: true,
+        v: true,
+        link: false,
+    };
+    docker
+        .remove_container(name, Some(options))
+        .await
+        .expect("remove the orphaned container");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_agent_fences_itself_and_its_old_epoch_is_refused() {
     let t0 = Instant::now();
+    let events = EventRecorder::start().await;
     let c = Cluster::start_with(LeaseTiming {
         ttl: Duration::from_secs(4),
         heartbeat: Duration::from_millis(500),
         sweep: Duration::from_millis(100),
     })
     .await;
+    // Agent a reaches the control plane only through a proxy that can stop
+    // forwarding: a real partition while the agent process stays alive.
+    let proxy = Partition::start(c.server.as_ref().expect("server").addr).await;
     let cfg_a = c.write_agent_config("a", 1, "", "");
-    let agent_a = c.spawn_agent("a", &cfg_a).await;
+    let text = std::fs::read_to_string(&cfg_a)
+        .unwrap()
+        .replace(&c.url(), &proxy.url());
+    std::fs::write(&cfg_a, text).unwrap();
+    let mut agent_a = c.spawn_agent("a", &cfg_a).await;
     let (cmd, expected) = numbered_job(400, "0.02");
     let id = c.submit_spec(job_spec(cmd)).await;
     wait_log_len(&c, &id, 100).await;
-    // Partition: the agent is frozen past the lease TTL.
-    agent_a.signal("STOP");
+    proxy.cut();
     let fault = Instant::now();
     let requeued = c
         .wait_state(&id, Duration::from_secs(30), |j| {
@@ -142,28 +222,31 @@ async fn a_partitioned_agent_fences_itself_and_its_old_epoch_is_refused() {
         })
         .await;
     let to_requeue = fault.elapsed();
+    assert_eq!(requeued.epoch, 1);
     let old_len = c.logs_of_epoch(&id, 1).await.len();
     assert!(old_len > 0);
-    assert_eq!(requeued.epoch, 1);
+    // The agent, alive but cut off, stopped the job itself.
+    wait_agent_log(
+        &agent_a,
+        "lease could not be renewed; stopping the job",
+        Duration::from_secs(10),
+    )
+    .await;
     // Another agent takes the job with a new epoch.
     let cfg_b = c.write_agent_config("b", 1, "", "");
     let _agent_b = c.spawn_agent("b", &cfg_b).await;
     c.wait_state(&id, LIMIT, |j| j.epoch == 2).await;
-    // The old agent comes back: it stops its copy, and whatever it sends with
-    // epoch 1 is refused.
-    agent_a.signal("CONT");
+    let gap = assert_epoch_1_died_before_epoch_2_started(&events, &id).await;
+    // The partition heals: the old agent learns its lease is gone, and
+    // whatever it still had of epoch 1 is refused.
+    proxy.heal();
+    wait_agent_log(&agent_a, "lease revoked", LIMIT).await;
     let j = c.wait_final(&id, LIMIT).await;
     assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
     assert_eq!(j.epoch, 2);
     assert_eq!(j.agent_id, "b");
     let log = c.logs(&id).await;
     assert!(log == expected, "epoch 2 has every byte exactly once");
-    // Give the old agent time to try.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while !agent_a.log_text().contains("lease") && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    tokio::time::sleep(Duration::from_secs(2)).await;
     let old = c.logs_of_epoch(&id, 1).await;
     assert_eq!(
         old.len(),
@@ -180,11 +263,162 @@ async fn a_partitioned_agent_fences_itself_and_its_old_epoch_is_refused() {
         "exactly one final status"
     );
     assert_no_containers(&id).await;
+    assert!(
+        matches!(agent_a.child.try_wait(), Ok(None)),
+        "the partitioned agent stayed alive throughout"
+    );
     eprintln!(
-        "scenario partition: {:?}; fault to re-queue {:?}",
+        "scenario partition: {:?}; fault to re-queue {:?}; epoch 1 died {gap:?} before epoch 2 started",
         t0.elapsed(),
         to_requeue
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_that_never_returns_cannot_run_a_job_twice() {
+    let t0 = Instant::now();
+    let events = EventRecorder::start().await;
+    let c = Cluster::start_with(LeaseTiming {
+        ttl: Duration::from_secs(6),
+        heartbeat: Duration::from_millis(500),
+        sweep: Duration::from_millis(100),
+    })
+    .await;
+    let cfg_a = c.write_agent_config("a", 1, "", "");
+    let mut agent_a = c.spawn_agent("a", &cfg_a).await;
+    let (cmd, expected) = numbered_job(150, "0.05");
+    let id = c.submit_spec(job_spec(cmd)).await;
+    wait_log_len(&c, &id, 100).await;
+    // A second agent with the same labels, idle.
+    let cfg_b = c.write_agent_config("b", 1, "", "");
+    let _agent_b = c.spawn_agent("b", &cfg_b).await;
+    agent_a.signal("KILL");
+    agent_a.wait_exit(Duration::from_secs(10)).await;
+    // Never restarted: the job's container has to stop by itself before the
+    // control plane leases the job to b.
+    c.wait_state(&id, LIMIT, |j| j.epoch == 2).await;
+    let gap = assert_epoch_1_died_before_epoch_2_started(&events, &id).await;
+    let died = events
+        .wait_for(&format!("outpost-{id}-1"), "die", LIMIT)
+        .await;
+    assert_eq!(
+        died.attributes.get("exitCode").map(String::as_str),
+        Some("251"),
+        "stopped by outpost-init at its lease deadline: {died:?}"
+    );
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!((j.epoch, j.agent_id.as_str()), (2, "b"));
+    assert!(
+        c.logs(&id).await == expected,
+        "epoch 2 has every byte exactly once"
+    );
+    // Nobody else removes what the dead agent left.
+    remove_orphan(&c, "a", &id).await;
+    assert_no_containers(&id).await;
+    eprintln!(
+        "scenario kill -9, no restart: {:?}; epoch 1 died {gap:?} before epoch 2 started",
+        t0.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_orphan_still_meets_its_timeout() {
+    let events = EventRecorder::start().await;
+    // A lease far longer than the timeout: only the timeout can stop it.
+    let c = Cluster::start_with(LeaseTiming {
+        ttl: Duration::from_secs(60),
+        heartbeat: Duration::from_secs(1),
+        sweep: Duration::from_millis(200),
+    })
+    .await;
+    let cfg = c.write_agent_config("a", 1, "", "");
+    let mut agent = c.spawn_agent("a", &cfg).await;
+    let mut spec = job_spec(vec![
+        "sh".into(),
+        "-c".into(),
+        "echo up; while :; do sleep 0.1; done".into(),
+    ]);
+    spec.timeout_ms = 3000;
+    let id = c.submit_spec(spec).await;
+    wait_log_len(&c, &id, 3).await;
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(10)).await;
+    let name = format!("outpost-{id}-1");
+    let started = events.wait_for(&name, "start", LIMIT).await;
+    let died = events.wait_for(&name, "die", Duration::from_secs(30)).await;
+    let ran = Duration::from_nanos(u64::try_from(died.time_nano - started.time_nano).unwrap_or(0));
+    assert_eq!(
+        died.attributes.get("exitCode").map(String::as_str),
+        Some("252"),
+        "stopped by outpost-init at its timeout: {died:?}"
+    );
+    // The timeout (3 s), then at most the stop grace (2 s); the job dies on
+    // its SIGINT at once.
+    assert!(
+        ran >= Duration::from_secs(3) && ran < Duration::from_secs(6),
+        "ran {ran:?}"
+    );
+    remove_orphan(&c, "a", &id).await;
+    assert_no_containers(&id).await;
+}
+
+/// Mount points of this process's mount namespace.
+fn mount_points() -> Vec<String> {
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .expect("mountinfo")
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clean_exit_unmounts_the_secrets_tmpfs() {
+    let c = Cluster::start_with(timing()).await;
+    let dir = tempfile::tempdir().unwrap();
+    let secrets = dir.path().join("secrets");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _unmount = Unmount(secrets.clone());
+    let mut cfg = c.agent_config(1);
+    cfg.sandbox.secrets_dir = secrets.clone();
+    let agent = c.start_agent_with(cfg).await;
+    let target = secrets
+        .canonicalize()
+        .unwrap()
+        .to_string_lossy()
+        .into_owned();
+    assert!(
+        mount_points().contains(&target),
+        "the agent mounted a tmpfs on {target}"
+    );
+    let mut s = outpost_tests::spec(&["sh", "-c", "cat /run/secrets/token; echo"]);
+    s.secrets = vec![pb::Secret {
+        name: "token".into(),
+        value: b"0penSesame".to_vec(),
+    }];
+    let id = c.submit_spec(s).await;
+    let j = c.wait_final(&id, LIMIT).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!(c.logs(&id).await, b"***\n", "the job read its secret");
+    agent.stop().await;
+    assert!(
+        !mount_points().contains(&target),
+        "the secrets tmpfs is still mounted after a clean exit"
+    );
+    let left: Vec<_> = std::fs::read_dir(&secrets)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name())
+        .collect();
+    assert!(left.is_empty(), "left in the secrets directory: {left:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -13,10 +13,13 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 async fn list_jobs_with(cfg: &ClientConfig) -> Result<(), String> {
     let mut c = cfg.connect().await.map_err(|e| format!("connect: {e:?}"))?;
-    c.list_jobs(admin::ListJobsRequest { limit: 1 })
-        .await
-        .map(|_| ())
-        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+    c.list_jobs(admin::ListJobsRequest {
+        limit: 1,
+        ..Default::default()
+    })
+    .await
+    .map(|_| ())
+    .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -42,7 +45,10 @@ async fn a_client_without_a_certificate_is_refused() {
     let result = match ep.connect().await {
         Err(e) => Err(format!("{e:?}")),
         Ok(ch) => admin::admin_service_client::AdminServiceClient::new(ch)
-            .list_jobs(admin::ListJobsRequest { limit: 1 })
+            .list_jobs(admin::ListJobsRequest {
+                limit: 1,
+                ..Default::default()
+            })
             .await
             .map(|_| ())
             .map_err(|s| format!("{s:?}")),

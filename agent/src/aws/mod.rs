@@ -726,9 +726,10 @@ pub async fn run_job(
             Vec::new(),
         );
     }
+    // Refused before anything ran, like any other local refusal.
     let refuse = |e: AwsError| {
         warn!(error = %error_chain(&e), "refusing the job's aws request");
-        Outcome::Failed {
+        Outcome::Rejected {
             reason: format!("refused by the agent: {}", error_chain(&e)),
         }
     };

@@ -43,12 +43,17 @@
 //! Hooks ([`hooks`]) may add tmpfs mounts and environment to a container;
 //! [`spec::check_sandbox`] re-checks the sandbox after them.
 //!
-//! Signals: the engine's init (`docker-init`, i.e. tini) is PID 1 when the
-//! engine has it, and is told to forward signals to the job's whole process
-//! group, so that one `SIGINT` reaches the job as a terminal's Ctrl-C would
-//! (Terraform then releases its state lock). Without it a job's shell would
-//! be PID 1 and a foreground `terraform` would never see the signal.
+//! PID 1 of every job container is `outpost-init` (the `init/` crate,
+//! embedded in the agent and mounted read-only; [`fence`]): it forwards
+//! signals to the job's whole process group, so that one `SIGINT` reaches
+//! the job as a terminal's Ctrl-C would (Terraform then releases its state
+//! lock), and it stops the job by itself at its lease deadline (from a
+//! lease file the agent rewrites on each renewal, [`DockerExecutor::set_lease`])
+//! and at its timeout, so that a job never outlives its lease even if the
+//! agent process is dead.
 
+mod disk;
+mod fence;
 pub mod hooks;
 pub mod mask;
 pub mod network;
@@ -62,7 +67,8 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-pub use run::DockerExecutor;
+pub use outpost_init::protocol::Lease;
+pub use run::{DockerExecutor, LEASE_EXPIRED_REASON};
 pub use spec::SpecError;
 
 /// Whether the agent may pull a job's image that is not present locally.
@@ -109,6 +115,11 @@ pub struct SandboxConfig {
     pub tmp_size_bytes: u64,
     /// Whether missing images are pulled: `"if-missing"` (default) or `"never"`.
     pub pull: PullPolicy,
+    /// Size in bytes of each job's workspace: a filesystem of its own
+    /// (sparse ext4 image, loop-mounted `nosuid,nodev`), so the kernel stops
+    /// a job at this size; a job may ask for less. Default 4 GiB (at least
+    /// 16 MiB). Needs `mkfs.ext4` and `mount` on the host.
+    pub workspace_bytes: u64,
     /// Directory on a tmpfs where each job's secrets are written, as
     /// `<scope>/<job_id>-<epoch>/<name>` (mode 0400, owned by `user`), and
     /// bind-mounted read-only at `/run/secrets`. If it is not on a tmpfs at
@@ -140,6 +151,7 @@ impl Default for SandboxConfig {
             work_dir: PathBuf::from("/var/lib/outpost-agent/work"),
             tmp_size_bytes: 256 << 20,
             pull: PullPolicy::IfMissing,
+            workspace_bytes: 4 << 30,
             secrets_dir: PathBuf::from("/run/outpost-agent/secrets"),
             max_output_bytes: 1 << 30,
             allow_egress: false,
@@ -185,6 +197,16 @@ impl SandboxConfig {
             return Err(invalid(
                 "runtime",
                 format!("{runtime:?} is not a runtime name"),
+            ));
+        }
+        if self.workspace_bytes < disk::MIN_WORKSPACE_BYTES {
+            return Err(invalid(
+                "workspace_bytes",
+                format!(
+                    "{} is too small (at least {} bytes)",
+                    self.workspace_bytes,
+                    disk::MIN_WORKSPACE_BYTES
+                ),
             ));
         }
         if self.max_output_bytes == 0 {
@@ -386,6 +408,14 @@ pub enum ExecError {
         #[source]
         source: bollard::errors::Error,
     },
+    #[error("preparing the workspace filesystem {} failed: {reason}", path.display())]
+    Workspace { path: PathBuf, reason: String },
+    #[error("preparing the job's fence at {} failed", path.display())]
+    Fence {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("{operation} was interrupted")]
     Blocking {
         operation: &'static str,
@@ -462,6 +492,7 @@ mod tests {
         assert_eq!(c.work_dir, PathBuf::from("/var/lib/outpost-agent/work"));
         assert_eq!(c.tmp_size_bytes, 256 << 20);
         assert_eq!(c.pull, PullPolicy::IfMissing);
+        assert_eq!(c.workspace_bytes, 4 << 30);
         assert_eq!(c.secrets_dir, PathBuf::from("/run/outpost-agent/secrets"));
         assert_eq!(c.max_output_bytes, 1 << 30);
         assert!(!c.allow_egress);

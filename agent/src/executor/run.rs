@@ -1,19 +1,23 @@
 //! Drives one job container through the Docker engine: image, workspace,
 //! create, attach, start, supervise (cancel, timeout), collect, remove.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::time::{Duration, SystemTime};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
 
 use bollard::Docker;
 use bollard::container::LogOutput;
-use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, SystemInfo};
+use bollard::models::{ContainerCreateBody, ContainerStateStatusEnum, ImageConfig, SystemInfo};
 use bollard::query_parameters::{
     AttachContainerOptions, CreateContainerOptions, CreateImageOptions, KillContainerOptions,
     ListContainersOptions, LogsOptions, RemoveContainerOptions,
 };
 use bytes::Bytes;
 use futures::{Stream, StreamExt};
+use outpost_init::protocol::{EXIT_LEASE_EXPIRED, EXIT_TIMED_OUT, Lease};
+use parking_lot::Mutex;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::AbortOnDropHandle;
@@ -22,7 +26,9 @@ use tracing::Instrument;
 use super::hooks::{self, HookContext, JobHooks};
 use super::mask::Masker;
 use super::spec::{self, LABEL_EPOCH, LABEL_JOB, LABEL_WORK_DIR};
-use super::{ExecError, PullPolicy, SandboxConfig, error_chain, network, secrets, workspace};
+use super::{
+    ExecError, PullPolicy, SandboxConfig, disk, error_chain, fence, network, secrets, workspace,
+};
 use crate::job::{JobSpec, LeaseKey, Network, Outcome};
 
 /// Reason reported when `cancel` stops a job (the token carries no reason;
@@ -37,6 +43,12 @@ const ORPHAN_OUTPUT_WAIT: Duration = Duration::from_secs(5);
 const WAIT_ATTEMPTS: u32 = 3;
 /// Attempts at removing a container while the engine reports a conflict.
 const REMOVE_ATTEMPTS: u32 = 5;
+/// Reason reported when `outpost-init` stopped a job whose lease ran out.
+pub const LEASE_EXPIRED_REASON: &str = "stopped in its container: the lease expired before the \
+     agent renewed it (the agent was gone or could not reach the control plane)";
+/// How much earlier than the agent's own timer `outpost-init` may see a
+/// job's timeout (it starts counting a moment before the agent does).
+const TIMEOUT_SLACK: Duration = Duration::from_secs(2);
 
 /// Runs jobs as sandboxed containers on the local Docker engine.
 #[derive(Debug, Clone)]
@@ -46,10 +58,13 @@ pub struct DockerExecutor {
     cfg: SandboxConfig,
     uid: u32,
     gid: u32,
-    /// Whether the engine's init binary runs as PID 1 of job containers.
-    init: bool,
     /// This agent's share of the host's secrets and firewall rules.
     scope: String,
+    /// The latest lease of each job, written to its lease file when its
+    /// container is prepared and on every renewal.
+    leases: Arc<Mutex<HashMap<LeaseKey, Lease>>>,
+    /// Held while spare workspace images are being formatted.
+    refilling: Arc<tokio::sync::Mutex<()>>,
 }
 
 type OutputStream = Pin<Box<dyn Stream<Item = Result<LogOutput, bollard::errors::Error>> + Send>>;
@@ -114,39 +129,35 @@ impl DockerExecutor {
         if let Some(runtime) = &cfg.runtime {
             check_runtime(runtime, &info)?;
         }
-        let init = init_available(&docker, &info).await;
-        if !init {
-            tracing::warn!(
-                "the docker engine has no init binary: a job's first process runs as PID 1 and a \
-                 SIGINT reaches only that process"
-            );
-        }
         let work_dir = workspace::prepare_work_dir(&cfg.work_dir).await?;
         let scope = spec::agent_scope(&work_dir);
-        let secrets_dir = secrets::prepare(&cfg.secrets_dir).await?;
+        let secrets_dir = secrets::prepare(&cfg.secrets_dir, &scope).await?;
+        let cfg = SandboxConfig {
+            work_dir,
+            secrets_dir,
+            ..cfg
+        };
+        fence::prepare(&spec::init_binary(&cfg), &spec::leases_dir(&cfg)).await?;
+        workspace::refill_disks(&spec::disks_dir(&cfg), cfg.workspace_bytes, uid, gid).await?;
         tracing::info!(
             api_version = %docker.client_version(),
             engine_version = info.server_version.as_deref().unwrap_or("unknown"),
             storage_driver = info.driver.as_deref().unwrap_or("unknown"),
             cgroup_version = ?info.cgroup_version,
             runtime = cfg.runtime.as_deref().unwrap_or("default"),
-            init,
-            work_dir = %work_dir.display(),
-            secrets_dir = %secrets_dir.display(),
+            work_dir = %cfg.work_dir.display(),
+            secrets_dir = %cfg.secrets_dir.display(),
             allow_egress = cfg.allow_egress,
             "docker engine ready"
         );
         Ok(DockerExecutor {
             docker,
-            cfg: SandboxConfig {
-                work_dir,
-                secrets_dir,
-                ..cfg
-            },
+            cfg,
             uid,
             gid,
-            init,
             scope,
+            leases: Arc::default(),
+            refilling: Arc::default(),
         })
     }
 
@@ -155,9 +166,74 @@ impl DockerExecutor {
         &self.cfg
     }
 
-    /// Whether job containers get the engine's init as PID 1.
-    pub fn uses_init(&self) -> bool {
-        self.init
+    /// Sets the lease of `key` as of now: its lease file gets it at once if
+    /// the job's container exists, else when the container is prepared.
+    /// `outpost-init` stops the job at the lease's deadlines by itself. Only
+    /// a lease the control plane granted or renewed may be set (never one
+    /// guessed after a restart). A job run without a lease gets
+    /// [`Lease::Unbounded`] (only its timeout bounds it).
+    pub fn set_lease(&self, key: &LeaseKey, lease: Lease) {
+        self.leases.lock().insert(key.clone(), lease);
+        let Ok(dir) = spec::lease_dir(key, &self.cfg) else {
+            return;
+        };
+        if let Err(e) = fence::renew(&dir, &lease) {
+            tracing::warn!(job_id = %key.job_id, epoch = key.epoch, error = %e, "writing the job's lease file failed");
+        }
+    }
+
+    /// At a clean exit, once no job runs: removes this agent's secrets
+    /// directory and unmounts the secrets tmpfs if the agent mounted it and
+    /// no other agent uses it.
+    pub async fn shutdown(&self) {
+        let scope_dir = spec::secrets_scope_dir(&self.cfg);
+        match secrets::release(&self.cfg.secrets_dir, &scope_dir).await {
+            Ok(true) => {
+                tracing::info!(path = %self.cfg.secrets_dir.display(), "unmounted the secrets tmpfs")
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(error = %error_chain(&e), "releasing the secrets tmpfs failed")
+            }
+        }
+    }
+
+    /// Forgets the lease of a job the agent no longer holds.
+    pub fn forget_lease(&self, key: &LeaseKey) {
+        self.leases.lock().remove(key);
+    }
+
+    /// A job that failed with its workspace full fails for that reason.
+    fn workspace_full(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        workspace: &Path,
+        outcome: Outcome,
+    ) -> Outcome {
+        let bytes = spec::validate(key, spec, &self.cfg)
+            .map(|l| l.workspace_bytes)
+            .unwrap_or(self.cfg.workspace_bytes);
+        match outcome {
+            Outcome::Exited { code, .. } if code != 0 && disk::is_full(workspace, bytes) => {
+                Outcome::Failed {
+                    reason: format!(
+                        "workspace full ({} MiB): the job wrote as much as its workspace holds \
+                         (exit code {code})",
+                        bytes >> 20
+                    ),
+                }
+            }
+            outcome => outcome,
+        }
+    }
+
+    /// Whether the lease in the job's lease file is past its stop time.
+    fn lease_over(&self, key: &LeaseKey) -> bool {
+        let lease = spec::lease_dir(key, &self.cfg)
+            .ok()
+            .and_then(|dir| fence::read(&dir));
+        matches!(lease, Some(Lease::Until { stop_at, .. }) if stop_at <= SystemTime::now())
     }
 
     /// Runs one job to its end.
@@ -220,6 +296,7 @@ impl DockerExecutor {
                 .execute(key, spec, &name, &workspace, output, cancel, started, hooks)
                 .await;
             cleanup.run().await;
+            self.forget_lease(key);
             match &outcome {
                 Outcome::Failed { reason } => tracing::warn!(%reason, "job failed"),
                 outcome => tracing::info!(?outcome, "job finished"),
@@ -242,7 +319,7 @@ impl DockerExecutor {
         started: oneshot::Sender<()>,
         hooks: Option<&dyn JobHooks>,
     ) -> Outcome {
-        let mut body = match spec::container_config(key, spec, &self.cfg, workspace, self.init) {
+        let mut body = match spec::container_config(key, spec, &self.cfg, workspace) {
             Ok(body) => body,
             Err(e) => return failed(e.into()),
         };
@@ -253,9 +330,10 @@ impl DockerExecutor {
             () = cancel.cancelled() => return Stop::Cancelled.outcome(),
             image = self.ensure_image(&spec.image) => image,
         };
-        if let Err(e) = image {
-            return failed(e);
-        }
+        let image = match image {
+            Ok(image) => image,
+            Err(e) => return failed(e),
+        };
         let ctx = HookContext {
             docker: &self.docker,
             container: name,
@@ -266,6 +344,10 @@ impl DockerExecutor {
             && let Err(e) = h.configure(&ctx, &mut body).await
         {
             return hooks::hook_failed("configuring the container", &e);
+        }
+        // outpost-init runs whatever the container would have run.
+        if let Err(e) = spec::supervise(&mut body, image.as_ref(), &self.cfg, spec.timeout) {
+            return failed(e.into());
         }
         // Whatever a hook changed, the sandbox must still hold.
         if let Err(e) = spec::check_sandbox(&body, key, &self.cfg, workspace) {
@@ -334,8 +416,9 @@ impl DockerExecutor {
         let _ = started.send(());
 
         let outcome = self
-            .follow(name, pump, spec.timeout, &cancel, &over_limit, false)
+            .follow(key, name, pump, spec.timeout, &cancel, &over_limit, false)
             .await;
+        let outcome = self.workspace_full(key, spec, workspace, outcome);
         match hooks {
             Some(h) => {
                 let r = h.after_exit(&ctx, &outcome).await;
@@ -348,8 +431,10 @@ impl DockerExecutor {
     /// Supervises a running container to its end, then collects the rest of
     /// its output. With `from_log` the output comes from the container's log
     /// and, once the container is gone, the log is read once more for its end.
+    #[allow(clippy::too_many_arguments)]
     async fn follow(
         &self,
+        key: &LeaseKey,
         name: &str,
         mut pump: AbortOnDropHandle<Forwarded>,
         timeout: Option<Duration>,
@@ -357,6 +442,7 @@ impl DockerExecutor {
         over_limit: &CancellationToken,
         from_log: bool,
     ) -> Outcome {
+        let began = Instant::now();
         let (outcome, exited) = self.supervise(name, timeout, cancel, over_limit).await;
         if !exited {
             // Its end was not observed: make sure it is gone so that the
@@ -380,6 +466,21 @@ impl DockerExecutor {
         match outcome {
             Outcome::Exited { .. } if over_limit.is_cancelled() => {
                 Stop::OutputLimit(self.cfg.max_output_bytes).outcome()
+            }
+            // outpost-init's own stops, when they are real (a job may exit
+            // with these codes by itself).
+            Outcome::Exited { code, .. }
+                if code == i64::from(EXIT_LEASE_EXPIRED) && self.lease_over(key) =>
+            {
+                Outcome::Failed {
+                    reason: LEASE_EXPIRED_REASON.to_string(),
+                }
+            }
+            Outcome::Exited { code, .. }
+                if code == i64::from(EXIT_TIMED_OUT)
+                    && timeout.is_some_and(|t| began.elapsed() + TIMEOUT_SLACK >= t) =>
+            {
+                Outcome::TimedOut
             }
             outcome => outcome,
         }
@@ -447,6 +548,7 @@ impl DockerExecutor {
                 .follow_adopted(key, &name, spec, skip, output, &cancel)
                 .await;
             cleanup.run().await;
+            self.forget_lease(key);
             match &outcome {
                 Outcome::Failed { reason } => tracing::warn!(%reason, "adopted job failed"),
                 outcome => tracing::info!(?outcome, "adopted job finished"),
@@ -524,8 +626,13 @@ impl DockerExecutor {
         let filter = self.output_filter(masker(spec, on_host), skip, &over_limit, false);
         let logs: OutputStream = Box::pin(self.docker.logs(name, Some(options)));
         let pump = spawn_output(logs, output, filter);
-        self.follow(name, pump, timeout, cancel, &over_limit, true)
-            .await
+        let outcome = self
+            .follow(key, name, pump, timeout, cancel, &over_limit, true)
+            .await;
+        match spec::workspace_dir(key, &self.cfg.work_dir) {
+            Ok(workspace) => self.workspace_full(key, spec, &workspace, outcome),
+            Err(_) => outcome,
+        }
     }
 
     /// Re-installs the firewall rules of an adopted egress job (idempotent),
@@ -559,6 +666,8 @@ impl DockerExecutor {
             name: name.to_string(),
             workspace: workspace.to_path_buf(),
             secrets: spec::secrets_dir(key, &self.cfg)?,
+            lease: spec::lease_dir(key, &self.cfg)?,
+            disks: spec::disks_dir(&self.cfg),
             egress: spec.network == Network::Egress,
             scope: self.scope.clone(),
             tag: job_tag(key),
@@ -631,7 +740,38 @@ impl DockerExecutor {
         if egress && network::remove_named(&self.docker, name).await? {
             tracing::warn!(network = name, "removed a stale network of this lease");
         }
+        // A workspace left by a crashed earlier attempt: unmounted first.
+        workspace::remove(workspace, &spec::disks_dir(&self.cfg)).await?;
         workspace::create(workspace, self.uid, self.gid).await?;
+        let bytes = spec::validate(key, spec, &self.cfg)?.workspace_bytes;
+        let disks = spec::disks_dir(&self.cfg);
+        let (size, uid, gid) = (self.cfg.workspace_bytes, self.uid, self.gid);
+        if workspace::attach_disk(&disks, workspace, bytes, size, uid, gid).await? {
+            // A spare was used: format its successor in the background.
+            let refilling = self.refilling.clone();
+            tokio::spawn(
+                async move {
+                    let Ok(_one_at_a_time) = refilling.try_lock() else {
+                        return;
+                    };
+                    if let Err(e) = workspace::refill_disks(&disks, size, uid, gid).await {
+                        tracing::warn!(error = %error_chain(&e), "formatting spare workspace filesystems failed");
+                    }
+                }
+                .in_current_span(),
+            );
+        }
+        let lease_dir = spec::lease_dir(key, &self.cfg)?;
+        let lease = self
+            .leases
+            .lock()
+            .get(key)
+            .copied()
+            .unwrap_or(Lease::Unbounded);
+        fence::write(&lease_dir, &lease).map_err(|source| ExecError::Fence {
+            path: lease_dir.clone(),
+            source,
+        })?;
         if !spec.secrets.is_empty() {
             let dir = spec::secrets_dir(key, &self.cfg)?;
             secrets::write(&dir, &spec.secrets, self.uid, self.gid).await?;
@@ -660,9 +800,11 @@ impl DockerExecutor {
         Ok(())
     }
 
-    async fn ensure_image(&self, image: &str) -> Result<(), ExecError> {
+    /// Makes sure the image is present (pulling it if allowed); returns its
+    /// configuration (entrypoint and command).
+    async fn ensure_image(&self, image: &str) -> Result<Option<ImageConfig>, ExecError> {
         match self.docker.inspect_image(image).await {
-            Ok(_) => return Ok(()),
+            Ok(inspect) => return Ok(inspect.config),
             Err(e) if status(&e) == Some(404) => {}
             Err(source) => {
                 return Err(ExecError::InspectImage {
@@ -690,7 +832,15 @@ impl DockerExecutor {
                 source,
             })?;
         }
-        Ok(())
+        let inspect =
+            self.docker
+                .inspect_image(image)
+                .await
+                .map_err(|source| ExecError::InspectImage {
+                    image: image.to_string(),
+                    source,
+                })?;
+        Ok(inspect.config)
     }
 
     /// Waits for the job to end, stopping it on cancel or timeout. Returns
@@ -964,9 +1114,22 @@ impl DockerExecutor {
             .iter()
             .filter_map(|k| spec::workspace_dir(k, &self.cfg.work_dir).ok())
             .collect();
-        match workspace::remove_leftovers(&self.cfg.work_dir, kept).await {
+        match workspace::remove_leftovers(&self.cfg.work_dir, kept, &spec::disks_dir(&self.cfg))
+            .await
+        {
             Ok(0) => {}
             Ok(dirs) => tracing::info!(dirs, "removed leftover workspaces"),
+            Err(e) => {
+                first_error.get_or_insert(e);
+            }
+        }
+        let kept: Vec<PathBuf> = keep
+            .iter()
+            .filter_map(|k| spec::lease_dir(k, &self.cfg).ok())
+            .collect();
+        match fence::remove_leftovers(&spec::leases_dir(&self.cfg), kept).await {
+            Ok(0) => {}
+            Ok(dirs) => tracing::info!(dirs, "removed leftover lease directories"),
             Err(e) => {
                 first_error.get_or_insert(e);
             }
@@ -1007,33 +1170,6 @@ fn check_runtime(runtime: &str, info: &SystemInfo) -> Result<(), ExecError> {
             names.join(", ")
         },
     })
-}
-
-/// The engine reports the init binary it is configured with in `info`, and
-/// lists it among its components in `version` only when it could run it.
-async fn init_available(docker: &Docker, info: &SystemInfo) -> bool {
-    let Some(binary) = info.init_binary.as_deref().filter(|b| !b.is_empty()) else {
-        return false;
-    };
-    let name = Path::new(binary)
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_else(|| binary.to_string());
-    match docker.version().await {
-        Ok(version) => version
-            .components
-            .iter()
-            .flatten()
-            .any(|component| component.name == name),
-        Err(source) => {
-            let e = ExecError::EngineInfo {
-                what: "version",
-                source,
-            };
-            tracing::warn!(error = %error_chain(&e), "cannot tell whether the engine has an init binary");
-            false
-        }
-    }
 }
 
 /// How a job's output is transformed on its way out: secrets masked, bytes
@@ -1234,6 +1370,10 @@ struct Leftovers {
     name: String,
     workspace: PathBuf,
     secrets: PathBuf,
+    /// Its lease directory (`outpost-init`'s deadline).
+    lease: PathBuf,
+    /// Where its workspace image is.
+    disks: PathBuf,
     egress: bool,
     scope: String,
     /// `<job_id>-<epoch>`, naming its firewall rules.
@@ -1298,17 +1438,29 @@ async fn remove_job(docker: &Docker, job: &Leftovers) {
             }
         }
     }
-    if let Err(e) = workspace::remove(&job.workspace).await {
+    if let Err(e) = workspace::remove(&job.workspace, &job.disks).await {
         tracing::warn!(error = %error_chain(&e), "removing the job workspace failed");
     }
     if let Err(e) = secrets::remove(&job.secrets).await {
         tracing::warn!(error = %error_chain(&e), "removing the job's secrets failed");
     }
+    // A container that could not be removed keeps the last lease it read.
+    if container_gone && let Err(e) = fence::remove(&job.lease).await {
+        tracing::warn!(error = %error_chain(&e), "removing the job's lease directory failed");
+    }
 }
 
+/// The outcome of a job that could not run: `Rejected` when this agent's
+/// sandbox refuses what it asks for (like any other local refusal),
+/// `Failed` otherwise.
 fn failed(error: ExecError) -> Outcome {
-    Outcome::Failed {
-        reason: error_chain(&error),
+    match error {
+        ExecError::Rejected { .. } => Outcome::Rejected {
+            reason: error_chain(&error),
+        },
+        error => Outcome::Failed {
+            reason: error_chain(&error),
+        },
     }
 }
 
@@ -1347,6 +1499,25 @@ fn split_reference(image: &str) -> (&str, &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_sandbox_refusal_ends_rejected_and_other_errors_failed() {
+        let refused = failed(ExecError::Rejected {
+            source: spec::SpecError::BelowMinimum {
+                resource: "pids",
+                requested: 1,
+                minimum: spec::MIN_PIDS,
+            },
+        });
+        assert!(
+            matches!(&refused, Outcome::Rejected { reason } if reason.contains("below the minimum of 8")),
+            "{refused:?}"
+        );
+        let other = failed(ExecError::ImageNotPresent {
+            image: "img".into(),
+        });
+        assert!(matches!(other, Outcome::Failed { .. }), "{other:?}");
+    }
 
     #[test]
     fn references_split_into_repo_and_tag() {

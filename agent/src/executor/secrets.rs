@@ -3,7 +3,11 @@
 //! `secrets_dir` (default `/run/outpost-agent/secrets`) is a tmpfs (the agent
 //! mounts one there at start if it is not), mode 0700, root only. Each agent
 //! has its own subdirectory `<scope>` in it
-//! ([`agent_scope`](super::spec::agent_scope)); each job
+//! ([`agent_scope`](super::spec::agent_scope)), created at start; at a clean
+//! exit the agent removes it (if no job's secrets are left in it) and
+//! unmounts the tmpfs if it mounted it and no other agent's `<scope>` is in
+//! it ([`release`]). Agents sharing a host serialise these steps with a lock
+//! file beside `secrets_dir`. Each job
 //! with secrets gets `<scope>/<job_id>-<epoch>/` holding one file per secret,
 //! mode 0400 and owned by the job's uid:gid, the directory mode 0500 and
 //! owned by the job's user. It is bind-mounted read-only at `/run/secrets`
@@ -27,12 +31,33 @@ use crate::job::JobSecret;
 /// Size of the tmpfs the agent mounts (a ceiling; only what is written
 /// takes memory).
 const TMPFS_SIZE: &str = "64m";
+/// The source name of the tmpfs the agent mounts (how it knows it is its own).
+const TMPFS_SOURCE: &str = "outpost-secrets";
 
-/// Makes `secrets_dir` a root-only tmpfs (mounting one if needed). Returns
-/// its canonical path. (This agent's `<scope>` directory in it is created
-/// with its first job that has secrets.)
-pub(super) async fn prepare(secrets_dir: &Path) -> Result<PathBuf, ExecError> {
+/// Takes the host-wide lock of `dir` (a file beside it, which a mount on
+/// `dir` cannot hide): agents starting and stopping together must neither
+/// stack two mounts nor unmount one that another agent just claimed.
+fn lock(dir: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let path = dir.with_file_name(format!(".{name}.lock"));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(path)?;
+    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| io::Error::from(e))
+}
+
+/// Makes `secrets_dir` a root-only tmpfs (mounting one if needed) and
+/// creates this agent's `scope` directory in it. Returns its canonical path.
+pub(super) async fn prepare(secrets_dir: &Path, scope: &str) -> Result<PathBuf, ExecError> {
     let dir = secrets_dir.to_path_buf();
+    let scope = scope.to_string();
     blocking("preparing the secrets directory", move || {
         let fail = |reason: String| ExecError::SecretsDir {
             path: dir.clone(),
@@ -43,14 +68,11 @@ pub(super) async fn prepare(secrets_dir: &Path) -> Result<PathBuf, ExecError> {
             .mode(0o700)
             .create(&dir)
             .map_err(|e| fail(e.to_string()))?;
-        // Agents starting together must not stack two mounts.
-        let handle = std::fs::File::open(&dir).map_err(|e| fail(e.to_string()))?;
-        let lock = nix::fcntl::Flock::lock(handle, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| fail(format!("locking it: {e}")))?;
+        let lock = lock(&dir).map_err(|e| fail(format!("locking it: {e}")))?;
         if !is_tmpfs(&dir).map_err(|e| fail(e.to_string()))? {
             let options = format!("mode=0700,size={TMPFS_SIZE}");
             nix::mount::mount(
-                Some("outpost-secrets"),
+                Some(TMPFS_SOURCE),
                 &dir,
                 Some("tmpfs"),
                 nix::mount::MsFlags::MS_NOSUID
@@ -65,15 +87,91 @@ pub(super) async fn prepare(secrets_dir: &Path) -> Result<PathBuf, ExecError> {
             })?;
             tracing::info!(path = %dir.display(), "mounted a tmpfs for job secrets");
         }
-        drop(lock);
         if !is_tmpfs(&dir).map_err(|e| fail(e.to_string()))? {
             return Err(fail("it is not on a tmpfs".to_string()));
         }
         std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))
             .map_err(|e| fail(e.to_string()))?;
+        // Claimed under the lock: no other agent unmounts the tmpfs now.
+        match std::fs::DirBuilder::new().mode(0o700).create(dir.join(&scope)) {
+            Err(e) if e.kind() != io::ErrorKind::AlreadyExists => return Err(fail(e.to_string())),
+            _ => {}
+        }
+        drop(lock);
         dir.canonicalize().map_err(|e| fail(e.to_string()))
     })
     .await
+}
+
+/// At a clean exit: removes this agent's `scope_dir` if it holds no job's
+/// secrets, then unmounts `secrets_dir` if the agent mounted it (its source
+/// is [`TMPFS_SOURCE`]) and nothing else is in it. Returns whether it
+/// unmounted.
+pub(super) async fn release(secrets_dir: &Path, scope_dir: &Path) -> Result<bool, ExecError> {
+    let (dir, scope_dir) = (secrets_dir.to_path_buf(), scope_dir.to_path_buf());
+    blocking("releasing the secrets directory", move || {
+        let fail = |reason: String| ExecError::SecretsDir {
+            path: dir.clone(),
+            reason,
+        };
+        let _lock = lock(&dir).map_err(|e| fail(format!("locking it: {e}")))?;
+        match std::fs::remove_dir(&scope_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            // Secrets of a job that could not be cleaned up: keep all.
+            Err(_) => return Ok(false),
+        }
+        let empty = std::fs::read_dir(&dir)
+            .map_err(|e| fail(e.to_string()))?
+            .next()
+            .is_none();
+        if !empty || !mounted_by_agent(&dir).map_err(|e| fail(e.to_string()))? {
+            return Ok(false);
+        }
+        nix::mount::umount(&dir).map_err(|e| fail(format!("unmounting it: {e}")))?;
+        Ok(true)
+    })
+    .await
+}
+
+/// Whether the mount on `dir` is a tmpfs the agent mounted (by its source
+/// name in `/proc/self/mountinfo`).
+fn mounted_by_agent(dir: &Path) -> io::Result<bool> {
+    let table = std::fs::read_to_string("/proc/self/mountinfo")?;
+    let target = dir.to_string_lossy();
+    Ok(table.lines().any(|line| {
+        let Some((left, right)) = line.split_once(" - ") else {
+            return false;
+        };
+        let mount_point = left.split(' ').nth(4).map(unescape_mountinfo);
+        let mut right = right.split(' ');
+        mount_point.as_deref() == Some(&*target)
+            && right.next() == Some("tmpfs")
+            && right.next() == Some(TMPFS_SOURCE)
+    }))
+}
+
+/// Undoes the octal escapes (`\040` for a space) of mountinfo paths.
+fn unescape_mountinfo(field: &str) -> String {
+    let bytes = field.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let octal = bytes
+            .get(i + 1..i + 4)
+            .filter(|d| bytes[i] == b'\\' && d.iter().all(|b| (b'0'..=b'7').contains(b)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |v, b| v.wrapping_mul(8) + (b - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 fn is_tmpfs(path: &Path) -> io::Result<bool> {
@@ -92,6 +190,14 @@ pub(super) async fn write(
     let path = dir.to_path_buf();
     let secrets = secrets.to_vec();
     blocking("writing secrets", move || {
+        // Never write a secret to disk, whatever happened to the mount.
+        let on_tmpfs = path.parent().and_then(Path::parent).map(is_tmpfs);
+        if !matches!(on_tmpfs, Some(Ok(true))) {
+            return Err(ExecError::WriteSecrets {
+                path: path.clone(),
+                source: io::Error::other("the secrets directory is no longer a tmpfs"),
+            });
+        }
         let result = remove_if_present(&path).and_then(|()| {
             if let Some(scope) = path.parent() {
                 std::fs::DirBuilder::new()
@@ -207,5 +313,15 @@ async fn blocking<T: Send + 'static>(
     match tokio::task::spawn_blocking(f).await {
         Ok(result) => result,
         Err(source) => Err(ExecError::Blocking { operation, source }),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn mountinfo_paths_are_unescaped() {
+        assert_eq!(super::unescape_mountinfo("/run/a\\040b"), "/run/a b");
+        assert_eq!(super::unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(super::unescape_mountinfo("/x\\9"), "/x\\9");
     }
 }

@@ -6,17 +6,21 @@
 //! its workspace directory, `work_dir/<job_id>-<epoch>`, at `/workspace`
 //! (read-write), and, if it has secrets, its secrets directory,
 //! `secrets_dir/<scope>/<job_id>-<epoch>` on tmpfs, at `/run/secrets`
-//! (read-only). Its network is `none`, or, if the agent allows egress, its
-//! own network `outpost-<job_id>-<epoch>`.
+//! (read-only), plus the agent's `outpost-init` binary (read-only, the
+//! container's PID 1) and its lease directory,
+//! `work_dir/.outpost/leases/<job_id>-<epoch>` (read-only). Its network is
+//! `none`, or, if the agent allows egress, its own network
+//! `outpost-<job_id>-<epoch>`.
 
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
 
 use bollard::models::{
-    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, HostConfigLogConfig, Mount,
-    MountBindOptions, MountBindOptionsPropagationEnum, MountType, RestartPolicy,
+    ContainerCreateBody, HostConfig, HostConfigCgroupnsModeEnum, HostConfigLogConfig, ImageConfig,
+    Mount, MountBindOptions, MountBindOptionsPropagationEnum, MountType, RestartPolicy,
     RestartPolicyNameEnum,
 };
+use outpost_init::protocol::{INIT_PATH, LEASE_DIR};
 
 use super::SandboxConfig;
 use crate::job::{JobSpec, LeaseKey, Network};
@@ -50,9 +54,12 @@ const EGRESS_SYSCTLS: [&str; 2] = [
 pub const MIN_MEMORY_BYTES: u64 = 6 << 20;
 /// Docker's smallest accepted CPU limit (0.01 CPU).
 pub const MIN_NANO_CPUS: u64 = 10_000_000;
-/// Set in the environment when the engine's init (tini) is PID 1: signals
-/// then go to the job's whole process group, like a terminal's Ctrl-C.
-const TINI_KILL_PROCESS_GROUP: &str = "TINI_KILL_PROCESS_GROUP";
+/// Smallest pids limit a job may ask for: below it the container's init
+/// cannot even fork the job's process, and a shell running one command
+/// needs a few more (the AWS entry is one of them).
+pub const MIN_PIDS: u64 = 8;
+/// The agent's own directory in `work_dir` (not a workspace name).
+pub const AGENT_DIR: &str = ".outpost";
 const MAX_JOB_ID_LEN: usize = 128;
 
 /// Why a job cannot run under this agent's sandbox. The messages are shown to
@@ -103,6 +110,8 @@ pub enum SpecError {
     WorkspacePath { path: PathBuf, reason: &'static str },
     #[error("sandbox setting {0} is out of range")]
     OutOfRange(&'static str),
+    #[error("the job has no command: neither the job nor its image gives one")]
+    NoCommand,
     #[error("the container's configuration no longer holds the sandbox ({0}); refusing to run it")]
     SandboxLoosened(&'static str),
 }
@@ -113,6 +122,7 @@ pub struct Limits {
     pub memory_bytes: u64,
     pub nano_cpus: u64,
     pub pids: u64,
+    pub workspace_bytes: u64,
 }
 
 /// Container name of a lease: `outpost-<job_id>-<epoch>`.
@@ -164,6 +174,28 @@ fn check_secret_name(name: &str) -> Result<(), SpecError> {
     } else {
         Err(SpecError::InvalidSecretName(name.to_string()))
     }
+}
+
+/// The `outpost-init` binary on the host: `work_dir/.outpost/outpost-init`.
+pub fn init_binary(cfg: &SandboxConfig) -> PathBuf {
+    cfg.work_dir.join(AGENT_DIR).join("outpost-init")
+}
+
+/// Directory of the workspace images: `work_dir/.outpost/disks`.
+pub fn disks_dir(cfg: &SandboxConfig) -> PathBuf {
+    cfg.work_dir.join(AGENT_DIR).join("disks")
+}
+
+/// Directory holding every lease directory: `work_dir/.outpost/leases`.
+pub fn leases_dir(cfg: &SandboxConfig) -> PathBuf {
+    cfg.work_dir.join(AGENT_DIR).join("leases")
+}
+
+/// Lease directory of a lease (holding the file `outpost-init` reads):
+/// `work_dir/.outpost/leases/<job_id>-<epoch>`.
+pub fn lease_dir(key: &LeaseKey, cfg: &SandboxConfig) -> Result<PathBuf, SpecError> {
+    check_job_id(&key.job_id)?;
+    Ok(leases_dir(cfg).join(format!("{}-{}", key.job_id, key.epoch)))
 }
 
 /// Workspace directory of a lease: `work_dir/<job_id>-<epoch>`.
@@ -260,7 +292,13 @@ pub fn validate(key: &LeaseKey, spec: &JobSpec, cfg: &SandboxConfig) -> Result<L
             cfg.nano_cpus,
             MIN_NANO_CPUS,
         )?,
-        pids: limit("pids", spec.resources.pids, cfg.pids, 1)?,
+        pids: limit("pids", spec.resources.pids, cfg.pids, MIN_PIDS)?,
+        workspace_bytes: limit(
+            "workspace_bytes",
+            spec.resources.workspace_bytes,
+            cfg.workspace_bytes,
+            super::disk::MIN_WORKSPACE_BYTES,
+        )?,
     };
     for (name, value) in &spec.env {
         if name.is_empty() || name.contains(['=', '\0']) {
@@ -395,13 +433,45 @@ pub fn check_sandbox(
             && m.target.as_deref() == Some(SECRETS_MOUNT)
             && m.read_only == Some(true)
     };
-    let only_own_paths = match h.mounts.as_deref() {
-        Some([m]) => is_workspace(m),
-        Some([a, b]) => is_workspace(a) && is_secrets(b),
-        _ => false,
+    let init = init_binary(cfg);
+    let init = init.to_string_lossy();
+    let is_init = |m: &Mount| {
+        m.typ == Some(MountType::BIND)
+            && m.source.as_deref() == Some(&*init)
+            && m.target.as_deref() == Some(INIT_PATH)
+            && m.read_only == Some(true)
     };
+    let lease = lease_dir(key, cfg)?;
+    let lease = lease.to_string_lossy();
+    let is_lease = |m: &Mount| {
+        m.typ == Some(MountType::BIND)
+            && m.source.as_deref() == Some(&*lease)
+            && m.target.as_deref() == Some(LEASE_DIR)
+            && m.read_only == Some(true)
+    };
+    let mounts = h.mounts.as_deref().unwrap_or_default();
+    let count = |f: &dyn Fn(&Mount) -> bool| mounts.iter().filter(|m| f(m)).count();
+    let only_own_paths = count(&is_workspace) == 1
+        && count(&is_init) == 1
+        && count(&is_lease) == 1
+        && count(&is_secrets) <= 1
+        && mounts
+            .iter()
+            .all(|m| is_workspace(m) || is_init(m) || is_lease(m) || is_secrets(m));
     if !only_own_paths {
         return loosened("host paths");
+    }
+    // The fence: outpost-init is PID 1 (never under the engine's own init)
+    // and runs the job.
+    if h.init == Some(true)
+        || body
+            .entrypoint
+            .as_deref()
+            .and_then(|e| e.first())
+            .map(String::as_str)
+            != Some(INIT_PATH)
+    {
+        return loosened("outpost-init as PID 1");
     }
     let own_network = network_name(key)?;
     let network_ok = match h.network_mode.as_deref() {
@@ -439,25 +509,36 @@ fn to_i64(value: u64, what: &'static str) -> Result<i64, SpecError> {
     i64::try_from(value).map_err(|_| SpecError::OutOfRange(what))
 }
 
+fn read_only_bind(source: &Path, target: &str) -> Mount {
+    Mount {
+        typ: Some(MountType::BIND),
+        source: Some(source.to_string_lossy().into_owned()),
+        target: Some(target.to_string()),
+        read_only: Some(true),
+        bind_options: Some(MountBindOptions {
+            propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Builds the create-container body of a job: the whole sandbox in one place.
 ///
-/// `init` says whether the engine's init binary (`docker-init`) is available;
-/// when it is, it runs as PID 1 and forwards signals to the job's process group.
+/// The container mounts `outpost-init` and the job's lease directory; the
+/// job's command is put under the init by [`supervise`] once the image's own
+/// entrypoint and command are known (and hooks have had their say).
 pub fn container_config(
     key: &LeaseKey,
     spec: &JobSpec,
     cfg: &SandboxConfig,
     workspace_host_path: &Path,
-    init: bool,
 ) -> Result<ContainerCreateBody, SpecError> {
     let limits = validate(key, spec, cfg)?;
     check_workspace(key, cfg, workspace_host_path)?;
     let memory = to_i64(limits.memory_bytes, "memory_bytes")?;
 
-    let mut env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
-    if init && !spec.env.contains_key(TINI_KILL_PROCESS_GROUP) {
-        env.push(format!("{TINI_KILL_PROCESS_GROUP}=1"));
-    }
+    let env: Vec<String> = spec.env.iter().map(|(k, v)| format!("{k}={v}")).collect();
 
     let labels = labels(key, cfg);
 
@@ -472,18 +553,10 @@ pub fn container_config(
         }),
         ..Default::default()
     }];
+    mounts.push(read_only_bind(&init_binary(cfg), INIT_PATH));
+    mounts.push(read_only_bind(&lease_dir(key, cfg)?, LEASE_DIR));
     if !spec.secrets.is_empty() {
-        mounts.push(Mount {
-            typ: Some(MountType::BIND),
-            source: Some(secrets_dir(key, cfg)?.to_string_lossy().into_owned()),
-            target: Some(SECRETS_MOUNT.to_string()),
-            read_only: Some(true),
-            bind_options: Some(MountBindOptions {
-                propagation: Some(MountBindOptionsPropagationEnum::RPRIVATE),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        mounts.push(read_only_bind(&secrets_dir(key, cfg)?, SECRETS_MOUNT));
     }
     let egress = spec.network == Network::Egress;
     let network_mode = if egress {
@@ -527,7 +600,8 @@ pub fn container_config(
             config: None,
         }),
         runtime: cfg.runtime.clone(),
-        init: init.then_some(true),
+        // outpost-init is PID 1, never the engine's own init.
+        init: Some(false),
         auto_remove: Some(false),
         restart_policy: Some(RestartPolicy {
             name: Some(RestartPolicyNameEnum::NO),
@@ -553,6 +627,42 @@ pub fn container_config(
         host_config: Some(host_config),
         ..Default::default()
     })
+}
+
+/// Puts the container's command under `outpost-init`: the entrypoint
+/// becomes the init with the lease file, `stop_grace` and the job's
+/// `timeout`, followed by the command the engine would have run (the body's
+/// entrypoint or else the image's, then the body's command, or the image's
+/// when neither entrypoint nor command is set in the body).
+pub fn supervise(
+    body: &mut ContainerCreateBody,
+    image: Option<&ImageConfig>,
+    cfg: &SandboxConfig,
+    timeout: Option<std::time::Duration>,
+) -> Result<(), SpecError> {
+    let mut command = match body.entrypoint.take().filter(|e| !e.is_empty()) {
+        Some(entrypoint) => {
+            let mut c = entrypoint;
+            c.extend(body.cmd.take().unwrap_or_default());
+            c
+        }
+        None => {
+            let mut c = image.and_then(|i| i.entrypoint.clone()).unwrap_or_default();
+            match body.cmd.take().filter(|c| !c.is_empty()) {
+                Some(cmd) => c.extend(cmd),
+                None => c.extend(image.and_then(|i| i.cmd.clone()).unwrap_or_default()),
+            }
+            c
+        }
+    };
+    if command.is_empty() {
+        return Err(SpecError::NoCommand);
+    }
+    let mut entrypoint = outpost_init::protocol::args(timeout, cfg.stop_grace);
+    entrypoint.append(&mut command);
+    body.entrypoint = Some(entrypoint);
+    body.cmd = None;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -593,8 +703,20 @@ mod tests {
         PathBuf::from("/var/lib/outpost-agent/work/job-0190a1b2-3")
     }
 
+    /// The body as the executor runs it: built, then put under the init.
+    fn full(
+        k: &LeaseKey,
+        s: &JobSpec,
+        c: &SandboxConfig,
+        w: &Path,
+    ) -> Result<ContainerCreateBody, SpecError> {
+        let mut body = container_config(k, s, c, w)?;
+        supervise(&mut body, None, c, s.timeout)?;
+        Ok(body)
+    }
+
     fn build(spec: &JobSpec) -> Result<ContainerCreateBody, SpecError> {
-        container_config(&key(), spec, &cfg(), &ws(), true)
+        full(&key(), spec, &cfg(), &ws())
     }
 
     fn host(body: &ContainerCreateBody) -> &HostConfig {
@@ -654,7 +776,7 @@ mod tests {
         assert_eq!(h.binds, None);
         assert_eq!(body.volumes, None);
         let mounts = h.mounts.as_ref().unwrap();
-        assert_eq!(mounts.len(), 1);
+        assert_eq!(mounts.len(), 3);
         let m = &mounts[0];
         assert_eq!(m.typ, Some(MountType::BIND));
         assert_eq!(
@@ -663,6 +785,21 @@ mod tests {
         );
         assert_eq!(m.target.as_deref(), Some("/workspace"));
         assert_eq!(m.read_only, Some(false));
+        // The init binary and the lease directory, both read-only.
+        let init = &mounts[1];
+        assert_eq!(
+            init.source.as_deref(),
+            Some("/var/lib/outpost-agent/work/.outpost/outpost-init")
+        );
+        assert_eq!(init.target.as_deref(), Some("/run/outpost-init"));
+        assert_eq!(init.read_only, Some(true));
+        let lease = &mounts[2];
+        assert_eq!(
+            lease.source.as_deref(),
+            Some("/var/lib/outpost-agent/work/.outpost/leases/job-0190a1b2-3")
+        );
+        assert_eq!(lease.target.as_deref(), Some("/run/outpost-lease"));
+        assert_eq!(lease.read_only, Some(true));
         // tmpfs is memory, not a host path; it is the only other mount.
         assert_eq!(h.tmpfs.as_ref().map(|t| t.len()), Some(1));
     }
@@ -691,7 +828,27 @@ mod tests {
         check_sandbox(&ok, &key(), &cfg(), &ws()).unwrap();
 
         type Loosen = fn(&mut ContainerCreateBody);
-        let cases: [(&str, Loosen); 12] = [
+        let cases: [(&str, Loosen); 16] = [
+            ("outpost-init as PID 1", |b| {
+                b.host_config.as_mut().unwrap().init = Some(true)
+            }),
+            ("outpost-init as PID 1", |b| {
+                b.entrypoint.as_mut().unwrap().drain(..8);
+            }),
+            ("host paths", |b| {
+                // No lease directory: the init would have no deadline.
+                b.host_config
+                    .as_mut()
+                    .unwrap()
+                    .mounts
+                    .as_mut()
+                    .unwrap()
+                    .remove(2);
+            }),
+            ("host paths", |b| {
+                // A writable lease directory.
+                b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[2].read_only = Some(false);
+            }),
             ("privileged", |b| {
                 b.host_config.as_mut().unwrap().privileged = Some(true)
             }),
@@ -750,7 +907,7 @@ mod tests {
     #[test]
     fn refuses_the_docker_socket_and_paths_outside_work_dir() {
         let refused = |cfg: &SandboxConfig, path: &str| {
-            let e = container_config(&key(), &spec(), cfg, Path::new(path), true).unwrap_err();
+            let e = full(&key(), &spec(), cfg, Path::new(path)).unwrap_err();
             assert!(matches!(e, SpecError::WorkspacePath { .. }), "{path}: {e}");
             e.to_string()
         };
@@ -786,6 +943,7 @@ mod tests {
             memory_bytes: Some(64 << 20),
             nano_cpus: Some(500_000_000),
             pids: Some(32),
+            workspace_bytes: None,
         };
         let body = build(&lower).unwrap();
         let h = host(&body);
@@ -898,7 +1056,7 @@ mod tests {
         let mut s = spec();
         s.network = Network::Egress;
         let c = egress_cfg();
-        let body = container_config(&key(), &s, &c, &ws(), true).unwrap();
+        let body = full(&key(), &s, &c, &ws()).unwrap();
         let h = host(&body);
         assert_eq!(network_name(&key()).unwrap(), "outpost-job-0190a1b2-3");
         assert_eq!(h.network_mode.as_deref(), Some("outpost-job-0190a1b2-3"));
@@ -921,7 +1079,7 @@ mod tests {
         assert_eq!(h.cap_drop, Some(vec!["ALL".to_string()]));
         assert_eq!(h.readonly_rootfs, Some(true));
         // Allowing egress changes nothing for a job that does not ask for it.
-        let body = container_config(&key(), &spec(), &c, &ws(), true).unwrap();
+        let body = full(&key(), &spec(), &c, &ws()).unwrap();
         assert_eq!(host(&body).network_mode.as_deref(), Some("none"));
         assert_eq!(host(&body).sysctls, None);
         assert_eq!(body.network_disabled, Some(true));
@@ -932,7 +1090,7 @@ mod tests {
         let mut s = spec();
         s.network = Network::Egress;
         let c = egress_cfg();
-        let body = container_config(&key(), &s, &c, &ws(), true).unwrap();
+        let body = full(&key(), &s, &c, &ws()).unwrap();
         for other in ["bridge", "outpost-job-0190a1b2-4", "outpost-other-3", ""] {
             let mut b = body.clone();
             b.host_config.as_mut().unwrap().network_mode = Some(other.to_string());
@@ -973,8 +1131,8 @@ mod tests {
         let body = build(&with_secrets(&["db_password", "tls.key"])).unwrap();
         let h = host(&body);
         let mounts = h.mounts.as_ref().unwrap();
-        assert_eq!(mounts.len(), 2);
-        let m = &mounts[1];
+        assert_eq!(mounts.len(), 4);
+        let m = &mounts[3];
         let scope = agent_scope(Path::new("/var/lib/outpost-agent/work"));
         assert_eq!(m.typ, Some(MountType::BIND));
         assert_eq!(
@@ -991,14 +1149,14 @@ mod tests {
         let env = body.env.as_ref().unwrap();
         assert!(!env.iter().any(|e| e.contains("value of")), "{env:?}");
         check_sandbox(&body, &key(), &c, &ws()).unwrap();
-        // No secrets: no second mount.
+        // No secrets: no secrets mount.
         assert_eq!(
             host(&build(&spec()).unwrap())
                 .mounts
                 .as_ref()
                 .unwrap()
                 .len(),
-            1
+            3
         );
 
         type Loosen = fn(&mut Mount);
@@ -1018,7 +1176,7 @@ mod tests {
         ];
         for loosen in cases {
             let mut b = body.clone();
-            loosen(&mut b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[1]);
+            loosen(&mut b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[3]);
             assert_eq!(
                 check_sandbox(&b, &key(), &c, &ws()),
                 Err(SpecError::SandboxLoosened("host paths"))
@@ -1026,19 +1184,14 @@ mod tests {
         }
         // The secrets mount in the workspace's place, or a third mount.
         let mut b = body.clone();
-        b.host_config
-            .as_mut()
-            .unwrap()
-            .mounts
-            .as_mut()
-            .unwrap()
-            .swap(0, 1);
+        b.host_config.as_mut().unwrap().mounts.as_mut().unwrap()[3].target =
+            Some(WORKSPACE_MOUNT.to_string());
         assert_eq!(
             check_sandbox(&b, &key(), &c, &ws()),
             Err(SpecError::SandboxLoosened("host paths"))
         );
         let mut b = body.clone();
-        let extra = b.host_config.as_ref().unwrap().mounts.as_ref().unwrap()[1].clone();
+        let extra = b.host_config.as_ref().unwrap().mounts.as_ref().unwrap()[3].clone();
         b.host_config
             .as_mut()
             .unwrap()
@@ -1132,7 +1285,7 @@ mod tests {
         let env = body.env.unwrap();
         assert!(env.contains(&"OK=a=b c".to_string()));
         assert!(env.contains(&"TF_LOG=info".to_string()));
-        assert!(env.contains(&"TINI_KILL_PROCESS_GROUP=1".to_string()));
+        assert!(!env.iter().any(|e| e.starts_with("TINI_")), "{env:?}");
     }
 
     #[test]
@@ -1141,7 +1294,7 @@ mod tests {
             runtime: Some("runsc".to_string()),
             ..cfg()
         };
-        let body = container_config(&key(), &spec(), &c, &ws(), false).unwrap();
+        let body = full(&key(), &spec(), &c, &ws()).unwrap();
         let labels = body.labels.as_ref().unwrap();
         assert_eq!(
             labels.get(LABEL_JOB).map(String::as_str),
@@ -1155,23 +1308,56 @@ mod tests {
         );
         let h = host(&body);
         assert_eq!(h.runtime.as_deref(), Some("runsc"));
-        assert_eq!(h.init, None);
-        assert!(
-            !body
-                .env
-                .unwrap()
-                .iter()
-                .any(|e| e.starts_with("TINI_KILL_PROCESS_GROUP"))
-        );
+        assert_eq!(h.init, Some(false), "outpost-init, not the engine's init");
         assert_eq!(container_name(&key()).unwrap(), "outpost-job-0190a1b2-3");
+        assert_eq!(body.cmd, None);
         assert_eq!(
-            body.cmd,
-            Some(vec!["terraform".to_string(), "plan".to_string()])
+            body.entrypoint.unwrap(),
+            [
+                "/run/outpost-init",
+                "--lease",
+                "/run/outpost-lease/lease",
+                "--grace-ms",
+                "10000",
+                "--timeout-ms",
+                "60000",
+                "--",
+                "terraform",
+                "plan"
+            ]
         );
         let mut default_cmd = spec();
         default_cmd.command.clear();
-        assert_eq!(build(&default_cmd).unwrap().cmd, None);
-        assert_eq!(host(&build(&spec()).unwrap()).init, Some(true));
+        assert_eq!(build(&default_cmd).unwrap_err(), SpecError::NoCommand);
+    }
+
+    #[test]
+    fn supervise_runs_what_the_engine_would_have_run_under_the_init() {
+        let c = cfg();
+        let image = ImageConfig {
+            entrypoint: Some(vec!["terraform".into()]),
+            cmd: Some(vec!["version".into()]),
+            ..Default::default()
+        };
+        let job = |command: Vec<String>, entrypoint: Option<Vec<String>>| {
+            let mut s = spec();
+            s.command = command;
+            s.timeout = None;
+            let mut b = container_config(&key(), &s, &c, &ws()).unwrap();
+            b.entrypoint = entrypoint;
+            supervise(&mut b, Some(&image), &c, None).unwrap();
+            let e = b.entrypoint.unwrap();
+            assert_eq!(e[..6], outpost_init::protocol::args(None, c.stop_grace)[..]);
+            e[6..].to_vec()
+        };
+        assert_eq!(job(vec![], None), ["terraform", "version"]);
+        assert_eq!(job(vec!["plan".into()], None), ["terraform", "plan"]);
+        // An entrypoint in the body (a hook's) drops the image's command.
+        assert_eq!(job(vec![], Some(vec!["sh".into()])), ["sh"]);
+        assert_eq!(
+            job(vec!["-c".into(), "x".into()], Some(vec!["sh".into()])),
+            ["sh", "-c", "x"]
+        );
     }
 
     #[test]

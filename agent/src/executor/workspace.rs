@@ -1,5 +1,6 @@
 //! Per-job workspace directories on the host: `work_dir/<job_id>-<epoch>`,
-//! mode 0700, owned by the job's uid:gid, bind-mounted at `/workspace`.
+//! mode 0700, owned by the job's uid:gid, bind-mounted at `/workspace`,
+//! each the mount point of the job's own filesystem ([`disk`](super::disk)).
 //!
 //! Filesystem calls are blocking; they run on tokio's blocking pool.
 
@@ -7,8 +8,8 @@ use std::io;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::ExecError;
 use super::spec::is_workspace_name;
+use super::{ExecError, disk};
 
 /// Creates the agent's work directory (mode 0700, root only) if needed and
 /// returns its canonical path, which is what containers are given.
@@ -42,12 +43,46 @@ pub(super) async fn create(path: &Path, uid: u32, gid: u32) -> Result<(), ExecEr
     .await
 }
 
-/// Removes a workspace and everything in it (symlinks inside are removed,
+/// Gives a created workspace its own filesystem of `bytes` (see
+/// [`disk::attach`]); `spare_bytes` is the size of the spare images.
+pub(super) async fn attach_disk(
+    disks: &Path,
+    path: &Path,
+    bytes: u64,
+    spare_bytes: u64,
+    uid: u32,
+    gid: u32,
+) -> Result<bool, ExecError> {
+    let (disks, path) = (disks.to_path_buf(), path.to_path_buf());
+    blocking("mounting a workspace filesystem", move || {
+        disk::attach(&disks, &path, bytes, spare_bytes, uid, gid)
+    })
+    .await
+}
+
+/// Tops the spare workspace images up (see [`disk::refill`]).
+pub(super) async fn refill_disks(
+    disks: &Path,
+    bytes: u64,
+    uid: u32,
+    gid: u32,
+) -> Result<(), ExecError> {
+    let disks = disks.to_path_buf();
+    blocking("formatting spare workspace filesystems", move || {
+        disk::refill(&disks, bytes, uid, gid)
+    })
+    .await
+}
+
+/// Removes a workspace: unmounts its filesystem and deletes its image, then
+/// removes the directory and everything in it (symlinks inside are removed,
 /// never followed). A missing directory is not an error.
-pub(super) async fn remove(path: &Path) -> Result<(), ExecError> {
-    let path = path.to_path_buf();
+pub(super) async fn remove(path: &Path, disks: &Path) -> Result<(), ExecError> {
+    let (path, disks) = (path.to_path_buf(), disks.to_path_buf());
     blocking("removing a workspace", move || {
-        remove_if_present(&path).map_err(|source| ExecError::RemoveWorkspace { path, source })
+        disk::detach(&disks, &path)
+            .and_then(|()| remove_if_present(&path))
+            .map_err(|source| ExecError::RemoveWorkspace { path, source })
     })
     .await
 }
@@ -58,8 +93,10 @@ pub(super) async fn remove(path: &Path) -> Result<(), ExecError> {
 pub(super) async fn remove_leftovers(
     work_dir: &Path,
     keep: Vec<PathBuf>,
+    disks: &Path,
 ) -> Result<usize, ExecError> {
     let work_dir = work_dir.to_path_buf();
+    let disks = disks.to_path_buf();
     blocking("removing leftover workspaces", move || {
         let entries = std::fs::read_dir(&work_dir).map_err(|source| ExecError::ReadWorkDir {
             path: work_dir.clone(),
@@ -81,13 +118,17 @@ pub(super) async fn remove_leftovers(
             if keep.contains(&path) {
                 continue;
             }
-            match remove_if_present(&path) {
+            match disk::detach(&disks, &path).and_then(|()| remove_if_present(&path)) {
                 Ok(()) => removed += 1,
                 Err(source) => {
                     tracing::warn!(path = %path.display(), error = %source, "removing leftover workspace failed");
                     first_error.get_or_insert(ExecError::RemoveWorkspace { path, source });
                 }
             }
+        }
+        let images = disk::remove_leftover_images(&disks, &keep);
+        if images > 0 {
+            tracing::info!(images, "removed leftover workspace images");
         }
         match first_error {
             Some(e) => Err(e),

@@ -1,0 +1,132 @@
+//! `outpost server`, `outpost pki` and `outpost oidc`: the commands that run
+//! or set up the control plane itself.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+
+use super::output::outln;
+use super::{IssueRole, OidcArgs, PkiCommand};
+use crate::client::StateDir;
+use crate::identity::Role;
+
+pub async fn server(
+    state: &StateDir,
+    listen: &str,
+    lease_ttl: Duration,
+    metrics_listen: Option<&str>,
+    oidc: &OidcArgs,
+) -> Result<ExitCode> {
+    // A taken metrics address fails before the control plane starts.
+    let metrics = match metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .with_context(|| format!("failed to listen on {listen}"))?;
+    let local = listener.local_addr()?;
+    write_addr(state, local)?;
+    let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
+    cfg.oidc = oidc.config(&state.data_dir());
+    cfg.metrics = metrics;
+    cfg.timing.ttl = lease_ttl;
+    cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sd = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        sd.cancel();
+    });
+    crate::server::run(listener, cfg, shutdown).await?;
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn pki(state: &StateDir, command: PkiCommand) -> Result<ExitCode> {
+    let pki = state.pki();
+    match command {
+        PkiCommand::Init { sans } => {
+            pki.init(&sans)?;
+            outln!("created CA and server certificate in {}", pki.dir.display());
+        }
+        PkiCommand::Issue { role, name } => {
+            let role = match role {
+                IssueRole::Agent => Role::Agent,
+                IssueRole::Admin => Role::Admin,
+            };
+            let p = pki.issue(role, &name)?;
+            outln!("{}\n{}", p.cert.display(), p.key.display());
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn oidc_publish(state: &StateDir, out: &Path, oidc: &OidcArgs) -> Result<ExitCode> {
+    let issuer = crate::oidc::Issuer::load_or_create(oidc.config(&state.data_dir()))?;
+    for path in issuer.publish(out)? {
+        outln!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The address clients on this host dial for a listener bound to `addr`:
+/// the wildcard address is not one, loopback is.
+pub fn connectable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+/// Writes `server.addr` (atomically): the URL clients of this state
+/// directory dial.
+pub fn write_addr(state: &StateDir, addr: SocketAddr) -> Result<()> {
+    std::fs::create_dir_all(&state.root)
+        .with_context(|| format!("failed to create {}", state.root.display()))?;
+    let url = format!("https://{}", connectable(addr));
+    let tmp = state.root.join("server.addr.tmp");
+    std::fs::write(&tmp, &url).with_context(|| format!("failed to write {}", tmp.display()))?;
+    std::fs::rename(&tmp, state.addr_file())
+        .with_context(|| format!("failed to write {}", state.addr_file().display()))?;
+    Ok(())
+}
+
+/// Resolves on the first SIGINT or SIGTERM.
+pub async fn wait_for_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(mut t), Ok(mut i)) => {
+            tokio::select! {
+                _ = t.recv() => {}
+                _ = i.recv() => {}
+            }
+        }
+        _ => std::future::pending::<()>().await,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_addr_never_holds_the_wildcard_address() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = StateDir::new(dir.path().join("s"));
+        for (bound, url) in [
+            ("0.0.0.0:7443", "https://127.0.0.1:7443"),
+            ("[::]:7443", "https://[::1]:7443"),
+            ("10.1.2.3:7443", "https://10.1.2.3:7443"),
+        ] {
+            write_addr(&state, bound.parse().unwrap()).unwrap();
+            assert_eq!(std::fs::read_to_string(state.addr_file()).unwrap(), url);
+        }
+    }
+}
