@@ -847,6 +847,7 @@ denied_env = ["SECRET_*", "*_TOKEN", "EXACT"]"#
                 memory_bytes: Some(1 << 20),
                 nano_cpus: Some(1_000),
                 pids: Some(1),
+                workspace_bytes: None,
             }),
         );
         let parts: Vec<&str> = e.split("; ").collect();
