@@ -25,9 +25,17 @@ pub enum DrainError {
     StillRunning { pid: i32, waited: Duration },
 }
 
+/// Whether `pid` is a live `outpost-agent` (an exited one not yet reaped by
+/// its parent is a zombie: it counts as gone).
 fn is_agent(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/comm"))
-        .is_ok_and(|c| c.trim_end() == "outpost-agent")
+    let named = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .is_ok_and(|c| c.trim_end() == "outpost-agent");
+    let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+        s.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state == "Z" || state == "X")
+    });
+    named && !zombie
 }
 
 /// Sends SIGTERM to the agent of `state_dir` and waits up to `limit` for it
