@@ -13,7 +13,7 @@ on_exit() {
 }
 trap on_exit EXIT
 
-APT_PACKAGES=(protobuf-compiler busybox-static iproute2 iptables python3-venv e2fsprogs mount libc6-dev)
+APT_PACKAGES=(protobuf-compiler busybox-static iproute2 iptables python3-venv e2fsprogs mount libc6-dev systemd)
 
 step() { echo "--- $*" >>"$LOG"; }
 
@@ -37,6 +37,16 @@ if ! .cache/venv/bin/python -c 'import moto, flask, flask_cors' 2>/dev/null; the
     echo "setup.sh: warning: pip install moto[server] failed; see $LOG" >&2
   fi
 fi
+
+step "python venv (.cache/validators): deployment validators, Prometheus text parser"
+# A venv of their own: checkov pins versions moto does not share.
+[ -x .cache/validators/bin/python ] || python3 -m venv .cache/validators >>"$LOG" 2>&1
+if ! .cache/validators/bin/python -c 'import checkov, kubernetes_validate, hcl2, prometheus_client' 2>/dev/null; then
+  .cache/validators/bin/python -m pip install -q --disable-pip-version-check \
+    checkov kubernetes-validate python-hcl2 prometheus-client >>"$LOG" 2>&1
+fi
+command -v kubectl >/dev/null || { echo "kubectl not found (kustomize)" >>"$LOG"; exit 1; }
+command -v systemd-analyze >/dev/null || { echo "systemd-analyze not found" >>"$LOG"; exit 1; }
 
 step "runner image (downloads terraform wrappers into .cache/terraform)"
 images/build-runner.sh >>"$LOG" 2>&1

@@ -81,6 +81,15 @@ pub struct AgentConfig {
         with = "crate::units::serde_duration"
     )]
     pub spool_full_timeout: Duration,
+    /// Address of the operator's `/metrics` (Prometheus) and `/healthz`
+    /// endpoint, e.g. `127.0.0.1:9464` (port 0: any free port, written to
+    /// `<state_dir>/metrics.addr`). Unset (the default): the agent opens no port.
+    #[serde(default)]
+    pub metrics_listen: Option<String>,
+    /// The EC2 Auto Scaling termination hook the agent completes itself
+    /// (`crate::lifecycle`). Unset: no lifecycle handling.
+    #[serde(default)]
+    pub asg: Option<crate::lifecycle::AsgConfig>,
     pub tls: TlsConfig,
     /// Sandbox defaults and limits for every job.
     #[serde(default)]
@@ -198,6 +207,17 @@ impl AgentConfig {
                 "spool_max_bytes must be at least twice spool_segment_bytes (and 128 KiB)".into(),
             ));
         }
+        if let Some(addr) = &self.metrics_listen
+            && addr.parse::<std::net::SocketAddr>().is_err()
+        {
+            return Err(ConfigError::Invalid(format!(
+                "metrics_listen {addr:?} must be an IP:port address, e.g. 127.0.0.1:9464"
+            )));
+        }
+        if let Some(asg) = &self.asg {
+            asg.validate()
+                .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        }
         self.aws
             .validate()
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
@@ -284,6 +304,30 @@ key = "/agent.key"
             .apply_env([("OUTPOST_AGENT_CAPACITY".to_string(), "many".to_string())])
             .unwrap_err();
         assert!(e.to_string().contains("OUTPOST_AGENT_CAPACITY"));
+    }
+
+    #[test]
+    fn metrics_and_asg_are_off_by_default_and_checked() {
+        let c = AgentConfig::parse(MIN).unwrap();
+        assert!(c.metrics_listen.is_none() && c.asg.is_none());
+        let c = AgentConfig::parse(&format!(
+            "metrics_listen = \"127.0.0.1:9464\"\n{MIN}\n[asg]\ngroup_name = \"g\"\nhook_name = \"h\"\n"
+        ))
+        .unwrap();
+        assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
+        let asg = c.asg.unwrap();
+        assert_eq!(asg.imds_endpoint, "http://169.254.169.254");
+        assert_eq!(asg.heartbeat_interval, Duration::from_secs(60));
+        let mut c = AgentConfig::parse(MIN).unwrap();
+        c.metrics_listen = Some("localhost:9464".into());
+        assert!(
+            c.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("metrics_listen")
+        );
+        let e = AgentConfig::parse(&format!("{MIN}\n[asg]\ngroup_name = \"g\"\n")).unwrap_err();
+        assert!(e.contains("hook_name"), "{e}");
     }
 
     #[test]

@@ -10,6 +10,8 @@ pub mod config;
 pub mod executor;
 pub mod iac;
 pub mod job;
+pub mod lifecycle;
+pub mod observe;
 pub mod policy;
 pub mod runtime;
 pub mod session;
@@ -36,8 +38,23 @@ pub enum AgentError {
     StateDir(#[source] statedir::StateDirError),
     #[error("the log spool is not usable")]
     Spool(#[source] SpoolError),
+    #[error(
+        "no Docker engine socket at {path}: this node runs no Docker engine (containerd-only \
+         Kubernetes nodes cannot host the agent; run it where dockerd runs, or set DOCKER_HOST)"
+    )]
+    NoDockerSocket { path: std::path::PathBuf },
     #[error("the Docker engine is not usable")]
     Docker(#[source] ExecError),
+    #[error("the metrics endpoint cannot start")]
+    Metrics(#[source] observe::http::HttpError),
+    #[error("failed to write {path}")]
+    WriteState {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the EC2 lifecycle handling is not usable")]
+    Lifecycle(#[source] lifecycle::LifecycleError),
     #[error("the agent's policy is not usable")]
     Policy(#[source] policy::PolicyError),
     #[error("the agent's iac settings are not usable")]
@@ -60,8 +77,18 @@ pub struct Shutdown {
     pub detach: CancellationToken,
 }
 
+/// The Docker engine's Unix socket the agent will use (`DOCKER_HOST` or the
+/// default), if it is a Unix socket at all.
+fn docker_socket() -> Option<std::path::PathBuf> {
+    match std::env::var("DOCKER_HOST") {
+        Ok(h) if !h.is_empty() => h.strip_prefix("unix://").map(std::path::PathBuf::from),
+        _ => Some(std::path::PathBuf::from("/var/run/docker.sock")),
+    }
+}
+
 /// Runs the agent until it has drained. `ready` is called once the agent is
-/// really ready (Docker checked, leftovers cleaned, connecting).
+/// really ready: Docker answered, leftovers are cleaned and the first
+/// session with the control plane is up (systemd gets `READY=1` then too).
 pub async fn run(
     cfg: AgentConfig,
     shutdown: Shutdown,
@@ -69,6 +96,26 @@ pub async fn run(
 ) -> Result<(), AgentError> {
     // Private (0700) and ours alone until this function returns.
     let _lock = statedir::lock(&cfg.state_dir).map_err(AgentError::StateDir)?;
+    let notify = lifecycle::systemd::Notifier::from_env();
+    // The operator's endpoint first: a taken address is a clear error before
+    // anything else starts.
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(addr) => Some(
+            observe::http::bind(addr)
+                .await
+                .map_err(AgentError::Metrics)?,
+        ),
+        None => None,
+    };
+    if let Some(path) = docker_socket()
+        && !path.exists()
+    {
+        return Err(AgentError::NoDockerSocket { path });
+    }
+    write_state(
+        &cfg.state_dir.join("agent.pid"),
+        &std::process::id().to_string(),
+    )?;
     let spool_dir = cfg.state_dir.join("spool");
     statedir::private_dir(&spool_dir).map_err(AgentError::StateDir)?;
     let spool = Spool::open(&spool_dir, cfg.spool_max_bytes, cfg.spool_segment_bytes)
@@ -77,6 +124,7 @@ pub async fn run(
     let check = policy::lease_check(&cfg).map_err(AgentError::Policy)?;
     let mut cfg = cfg;
     cfg.sandbox.allow_egress = cfg.policy.allow_egress;
+    notify.status("checking the Docker engine");
     let executor = DockerExecutor::connect(cfg.sandbox.clone())
         .await
         .map_err(AgentError::Docker)?;
@@ -92,9 +140,21 @@ pub async fn run(
         },
         Some(check),
     );
+    let metrics = rt.metrics.clone();
+    metrics.set_docker_ok(true);
+    metrics.tick();
+    let ec2 = match &cfg.asg {
+        Some(asg) => Some(Arc::new(
+            lifecycle::Ec2Lifecycle::new(asg.clone(), metrics.clone())
+                .map_err(AgentError::Lifecycle)?,
+        )),
+        None => None,
+    };
     // Re-adopt what a previous run of this agent left running, then remove
     // every other container carrying our labels.
-    let _ = rt.aws.set(Arc::new(aws::AwsAgent::new(cfg.aws.clone())));
+    let _ = rt.aws.set(Arc::new(
+        aws::AwsAgent::new(cfg.aws.clone()).with_metrics(metrics.clone()),
+    ));
     // IaC calls (source blobs, plan reports) use the agent's own mTLS
     // identity on a lazily dialled channel: still outbound only.
     let iac_channel = session::endpoint(&cfg)
@@ -106,10 +166,29 @@ pub async fn run(
     match rt.executor.cleanup_orphans_except(&adopted).await {
         Ok(0) => {}
         Ok(n) => info!(containers = n, "removed containers left by an earlier run"),
-        Err(e) => warn!(error = %e, "could not clean up containers left by an earlier run"),
+        Err(e) => {
+            metrics.docker_error();
+            warn!(error = %e, "could not clean up containers left by an earlier run")
+        }
     }
     let stop = CancellationToken::new();
 
+    let endpoint = metrics_listener.map(|listener| {
+        let addr = listener.local_addr().ok();
+        let source = Arc::new(Exposition {
+            rt: rt.clone(),
+            stall_after: Duration::from_secs(30),
+        });
+        if let Some(addr) = addr {
+            info!(%addr, "serving /metrics and /healthz");
+            if let Err(e) = write_state(&cfg.state_dir.join("metrics.addr"), &addr.to_string()) {
+                warn!(error = %e, "could not record the metrics address");
+            }
+        }
+        tokio::spawn(
+            observe::http::serve(listener, source, stop.clone()).instrument(info_span!("metrics")),
+        )
+    });
     let session = tokio::spawn(
         session::maintain(
             cfg.clone(),
@@ -119,9 +198,17 @@ pub async fn run(
         )
         .instrument(info_span!("session")),
     );
+    let watcher = ec2.clone().map(|ec2| {
+        let drain = shutdown.drain.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move { ec2.watch(drain, stop).await }.instrument(info_span!("ec2")))
+    });
+    let notify = Arc::new(notify);
+    // The live loop: self-fencing, spool syncs, health, watchdog, status.
     let fencer = {
         let rt = rt.clone();
         let stop = stop.clone();
+        let notify = notify.clone();
         tokio::spawn(
             async move {
                 let mut tick: u64 = 0;
@@ -131,8 +218,11 @@ pub async fn run(
                         _ = tokio::time::sleep(Duration::from_millis(250)) => {}
                     }
                     tick += 1;
+                    rt.metrics.tick();
+                    notify.watchdog();
                     if tick.is_multiple_of(4) {
                         rt.sync_spools();
+                        notify.status(&status_line(&rt));
                     }
                     for k in rt.fence_expired() {
                         warn!(job = %k.job_id, epoch = k.epoch, "lease could not be renewed; stopping the job");
@@ -142,8 +232,18 @@ pub async fn run(
             .instrument(info_span!("fencer")),
         )
     };
-    info!(capacity = cfg.capacity, server = %cfg.server, "agent ready");
-    ready();
+
+    // Ready once the first session is up (or never, if asked to stop first).
+    let mut connected = metrics.connected();
+    tokio::select! {
+        _ = connected.wait_for(|up| *up) => {
+            info!(capacity = cfg.capacity, server = %cfg.server, "agent ready");
+            notify.ready(&status_line(&rt));
+            ready();
+        }
+        _ = shutdown.drain.cancelled() => {}
+        _ = shutdown.force.cancelled() => {}
+    }
 
     tokio::select! {
         _ = shutdown.drain.cancelled() => {}
@@ -159,13 +259,19 @@ pub async fn run(
         }
     }
     rt.start_draining();
+    notify.stopping(&status_line(&rt));
     info!(
         running = rt.len(),
         grace_s = cfg.drain_grace.as_secs(),
         "draining"
     );
+    let heartbeats = CancellationToken::new();
+    let hook_beats = ec2.clone().map(|ec2| {
+        let done = heartbeats.clone();
+        tokio::spawn(async move { ec2.heartbeats(done).await }.instrument(info_span!("ec2")))
+    });
     let deadline = tokio::time::Instant::now() + cfg.drain_grace;
-    let ended = wait_empty(&rt, deadline, &shutdown.force).await;
+    let ended = wait_empty(&rt, deadline, &shutdown.force, &notify).await;
     if !ended {
         warn!(running = rt.len(), "interrupting the jobs still running");
         rt.cancel_all("stopped: the agent was shut down before the job finished");
@@ -176,6 +282,7 @@ pub async fn run(
             &rt,
             tokio::time::Instant::now() + report,
             &CancellationToken::new(),
+            &notify,
         )
         .await
         {
@@ -185,26 +292,109 @@ pub async fn run(
             );
         }
     }
+    heartbeats.cancel();
+    if let Some(h) = hook_beats {
+        let _ = h.await;
+    }
+    if let Some(ec2) = &ec2
+        && ec2.termination().is_some()
+    {
+        notify.status("drained; completing the lifecycle hook");
+        notify.extend_timeout(Duration::from_secs(150));
+        ec2.complete(Duration::from_secs(120)).await;
+    }
     stop.cancel();
     rt.tracker.close();
     let _ = tokio::time::timeout(Duration::from_secs(10), rt.tracker.wait()).await;
     let _ = session.await;
     let _ = fencer.await;
     rt.executor.shutdown().await;
+    if let Some(w) = watcher {
+        let _ = w.await;
+    }
+    if let Some(e) = endpoint {
+        let _ = e.await;
+    }
+    let _ = std::fs::remove_file(cfg.state_dir.join("agent.pid"));
     info!("agent stopped");
     Ok(())
 }
 
+fn write_state(path: &std::path::Path, text: &str) -> Result<(), AgentError> {
+    std::fs::write(path, text).map_err(|source| AgentError::WriteState {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The one-line state systemd shows (`STATUS=`).
+fn status_line(rt: &Runtime) -> String {
+    let jobs = match rt.len() {
+        1 => "1 job".to_string(),
+        n => format!("{n} jobs"),
+    };
+    if rt.is_draining() {
+        format!("draining: {jobs} running")
+    } else if rt.metrics.is_connected() {
+        format!("connected; {jobs} running")
+    } else {
+        format!("reconnecting to the control plane; {jobs} running")
+    }
+}
+
+/// What the operator's endpoint serves.
+struct Exposition {
+    rt: Arc<Runtime>,
+    /// `/healthz` fails once the live loop has not turned for this long.
+    stall_after: Duration,
+}
+
+impl observe::http::Source for Exposition {
+    fn metrics(&self) -> futures::future::BoxFuture<'static, String> {
+        let text = self.rt.metrics.render(observe::Gauges {
+            running_jobs: self.rt.len() as u64,
+            spool_bytes: self.rt.spool_bytes(),
+            draining: self.rt.is_draining(),
+        });
+        Box::pin(std::future::ready(text))
+    }
+
+    fn health(&self) -> observe::http::Health {
+        let since = self.rt.metrics.since_tick();
+        let ok = since < self.stall_after;
+        let body = serde_json::json!({
+            "status": if ok { "ok" } else { "stalled" },
+            "connected": self.rt.metrics.is_connected(),
+            "draining": self.rt.is_draining(),
+            "running_jobs": self.rt.len(),
+            "live_loop_ms_ago": since.as_millis() as u64,
+        });
+        observe::http::Health {
+            ok,
+            body: format!("{body}\n"),
+        }
+    }
+}
+
 /// Waits until the agent holds no job, `deadline` passes or `force` fires.
+/// While jobs remain, systemd is told every few seconds that stopping takes
+/// a little longer (`EXTEND_TIMEOUT_USEC`), so a hung agent is still killed.
 async fn wait_empty(
     rt: &Runtime,
     deadline: tokio::time::Instant,
     force: &CancellationToken,
+    notify: &lifecycle::systemd::Notifier,
 ) -> bool {
+    let mut extended: Option<tokio::time::Instant> = None;
     loop {
         let gone = rt.gone.notified();
         if rt.is_empty() {
             return true;
+        }
+        if extended.is_none_or(|t| t.elapsed() >= Duration::from_secs(5)) {
+            notify.extend_timeout(Duration::from_secs(30));
+            notify.status(&status_line(rt));
+            extended = Some(tokio::time::Instant::now());
         }
         tokio::select! {
             _ = gone => {}

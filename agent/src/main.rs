@@ -1,12 +1,15 @@
 //! `outpost-agent` entry point: tracing, configuration (exit 64 if invalid),
 //! run, signals (SIGTERM/SIGINT drain; a second one or SIGQUIT forces).
+//! `outpost-agent drain` asks a running agent to drain and waits for it to
+//! exit (a Kubernetes preStop hook).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use outpost_agent::config::AgentConfig;
-use outpost_agent::{Shutdown, run};
+use outpost_agent::observe::logging::{self, LogFormat};
+use outpost_agent::{AgentError, Shutdown, run};
 use tokio::signal::unix::{SignalKind, signal};
 
 /// The Outpost worker agent.
@@ -23,21 +26,30 @@ struct Args {
     /// Validate the configuration and exit.
     #[arg(long)]
     check_config: bool,
+    /// Log output: `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, value_enum, env = "OUTPOST_LOG_FORMAT", default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Tell the agent running with this configuration to drain (as SIGTERM
+    /// does) and wait until it has exited.
+    Drain,
 }
 
 const EX_CONFIG: u8 = 64;
+/// sysexits EX_UNAVAILABLE: a service the agent needs is missing.
+const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
+    let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     let filter = outpost_agent::aws::quiet_sdk_logs(filter);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal, never in a journal or a file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let args = Args::parse();
+    logging::init(args.log_format, filter);
     let cfg = match AgentConfig::load(&args.config, std::env::vars()) {
         Ok(c) => c,
         Err(e) => {
@@ -55,6 +67,17 @@ fn main() -> ExitCode {
     if args.check_config {
         println!("configuration ok");
         return ExitCode::SUCCESS;
+    }
+    if let Some(Command::Drain) = args.command {
+        // drain grace + one stop grace + time to report final states
+        let limit = cfg.drain_grace + cfg.sandbox.stop_grace + std::time::Duration::from_secs(60);
+        return match outpost_agent::lifecycle::drain::request(&cfg.state_dir, limit) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("outpost-agent drain: {}", error_chain(&e));
+                ExitCode::FAILURE
+            }
+        };
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -91,25 +114,17 @@ fn main() -> ExitCode {
                 }
             }
         });
-        match run(cfg, shutdown, notify_ready).await {
+        match run(cfg, shutdown, || {}).await {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("outpost-agent: {}", error_chain(&e));
-                ExitCode::FAILURE
+                match e {
+                    AgentError::NoDockerSocket { .. } => ExitCode::from(EX_UNAVAILABLE),
+                    _ => ExitCode::FAILURE,
+                }
             }
         }
     })
-}
-
-/// Tells systemd (Type=notify) that the agent is ready, if it runs under it.
-fn notify_ready() {
-    if let Some(path) = std::env::var_os("NOTIFY_SOCKET") {
-        let sock = std::os::unix::net::UnixDatagram::unbound();
-        if let Ok(sock) = sock {
-            let path = PathBuf::from(path);
-            let _ = sock.send_to(b"READY=1", &path);
-        }
-    }
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {

@@ -24,6 +24,7 @@ use tracing::{Instrument, info, info_span, warn};
 
 use crate::executor::{DockerExecutor, Lease as FenceLease};
 use crate::job::{Lease, LeaseKey, Outcome};
+use crate::observe::JobOutcome;
 use crate::spool::{JobSpool, Recovered, Spool};
 use crate::wire;
 
@@ -128,6 +129,8 @@ pub struct Runtime {
     pub aws: std::sync::OnceLock<Arc<crate::aws::AwsAgent>>,
     /// Stack runs' plan phases (`crate::iac`); set once at start.
     pub iac: std::sync::OnceLock<Arc<crate::iac::IacAgent>>,
+    /// Counters for the operator (`crate::observe`).
+    pub metrics: Arc<crate::observe::Metrics>,
 }
 
 /// Messages the session should send now.
@@ -214,6 +217,7 @@ impl Runtime {
             tracker: TaskTracker::new(),
             aws: std::sync::OnceLock::new(),
             iac: std::sync::OnceLock::new(),
+            metrics: Arc::new(crate::observe::Metrics::default()),
         })
     }
 
@@ -294,6 +298,7 @@ impl Runtime {
             if let Err(e) = spool.set_outcome(&rec) {
                 warn!(error = %e, "could not persist the job's outcome");
             }
+            self.metrics.job_finished(JobOutcome::Rejected);
             self.insert(
                 &lease,
                 lease.log_offset,
@@ -609,9 +614,29 @@ impl Runtime {
                 reason: reason.trim_start_matches("failed: ").to_string(),
             };
         }
+        let counted = match &outcome {
+            Outcome::Exited {
+                code: 0,
+                oom_killed: false,
+            } => JobOutcome::Succeeded,
+            Outcome::Exited { .. } => JobOutcome::Failed,
+            Outcome::Cancelled { .. } => JobOutcome::Cancelled,
+            Outcome::TimedOut => JobOutcome::TimedOut,
+            Outcome::Rejected { .. } => JobOutcome::Rejected,
+            Outcome::Failed { .. } => {
+                self.metrics.docker_error();
+                JobOutcome::Error
+            }
+        };
+        self.metrics.job_finished(counted);
         e.outcome = Some(outcome);
         drop(jobs);
         self.wake.notify_one();
+    }
+
+    /// Bytes in the log spool.
+    pub fn spool_bytes(&self) -> u64 {
+        self.spool.used()
     }
 
     fn cancel_as(&self, key: &LeaseKey, reason: &str) {
@@ -646,6 +671,9 @@ impl Runtime {
         let mut jobs = self.jobs.lock();
         let Some(e) = jobs.get_mut(key) else { return };
         warn!(job = %key.job_id, epoch = key.epoch, reason = why, "lease revoked; stopping the job");
+        if !e.revoked {
+            self.metrics.lease_revoked();
+        }
         e.revoked = true;
         e.cancel.cancel();
         e.space.notify_waiters();
@@ -680,6 +708,7 @@ impl Runtime {
     pub fn renewed(&self, key: &LeaseKey, ttl: Duration) {
         let held = match self.jobs.lock().get_mut(key) {
             Some(e) => {
+                self.metrics.lease_renewed();
                 e.deadline = Instant::now() + self.limits.fence_after(ttl);
                 e.outcome.is_none() && !e.revoked
             }
@@ -730,6 +759,7 @@ impl Runtime {
                         .to_string(),
                 );
                 e.cancel.cancel();
+                self.metrics.lease_fenced();
                 fenced.push(k.clone());
             }
         }
@@ -780,6 +810,7 @@ impl Runtime {
                 }));
                 e.sent += n as u64;
                 used += n;
+                self.metrics.log_bytes_sent(n as u64);
             }
             if let Some(o) = &e.outcome
                 && e.sent == e.end()

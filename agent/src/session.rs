@@ -1,8 +1,9 @@
 //! The agent's one outbound connection: mTLS gRPC to the control plane, one
 //! bidirectional session stream, reconnects with jittered exponential backoff.
 //!
-//! **Invariant:** the agent never listens on a port; every connection is
-//! initiated here.
+//! **Invariant:** every connection to the control plane is initiated here;
+//! the agent's only listening socket is the operator's opt-in metrics
+//! endpoint (`crate::observe::http`, `metrics_listen`).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -106,10 +107,14 @@ pub async fn maintain(
         }
         let started = std::time::Instant::now();
         match ep.connect().await {
-            Ok(channel) => match session(&cfg, &rt, channel, &drain, &stop).await {
-                Ok(()) => debug!("session ended"),
-                Err(e) => warn!(error = %e, "session ended"),
-            },
+            Ok(channel) => {
+                let ended = session(&cfg, &rt, channel, &drain, &stop).await;
+                rt.metrics.session_down();
+                match ended {
+                    Ok(()) => debug!("session ended"),
+                    Err(e) => warn!(error = %e, "session ended"),
+                }
+            }
             Err(e) => {
                 warn!(error = %e, source = ?std::error::Error::source(&e), "cannot reach the control plane")
             }
@@ -182,6 +187,7 @@ async fn session(
     }
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(200, 60_000));
     info!(agent = %welcome.agent_id, resumed = welcome.resumed.len(), "connected to the control plane");
+    rt.metrics.session_up();
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut drain_sent = false;

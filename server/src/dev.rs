@@ -70,6 +70,8 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
         spool_max_bytes: 1 << 30,
         spool_segment_bytes: 4 << 20,
         spool_full_timeout: std::time::Duration::from_secs(300),
+        metrics_listen: None,
+        asg: None,
         tls: TlsConfig {
             ca: pki.ca_cert(),
             cert: cert.cert,

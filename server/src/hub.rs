@@ -68,6 +68,8 @@ pub struct Hub {
     issuer: std::sync::OnceLock<Arc<crate::oidc::Issuer>>,
     /// IaC tasks of run jobs.
     lease_tasks: std::sync::OnceLock<Arc<dyn LeaseTasks>>,
+    /// Pickup latency (`crate::metrics`).
+    pub metrics: crate::metrics::HubMetrics,
 }
 
 impl Hub {
@@ -82,7 +84,15 @@ impl Hub {
             changes,
             issuer: std::sync::OnceLock::new(),
             lease_tasks: std::sync::OnceLock::new(),
+            metrics: crate::metrics::HubMetrics::default(),
         })
+    }
+
+    /// Connected agents, and how many of them are draining.
+    pub fn agent_counts(&self) -> (usize, usize) {
+        let agents = self.agents.lock();
+        let draining = agents.values().filter(|c| c.draining).count();
+        (agents.len(), draining)
     }
 
     /// Sets the token issuer (once, at start).
@@ -372,6 +382,12 @@ impl Hub {
             };
             if self.send(agent, pb::server_message::Msg::Lease(lease)) {
                 info!(job = %leased.id, epoch = leased.epoch, agent = %agent, "lease pushed");
+                if leased.epoch == 1 {
+                    let waited = crate::model::now_ms().saturating_sub(leased.created_ms);
+                    self.metrics
+                        .pickup
+                        .observe(Duration::from_millis(waited.max(0) as u64));
+                }
             } else {
                 warn!(job = %leased.id, agent = %agent, "agent went away; re-queueing");
                 self.store

@@ -17,6 +17,7 @@ pub mod hub;
 pub mod iac;
 pub mod identity;
 pub mod limits;
+pub mod metrics;
 pub mod model;
 pub mod oidc;
 pub mod pki;

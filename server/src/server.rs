@@ -45,7 +45,7 @@ pub enum ServerError {
 }
 
 /// Everything the control plane needs to start.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct ServerConfig {
     /// Directory with `ca.pem`, `server.pem` and `server.key`.
     pub pki_dir: PathBuf,
@@ -56,6 +56,8 @@ pub struct ServerConfig {
     pub oidc: crate::oidc::OidcConfig,
     /// How long final jobs and their logs are kept.
     pub retention: crate::retention::Retention,
+    /// Where to serve `/metrics` and `/healthz` (bound by the caller), if anywhere.
+    pub metrics: Option<TcpListener>,
 }
 
 impl ServerConfig {
@@ -67,6 +69,7 @@ impl ServerConfig {
             data_dir,
             timing: LeaseTiming::default(),
             retention: crate::retention::Retention::default(),
+            metrics: None,
         }
     }
 }
@@ -87,6 +90,7 @@ pub struct Prepared {
     hub: Arc<Hub>,
     retention: crate::retention::Retention,
     data_dir: PathBuf,
+    metrics: Option<TcpListener>,
 }
 
 /// Reads the TLS identity, opens the store (a private `0700` data
@@ -115,6 +119,7 @@ pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
         hub,
         retention: config.retention,
         data_dir: config.data_dir.clone(),
+        metrics: config.metrics,
     })
 }
 
@@ -144,6 +149,7 @@ impl Prepared {
             hub,
             retention,
             data_dir,
+            metrics,
         } = self;
         // Agents could not renew while the control plane was down: every
         // held lease gets one full TTL from now to be claimed again.
@@ -157,6 +163,10 @@ impl Prepared {
         hub.spawn_tasks(tasks.clone());
         iac.spawn(tasks.clone());
         crate::retention::spawn(hub.clone(), retention, tasks.clone());
+        if let Some(listener) = metrics {
+            info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz");
+            tokio::spawn(crate::metrics::serve(listener, hub.clone(), tasks.clone()));
+        }
         let addr = listener.local_addr().ok();
         info!(addr = ?addr, "control plane listening");
         let result = Server::builder()

@@ -72,6 +72,8 @@ fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// Duration of every call (`outpost_store_call_seconds`).
+    latency: Arc<crate::metrics::Histogram>,
 }
 
 const SCHEMA: &str = r#"
@@ -232,6 +234,9 @@ impl Store {
         migrate(&conn).map_err(open_err)?;
         Ok(Store {
             conn: Arc::new(Mutex::new(conn)),
+            latency: Arc::new(crate::metrics::Histogram::new(
+                &crate::metrics::LATENCY_BUCKETS,
+            )),
         })
     }
 
@@ -243,12 +248,46 @@ impl Store {
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
         let conn = self.conn.clone();
-        tokio::task::spawn_blocking(move || {
+        let started = std::time::Instant::now();
+        let result = tokio::task::spawn_blocking(move || {
             let mut guard = conn.lock();
             f(&mut guard)
         })
         .await
-        .map_err(|_| StoreError::Join)?
+        .map_err(|_| StoreError::Join)?;
+        self.latency.observe(started.elapsed());
+        result
+    }
+
+    /// Latency of store calls so far.
+    pub fn latency(&self) -> &crate::metrics::Histogram {
+        &self.latency
+    }
+
+    /// Queued jobs per label set they select (`k=v,k=v`).
+    pub async fn queue_depth(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        self.with(move |c| {
+            let mut stmt = c
+                .prepare("SELECT id, spec FROM jobs WHERE state = 'queued'")
+                .map_err(q("queue depth"))?;
+            let rows = stmt
+                .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                .map_err(q("queue depth"))?;
+            let mut depth = BTreeMap::new();
+            for row in rows {
+                let (id, spec) = row.map_err(q("queue depth"))?;
+                let spec: JobSpec =
+                    serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
+                        id,
+                        what: e.to_string(),
+                    })?;
+                *depth
+                    .entry(crate::metrics::label_set(&spec.selector))
+                    .or_insert(0) += 1;
+            }
+            Ok(depth)
+        })
+        .await
     }
 
     pub async fn insert_job(&self, id: String, spec: JobSpec) -> Result<Job, StoreError> {

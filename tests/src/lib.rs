@@ -1,6 +1,7 @@
 //! Shared harness for the end-to-end tests: a real control plane, real agents,
 //! a real Docker engine and real mTLS with certificates generated per test.
 
+pub mod ec2;
 pub mod faults;
 pub mod moto;
 pub mod sandbox_helpers;
@@ -22,6 +23,8 @@ pub use outpost::dev::RUNNER_IMAGE;
 /// A control plane running in this process.
 pub struct Server {
     pub addr: std::net::SocketAddr,
+    /// Its `/metrics` and `/healthz` (plain HTTP, loopback).
+    pub metrics_addr: std::net::SocketAddr,
     stop: CancellationToken,
     task: JoinHandle<Result<(), outpost::server::ServerError>>,
 }
@@ -156,10 +159,20 @@ impl Cluster {
             outpost::server::ServerConfig::new(self.state.pki().dir, self.state.data_dir());
         cfg.timing = self.timing;
         cfg.retention = self.retention;
+        let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind metrics");
+        let metrics_addr = metrics.local_addr().expect("metrics addr");
+        cfg.metrics = Some(metrics);
         let stop = CancellationToken::new();
         let task = tokio::spawn(outpost::server::run(listener, cfg, stop.clone()));
         std::fs::write(self.state.addr_file(), format!("https://{addr}")).expect("addr file");
-        self.server = Some(Server { addr, stop, task });
+        self.server = Some(Server {
+            addr,
+            metrics_addr,
+            stop,
+            task,
+        });
     }
 
     pub fn url(&self) -> String {

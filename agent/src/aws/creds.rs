@@ -164,6 +164,7 @@ pub async fn refresh_loop(
     margin: Duration,
     state: watch::Sender<CredState>,
     stop: CancellationToken,
+    metrics: Arc<crate::observe::Metrics>,
 ) {
     let mut backoff = Duration::from_millis(500);
     let mut refreshes = 0u64;
@@ -172,6 +173,7 @@ pub async fn refresh_loop(
             _ = stop.cancelled() => return,
             r = assume(&sts, &spec) => r,
         };
+        metrics.credential_refresh(attempt.is_ok());
         let delay = match attempt {
             Ok(creds) => {
                 backoff = Duration::from_millis(500);

@@ -194,6 +194,7 @@ pub struct AwsAgent {
     cfg: AwsConfig,
     http: aws_sdk_sts::config::SharedHttpClient,
     sts: aws_sdk_sts::Client,
+    metrics: Arc<crate::observe::Metrics>,
 }
 
 impl std::fmt::Debug for AwsAgent {
@@ -221,7 +222,14 @@ impl AwsAgent {
             sts: aws_sdk_sts::Client::from_conf(sts.build()),
             http,
             cfg,
+            metrics: Arc::new(crate::observe::Metrics::default()),
         }
+    }
+
+    /// Counts credential refreshes in `metrics` (the agent's own).
+    pub fn with_metrics(mut self, metrics: Arc<crate::observe::Metrics>) -> AwsAgent {
+        self.metrics = metrics;
+        self
     }
 
     pub fn config(&self) -> &AwsConfig {
@@ -297,6 +305,7 @@ impl AwsAgent {
             margin,
             tx,
             stop.clone(),
+            self.metrics.clone(),
         ));
         Ok(Some(JobAws {
             agent: self.clone(),

@@ -17,14 +17,21 @@ pub async fn server(
     state: &StateDir,
     listen: &str,
     lease_ttl: Duration,
+    metrics_listen: Option<&str>,
     oidc: &OidcArgs,
     retention: &crate::retention::RetentionArgs,
 ) -> Result<ExitCode> {
     // Private (0700) and ours alone; the store opens before the port does,
     // so a broken store ends here with its error.
     let _lock = outpost_agent::statedir::lock(&state.root)?;
+    // A taken metrics address fails before the control plane starts.
+    let metrics = match metrics_listen {
+        Some(addr) => Some(crate::metrics::bind(addr).await?),
+        None => None,
+    };
     let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
     cfg.oidc = oidc.config(&state.data_dir());
+    cfg.metrics = metrics;
     cfg.timing.ttl = lease_ttl;
     cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));
     cfg.retention = retention.retention();

@@ -52,6 +52,10 @@ pub struct Cli {
     #[arg(long, global = true, env = "OUTPOST_RECONNECT_FOR", value_parser = parse_duration,
           default_value = "5m")]
     pub reconnect_for: Duration,
+    /// Log output: `text` (colour only on a terminal) or `json` (one object per line).
+    #[arg(long, global = true, value_enum, env = "OUTPOST_LOG_FORMAT",
+          default_value_t = outpost_agent::observe::logging::LogFormat::Text)]
+    pub log_format: outpost_agent::observe::logging::LogFormat,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -68,6 +72,10 @@ pub enum Command {
         /// Lease time-to-live (renewed by heartbeats).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         lease_ttl: Duration,
+        /// Serve Prometheus `/metrics` and `/healthz` (plain HTTP) on this
+        /// address, e.g. 127.0.0.1:9465. Off unless set.
+        #[arg(long)]
+        metrics_listen: Option<String>,
         #[command(flatten)]
         oidc: OidcArgs,
         #[command(flatten)]
@@ -181,12 +189,7 @@ pub fn main() -> ExitCode {
     });
     // `outpost dev` runs an agent in this process: keep the SDK's identities out of the logs.
     let filter = outpost_agent::aws::quiet_sdk_logs(filter);
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Colour codes only for a terminal, never in a journal or a file.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    outpost_agent::observe::logging::init(cli.log_format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -218,9 +221,20 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Server {
             listen,
             lease_ttl,
+            metrics_listen,
             oidc,
             retention,
-        } => control::server(&state, &listen, lease_ttl, &oidc, &retention).await,
+        } => {
+            control::server(
+                &state,
+                &listen,
+                lease_ttl,
+                metrics_listen.as_deref(),
+                &oidc,
+                &retention,
+            )
+            .await
+        }
         Command::Pki { command } => control::pki(&state, command),
         Command::Oidc {
             command: OidcCommand::Publish { out, oidc },

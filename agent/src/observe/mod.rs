@@ -1,0 +1,11 @@
+//! What the agent shows its operator: counters and gauges in the Prometheus
+//! text format (`metrics`), a minimal read-only HTTP endpoint serving them and
+//! `/healthz` (`http`), and the log output format (`logging`).
+//!
+//! Nothing here listens unless the operator sets `metrics_listen`.
+
+pub mod http;
+pub mod logging;
+pub mod metrics;
+
+pub use metrics::{Gauges, JobOutcome, Metrics};
