@@ -320,11 +320,25 @@ pub async fn run(
     Ok(())
 }
 
+/// Writes a small state file, `0600` whatever the umask, like every file
+/// in the state directory.
 fn write_state(path: &std::path::Path, text: &str) -> Result<(), AgentError> {
-    std::fs::write(path, text).map_err(|source| AgentError::WriteState {
-        path: path.to_path_buf(),
-        source,
-    })
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| f.write_all(text.as_bytes()))
+        .and_then(|()| {
+            std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+        })
+        .map_err(|source| AgentError::WriteState {
+            path: path.to_path_buf(),
+            source,
+        })
 }
 
 /// The one-line state systemd shows (`STATUS=`).
