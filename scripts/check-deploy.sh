@@ -58,4 +58,5 @@ for f in files:
 run "checkov (terraform)" "$V/checkov" --skip-download --quiet --compact --framework terraform -d terraform
 
 [ $fail -eq 0 ] || exit 1
-echo "check-deploy: ok (systemd exposure $exposure)"
+# Quiet on success; the exposure figure: OUTPOST_VERBOSE=1.
+[ -z "${OUTPOST_VERBOSE:-}" ] || echo "check-deploy: ok (systemd exposure $exposure)"
