@@ -949,7 +949,9 @@ impl DockerExecutor {
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
         let options = bollard::query_parameters::EventsOptions {
-            since: started_at.map(str::to_string),
+            // The engine takes Unix seconds here (RFC 3339 is a client-side
+            // convenience of the docker CLI); a second early covers rounding.
+            since: started_at.and_then(unix_seconds).map(|t| (t - 1).to_string()),
             until: Some(format!("{}.{:09}", until.as_secs(), until.subsec_nanos())),
             filters: Some(
                 [
@@ -1497,9 +1499,26 @@ fn split_reference(image: &str) -> (&str, &str) {
     }
 }
 
+/// Unix seconds of an RFC 3339 time as the engine reports it.
+fn unix_seconds(rfc3339: &str) -> Option<i64> {
+    time::OffsetDateTime::parse(rfc3339, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(|t| t.unix_timestamp())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn engine_times_become_unix_seconds_for_the_events_query() {
+        assert_eq!(
+            unix_seconds("2026-11-29T03:59:46.130057512Z"),
+            Some(1_795_924_786)
+        );
+        assert_eq!(unix_seconds("0001-01-01T00:00:00Z"), Some(-62_135_596_800));
+        assert_eq!(unix_seconds("not a time"), None);
+    }
 
     #[test]
     fn a_sandbox_refusal_ends_rejected_and_other_errors_failed() {
