@@ -951,7 +951,9 @@ impl DockerExecutor {
         let options = bollard::query_parameters::EventsOptions {
             // The engine takes Unix seconds here (RFC 3339 is a client-side
             // convenience of the docker CLI); a second early covers rounding.
-            since: started_at.and_then(unix_seconds).map(|t| (t - 1).to_string()),
+            since: started_at
+                .and_then(unix_seconds)
+                .map(|t| (t - 1).to_string()),
             until: Some(format!("{}.{:09}", until.as_secs(), until.subsec_nanos())),
             filters: Some(
                 [
