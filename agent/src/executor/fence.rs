@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use outpost_init::protocol::{LEASE_FILE, Lease};
 
 use super::ExecError;
+use super::secrets::{blocking, remove_if_present};
 use super::spec::is_workspace_name;
 
 /// The static `outpost-init` binary.
@@ -151,23 +152,6 @@ pub(super) async fn remove_leftovers(
         }
     })
     .await
-}
-
-fn remove_if_present(path: &Path) -> io::Result<()> {
-    match std::fs::remove_dir_all(path) {
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-        other => other,
-    }
-}
-
-async fn blocking<T: Send + 'static>(
-    operation: &'static str,
-    f: impl FnOnce() -> Result<T, ExecError> + Send + 'static,
-) -> Result<T, ExecError> {
-    match tokio::task::spawn_blocking(f).await {
-        Ok(result) => result,
-        Err(source) => Err(ExecError::Blocking { operation, source }),
-    }
 }
 
 #[cfg(test)]

@@ -299,14 +299,16 @@ pub(super) async fn remove_leftovers(
     .await
 }
 
-fn remove_if_present(path: &Path) -> io::Result<()> {
+/// Removes a directory tree; one that is already gone is not an error.
+pub(super) fn remove_if_present(path: &Path) -> io::Result<()> {
     match std::fs::remove_dir_all(path) {
         Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
         other => other,
     }
 }
 
-async fn blocking<T: Send + 'static>(
+/// Runs blocking file-system work off the async threads.
+pub(super) async fn blocking<T: Send + 'static>(
     operation: &'static str,
     f: impl FnOnce() -> Result<T, ExecError> + Send + 'static,
 ) -> Result<T, ExecError> {
