@@ -22,8 +22,7 @@ use std::path::{Path, PathBuf};
 use outpost_init::protocol::{LEASE_FILE, Lease};
 
 use super::ExecError;
-use super::secrets::{blocking, remove_if_present};
-use super::spec::is_workspace_name;
+use super::secrets::{blocking, remove_if_present, remove_job_dirs_except};
 
 /// The static `outpost-init` binary.
 static INIT_BINARY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/outpost-init"));
@@ -118,38 +117,10 @@ pub(super) async fn remove_leftovers(
 ) -> Result<usize, ExecError> {
     let leases = leases.to_path_buf();
     blocking("removing leftover lease directories", move || {
-        let entries = match std::fs::read_dir(&leases) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
-                return Err(ExecError::Fence {
-                    path: leases,
-                    source,
-                });
-            }
-        };
-        let mut removed = 0;
-        let mut first_error = None;
-        for entry in entries.flatten() {
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if !is_dir || !entry.file_name().to_str().is_some_and(is_workspace_name) {
-                continue;
-            }
-            let path = entry.path();
-            if keep.contains(&path) {
-                continue;
-            }
-            match remove_if_present(&path) {
-                Ok(()) => removed += 1,
-                Err(source) => {
-                    first_error.get_or_insert(ExecError::Fence { path, source });
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(removed),
-        }
+        remove_job_dirs_except(&leases, &keep, |path, source| ExecError::Fence {
+            path,
+            source,
+        })
     })
     .await
 }

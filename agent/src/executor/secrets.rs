@@ -262,41 +262,50 @@ pub(super) async fn remove_leftovers(
 ) -> Result<usize, ExecError> {
     let scope_dir = scope_dir.to_path_buf();
     blocking("removing leftover secrets", move || {
-        let entries = match std::fs::read_dir(&scope_dir) {
-            Ok(entries) => entries,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
-            Err(source) => {
-                return Err(ExecError::RemoveSecrets {
-                    path: scope_dir,
-                    source,
-                });
-            }
-        };
-        let mut removed = 0;
-        let mut first_error = None;
-        for entry in entries.flatten() {
-            let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
-            if !is_dir || !entry.file_name().to_str().is_some_and(is_workspace_name) {
-                continue;
-            }
-            let path = entry.path();
-            if keep.contains(&path) {
-                continue;
-            }
-            match remove_if_present(&path) {
-                Ok(()) => removed += 1,
-                Err(source) => {
-                    tracing::warn!(path = %path.display(), error = %source, "removing leftover secrets failed");
-                    first_error.get_or_insert(ExecError::RemoveSecrets { path, source });
-                }
-            }
-        }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(removed),
-        }
+        remove_job_dirs_except(&scope_dir, &keep, |path, source| {
+            tracing::warn!(path = %path.display(), error = %source, "removing leftover secrets failed");
+            ExecError::RemoveSecrets { path, source }
+        })
     })
     .await
+}
+
+/// Removes every per-job directory (named like a workspace) in `dir` but
+/// those in `keep`; a missing `dir` holds none. Goes on past a failure and
+/// returns the first one (made by `error`), else how many were removed.
+pub(super) fn remove_job_dirs_except(
+    dir: &Path,
+    keep: &[PathBuf],
+    error: impl Fn(PathBuf, io::Error) -> ExecError,
+) -> Result<usize, ExecError> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(entries) => entries,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(source) => return Err(error(dir.to_path_buf(), source)),
+    };
+    let mut removed = 0;
+    let mut first_error = None;
+    for entry in entries.flatten() {
+        let is_dir = entry.file_type().is_ok_and(|t| t.is_dir());
+        if !is_dir || !entry.file_name().to_str().is_some_and(is_workspace_name) {
+            continue;
+        }
+        let path = entry.path();
+        if keep.contains(&path) {
+            continue;
+        }
+        match remove_if_present(&path) {
+            Ok(()) => removed += 1,
+            Err(source) => {
+                let e = error(path, source);
+                first_error.get_or_insert(e);
+            }
+        }
+    }
+    match first_error {
+        Some(e) => Err(e),
+        None => Ok(removed),
+    }
 }
 
 /// Removes a directory tree; one that is already gone is not an error.
