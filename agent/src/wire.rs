@@ -64,6 +64,10 @@ fn iac_task_from_pb(t: pb::IacTask) -> crate::iac::IacTask {
         tool: t.tool,
         plan_policy: t.plan_policy,
         variables: t.variables.into_iter().collect(),
+        plan_digest: t.plan_digest,
+        bundle_digest: t.bundle_digest,
+        state_serial: t.state_serial,
+        state_lineage: t.state_lineage,
     }
 }
 

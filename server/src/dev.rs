@@ -46,7 +46,20 @@ pub fn ensure_pki(state: &StateDir) -> Result<()> {
                 .with_context(|| format!("failed to issue the {} certificate", role.as_str()))?;
         }
     }
+    let (key, public) = pool_key_paths(state);
+    if !key.exists() {
+        outpost_agent::iac::seal::PoolKey::generate()
+            .write(&key, &public)
+            .with_context(|| format!("failed to write the pool key {}", key.display()))?;
+    }
     Ok(())
+}
+
+/// The local pool's key (an age identity, 0600: the agent's) and its public
+/// key (`pool.pub`: what `outpost state push --recipient` seals to).
+pub fn pool_key_paths(state: &StateDir) -> (PathBuf, PathBuf) {
+    let dir = state.root.join("pool");
+    (dir.join("pool.key"), dir.join("pool.pub"))
 }
 
 /// The configuration of the local agent.
@@ -84,7 +97,10 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
             allowed_images: vec![RUNNER_IMAGE.to_string()],
             ..Default::default()
         },
-        iac: Default::default(),
+        iac: outpost_agent::iac::IacConfig {
+            pool_key_file: Some(pool_key_paths(state).0),
+            ..Default::default()
+        },
     }
 }
 
@@ -194,6 +210,10 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
     eprintln!(
         "outpost dev: control plane at {url}, state in {}",
         state.root.display()
+    );
+    eprintln!(
+        "outpost dev: the local pool's public key is {} (plans and state are sealed to it)",
+        pool_key_paths(state).1.display()
     );
 
     if args.demo {

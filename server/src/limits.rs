@@ -206,6 +206,10 @@ mod tests {
             variables: (0..MAX_VARIABLES_BYTES / 8)
                 .map(|i| (format!("{i:07}"), "v".into()))
                 .collect(),
+            plan_digest: "p".repeat(64),
+            bundle_digest: "b".repeat(64),
+            state_serial: u64::MAX,
+            state_lineage: "l".repeat(64),
         }
     }
 

@@ -35,6 +35,10 @@ resource "null_resource" "first" {
     greeting = var.greeting
   }
 }
+
+output "greeting" {
+  value = null_resource.first.triggers.greeting
+}
 "#;
 
 /// A git repository with `infra/main.tf` on branch `main`.
@@ -444,6 +448,25 @@ warn contains msg if {
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    // The stack lock: a second commit queues a run that waits while the
+    // first holds the lock (UNCONFIRMED), and plans once the first applied.
+    std::fs::write(
+        repo.join("infra/main.tf"),
+        format!("{MAIN_TF}\nresource \"null_resource\" \"second\" {{}}\n"),
+    )
+    .unwrap();
+    commit(&repo, "second");
+    let second = sync(&mut a, "web").await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = a
+        .get_run(iac::GetRunRequest {
+            run_id: second.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "QUEUED", "the stack lock holds it: {r:#?}");
+
     let mut bob = admin_as(&c, "bob").await;
     let r = bob
         .decide_run(iac::DecideRunRequest {
@@ -470,39 +493,145 @@ warn contains msg if {
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
-    // The stack lock: a second commit queues a run that waits while the
-    // first holds the lock, and plans once the first is cancelled.
-    std::fs::write(
-        repo.join("infra/main.tf"),
-        format!("{MAIN_TF}\nresource \"null_resource\" \"second\" {{}}\n"),
-    )
-    .unwrap();
-    commit(&repo, "second");
-    let second = sync(&mut a, "web").await;
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let r = a
-        .get_run(iac::GetRunRequest {
-            run_id: second.clone(),
-        })
+    // The apply of exactly that plan; the state is kept by the control plane.
+    let applied = wait_run(&mut a, &run_id, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(applied.state, "FINISHED", "{applied:#?}");
+    let states: Vec<_> = applied
+        .transitions
+        .iter()
+        .map(|t| t.state.as_str())
+        .collect();
+    assert_eq!(
+        states,
+        [
+            "QUEUED",
+            "PLANNING",
+            "UNCONFIRMED",
+            "CONFIRMED",
+            "APPLYING",
+            "FINISHED"
+        ]
+    );
+    let log = String::from_utf8_lossy(&c.logs(&applied.apply_job).await).into_owned();
+    assert!(log.contains("Apply complete! Resources: 1 added"), "{log}");
+    assert_eq!(applied.outputs.get("greeting").map(String::as_str), Some("\"bonjour\""));
+    let st = a
+        .get_stack(iac::GetStackRequest { name: "web".into() })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.state, "QUEUED", "the stack lock holds it: {r:#?}");
-    let r = a
-        .decide_run(iac::DecideRunRequest {
-            run_id: run_id.clone(),
-            decision: "cancel".into(),
+    assert!(st.state_serial >= 1 && !st.state_lineage.is_empty(), "{st:#?}");
+    assert_eq!(st.outputs, applied.outputs);
+    let versions: serde_json::Value =
+        serde_json::from_str(&cli(&["state", "versions", "web", "--output", "json"])).unwrap();
+    assert_eq!(versions.as_array().unwrap().len(), 1, "{versions}");
+    assert_eq!(versions[0]["serial"], st.state_serial);
+    assert_eq!(
+        versions[0]["written_by"],
+        format!("job:{}", applied.apply_job).as_str()
+    );
+    // `run show` prints times in RFC 3339.
+    let shown = cli(&["run", "show", &run_id]);
+    let year = shown
+        .lines()
+        .find(|l| l.trim_start().starts_with("20") && l.contains("FINISHED"))
+        .unwrap_or_else(|| panic!("{shown}"));
+    assert!(year.contains('T') && year.contains('Z'), "{shown}");
+
+    // A write from the finished apply's lease is refused (its epoch is no
+    // longer a current lease).
+    let agent_paths = c.state.pki().issued(Role::Agent, "local");
+    let mut iac_agent = outpost_proto::iac::v1::iac_agent_client::IacAgentClient::new(
+        ClientConfig {
+            cert: agent_paths.cert,
+            key: agent_paths.key,
+            ..c.client_config()
+        }
+        .channel()
+        .await
+        .unwrap(),
+    );
+    let e = iac_agent
+        .push_state(iac::StatePush {
+            job_id: applied.apply_job.clone(),
+            epoch: 1,
+            serial: st.state_serial + 1,
+            lineage: st.state_lineage.clone(),
+            sealed: b"age-encryption.org/v1\n".to_vec(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+
+    // The second commit plans against that state: only the difference.
+    let r = wait_run(&mut a, &second, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    let changed: Vec<_> = r
+        .changes
+        .iter()
+        .map(|c| (c.address.as_str(), c.actions.clone()))
+        .collect();
+    assert_eq!(
+        changed,
+        [("null_resource.second", vec!["create".to_string()])],
+        "{r:#?}"
+    );
+    assert_eq!(
+        (r.state_serial, r.state_lineage.as_str()),
+        (st.state_serial, st.state_lineage.as_str())
+    );
+
+    // The state moves outside any run (an operator pushes a version): the
+    // approved plan is stale and nothing is applied.
+    let pushed = dir.path().join("pushed.tfstate");
+    std::fs::write(
+        &pushed,
+        serde_json::json!({
+            "version": 4,
+            "terraform_version": "1.0.3",
+            "serial": st.state_serial + 1,
+            "lineage": st.state_lineage,
+            "outputs": {},
+            "resources": [],
+        })
+        .to_string(),
+    )
+    .unwrap();
+    let pool_pub = outpost::dev::pool_key_paths(&c.state).1;
+    cli(&[
+        "state",
+        "push",
+        "web",
+        pushed.to_str().unwrap(),
+        "--recipient",
+        pool_pub.to_str().unwrap(),
+    ]);
+    for who in [&mut alice, &mut bob] {
+        who.decide_run(iac::DecideRunRequest {
+            run_id: second.clone(),
+            decision: "approve".into(),
             comment: String::new(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(r.state, "CANCELLED");
-    let r = wait_run(&mut a, &second, PLAN_WAIT, settled).await;
-    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
-    let addrs: Vec<_> = r.changes.iter().map(|c| c.address.as_str()).collect();
-    assert_eq!(addrs, ["null_resource.first", "null_resource.second"]);
+        .unwrap();
+    }
+    let r = wait_run(&mut a, &second, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "STALE", "{r:#?}");
+    assert!(r.message.contains("state moved"), "{r:#?}");
+    let versions: serde_json::Value =
+        serde_json::from_str(&cli(&["state", "versions", "web", "--output", "json"])).unwrap();
+    assert_eq!(versions.as_array().unwrap().len(), 2, "{versions}");
+    assert_eq!(versions[0]["written_by"], "admin:admin", "{versions}");
+    let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
+    assert!(!log.contains("Apply complete"), "{log}");
     agent.stop().await;
+}
+
+fn is_final(state: &str) -> bool {
+    matches!(
+        state,
+        "FINISHED" | "FAILED" | "DISCARDED" | "CANCELLED" | "STALE"
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -554,7 +683,7 @@ deny contains msg if {
     let auto_repo = repo(
         &auto_repo,
         &format!(
-            "{MAIN_TF}\nresource \"null_resource\" \"s\" {{\n  triggers = {{ token = sensitive(upper(\"plan-only-canary-7d1\")) }}\n}}\n"
+            "{MAIN_TF}\nresource \"null_resource\" \"s\" {{\n  triggers = {{ token = sensitive(upper(\"plan-only-canary-7d1\")) }}\n}}\noutput \"token\" {{\n  value = null_resource.s.triggers.token\n  sensitive = true\n}}\n"
         ),
     );
     let mut auto = stack("auto", &auto_repo);
@@ -588,15 +717,19 @@ deny contains msg if {
     assert_eq!(r.state, "FINISHED", "{r:#?}");
     assert!(!r.has_changes);
     assert_eq!(r.message, "no changes");
-    let r = wait_run(&mut a, &au, PLAN_WAIT, settled).await;
-    assert_eq!(r.state, "CONFIRMED", "{r:#?}");
-    assert_eq!(r.message, "autodeploy");
+    let r = wait_run(&mut a, &au, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "FINISHED", "autodeploy applies by itself: {r:#?}");
+    let confirmed = r.transitions.iter().find(|t| t.state == "CONFIRMED").unwrap();
+    assert_eq!(confirmed.note, "autodeploy");
+    assert!(r.approvals.is_empty());
+    assert_eq!(r.outputs.get("token").map(String::as_str), Some("(sensitive)"));
     let r = wait_run(&mut a, &aw, PLAN_WAIT, settled).await;
     assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
     assert!(r.message.contains("a policy warned"), "{r:#?}");
     assert_eq!(r.verdicts[0].warn, ["needs a human"]);
     // The plan's sensitive value never reached the control plane: not in
-    // its store (runs, logs), not in its blobs.
+    // its store (runs, logs), not in its blobs (the sealed plan bundle and
+    // the sealed state of the applied `auto` run hold it).
     let canary = b"PLAN-ONLY-CANARY-7D1";
     let mut seen = 0;
     let mut stack_dirs = vec![c.state.data_dir()];
@@ -617,5 +750,177 @@ deny contains msg if {
         }
     }
     assert!(seen >= 3, "the data directory was searched ({seen} files)");
+    agent.stop().await;
+}
+
+/// The path of a blob in the control plane's data directory.
+fn blob_path(c: &Cluster, digest: &str) -> PathBuf {
+    c.state.data_dir().join("iac").join("blobs").join(digest)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampered_bundles_and_plans_made_against_no_state_are_never_applied() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), MAIN_TF);
+    let mut a = iac_client(&c.client_config()).await;
+    apply(&mut a, vec![stack("t", &repo)]).await;
+    let mut alice = admin_as(&c, "alice").await;
+    let approve = |id: String| iac::DecideRunRequest {
+        run_id: id,
+        decision: "approve".into(),
+        comment: String::new(),
+    };
+
+    // One byte of the sealed bundle changed: refused, nothing applied.
+    let first = sync(&mut a, "t").await;
+    let r = wait_run(&mut a, &first, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    let sealed = std::fs::read(blob_path(&c, &r.bundle_digest)).unwrap();
+    assert!(sealed.starts_with(b"age-encryption.org/v1\n"));
+    let mut bad = sealed.clone();
+    let mid = bad.len() / 2;
+    bad[mid] ^= 1;
+    std::fs::write(blob_path(&c, &r.bundle_digest), &bad).unwrap();
+    alice.decide_run(approve(first.clone())).await.unwrap();
+    let r = wait_run(&mut a, &first, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "FAILED", "{r:#?}");
+    assert!(r.message.contains("corrupt"), "{r:#?}");
+    let st = a
+        .get_stack(iac::GetStackRequest { name: "t".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(st.state_lineage.is_empty(), "nothing applied: {st:#?}");
+
+    // Planned against no state; a state appears before the apply: stale
+    // (Terraform's own check misses this case), nothing applied.
+    std::fs::write(repo.join("infra/extra.tf"), "# second\n").unwrap();
+    commit(&repo, "second");
+    let second = sync(&mut a, "t").await;
+    let r = wait_run(&mut a, &second, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    assert!(r.state_lineage.is_empty());
+    let pushed = dir.path().join("s.tfstate");
+    std::fs::write(
+        &pushed,
+        r#"{"version":4,"terraform_version":"1.0.3","serial":3,"lineage":"0b6e5c2a-7c2e-4bb4-9b8e-3d9a8c1c2f10","outputs":{},"resources":[]}"#,
+    )
+    .unwrap();
+    let out = Command::new(bin("outpost"))
+        .arg("--state-dir")
+        .arg(&c.state.root)
+        .args(["state", "push", "t"])
+        .arg(&pushed)
+        .arg("--recipient")
+        .arg(outpost::dev::pool_key_paths(&c.state).1)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    alice.decide_run(approve(second.clone())).await.unwrap();
+    let r = wait_run(&mut a, &second, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "STALE", "{r:#?}");
+    assert!(r.message.contains("planned against no state"), "{r:#?}");
+    let v = a
+        .list_state_versions(iac::ListStateVersionsRequest {
+            stack: "t".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(v.len(), 1, "only the pushed version: {v:#?}");
+    // A plan is consumed once: the run's apply job is the only one.
+    assert!(!r.apply_job.is_empty());
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_lock() {
+    let c = Cluster::start_with(outpost::hub::LeaseTiming {
+        ttl: Duration::from_secs(6),
+        heartbeat: Duration::from_secs(1),
+        sweep: Duration::from_millis(200),
+    })
+    .await;
+    let pool_key = outpost::dev::pool_key_paths(&c.state).0;
+    let cfg = c.write_agent_config(
+        "doomed",
+        2,
+        &format!("[iac]\npool_key_file = \"{}\"\n", pool_key.display()),
+        "",
+    );
+    let mut doomed = c.spawn_agent("doomed", &cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(
+        dir.path(),
+        &format!(
+            "{MAIN_TF}\nresource \"null_resource\" \"slow\" {{\n  provisioner \"local-exec\" {{\n    command = \"sleep 45\"\n  }}\n}}\n"
+        ),
+    );
+    let mut a = iac_client(&c.client_config()).await;
+    let mut spec = stack("k", &repo);
+    spec.autodeploy = true;
+    apply(&mut a, vec![spec.clone()]).await;
+    let run_id = sync(&mut a, "k").await;
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| r.state == "APPLYING").await;
+    // Kill -9 once Terraform is inside the slow resource.
+    let deadline = tokio::time::Instant::now() + PLAN_WAIT;
+    loop {
+        let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
+        if log.contains("Provisioning with 'local-exec'") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the apply never reached the slow resource: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    doomed.signal("KILL");
+    doomed.wait_exit(Duration::from_secs(10)).await;
+    let r = wait_run(&mut a, &run_id, Duration::from_secs(60), |r| {
+        is_final(&r.state)
+    })
+    .await;
+    assert_eq!(r.state, "FAILED", "{r:#?}");
+    assert!(r.message.contains("never retried"), "{r:#?}");
+    assert!(r.message.contains("last state serial none"), "{r:#?}");
+    assert!(r.message.contains("lock is released"), "{r:#?}");
+    for id in outpost_tests::containers_of(&r.apply_job).await {
+        let _ = Command::new("docker").args(["rm", "-f", &id]).output();
+    }
+    // Not retried: a new agent is never handed the apply.
+    let agent = c.start_agent(2).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let job = c.job(&r.apply_job).await;
+    assert_eq!(job.epoch, 1, "{job:#?}");
+    // The lock is released: the next run plans, against the state the
+    // killed apply left (none was stored).
+    spec.autodeploy = false;
+    apply(&mut a, vec![spec]).await;
+    let next = a
+        .trigger_run(iac::TriggerRunRequest { stack: "k".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let r = wait_run(&mut a, &next, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    assert!(r.state_lineage.is_empty(), "{r:#?}");
+    assert_eq!(r.changes.len(), 2, "{r:#?}");
+    let _ = a
+        .decide_run(iac::DecideRunRequest {
+            run_id: next,
+            decision: "cancel".into(),
+            comment: String::new(),
+        })
+        .await;
     agent.stop().await;
 }

@@ -12,14 +12,24 @@
 //!    owner's local plan policy (`[iac] plan_policy`) on that JSON
 //!    ([`policy`]); a `deny` fails the job with the messages, a `warn` keeps
 //!    the run from deploying by itself;
-//! 4. only the verdicts, the changed addresses with their actions and the
-//!    plan digest ([`plan`]) are reported, before the job's final status.
+//! 4. the plan bundle ([`bundle`]: configuration, lock file, plan file) is
+//!    sealed to the pool key ([`seal`]) and uploaded; only the ciphertext,
+//!    the verdicts, the changed addresses with their actions and the plan
+//!    digest ([`plan`]) leave the agent, before the job's final status.
+//!
+//! The stack's managed state ([`state`]) is fetched into the workspace
+//! before either phase; the apply phase ([`apply`]) verifies the bundle and
+//! the state before anything runs.
 //!
 //! Files the job leaves in its workspace are opened without following
 //! symlinks, so a job cannot make the agent read a host file.
 
+pub mod apply;
+pub mod bundle;
 pub mod plan;
 pub mod policy;
+pub mod seal;
+pub mod state;
 
 use std::collections::BTreeMap;
 use std::io::Read;
@@ -54,6 +64,10 @@ pub struct IacConfig {
     /// Rego file (`package outpost.plan`, `deny`/`warn` sets) every plan on
     /// this agent must also pass, whatever the stack's own policy says.
     pub plan_policy: Option<PathBuf>,
+    /// The pool key: an age x25519 identity file shared by the agents of a
+    /// pool. Plan bundles and state are encrypted to its public key; without
+    /// it this agent refuses stack runs.
+    pub pool_key_file: Option<PathBuf>,
 }
 
 /// Errors of the IaC layer of the agent.
@@ -90,6 +104,18 @@ pub enum IacError {
     Report(String),
     #[error("{0} was interrupted")]
     Join(&'static str),
+    #[error("the pool key {path} is not usable: {message}")]
+    PoolKey { path: PathBuf, message: String },
+    #[error("this agent has no [iac] pool_key_file: it cannot seal or open plans and state")]
+    NoPoolKey,
+    #[error("sealing to the pool key failed: {0}")]
+    Seal(String),
+    #[error("the plan bundle is refused: {0}")]
+    Bundle(String),
+    #[error("the managed state: {0}")]
+    State(String),
+    #[error("stale plan: {0}")]
+    Stale(String),
 }
 
 /// One phase of a run, as the lease carries it.
@@ -102,12 +128,19 @@ pub struct IacTask {
     pub tool: String,
     pub plan_policy: String,
     pub variables: BTreeMap<String, String>,
+    /// Apply: the approved digest, the sealed bundle's blob, the state the
+    /// plan was made against.
+    pub plan_digest: String,
+    pub bundle_digest: String,
+    pub state_serial: u64,
+    pub state_lineage: String,
 }
 
 /// The agent's IaC side: its local plan policy and its client of the
 /// control plane's `IacAgent` service.
 pub struct IacAgent {
     local_policy: Option<(PathBuf, String)>,
+    pool: Option<seal::PoolKey>,
     client: IacAgentClient<Channel>,
 }
 
@@ -127,11 +160,27 @@ impl IacAgent {
                 Some((path.clone(), text))
             }
         };
+        let pool = match &cfg.pool_key_file {
+            None => None,
+            Some(path) => Some(seal::PoolKey::load(path).map_err(|message| {
+                IacError::PoolKey {
+                    path: path.clone(),
+                    message,
+                }
+            })?),
+        };
         Ok(IacAgent {
             local_policy,
+            pool,
             client: IacAgentClient::new(channel)
                 .max_decoding_message_size(MAX_BLOB_BYTES + (1 << 20)),
         })
+    }
+}
+
+impl IacAgent {
+    fn pool(&self) -> Result<&seal::PoolKey, IacError> {
+        self.pool.as_ref().ok_or(IacError::NoPoolKey)
     }
 }
 
@@ -153,14 +202,22 @@ fn task_spec(spec: &JobSpec, task: &IacTask) -> Result<JobSpec, IacError> {
     if !matches!(task.tool.as_str(), "terraform" | "tofu") {
         return Err(IacError::Task(format!("tool {:?}", task.tool)));
     }
-    if task.phase != "plan" {
-        return Err(IacError::Task(format!(
-            "phase {:?} is not supported by this agent",
-            task.phase
-        )));
-    }
+    let script = match task.phase.as_str() {
+        "plan" => PLAN_SCRIPT,
+        "apply" => apply::APPLY_SCRIPT,
+        "lost" => {
+            return Err(IacError::Task(
+                "an earlier lease of this apply was lost; an apply is never retried".into(),
+            ));
+        }
+        other => {
+            return Err(IacError::Task(format!(
+                "phase {other:?} is not supported by this agent"
+            )));
+        }
+    };
     let mut s = spec.clone();
-    s.command = vec!["sh".into(), "-c".into(), PLAN_SCRIPT.into()];
+    s.command = vec!["sh".into(), "-c".into(), script.into()];
     s.env.insert("OUTPOST_TOOL".into(), task.tool.clone());
     for (k, v) in &task.variables {
         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -220,6 +277,7 @@ pub async fn run_job(
         uid,
         gid,
         stack_policy: Mutex::new(stack_policy),
+        state_before: Mutex::new(plan::StateRef::default()),
     };
     exec.run_with_hooks(key, &run_spec, output, cancel, started, Some(&hooks))
         .await
@@ -233,11 +291,13 @@ struct JobIac {
     uid: u32,
     gid: u32,
     stack_policy: Mutex<Option<PlanPolicy>>,
+    /// The state the job started with.
+    state_before: Mutex<plan::StateRef>,
 }
 
 impl JobIac {
-    async fn before_start(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
-        let digest = self.task.source_digest.clone();
+    /// A blob the lease names, checked against its SHA-256.
+    async fn fetch_blob(&self, digest: &str) -> Result<Vec<u8>, IacError> {
         let blob = self
             .agent
             .client
@@ -245,30 +305,54 @@ impl JobIac {
             .fetch_blob(iacpb::FetchBlobRequest {
                 job_id: self.key.job_id.clone(),
                 epoch: self.key.epoch,
-                digest: digest.clone(),
+                digest: digest.to_string(),
             })
             .await
             .map_err(|s| IacError::Fetch {
-                digest: digest.clone(),
+                digest: digest.to_string(),
                 message: s.message().to_string(),
             })?
             .into_inner();
         let actual = plan::hex(ring::digest::digest(&ring::digest::SHA256, &blob.data).as_ref());
         if actual != digest {
-            return Err(IacError::Digest { digest });
+            return Err(IacError::Digest {
+                digest: digest.to_string(),
+            });
         }
+        Ok(blob.data)
+    }
+
+    async fn before_start(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
+        if self.task.phase == "apply" {
+            return apply::before_start(self, ctx).await;
+        }
+        self.agent.pool()?;
+        let data = self.fetch_blob(&self.task.source_digest).await?;
         let dest = ctx.workspace.join("src");
         let (uid, gid) = (self.uid, self.gid);
-        let size = blob.data.len();
-        tokio::task::spawn_blocking(move || unpack(&blob.data, &dest, uid, gid))
+        let size = data.len();
+        tokio::task::spawn_blocking(move || unpack(&data, &dest, uid, gid))
             .await
             .map_err(|_| IacError::Join("unpacking the source"))?
             .map_err(IacError::Unpack)?;
         info!(digest = %self.task.source_digest, bytes = size, "source unpacked");
+        let current = state::fetch(&self.agent, &self.key).await?;
+        if let Some(plain) = current.plain {
+            let ws = ctx.workspace.to_path_buf();
+            let (uid, gid) = (self.uid, self.gid);
+            tokio::task::spawn_blocking(move || state::write(&ws, &plain, uid, gid))
+                .await
+                .map_err(|_| IacError::Join("writing the state"))?
+                .map_err(IacError::Unpack)?;
+        }
+        *self.state_before.lock() = current.state;
         Ok(())
     }
 
     async fn after_exit(&self, ctx: &HookContext<'_>, outcome: &Outcome) -> Result<(), IacError> {
+        if self.task.phase == "apply" {
+            return apply::after_exit(self, ctx, outcome).await;
+        }
         if !matches!(outcome, Outcome::Exited { code: 0, .. }) {
             return Ok(());
         }
@@ -279,13 +363,6 @@ impl JobIac {
                     what: "the plan's exit code",
                     source,
                 })?;
-            let plan_file =
-                read_nofollow(&ws.join("tfplan"), MAX_PLAN_JSON_BYTES).map_err(|source| {
-                    IacError::Read {
-                        what: "the plan file",
-                        source,
-                    }
-                })?;
             let json =
                 read_nofollow(&ws.join("plan.json"), MAX_PLAN_JSON_BYTES).map_err(|source| {
                     IacError::Read {
@@ -293,11 +370,11 @@ impl JobIac {
                         source,
                     }
                 })?;
-            Ok((code, plan_file, json))
+            Ok((code, json))
         })
         .await
         .map_err(|_| IacError::Join("reading the plan"))??;
-        let (code, plan_file, json) = files;
+        let (code, json) = files;
         let has_changes = match String::from_utf8_lossy(&code).trim() {
             "0" => false,
             "2" => true,
@@ -345,12 +422,41 @@ impl JobIac {
             })?;
             verdicts.push(("agent", v));
         }
-        let digest = plan::digest(
-            &plan_file,
-            &self.task.source_digest,
-            &self.image,
-            &self.task.variables,
-        );
+        let state = self.state_before.lock().clone();
+        let (digest, bundle_digest) = if has_changes {
+            let ws = ctx.workspace.to_path_buf();
+            let plain = tokio::task::spawn_blocking(move || bundle::pack(&ws))
+                .await
+                .map_err(|_| IacError::Join("packing the plan bundle"))?
+                .map_err(|source| IacError::Read {
+                    what: "the plan bundle",
+                    source,
+                })?;
+            let digest = plan::digest(&plan::DigestInput {
+                bundle: &plain,
+                source_digest: &self.task.source_digest,
+                image: &self.image,
+                variables: &self.task.variables,
+                state: &state,
+            });
+            let sealed = self.agent.pool()?.seal(&plain).map_err(IacError::Seal)?;
+            drop(plain);
+            let ack = self
+                .agent
+                .client
+                .clone()
+                .upload_bundle(iacpb::BundleUpload {
+                    job_id: self.key.job_id.clone(),
+                    epoch: self.key.epoch,
+                    sealed,
+                })
+                .await
+                .map_err(|s| IacError::Report(s.message().to_string()))?
+                .into_inner();
+            (digest, ack.digest)
+        } else {
+            (String::new(), String::new())
+        };
         let denied: Vec<String> = verdicts
             .iter()
             .flat_map(|(src, v)| v.deny.iter().map(move |m| format!("{src}: {m}")))
@@ -375,6 +481,9 @@ impl JobIac {
                 })
                 .collect(),
             plan_digest: digest.clone(),
+            bundle_digest,
+            state_serial: state.serial,
+            state_lineage: state.lineage.clone(),
         };
         self.agent
             .client

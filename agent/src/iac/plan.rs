@@ -39,27 +39,61 @@ pub fn summary(show: &Value) -> Vec<Change> {
     out
 }
 
-/// Hex SHA-256 over the plan file's hash, the source digest, the image and
-/// the variables (length-prefixed fields, so no two inputs collide).
-pub fn digest(
-    plan_file: &[u8],
-    source_digest: &str,
-    image: &str,
-    variables: &std::collections::BTreeMap<String, String>,
-) -> String {
+/// The state a plan was made against: Terraform's serial and lineage.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct StateRef {
+    pub serial: u64,
+    /// Empty: there was no state.
+    pub lineage: String,
+}
+
+impl StateRef {
+    /// Serial and lineage of a state file's JSON.
+    pub fn of(state: &[u8]) -> Result<StateRef, String> {
+        let v: Value = serde_json::from_slice(state).map_err(|e| e.to_string())?;
+        let serial = v.get("serial").and_then(Value::as_u64).ok_or("no serial")?;
+        let lineage = v
+            .get("lineage")
+            .and_then(Value::as_str)
+            .filter(|l| !l.is_empty())
+            .ok_or("no lineage")?;
+        Ok(StateRef {
+            serial,
+            lineage: lineage.to_string(),
+        })
+    }
+}
+
+/// What the plan digest covers.
+pub struct DigestInput<'a> {
+    /// The plan bundle before encryption.
+    pub bundle: &'a [u8],
+    pub source_digest: &'a str,
+    pub image: &'a str,
+    pub variables: &'a std::collections::BTreeMap<String, String>,
+    pub state: &'a StateRef,
+}
+
+/// Hex SHA-256 over the bundle's hash, the source digest, the image, the
+/// variables and the state serial and lineage (length-prefixed fields, so
+/// no two inputs collide).
+pub fn digest(i: &DigestInput<'_>) -> String {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     let mut field = |b: &[u8]| {
         ctx.update(&(b.len() as u64).to_be_bytes());
         ctx.update(b);
     };
-    field(b"outpost-plan-v1");
-    field(ring::digest::digest(&ring::digest::SHA256, plan_file).as_ref());
-    field(source_digest.as_bytes());
-    field(image.as_bytes());
-    for (k, v) in variables {
+    field(b"outpost-plan-v2");
+    field(ring::digest::digest(&ring::digest::SHA256, i.bundle).as_ref());
+    field(i.source_digest.as_bytes());
+    field(i.image.as_bytes());
+    field(&(i.variables.len() as u64).to_be_bytes());
+    for (k, v) in i.variables {
         field(k.as_bytes());
         field(v.as_bytes());
     }
+    field(&i.state.serial.to_be_bytes());
+    field(i.state.lineage.as_bytes());
     hex(ctx.finish().as_ref())
 }
 
@@ -98,11 +132,34 @@ mod tests {
     #[test]
     fn the_digest_covers_every_input() {
         let vars = |v: &str| [("a".to_string(), v.to_string())].into();
-        let d = digest(b"plan", "src", "img", &vars("1"));
-        assert_ne!(d, digest(b"plan2", "src", "img", &vars("1")));
-        assert_ne!(d, digest(b"plan", "src2", "img", &vars("1")));
-        assert_ne!(d, digest(b"plan", "src", "img2", &vars("1")));
-        assert_ne!(d, digest(b"plan", "src", "img", &vars("2")));
-        assert_eq!(d, digest(b"plan", "src", "img", &vars("1")));
+        let st = |serial: u64, lineage: &str| StateRef {
+            serial,
+            lineage: lineage.into(),
+        };
+        let d = |b: &[u8], s: &str, i: &str, v: &str, state: StateRef| {
+            digest(&DigestInput {
+                bundle: b,
+                source_digest: s,
+                image: i,
+                variables: &vars(v),
+                state: &state,
+            })
+        };
+        let base = d(b"plan", "src", "img", "1", st(0, ""));
+        assert_ne!(base, d(b"plan2", "src", "img", "1", st(0, "")));
+        assert_ne!(base, d(b"plan", "src2", "img", "1", st(0, "")));
+        assert_ne!(base, d(b"plan", "src", "img2", "1", st(0, "")));
+        assert_ne!(base, d(b"plan", "src", "img", "2", st(0, "")));
+        assert_ne!(base, d(b"plan", "src", "img", "1", st(1, "")));
+        assert_ne!(base, d(b"plan", "src", "img", "1", st(0, "l")));
+        assert_eq!(base, d(b"plan", "src", "img", "1", st(0, "")));
+    }
+
+    #[test]
+    fn state_refs_come_from_the_state_json() {
+        let s = StateRef::of(br#"{"version":4,"serial":7,"lineage":"abc"}"#).unwrap();
+        assert_eq!(s, StateRef { serial: 7, lineage: "abc".into() });
+        assert!(StateRef::of(b"{}").is_err());
+        assert!(StateRef::of(b"not json").is_err());
     }
 }

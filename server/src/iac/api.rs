@@ -51,9 +51,11 @@ impl iac::iac_admin_server::IacAdmin for IacAdminApi {
     ) -> Result<Response<iac::ListStacksResponse>, Status> {
         Identity::require(&request, Role::Admin)?;
         let stacks = self.engine.store.list_stacks().await?;
-        Ok(Response::new(iac::ListStacksResponse {
-            stacks: stacks.iter().map(wire::stack_to_pb).collect(),
-        }))
+        let mut out = Vec::with_capacity(stacks.len());
+        for s in &stacks {
+            out.push(self.stack_with_state(s).await?);
+        }
+        Ok(Response::new(iac::ListStacksResponse { stacks: out }))
     }
 
     async fn get_stack(
@@ -62,7 +64,14 @@ impl iac::iac_admin_server::IacAdmin for IacAdminApi {
     ) -> Result<Response<iac::Stack>, Status> {
         Identity::require(&request, Role::Admin)?;
         let s = self.engine.stack(&request.into_inner().name).await?;
-        Ok(Response::new(wire::stack_to_pb(&s)))
+        let mut pb = self.stack_with_state(&s).await?;
+        pb.outputs = self
+            .engine
+            .last_outputs(&s.spec.name)
+            .await?
+            .into_iter()
+            .collect();
+        Ok(Response::new(pb))
     }
 
     async fn delete_stack(
@@ -149,6 +158,56 @@ impl iac::iac_admin_server::IacAdmin for IacAdminApi {
             .await?;
         Ok(Response::new(wire::run_to_pb(&run)))
     }
+
+    async fn list_state_versions(
+        &self,
+        request: Request<iac::ListStateVersionsRequest>,
+    ) -> Result<Response<iac::ListStateVersionsResponse>, Status> {
+        Identity::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        self.engine.stack(&req.stack).await?;
+        let limit = if req.limit == 0 {
+            50
+        } else {
+            req.limit.min(1000)
+        };
+        let versions = self
+            .engine
+            .store
+            .state_versions(req.stack, limit)
+            .await?;
+        Ok(Response::new(iac::ListStateVersionsResponse {
+            versions: versions.iter().map(wire::state_version_to_pb).collect(),
+        }))
+    }
+
+    async fn push_state_version(
+        &self,
+        request: Request<iac::PushStateVersionRequest>,
+    ) -> Result<Response<iac::StateVersion>, Status> {
+        let id = Identity::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let v = self
+            .engine
+            .admin_push_state(&who(&id), &req.stack, req.serial, req.lineage, req.sealed)
+            .await?;
+        Ok(Response::new(wire::state_version_to_pb(&v)))
+    }
+}
+
+impl IacAdminApi {
+    /// A stack with its current state version.
+    async fn stack_with_state(
+        &self,
+        s: &super::model::Stack,
+    ) -> Result<iac::Stack, super::IacError> {
+        let mut pb = wire::stack_to_pb(s);
+        if let Some(v) = self.engine.store.current_state(s.spec.name.clone()).await? {
+            pb.state_serial = v.serial;
+            pb.state_lineage = v.lineage;
+        }
+        Ok(pb)
+    }
 }
 
 pub struct IacAgentApi {
@@ -183,5 +242,76 @@ impl iac::iac_agent_server::IacAgent for IacAgentApi {
         let plan = wire::plan_from_pb(req).map_err(Status::invalid_argument)?;
         self.engine.report_plan(&id.name, &job, epoch, plan).await?;
         Ok(Response::new(iac::PlanReportAck {}))
+    }
+
+    async fn upload_bundle(
+        &self,
+        request: Request<iac::BundleUpload>,
+    ) -> Result<Response<iac::BundleAck>, Status> {
+        let id = Identity::require(&request, Role::Agent)?;
+        let req = request.into_inner();
+        let digest = self
+            .engine
+            .upload_bundle(&id.name, &req.job_id, req.epoch, req.sealed)
+            .await?;
+        Ok(Response::new(iac::BundleAck { digest }))
+    }
+
+    async fn get_state(
+        &self,
+        request: Request<iac::StateRequest>,
+    ) -> Result<Response<iac::StateVersionData>, Status> {
+        let id = Identity::require(&request, Role::Agent)?;
+        let req = request.into_inner();
+        let found = self
+            .engine
+            .state_for(&id.name, &req.job_id, req.epoch)
+            .await?;
+        Ok(Response::new(match found {
+            None => iac::StateVersionData::default(),
+            Some((v, sealed)) => iac::StateVersionData {
+                version: Some(wire::state_version_to_pb(&v)),
+                sealed,
+            },
+        }))
+    }
+
+    async fn push_state(
+        &self,
+        request: Request<iac::StatePush>,
+    ) -> Result<Response<iac::StateVersion>, Status> {
+        let id = Identity::require(&request, Role::Agent)?;
+        let req = request.into_inner();
+        let v = self
+            .engine
+            .push_state(
+                &id.name,
+                &req.job_id,
+                req.epoch,
+                req.serial,
+                req.lineage,
+                req.sealed,
+            )
+            .await?;
+        Ok(Response::new(wire::state_version_to_pb(&v)))
+    }
+
+    async fn report_apply(
+        &self,
+        request: Request<iac::ApplyReport>,
+    ) -> Result<Response<iac::ApplyReportAck>, Status> {
+        let id = Identity::require(&request, Role::Agent)?;
+        let req = request.into_inner();
+        self.engine
+            .report_apply(
+                &id.name,
+                &req.job_id,
+                req.epoch,
+                req.stale,
+                req.message,
+                req.outputs.into_iter().collect(),
+            )
+            .await?;
+        Ok(Response::new(iac::ApplyReportAck {}))
     }
 }

@@ -34,6 +34,11 @@ pub enum IacCommand {
         #[command(subcommand)]
         command: RunCommand,
     },
+    /// A stack's managed state: list versions, push one written outside a run.
+    State {
+        #[command(subcommand)]
+        command: super::state::cli::StateCommand,
+    },
     /// List runs (of one stack), newest first.
     Runs {
         stack: Option<String>,
@@ -242,6 +247,7 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
                 }
             }
         },
+        IacCommand::State { command } => super::state::cli::run(&mut c, command).await?,
         IacCommand::Runs {
             stack,
             output,
@@ -346,6 +352,9 @@ fn stack_json(s: &iac::Stack) -> Value {
         "source_digest": s.source_digest,
         "fetch_error": s.fetch_error,
         "fetched_at_ms": s.fetched_at_ms,
+        "state_serial": s.state_serial,
+        "state_lineage": s.state_lineage,
+        "outputs": s.outputs,
     })
 }
 
@@ -367,6 +376,9 @@ fn run_json(r: &iac::Run) -> Value {
         "approvals": r.approvals.iter().map(|a| json!({"identity": a.identity, "decision": a.decision, "comment": a.comment, "plan_digest": a.plan_digest, "at_ms": a.at_ms})).collect::<Vec<_>>(),
         "plan_digest": r.plan_digest,
         "created_at_ms": r.created_at_ms,
+        "outputs": r.outputs,
+        "state_serial": r.state_serial,
+        "state_lineage": r.state_lineage,
     })
 }
 
@@ -398,7 +410,7 @@ pub(crate) fn print_run(r: &iac::Run, output: Output) {
         println!("message    {}", r.message);
     }
     for t in &r.transitions {
-        println!("  {:>15} {:<12} {}", t.at_ms, t.state, t.note);
+        println!("  {:<24} {:<12} {}", rfc3339(t.at_ms), t.state, t.note);
     }
     if !r.plan_digest.is_empty() {
         let count = |a: &str| {
@@ -427,6 +439,35 @@ pub(crate) fn print_run(r: &iac::Run, output: Output) {
         }
     }
     for a in &r.approvals {
-        println!("decision   {} {} {}", a.identity, a.decision, a.comment);
+        println!(
+            "decision   {} {} {} {}",
+            rfc3339(a.at_ms),
+            a.identity,
+            a.decision,
+            a.comment
+        );
+    }
+    for (k, v) in &r.outputs {
+        println!("output     {k} = {v}");
+    }
+}
+
+/// Milliseconds since the Unix epoch as RFC 3339 (UTC, milliseconds).
+pub(crate) fn rfc3339(ms: i64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| ms.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn times_print_as_rfc3339() {
+        assert_eq!(super::rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(super::rfc3339(1_500), "1970-01-01T00:00:01.5Z");
     }
 }

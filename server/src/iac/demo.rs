@@ -1,7 +1,9 @@
 //! The stack part of `outpost dev --demo`: a git repository of its own (in
 //! the state directory), a stack with a plan policy, a tracked run planned
-//! in the sandbox, an approval by a second admin, then a second commit and
-//! the plan of just that difference.
+//! in the sandbox, an approval by a second admin, the apply of exactly that
+//! plan (state kept by the control plane, sealed to the pool key), then a
+//! second commit whose plan shows just the difference, approved and
+//! applied in turn.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -32,6 +34,10 @@ resource "null_resource" "hello" {
   triggers = {
     greeting = var.greeting
   }
+}
+
+output "greeting" {
+  value = null_resource.hello.triggers.greeting
 }
 "#;
 
@@ -86,6 +92,15 @@ fn commit(repo: &Path, greeting: &str, msg: &str) -> Result<()> {
 }
 
 async fn wait_planned(c: &mut IacAdminClient<Channel>, id: &str) -> Result<iac::Run> {
+    wait_past(c, id, &["QUEUED", "PLANNING"]).await
+}
+
+/// Polls the run until its state is none of `states` (5 minutes at most).
+async fn wait_past(
+    c: &mut IacAdminClient<Channel>,
+    id: &str,
+    states: &[&str],
+) -> Result<iac::Run> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let r = c
@@ -93,7 +108,7 @@ async fn wait_planned(c: &mut IacAdminClient<Channel>, id: &str) -> Result<iac::
             .await
             .map_err(|s| anyhow::anyhow!("{}", s.message()))?
             .into_inner();
-        if !matches!(r.state.as_str(), "QUEUED" | "PLANNING") {
+        if !states.contains(&r.state.as_str()) {
             return Ok(r);
         }
         if Instant::now() > deadline {
@@ -189,17 +204,30 @@ pub async fn run(state: &StateDir, client: &ClientConfig) -> Result<()> {
             "==> approved by admin:reviewer: run {} is {}",
             r.run_id, r.state
         );
-        if round == 1 {
-            // Nothing applies yet: discard so that the next commit plans.
-            let _ = c
-                .decide_run(iac::DecideRunRequest {
-                    run_id: r.run_id.clone(),
-                    decision: "cancel".into(),
-                    comment: "demo".into(),
-                })
-                .await;
+        let started = Instant::now();
+        let r = wait_past(&mut c, &r.run_id, &["CONFIRMED", "APPLYING"]).await?;
+        println!(
+            "==> the agent verified the sealed plan against the approved digest and applied it in {:.1}s:",
+            started.elapsed().as_secs_f64()
+        );
+        super::cli::print_run(&r, super::cli::Output::Table);
+        if r.state != "FINISHED" {
+            bail!("run {} ended {}: {}", r.run_id, r.state, r.message);
         }
+        let stack = c
+            .get_stack(iac::GetStackRequest {
+                name: "demo".into(),
+            })
+            .await
+            .map_err(|s| anyhow::anyhow!("{}", s.message()))?
+            .into_inner();
+        println!(
+            "==> state kept by the control plane (ciphertext only): serial {}, lineage {}",
+            stack.state_serial, stack.state_lineage
+        );
     }
-    println!("\n==> demo done: outpost runs demo; outpost run show RUN");
+    println!(
+        "\n==> demo done: outpost runs demo; outpost run show RUN; outpost stack show demo; outpost state versions demo"
+    );
     Ok(())
 }

@@ -6,9 +6,13 @@
 //! carries an `IacTask` (`hub::LeaseTasks`); the agent plans, evaluates the
 //! plan policies inside its network and reports only a summary (`api`:
 //! `outpost.iac.v1.IacAgent`, fenced by the caller's current lease).
-//! Operators use `outpost.iac.v1.IacAdmin` (`api`) through `cli`.
+//! Operators use `outpost.iac.v1.IacAdmin` (`api`) through `cli`. A
+//! confirmed run's apply (`apply`) applies exactly the approved plan, whose
+//! bundle the control plane holds sealed to the pool key; stacks without a
+//! backend of their own keep their state versions here (`state`), sealed too.
 
 pub mod api;
+pub mod apply;
 pub mod blobs;
 pub mod cli;
 pub mod config;
@@ -16,6 +20,7 @@ pub mod demo;
 pub mod model;
 pub mod runs;
 pub mod source;
+pub mod state;
 pub mod store;
 pub mod wire;
 

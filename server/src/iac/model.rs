@@ -272,6 +272,14 @@ pub struct PlanResult {
     pub changes: Vec<ResourceChange>,
     pub verdicts: Vec<PolicyVerdict>,
     pub plan_digest: String,
+    /// Blob of the plan bundle sealed to the pool key (ciphertext only).
+    #[serde(default)]
+    pub bundle_digest: String,
+    /// The state the plan was made against (`state_lineage` empty: none).
+    #[serde(default)]
+    pub state_serial: u64,
+    #[serde(default)]
+    pub state_lineage: String,
 }
 
 impl PlanResult {
@@ -296,6 +304,22 @@ pub struct Run {
     pub plan: Option<PlanResult>,
     pub approvals: Vec<Approval>,
     pub created_ms: i64,
+    /// The apply phase, once it started (`iac::apply`).
+    #[serde(default)]
+    pub apply: Option<ApplyResult>,
+}
+
+/// What the control plane knows of a run's apply phase.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct ApplyResult {
+    /// Leases handed out for the apply job; an apply is never leased twice.
+    pub leases: u32,
+    /// The agent found the state moved since the plan (nothing applied).
+    pub stale: bool,
+    pub message: String,
+    /// Outputs (JSON values; sensitive ones redacted by the agent).
+    pub outputs: BTreeMap<String, String>,
 }
 
 impl Run {
@@ -353,6 +377,7 @@ mod tests {
             plan: None,
             approvals: Vec::new(),
             created_ms: 0,
+            apply: None,
         }
     }
 

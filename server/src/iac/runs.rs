@@ -38,6 +38,7 @@ impl Engine {
     /// Opens the IaC tables and registers the lease tasks with the hub.
     pub async fn start(hub: Arc<Hub>, data_dir: &std::path::Path) -> Result<Arc<Engine>, IacError> {
         let store = IacStore::open(hub.store.clone()).await?;
+        store.open_state().await?;
         let engine = Arc::new(Engine {
             store,
             hub: hub.clone(),
@@ -228,6 +229,7 @@ impl Engine {
             plan: None,
             approvals: Vec::new(),
             created_ms: now,
+            apply: None,
         };
         let run = self.store.insert_run(run).await?;
         info!(run = %run.id, stack = %run.stack, commit = %run.commit, "run queued");
@@ -257,6 +259,8 @@ impl Engine {
                     stacks_with_queued.insert(run.stack.clone());
                 }
                 RunState::Planning => self.advance_planning(run).await?,
+                RunState::Confirmed => self.start_apply(run).await?,
+                RunState::Applying => self.advance_applying(run).await?,
                 _ => {}
             }
         }
@@ -282,6 +286,7 @@ impl Engine {
                 tool: spec.tool.clone(),
                 plan_policy: spec.plan_policy.clone(),
                 variables: spec.variables.clone(),
+                ..Default::default()
             })
             .await?;
         let Some((run, _task)) = started else {
@@ -405,7 +410,7 @@ impl Engine {
             .task_of(job_id.to_string())
             .await?
             .ok_or_else(|| IacError::Refused(format!("job {job_id} is not a run's job")))?;
-        if task.source_digest != digest {
+        if task.source_digest != digest && task.bundle_digest != digest {
             return Err(IacError::Refused(format!(
                 "the lease of job {job_id} does not name blob {digest}"
             )));
@@ -557,7 +562,7 @@ impl LeaseTasks for Engine {
     fn task(&self, job_id: &str) -> BoxFuture<'_, Option<pb::IacTask>> {
         let job_id = job_id.to_string();
         async move {
-            match self.store.task_of(job_id.clone()).await {
+            match self.lease_task(&job_id).await {
                 Ok(t) => t.map(|t| super::wire::task_to_pb(&t)),
                 Err(e) => {
                     warn!(job = %job_id, error = %e, "reading the run task failed");

@@ -35,11 +35,11 @@ CREATE TABLE IF NOT EXISTS iac_jobs (
 );
 "#;
 
-fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
+pub(super) fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Query { op, source }
 }
 
-fn corrupt(id: &str, e: serde_json::Error) -> StoreError {
+pub(super) fn corrupt(id: &str, e: serde_json::Error) -> StoreError {
     StoreError::Corrupt {
         id: id.to_string(),
         what: e.to_string(),
@@ -47,7 +47,7 @@ fn corrupt(id: &str, e: serde_json::Error) -> StoreError {
 }
 
 /// The task pushed with a run job's lease (what `outpost.agent.v1.IacTask` carries).
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Task {
     pub run_id: String,
     pub stack: String,
@@ -56,12 +56,21 @@ pub struct Task {
     pub tool: String,
     pub plan_policy: String,
     pub variables: std::collections::BTreeMap<String, String>,
+    /// Apply: the approved digest, the sealed bundle, the planned-against state.
+    #[serde(default)]
+    pub plan_digest: String,
+    #[serde(default)]
+    pub bundle_digest: String,
+    #[serde(default)]
+    pub state_serial: u64,
+    #[serde(default)]
+    pub state_lineage: String,
 }
 
 /// The IaC tables; cheap to clone.
 #[derive(Clone)]
 pub struct IacStore {
-    store: Store,
+    pub(super) store: Store,
 }
 
 impl IacStore {
@@ -342,7 +351,7 @@ fn get_stack(c: &Connection, name: &str) -> Result<Option<Stack>, StoreError> {
         .transpose()
 }
 
-fn write_run(c: &Connection, r: &Run) -> Result<(), StoreError> {
+pub(super) fn write_run(c: &Connection, r: &Run) -> Result<(), StoreError> {
     let body = serde_json::to_string(r).map_err(|e| corrupt(&r.id, e))?;
     c.execute(
         "UPDATE runs SET state = ?2, body = ?3 WHERE id = ?1",
@@ -352,7 +361,7 @@ fn write_run(c: &Connection, r: &Run) -> Result<(), StoreError> {
     Ok(())
 }
 
-fn get_run(c: &Connection, id: &str) -> Result<Option<Run>, StoreError> {
+pub(super) fn get_run(c: &Connection, id: &str) -> Result<Option<Run>, StoreError> {
     let body: Option<String> = c
         .query_row("SELECT body FROM runs WHERE id = ?1", params![id], |r| {
             r.get(0)

@@ -16,6 +16,10 @@ pub fn task_to_pb(t: &Task) -> pb::IacTask {
         tool: t.tool.clone(),
         plan_policy: t.plan_policy.clone(),
         variables: t.variables.clone().into_iter().collect(),
+        plan_digest: t.plan_digest.clone(),
+        bundle_digest: t.bundle_digest.clone(),
+        state_serial: t.state_serial,
+        state_lineage: t.state_lineage.clone(),
     }
 }
 
@@ -62,6 +66,7 @@ pub fn stack_to_pb(s: &Stack) -> iac::Stack {
         fetched_at_ms: s.fetched_ms,
         created_at_ms: s.created_ms,
         updated_at_ms: s.updated_ms,
+        ..Default::default()
     }
 }
 
@@ -117,6 +122,14 @@ pub fn run_to_pb(r: &Run) -> iac::Run {
         approvals: r.approvals.iter().map(approval_to_pb).collect(),
         plan_digest: plan.plan_digest.clone(),
         created_at_ms: r.created_ms,
+        outputs: r
+            .apply
+            .as_ref()
+            .map(|a| a.outputs.clone().into_iter().collect())
+            .unwrap_or_default(),
+        state_serial: plan.state_serial,
+        state_lineage: plan.state_lineage.clone(),
+        bundle_digest: plan.bundle_digest.clone(),
     }
 }
 
@@ -147,5 +160,19 @@ pub fn plan_from_pb(p: iac::PlanReport) -> Result<PlanResult, String> {
             })
             .collect(),
         plan_digest: p.plan_digest,
+        bundle_digest: p.bundle_digest,
+        state_serial: p.state_serial,
+        state_lineage: p.state_lineage,
     })
+}
+
+pub fn state_version_to_pb(v: &super::state::StateVersion) -> iac::StateVersion {
+    iac::StateVersion {
+        stack: v.stack.clone(),
+        serial: v.serial,
+        lineage: v.lineage.clone(),
+        digest: v.digest.clone(),
+        written_by: v.written_by.clone(),
+        at_ms: v.at_ms,
+    }
 }

@@ -1,0 +1,228 @@
+//! The apply phase on the agent. Before the container starts:
+//!
+//! 1. the sealed plan bundle named by the lease is fetched (served only for
+//!    the current lease), opened with the pool key (a changed byte fails
+//!    the authenticated decryption) and its plan digest recomputed from
+//!    the bundle, the source digest, the image, the variables and the state
+//!    the plan was made against: anything but the approved digest is
+//!    refused;
+//! 2. the stack's current state is fetched and compared with the state the
+//!    plan was made against (serial and lineage, and "no state" as its own
+//!    value, which Terraform's own check misses): if it moved, the run is
+//!    reported stale and nothing runs;
+//! 3. only then are the bundle and the state unpacked and the container runs
+//!    `init` and `apply` of the saved plan, then `output -json`.
+//!
+//! After the process ends, however it ended, the state it left is sealed
+//! and stored as a new version; on success the outputs are reported, the
+//! values of sensitive ones replaced by `(sensitive)`.
+
+use outpost_proto::iac::v1 as iacpb;
+use tracing::{info, warn};
+
+use super::plan::{self, DigestInput, StateRef};
+use super::{IacError, JobIac, bundle, read_nofollow, state};
+use crate::executor::hooks::HookContext;
+use crate::job::Outcome;
+
+/// The apply phase's script; the outputs go to a file, never to the log.
+pub const APPLY_SCRIPT: &str = r#"set -u
+cd /workspace/src
+tf="$OUTPOST_TOOL"
+"$tf" init -input=false -no-color || exit 1
+"$tf" apply -input=false -no-color -auto-approve /workspace/tfplan || exit 1
+"$tf" output -json > /workspace/outputs.json || exit 1
+"#;
+
+/// Largest outputs file, number of outputs and length of one value.
+const MAX_OUTPUTS_BYTES: u64 = 4 << 20;
+const MAX_OUTPUTS: usize = 1000;
+const MAX_OUTPUT_VALUE: usize = 4096;
+
+/// Steps 1–3 of the module documentation.
+pub(super) async fn before_start(j: &JobIac, ctx: &HookContext<'_>) -> Result<(), IacError> {
+    let task = &j.task;
+    let pool = j.agent.pool()?;
+    let sealed = j.fetch_blob(&task.bundle_digest).await?;
+    let plain = pool.open(&sealed).map_err(|e| {
+        IacError::Bundle(format!(
+            "it does not open with the pool key (changed, or sealed to another pool): {e}"
+        ))
+    })?;
+    let planned = StateRef {
+        serial: task.state_serial,
+        lineage: task.state_lineage.clone(),
+    };
+    let digest = plan::digest(&DigestInput {
+        bundle: &plain,
+        source_digest: &task.source_digest,
+        image: &j.image,
+        variables: &task.variables,
+        state: &planned,
+    });
+    if digest != task.plan_digest {
+        return Err(IacError::Bundle(format!(
+            "its plan digest {digest} is not the approved {}",
+            task.plan_digest
+        )));
+    }
+    check_bundle(&plain)?;
+    let current = state::fetch(&j.agent, &j.key).await?;
+    if current.state != planned {
+        let message = format!(
+            "the state moved since the plan: planned against {}, now {}; nothing applied",
+            describe(&planned),
+            describe(&current.state)
+        );
+        j.report_apply(true, &message, Default::default()).await?;
+        return Err(IacError::Stale(message));
+    }
+    let ws = ctx.workspace.to_path_buf();
+    let (uid, gid) = (j.uid, j.gid);
+    let plain_state = current.plain;
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        unpack_bundle(&plain, &ws, uid, gid)?;
+        if let Some(s) = plain_state {
+            state::write(&ws, &s, uid, gid)?;
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|_| IacError::Join("unpacking the plan bundle"))?
+    .map_err(IacError::Unpack)?;
+    *j.state_before.lock() = current.state;
+    info!(digest = %task.plan_digest, "plan bundle verified; applying");
+    Ok(())
+}
+
+/// Stores the state the apply left, then reports the outputs.
+pub(super) async fn after_exit(
+    j: &JobIac,
+    ctx: &HookContext<'_>,
+    outcome: &Outcome,
+) -> Result<(), IacError> {
+    let before = j.state_before.lock().clone();
+    let pushed = state::push_if_changed(&j.agent, &j.key, ctx.workspace, &before).await;
+    match &pushed {
+        Ok(Some(s)) => info!(serial = s.serial, "state version stored"),
+        Ok(None) => {}
+        Err(e) => warn!(error = %crate::executor::error_chain(e), "storing the state failed"),
+    }
+    pushed?;
+    if !matches!(outcome, Outcome::Exited { code: 0, .. }) {
+        return Ok(());
+    }
+    let path = ctx.workspace.join("outputs.json");
+    let raw = tokio::task::spawn_blocking(move || read_nofollow(&path, MAX_OUTPUTS_BYTES))
+        .await
+        .map_err(|_| IacError::Join("reading the outputs"))?
+        .map_err(|source| IacError::Read {
+            what: "the outputs",
+            source,
+        })?;
+    let outputs = redacted_outputs(&raw)?;
+    j.report_apply(false, "", outputs).await
+}
+
+fn describe(s: &StateRef) -> String {
+    if s.lineage.is_empty() {
+        "no state".into()
+    } else {
+        format!("serial {} of lineage {}", s.serial, s.lineage)
+    }
+}
+
+/// `output -json` as name → JSON value, sensitive values redacted.
+pub fn redacted_outputs(
+    raw: &[u8],
+) -> Result<std::collections::BTreeMap<String, String>, IacError> {
+    let v: serde_json::Value = serde_json::from_slice(raw).map_err(|e| IacError::Invalid {
+        what: "the outputs",
+        message: e.to_string(),
+    })?;
+    let mut out = std::collections::BTreeMap::new();
+    for (name, o) in v.as_object().into_iter().flatten().take(MAX_OUTPUTS) {
+        let sensitive = o
+            .get("sensitive")
+            .and_then(serde_json::Value::as_bool)
+            .unwrap_or(true);
+        let value = if sensitive {
+            "(sensitive)".to_string()
+        } else {
+            let mut s = o.get("value").map(|v| v.to_string()).unwrap_or_default();
+            if s.len() > MAX_OUTPUT_VALUE {
+                let mut cut = MAX_OUTPUT_VALUE;
+                while !s.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                s.truncate(cut);
+                s.push_str("…");
+            }
+            s
+        };
+        out.insert(name.clone(), value);
+    }
+    Ok(out)
+}
+
+impl JobIac {
+    async fn report_apply(
+        &self,
+        stale: bool,
+        message: &str,
+        outputs: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), IacError> {
+        self.agent
+            .client
+            .clone()
+            .report_apply(iacpb::ApplyReport {
+                job_id: self.key.job_id.clone(),
+                epoch: self.key.epoch,
+                stale,
+                message: message.to_string(),
+                outputs: outputs.into_iter().collect(),
+            })
+            .await
+            .map_err(|s| IacError::Report(s.message().to_string()))?;
+        Ok(())
+    }
+}
+
+/// Unpacks the bundle into the workspace (`src/`, `tfplan`), owned by the
+/// job's user; entries may not leave it.
+fn unpack_bundle(plain: &[u8], ws: &std::path::Path, uid: u32, gid: u32) -> std::io::Result<()> {
+    let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(plain));
+    archive.set_preserve_permissions(false);
+    for entry in archive.entries()? {
+        entry?.unpack_in(ws)?;
+    }
+    super::chown_tree(&ws.join("src"), uid, gid)?;
+    std::os::unix::fs::lchown(ws.join("tfplan"), Some(uid), Some(gid))
+}
+
+/// The bundle's files must be what an apply needs.
+pub fn check_bundle(plain: &[u8]) -> Result<(), IacError> {
+    let files = bundle::list(plain).map_err(|e| IacError::Bundle(e.to_string()))?;
+    if !files.iter().any(|(n, _)| n == "tfplan") {
+        return Err(IacError::Bundle("it holds no plan file".into()));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sensitive_outputs_are_redacted() {
+        let raw = br#"{"id": {"sensitive": false, "type": "string", "value": "abc"},
+                       "token": {"sensitive": true, "type": "string", "value": "canary"},
+                       "n": {"sensitive": false, "type": "number", "value": 3}}"#;
+        let o = redacted_outputs(raw).unwrap();
+        assert_eq!(o["id"], "\"abc\"");
+        assert_eq!(o["token"], "(sensitive)");
+        assert_eq!(o["n"], "3");
+        assert!(!format!("{o:?}").contains("canary"));
+        assert!(redacted_outputs(b"nope").is_err());
+    }
+}
