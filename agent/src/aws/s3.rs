@@ -381,7 +381,7 @@ mod tests {
         h.set_mode(0o644);
         h.set_entry_type(tar::EntryType::Regular);
         // Bypass the builder's own path checks to forge hostile names.
-        let name = h.as_old_mut().name.as_mut();
+        let name: &mut [u8] = h.as_old_mut().name.as_mut();
         name[..path.len()].copy_from_slice(path.as_bytes());
         h.set_cksum();
         b.append(&h, data).unwrap();

@@ -79,7 +79,7 @@ pub enum IacError {
     StackPolicy(String),
     #[error("the task is not valid: {0}")]
     Task(String),
-    #[error("fetching the source {digest} failed: {message}")]
+    #[error("fetching blob {digest} failed: {message}")]
     Fetch { digest: String, message: String },
     #[error("the source {digest} does not match its digest")]
     Digest { digest: String },

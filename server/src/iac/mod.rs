@@ -43,7 +43,7 @@ pub enum IacError {
         branch: String,
         reason: String,
     },
-    #[error("blob store {op} failed")]
+    #[error("blob store {op} failed: {source}")]
     Blob {
         op: &'static str,
         #[source]
