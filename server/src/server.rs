@@ -198,7 +198,8 @@ impl Prepared {
             .add_service(
                 IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
                     .max_encoding_message_size(
-                        crate::iac::source::MAX_SOURCE_BYTES.max(crate::iac::apply::MAX_SEALED_BYTES)
+                        crate::iac::source::MAX_SOURCE_BYTES
+                            .max(crate::iac::apply::MAX_SEALED_BYTES)
                             + (1 << 20),
                     )
                     .max_decoding_message_size(crate::iac::apply::MAX_SEALED_BYTES + (1 << 20)),

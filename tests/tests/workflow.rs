@@ -514,13 +514,19 @@ warn contains msg if {
     );
     let log = String::from_utf8_lossy(&c.logs(&applied.apply_job).await).into_owned();
     assert!(log.contains("Apply complete! Resources: 1 added"), "{log}");
-    assert_eq!(applied.outputs.get("greeting").map(String::as_str), Some("\"bonjour\""));
+    assert_eq!(
+        applied.outputs.get("greeting").map(String::as_str),
+        Some("\"bonjour\"")
+    );
     let st = a
         .get_stack(iac::GetStackRequest { name: "web".into() })
         .await
         .unwrap()
         .into_inner();
-    assert!(st.state_serial >= 1 && !st.state_lineage.is_empty(), "{st:#?}");
+    assert!(
+        st.state_serial >= 1 && !st.state_lineage.is_empty(),
+        "{st:#?}"
+    );
     assert_eq!(st.outputs, applied.outputs);
     let versions: serde_json::Value =
         serde_json::from_str(&cli(&["state", "versions", "web", "--output", "json"])).unwrap();
@@ -719,10 +725,17 @@ deny contains msg if {
     assert_eq!(r.message, "no changes");
     let r = wait_run(&mut a, &au, PLAN_WAIT, |r| is_final(&r.state)).await;
     assert_eq!(r.state, "FINISHED", "autodeploy applies by itself: {r:#?}");
-    let confirmed = r.transitions.iter().find(|t| t.state == "CONFIRMED").unwrap();
+    let confirmed = r
+        .transitions
+        .iter()
+        .find(|t| t.state == "CONFIRMED")
+        .unwrap();
     assert_eq!(confirmed.note, "autodeploy");
     assert!(r.approvals.is_empty());
-    assert_eq!(r.outputs.get("token").map(String::as_str), Some("(sensitive)"));
+    assert_eq!(
+        r.outputs.get("token").map(String::as_str),
+        Some("(sensitive)")
+    );
     let r = wait_run(&mut a, &aw, PLAN_WAIT, settled).await;
     assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
     assert!(r.message.contains("a policy warned"), "{r:#?}");

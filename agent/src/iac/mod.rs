@@ -162,12 +162,12 @@ impl IacAgent {
         };
         let pool = match &cfg.pool_key_file {
             None => None,
-            Some(path) => Some(seal::PoolKey::load(path).map_err(|message| {
-                IacError::PoolKey {
+            Some(path) => Some(
+                seal::PoolKey::load(path).map_err(|message| IacError::PoolKey {
                     path: path.clone(),
                     message,
-                }
-            })?),
+                })?,
+            ),
         };
         Ok(IacAgent {
             local_policy,

@@ -158,7 +158,13 @@ mod tests {
     #[test]
     fn state_refs_come_from_the_state_json() {
         let s = StateRef::of(br#"{"version":4,"serial":7,"lineage":"abc"}"#).unwrap();
-        assert_eq!(s, StateRef { serial: 7, lineage: "abc".into() });
+        assert_eq!(
+            s,
+            StateRef {
+                serial: 7,
+                lineage: "abc".into()
+            }
+        );
         assert!(StateRef::of(b"{}").is_err());
         assert!(StateRef::of(b"not json").is_err());
     }

@@ -34,8 +34,9 @@ impl PoolKey {
             .map(str::trim)
             .find(|l| !l.is_empty() && !l.starts_with('#'))
             .ok_or_else(|| "it holds no age identity".to_string())?;
-        let identity = age::x25519::Identity::from_str(line)
-            .map_err(|_| "it does not hold an age x25519 identity (AGE-SECRET-KEY-1…)".to_string())?;
+        let identity = age::x25519::Identity::from_str(line).map_err(|_| {
+            "it does not hold an age x25519 identity (AGE-SECRET-KEY-1…)".to_string()
+        })?;
         Ok(PoolKey { identity })
     }
 
@@ -58,7 +59,11 @@ impl PoolKey {
             .create_new(true)
             .mode(0o600)
             .open(key)?;
-        writeln!(f, "# outpost pool key; public key: {}", self.recipient_string())?;
+        writeln!(
+            f,
+            "# outpost pool key; public key: {}",
+            self.recipient_string()
+        )?;
         writeln!(f, "{}", self.identity.to_string().expose_secret())?;
         f.sync_all()?;
         std::fs::write(public, format!("{}\n", self.recipient_string()))
@@ -106,8 +111,7 @@ mod tests {
         let sealed = k.seal(b"plan canary").unwrap();
         assert!(!sealed.windows(6).any(|w| w == b"canary"));
         assert_eq!(k.open(&sealed).unwrap(), b"plan canary");
-        let by_public =
-            seal_to(&std::fs::read_to_string(&public).unwrap(), b"state").unwrap();
+        let by_public = seal_to(&std::fs::read_to_string(&public).unwrap(), b"state").unwrap();
         assert_eq!(k.open(&by_public).unwrap(), b"state");
         for i in [0, sealed.len() / 2, sealed.len() - 1] {
             let mut bad = sealed.clone();

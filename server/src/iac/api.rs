@@ -171,11 +171,7 @@ impl iac::iac_admin_server::IacAdmin for IacAdminApi {
         } else {
             req.limit.min(1000)
         };
-        let versions = self
-            .engine
-            .store
-            .state_versions(req.stack, limit)
-            .await?;
+        let versions = self.engine.store.state_versions(req.stack, limit).await?;
         Ok(Response::new(iac::ListStateVersionsResponse {
             versions: versions.iter().map(wire::state_version_to_pb).collect(),
         }))

@@ -135,9 +135,8 @@ impl Engine {
         };
         let job = self.hub.store.get_job(job_id.clone()).await?;
         let leases = run.apply.as_ref().map(|a| a.leases).unwrap_or(0);
-        let lost = |j: &crate::model::Job| {
-            leases > 1 || (j.state == JobState::Queued && j.epoch > 0)
-        };
+        let lost =
+            |j: &crate::model::Job| leases > 1 || (j.state == JobState::Queued && j.epoch > 0);
         let (to, note) = match job {
             None => (RunState::Failed, "the apply job is missing".to_string()),
             Some(j) if lost(&j) => {
@@ -220,8 +219,7 @@ impl Engine {
                     Ok(())
                 })
                 .await?;
-            if run.apply.as_ref().is_none_or(|a| a.leases != 1) || run.state != RunState::Applying
-            {
+            if run.apply.as_ref().is_none_or(|a| a.leases != 1) || run.state != RunState::Applying {
                 warn!(run = %run.id, job = %job_id, "an apply is leased again: refused");
                 task.phase = "lost".into();
                 task.bundle_digest.clear();

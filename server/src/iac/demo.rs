@@ -96,11 +96,7 @@ async fn wait_planned(c: &mut IacAdminClient<Channel>, id: &str) -> Result<iac::
 }
 
 /// Polls the run until its state is none of `states` (5 minutes at most).
-async fn wait_past(
-    c: &mut IacAdminClient<Channel>,
-    id: &str,
-    states: &[&str],
-) -> Result<iac::Run> {
+async fn wait_past(c: &mut IacAdminClient<Channel>, id: &str, states: &[&str]) -> Result<iac::Run> {
     let deadline = Instant::now() + Duration::from_secs(300);
     loop {
         let r = c

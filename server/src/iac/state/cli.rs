@@ -88,9 +88,8 @@ pub async fn run(c: &mut IacAdminClient<Channel>, cmd: StateCommand) -> Result<(
         } => {
             let plain = std::fs::read(&file)
                 .with_context(|| format!("failed to read {}", file.display()))?;
-            let state = outpost_agent::iac::plan::StateRef::of(&plain).map_err(|e| {
-                anyhow::anyhow!("{} is not a Terraform state: {e}", file.display())
-            })?;
+            let state = outpost_agent::iac::plan::StateRef::of(&plain)
+                .map_err(|e| anyhow::anyhow!("{} is not a Terraform state: {e}", file.display()))?;
             let pubkey = std::fs::read_to_string(&recipient)
                 .with_context(|| format!("failed to read {}", recipient.display()))?;
             let sealed = outpost_agent::iac::seal::seal_to(&pubkey, &plain)

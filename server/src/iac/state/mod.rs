@@ -68,7 +68,9 @@ const COLS: &str = "stack, serial, lineage, digest, written_by, at_ms";
 
 fn current(c: &Connection, stack: &str) -> Result<Option<StateVersion>, StoreError> {
     c.query_row(
-        &format!("SELECT {COLS} FROM iac_state_versions WHERE stack = ?1 ORDER BY seq DESC LIMIT 1"),
+        &format!(
+            "SELECT {COLS} FROM iac_state_versions WHERE stack = ?1 ORDER BY seq DESC LIMIT 1"
+        ),
         params![stack],
         row,
     )
