@@ -4,6 +4,7 @@
 pub mod ec2;
 pub mod faults;
 pub mod moto;
+pub mod bench;
 pub mod sandbox_helpers;
 
 use std::path::{Path, PathBuf};

@@ -1,229 +1,152 @@
-//! Benchmarks against a bare `docker run` of the same image on the same
-//! machine, measured in the same run:
+//! The benchmark harness: prints every figure beside its baseline.
 //!
-//! - pickup: submit → the job's process running (the engine's `StartedAt`),
-//!   beside `docker run` invoked → `StartedAt`;
-//! - round trip: `outpost submit --wait -- true` beside `docker run --rm IMAGE true`;
-//! - footprint: the idle agent's resident memory;
-//! - the credentials channel: pickup (submit → job running, as the control
-//!   plane timed it) of a job with an AWS role beside the same job without
-//!   one, against a local STS (moto from `scripts/setup.sh`); the channel
-//!   should cost well under a second.
+//! `cargo build --release --workspace --bins && target/release/outpost-bench`
 //!
-//! Run: `cargo run -p outpost-tests --bin outpost-bench [-- ROUNDS]`.
+//! Options: `--smoke` (seconds: 50 agents, small outputs; checks that the
+//! harness runs, not the numbers), `--agents 1000,3000,10000`,
+//! `--only fleet,jobs,credentials` (default: fleet and jobs), `--rounds N`,
+//! `--log-mb N`, `--peak-mb N`, `--rate JOBS_PER_S`, `--jobs N`,
+//! `--idle SECONDS`, `--no-storm`.
 
-use std::process::Command;
-use std::time::{Duration, Instant, SystemTime};
+use std::process::ExitCode;
+use std::time::Duration;
 
-use outpost_tests::{Cluster, RUNNER_IMAGE, bin, containers_of};
+use outpost_tests::bench::{self, Report, fleet, jobs, procs};
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[v.len() / 2]
+struct Args {
+    agents: Vec<usize>,
+    only: Vec<String>,
+    rounds: usize,
+    log_mb: u64,
+    peak_mb: u64,
+    rate: u32,
+    jobs: usize,
+    idle: Duration,
+    storm: bool,
 }
 
-fn started_at(container: &str) -> SystemTime {
-    let out = Command::new("docker")
-        .args(["inspect", "-f", "{{.State.StartedAt}}", container])
-        .output()
-        .expect("docker inspect");
-    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
-    let t = time::OffsetDateTime::parse(&s, &time::format_description::well_known::Rfc3339)
-        .expect("StartedAt");
-    SystemTime::UNIX_EPOCH + Duration::from_nanos(t.unix_timestamp_nanos() as u64)
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
-#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
-async fn main() {
-    let rounds: usize = std::env::args()
-        .nth(1)
-        .and_then(|a| a.parse().ok())
-        .unwrap_or(15);
-    let c = Cluster::start().await;
-    let cfg = c.write_agent_config("bench", 1, "", "");
-    let agent = c.spawn_agent("bench", &cfg).await;
-
-    // Warm-up (image layers and page cache).
-    for _ in 0..2 {
-        let _ = Command::new("docker")
-            .args(["run", "--rm", "--network", "none", RUNNER_IMAGE, "true"])
-            .output();
-    }
-
-    let mut bare_pickup = Vec::new();
-    let mut job_pickup = Vec::new();
-    let mut bare_rt = Vec::new();
-    let mut job_rt = Vec::new();
-    for i in 0..rounds {
-        // Bare docker: invoked -> process started.
-        let name = format!("outpost-bench-{}-{i}", std::process::id());
-        let t0 = SystemTime::now();
-        let st = Command::new("docker")
-            .args([
-                "run",
-                "-d",
-                "--network",
-                "none",
-                "--name",
-                &name,
-                RUNNER_IMAGE,
-                "sleep",
-                "1",
-            ])
-            .output()
-            .expect("docker run");
-        assert!(st.status.success());
-        let started = started_at(&name);
-        bare_pickup.push(ms(started.duration_since(t0).unwrap_or_default()));
-        let _ = Command::new("docker").args(["rm", "-f", &name]).output();
-
-        // Outpost: submit -> process started.
-        let mut spec = outpost_tests::spec(&["sleep", "1"]);
-        spec.selector.insert("zone".into(), "test".into());
-        let t0 = SystemTime::now();
-        let id = c.submit_spec(spec).await;
-        let container = loop {
-            if let Some(cid) = containers_of(&id).await.into_iter().next() {
-                let out = Command::new("docker")
-                    .args(["inspect", "-f", "{{.State.Running}}", &cid])
-                    .output()
-                    .expect("inspect");
-                if String::from_utf8_lossy(&out.stdout).trim() == "true" {
-                    break cid;
-                }
+fn parse() -> Result<Args, String> {
+    let mut a = Args {
+        agents: vec![1000, 3000, 10000],
+        only: vec!["fleet".into(), "jobs".into()],
+        rounds: 3,
+        log_mb: 100,
+        peak_mb: 200,
+        rate: 20,
+        jobs: 300,
+        idle: Duration::from_secs(20),
+        storm: true,
+    };
+    let mut it = std::env::args().skip(1);
+    let num = |v: Option<String>, what: &str| -> Result<u64, String> {
+        v.and_then(|v| v.parse().ok())
+            .ok_or_else(|| format!("{what} needs a number"))
+    };
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--smoke" => {
+                a.agents = vec![50];
+                a.rounds = 1;
+                a.log_mb = 2;
+                a.peak_mb = 4;
+                a.rate = 20;
+                a.jobs = 20;
+                a.idle = Duration::from_secs(1);
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        let started = started_at(&container);
-        job_pickup.push(ms(started.duration_since(t0).unwrap_or_default()));
-        c.wait_final(&id, Duration::from_secs(60)).await;
-
-        // Round trips of a trivial job.
-        let t = Instant::now();
-        let st = Command::new("docker")
-            .args(["run", "--rm", "--network", "none", RUNNER_IMAGE, "true"])
-            .status()
-            .expect("docker run");
-        assert!(st.success());
-        bare_rt.push(ms(t.elapsed()));
-        let t = Instant::now();
-        let st = Command::new(bin("outpost"))
-            .arg("--state-dir")
-            .arg(&c.state.root)
-            .args([
-                "submit",
-                "--image",
-                RUNNER_IMAGE,
-                "--label",
-                "zone=test",
-                "--wait",
-                "--",
-                "true",
-            ])
-            .stdout(std::process::Stdio::null())
-            .status()
-            .expect("outpost submit");
-        assert!(st.success());
-        job_rt.push(ms(t.elapsed()));
-    }
-
-    // Idle footprint.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let status =
-        std::fs::read_to_string(format!("/proc/{}/status", agent.pid())).unwrap_or_default();
-    let rss = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .unwrap_or("VmRSS: ? kB")
-        .to_string();
-
-    let (bp, jp, br, jr) = (
-        median(&mut bare_pickup),
-        median(&mut job_pickup),
-        median(&mut bare_rt),
-        median(&mut job_rt),
-    );
-    println!("rounds: {rounds} (medians)");
-    println!(
-        "{:<44} {:>10} {:>10} {:>8}",
-        "measure", "docker", "outpost", "ratio"
-    );
-    println!(
-        "{:<44} {:>8.1}ms {:>8.1}ms {:>7.2}x",
-        "invoke/submit -> process running",
-        bp,
-        jp,
-        jp / bp
-    );
-    println!(
-        "{:<44} {:>8.1}ms {:>8.1}ms {:>7.2}x",
-        "trivial job end to end (run --rm / --wait)",
-        br,
-        jr,
-        jr / br
-    );
-    println!(
-        "idle agent resident memory: {}",
-        rss.trim_start_matches("VmRSS:").trim()
-    );
-    drop(agent);
-    drop(c);
-
-    let (plain, with) = credentials_channel(rounds.min(6)).await;
-    println!(
-        "{:<44} {:>10} {:>10} {:>8}",
-        "", "no role", "aws role", "cost"
-    );
-    println!(
-        "{:<44} {:>8.1}ms {:>8.1}ms {:>6.0}ms   (target: under 1000ms)",
-        "submit -> job running, credentials channel",
-        plain,
-        with,
-        with - plain
-    );
-}
-
-/// Median pickup (ms) of a job without and with an AWS role, alternated,
-/// after one warm-up round, as the control plane timed it (the agent reports
-/// Running only once the job's process is released).
-async fn credentials_channel(rounds: usize) -> (f64, f64) {
-    let moto = outpost_tests::moto::Moto::start().await;
-    let c = Cluster::start().await;
-    let mut cfg = c.agent_config(2);
-    cfg.aws = moto.agent_aws_config();
-    let agent = c.start_agent_with(cfg).await;
-    let mut plain = Vec::new();
-    let mut with = Vec::new();
-    for round in 0..=rounds {
-        for aws in [false, true] {
-            let mut spec = outpost_tests::spec(&["sh", "-c", "echo started"]);
-            if aws {
-                spec.aws = Some(outpost_proto::agent::v1::AwsRole {
-                    role_arn: outpost_tests::moto::role("outpost-bench"),
-                    ..Default::default()
-                });
+            "--agents" => {
+                a.agents = it
+                    .next()
+                    .ok_or("--agents needs a list")?
+                    .split(',')
+                    .map(|n| n.trim().parse().map_err(|_| format!("bad agent count {n}")))
+                    .collect::<Result<_, _>>()?
             }
-            let id = c.submit_spec(spec).await;
-            let j = c.wait_final(&id, Duration::from_secs(120)).await;
-            assert_eq!(
-                outpost_tests::state(&j),
-                outpost_proto::agent::v1::JobState::Succeeded,
-                "{j:?}"
-            );
-            if round > 0 {
-                let took = (j.started_at_ms - j.created_at_ms) as f64;
-                if aws {
-                    with.push(took)
-                } else {
-                    plain.push(took)
-                }
+            "--only" => {
+                a.only = it
+                    .next()
+                    .ok_or("--only needs a list")?
+                    .split(',')
+                    .map(str::to_string)
+                    .collect()
             }
+            "--rounds" => a.rounds = num(it.next(), "--rounds")? as usize,
+            "--log-mb" => a.log_mb = num(it.next(), "--log-mb")?,
+            "--peak-mb" => a.peak_mb = num(it.next(), "--peak-mb")?,
+            "--rate" => a.rate = num(it.next(), "--rate")? as u32,
+            "--jobs" => a.jobs = num(it.next(), "--jobs")? as usize,
+            "--idle" => a.idle = Duration::from_secs(num(it.next(), "--idle")?),
+            "--no-storm" => a.storm = false,
+            other => return Err(format!("unknown argument {other}")),
         }
     }
-    agent.stop().await;
-    (median(&mut plain), median(&mut with))
+    Ok(a)
+}
+
+fn main() -> ExitCode {
+    let args = match parse() {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("outpost-bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let fds = procs::raise_fd_limit();
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("outpost-bench: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(&args, fds)) {
+        Ok(report) => {
+            print!("{}", report.render());
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("outpost-bench: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: &Args, fds: u64) -> anyhow::Result<Report> {
+    println!("machine: {}", procs::machine());
+    println!("open files limit: {fds}");
+    let dir = tempfile::tempdir()?;
+    let mut report = Report::default();
+    if args.only.iter().any(|o| o == "fleet") {
+        for &n in &args.agents {
+            let plan = fleet::FleetPlan {
+                agents: n,
+                rate: args.rate,
+                jobs: args.jobs,
+                idle: args.idle,
+                storm: args.storm,
+            };
+            eprintln!("fleet: {n} agents");
+            let f = fleet::run(&plan, dir.path()).await?;
+            bench::fleet_rows(&mut report, &f);
+        }
+    }
+    if args.only.iter().any(|o| o == "jobs") {
+        let plan = jobs::JobPlan {
+            log_mb: args.log_mb,
+            peak_mb: args.peak_mb,
+            rounds: args.rounds,
+        };
+        eprintln!("jobs: {} MiB output, {} rounds", args.log_mb, args.rounds);
+        let j = jobs::run(&plan, dir.path()).await?;
+        bench::job_rows(&mut report, &j);
+    }
+    if args.only.iter().any(|o| o == "credentials") {
+        let (plain, with) = bench::credentials::credentials_channel(args.rounds.min(6)).await;
+        report.add("pickup without AWS role ms", plain);
+        report.add("pickup with AWS role ms", with);
+    }
+    Ok(report)
 }
