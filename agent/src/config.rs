@@ -128,7 +128,7 @@ fn default_spool_full_timeout() -> Duration {
     Duration::from_secs(300)
 }
 fn default_log_buffer() -> usize {
-    64 << 20
+    8 << 20
 }
 
 impl AgentConfig {

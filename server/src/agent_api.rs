@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::Stream;
+use futures::stream::FuturesOrdered;
 use outpost_proto::agent::v1 as pb;
 use outpost_proto::agent::v1::agent_message::Msg as In;
 use outpost_proto::agent::v1::server_message::Msg as Out;
@@ -69,6 +70,14 @@ fn internal(e: StoreError) -> Status {
     Status::internal(e.to_string())
 }
 
+/// Log chunks and status reports of one session waiting for their batch's
+/// commit (`store::batch`) at most; the session reads no further message
+/// until the oldest is answered, so its memory is bounded.
+const MAX_PENDING: usize = 64;
+
+/// The reply to a message, once its batch committed.
+type Pending = Pin<Box<dyn std::future::Future<Output = Result<Option<Out>, Status>> + Send>>;
+
 async fn run_session(
     hub: Arc<Hub>,
     agent: String,
@@ -117,22 +126,22 @@ async fn run_session(
         .await
         .map_err(internal)?;
     let kept: HashSet<String> = renewed.iter().map(|j| j.id.clone()).collect();
-    for j in hub.store.active_jobs().await.map_err(internal)? {
-        if j.agent_id.as_deref() == Some(agent.as_str()) && !kept.contains(&j.id) {
+    for (id, epoch) in hub.store.held_by(&agent) {
+        if !kept.contains(&id) {
             // A lease it never confirmed (its session broke, e.g. it could
             // not decode it) counts towards the job's undelivered limit.
             let after = hub
                 .store
                 .lease_not_taken(
-                    j.id.clone(),
-                    j.epoch,
+                    id.clone(),
+                    epoch,
                     agent.clone(),
                     "the agent's session ended before it confirmed the lease".into(),
                 )
                 .await
                 .map_err(internal)?;
             let state = after.as_ref().map(|j| j.state.as_str()).unwrap_or("gone");
-            info!(job = %j.id, epoch = j.epoch, now = state, "agent no longer holds this lease");
+            info!(job = %id, epoch, now = state, "agent no longer holds this lease");
         }
     }
     let welcome = pb::Welcome {
@@ -165,10 +174,23 @@ async fn run_session(
     hub.kick();
     hub.changed();
 
+    let mut pending: FuturesOrdered<Pending> = FuturesOrdered::new();
     let result = loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            m = inbound.next() => m,
+            Some(reply) = pending.next(), if !pending.is_empty() => {
+                match reply {
+                    Ok(Some(msg)) => {
+                        if let Err(e) = out(&tx, msg).await {
+                            break Err(e);
+                        }
+                    }
+                    Ok(None) => {}
+                    Err(e) => break Err(e),
+                }
+                continue;
+            }
+            m = inbound.next(), if pending.len() < MAX_PENDING => m,
         };
         let msg = match msg {
             None => break Ok(()),
@@ -179,8 +201,10 @@ async fn run_session(
             Some(Ok(m)) => m,
         };
         hub.touch(&agent);
-        if let Err(e) = handle(&hub, &agent, &tx, msg).await {
-            break Err(e);
+        match handle(&hub, &agent, &tx, msg).await {
+            Ok(Some(p)) => pending.push_back(p),
+            Ok(None) => {}
+            Err(e) => break Err(e),
         }
     };
     hub.disconnect(&agent, session);
@@ -189,107 +213,116 @@ async fn run_session(
     result
 }
 
-async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> Result<(), Status> {
-    let Some(msg) = msg.msg else { return Ok(()) };
+/// Handles one message; log chunks and status reports are queued for the
+/// next batch and answered by the returned future once it committed.
+async fn handle(
+    hub: &Arc<Hub>,
+    agent: &str,
+    tx: &AgentTx,
+    msg: pb::AgentMessage,
+) -> Result<Option<Pending>, Status> {
+    let Some(msg) = msg.msg else { return Ok(None) };
     let ttl_ms = hub.timing.ttl.as_millis() as u64;
     match msg {
         In::Hello(_) => return Err(Status::failed_precondition("hello sent twice")),
         In::Heartbeat(hb) => {
+            // Renewed in memory: no store trip (see `store::held`).
             let leases = hb.leases.into_iter().map(|l| (l.job_id, l.epoch)).collect();
-            let (renewed, revoked) = hub
-                .store
-                .renew(agent.to_string(), leases, ttl_ms)
-                .await
-                .map_err(internal)?;
+            let (renewed, revoked) = hub.store.renew_held(agent, leases, ttl_ms);
             out(
                 tx,
                 Out::HeartbeatAck(pb::HeartbeatAck {
                     renewed: renewed
-                        .iter()
-                        .map(|j| wire::lease_resume(j, ttl_ms))
+                        .into_iter()
+                        .map(|(job_id, epoch, acked_offset)| pb::LeaseResume {
+                            lease: Some(pb::LeaseRef { job_id, epoch }),
+                            acked_offset,
+                            ttl_ms,
+                        })
                         .collect(),
                     revoked: wire::lease_refs(revoked),
                 }),
             )
             .await?;
             if hb.free_slots > 0 {
-                hub.kick();
+                hub.slot_free(agent);
             }
         }
         In::Log(chunk) => {
-            let r = hub
+            let done = hub
                 .store
-                .append_log(
+                .append_log_queued(
                     chunk.job_id.clone(),
                     chunk.epoch,
                     agent.to_string(),
                     chunk.offset,
                     chunk.data.into(),
                 )
-                .await;
-            match r {
-                Ok(acked) => {
-                    hub.changed();
-                    out(
-                        tx,
-                        Out::LogAck(pb::LogAck {
-                            job_id: chunk.job_id,
-                            epoch: chunk.epoch,
-                            offset: acked,
-                        }),
-                    )
-                    .await?;
+                .await
+                .map_err(internal)?;
+            let hub = hub.clone();
+            return Ok(Some(Box::pin(async move {
+                let ack = |offset| {
+                    Out::LogAck(pb::LogAck {
+                        job_id: chunk.job_id.clone(),
+                        epoch: chunk.epoch,
+                        offset,
+                    })
+                };
+                match done.await {
+                    Ok(acked) => {
+                        hub.changed();
+                        Ok(Some(ack(acked)))
+                    }
+                    Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => Ok(Some(
+                        refusal(chunk.job_id.clone(), chunk.epoch, e.to_string()),
+                    )),
+                    Err(StoreError::Gap { acked, .. }) => {
+                        warn!(job = %chunk.job_id, offset = chunk.offset, acked, "log chunk leaves a gap; asking to resend");
+                        Ok(Some(ack(acked)))
+                    }
+                    Err(e) => Err(internal(e)),
                 }
-                Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => {
-                    refuse(tx, chunk.job_id, chunk.epoch, e.to_string()).await?
-                }
-                Err(StoreError::Gap { acked, .. }) => {
-                    warn!(job = %chunk.job_id, offset = chunk.offset, acked, "log chunk leaves a gap; asking to resend");
-                    out(
-                        tx,
-                        Out::LogAck(pb::LogAck {
-                            job_id: chunk.job_id,
-                            epoch: chunk.epoch,
-                            offset: acked,
-                        }),
-                    )
-                    .await?;
-                }
-                Err(e) => return Err(internal(e)),
-            }
+            })));
         }
         In::Status(st) => {
             let report = match wire::status_from_pb(&st) {
                 Ok(r) => r,
-                Err(e) => return refuse(tx, st.job_id, st.epoch, e).await,
+                Err(e) => {
+                    refuse(tx, st.job_id, st.epoch, e).await?;
+                    return Ok(None);
+                }
             };
             let is_final = report.state.is_final();
-            match hub
+            let done = hub
                 .store
-                .report(st.job_id.clone(), st.epoch, agent.to_string(), report)
+                .report_queued(st.job_id.clone(), st.epoch, agent.to_string(), report)
                 .await
-            {
-                Ok(job) => {
-                    info!(job = %job.id, epoch = job.epoch, state = job.state.as_str(), exit_code = ?job.exit_code, "job status");
-                    hub.changed();
-                    if is_final {
-                        out(
-                            tx,
-                            Out::StatusAck(pb::StatusAck {
-                                job_id: job.id,
-                                epoch: job.epoch,
-                                state: wire::state_to_pb(job.state) as i32,
-                            }),
-                        )
-                        .await?;
+                .map_err(internal)?;
+            let hub = hub.clone();
+            let agent = agent.to_string();
+            return Ok(Some(Box::pin(async move {
+                match done.await {
+                    Ok(job) => {
+                        info!(job = %job.id, epoch = job.epoch, state = job.state.as_str(), exit_code = ?job.exit_code, "job status");
+                        hub.changed();
+                        if !is_final {
+                            return Ok(None);
+                        }
+                        hub.slot_free(&agent);
                         hub.kick();
+                        Ok(Some(Out::StatusAck(pb::StatusAck {
+                            job_id: job.id,
+                            epoch: job.epoch,
+                            state: wire::state_to_pb(job.state) as i32,
+                        })))
                     }
+                    Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => {
+                        Ok(Some(refusal(st.job_id, st.epoch, e.to_string())))
+                    }
+                    Err(e) => Err(internal(e)),
                 }
-                Err(e @ (StoreError::Stale { .. } | StoreError::NotFound(_))) => {
-                    refuse(tx, st.job_id, st.epoch, e.to_string()).await?
-                }
-                Err(e) => return Err(internal(e)),
-            }
+            })));
         }
         In::Drain(d) => {
             info!(reason = %d.reason, "agent is draining");
@@ -332,21 +365,22 @@ async fn handle(hub: &Hub, agent: &str, tx: &AgentTx, msg: pb::AgentMessage) -> 
                     .map_err(internal)?;
             }
             hub.changed();
+            hub.slot_free(agent);
             hub.kick();
         }
     }
-    Ok(())
+    Ok(None)
 }
 
 async fn refuse(tx: &AgentTx, job_id: String, epoch: u64, reason: String) -> Result<(), Status> {
+    out(tx, refusal(job_id, epoch, reason)).await
+}
+
+fn refusal(job_id: String, epoch: u64, reason: String) -> Out {
     debug!(job = %job_id, epoch, reason = %reason, "refused a message");
-    out(
-        tx,
-        Out::Refused(pb::Refused {
-            job_id,
-            epoch,
-            reason,
-        }),
-    )
-    .await
+    Out::Refused(pb::Refused {
+        job_id,
+        epoch,
+        reason,
+    })
 }

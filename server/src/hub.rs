@@ -1,9 +1,17 @@
 //! The live half of the control plane: which agents are connected, pushing
 //! leases to them (no polling), expiring leases, and waking log followers.
+//!
+//! Dispatch is in memory: connected agents are grouped by their label set,
+//! and each group keeps a FIFO of agents that may have a free slot. A pass
+//! reads the queue once (FIFO) and, per job, looks at the groups whose
+//! labels satisfy its selector and takes the first agent that really has a
+//! free slot (counted from the store's in-memory lease table): O(jobs to
+//! place), never a store trip per agent. The lease itself is written
+//! durably before it is sent.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
 use outpost_proto::agent::v1 as pb;
@@ -56,11 +64,89 @@ struct Conn {
     last_seen: std::time::Instant,
 }
 
+/// Agents of one label set that may have a free slot, oldest first; an
+/// entry is checked when taken (it may have gone, filled up or gone quiet).
+#[derive(Default)]
+struct Group {
+    ready: VecDeque<String>,
+    queued: HashSet<String>,
+}
+
+/// The connected agents and the dispatch index.
+#[derive(Default)]
+struct Agents {
+    conns: HashMap<String, Conn>,
+    groups: HashMap<BTreeMap<String, String>, Group>,
+}
+
+impl Agents {
+    /// Puts `id` at the back of its group's FIFO unless it is there;
+    /// whether it was added.
+    fn ready(&mut self, id: &str) -> bool {
+        let Some(c) = self.conns.get(id) else {
+            return false;
+        };
+        if c.draining || c.capacity == 0 {
+            return false;
+        }
+        let g = self.groups.entry(c.labels.clone()).or_default();
+        if g.queued.insert(id.to_string()) {
+            g.ready.push_back(id.to_string());
+            true
+        } else {
+            false
+        }
+    }
+
+    /// The next agent with a free slot among those whose labels satisfy
+    /// `selector`; agents quiet for `fresh` are set aside in `quiet`.
+    fn pick(
+        &mut self,
+        selector: &BTreeMap<String, String>,
+        fresh: Duration,
+        held: impl Fn(&str) -> u32,
+        quiet: &mut Vec<String>,
+    ) -> Option<String> {
+        let Agents { conns, groups } = self;
+        for (labels, g) in groups.iter_mut() {
+            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
+                continue;
+            }
+            while let Some(id) = g.ready.pop_front() {
+                if !g.queued.remove(&id) {
+                    continue;
+                }
+                let Some(c) = conns.get(&id) else { continue };
+                if c.draining || c.capacity == 0 || &c.labels != labels {
+                    continue;
+                }
+                if c.last_seen.elapsed() >= fresh {
+                    quiet.push(id);
+                    continue;
+                }
+                let busy = held(&id);
+                if busy >= c.capacity {
+                    // Back once a slot frees (a final status, a heartbeat).
+                    continue;
+                }
+                if busy + 1 < c.capacity {
+                    g.queued.insert(id.clone());
+                    g.ready.push_back(id.clone());
+                }
+                return Some(id);
+            }
+        }
+        None
+    }
+}
+
 /// Shared state of the control plane.
 pub struct Hub {
     pub store: Store,
     pub timing: LeaseTiming,
-    agents: Mutex<HashMap<String, Conn>>,
+    agents: Mutex<Agents>,
+    /// The last dispatch pass left jobs it could not place.
+    waiting: AtomicBool,
     next_session: AtomicU64,
     dispatch: Notify,
     changes: watch::Sender<u64>,
@@ -78,7 +164,8 @@ impl Hub {
         Arc::new(Hub {
             store,
             timing,
-            agents: Mutex::new(HashMap::new()),
+            agents: Mutex::new(Agents::default()),
+            waiting: AtomicBool::new(false),
             next_session: AtomicU64::new(1),
             dispatch: Notify::new(),
             changes,
@@ -91,8 +178,8 @@ impl Hub {
     /// Connected agents, and how many of them are draining.
     pub fn agent_counts(&self) -> (usize, usize) {
         let agents = self.agents.lock();
-        let draining = agents.values().filter(|c| c.draining).count();
-        (agents.len(), draining)
+        let draining = agents.conns.values().filter(|c| c.draining).count();
+        (agents.conns.len(), draining)
     }
 
     /// Sets the token issuer (once, at start).
@@ -140,7 +227,8 @@ impl Hub {
         draining: bool,
     ) -> u64 {
         let session = self.next_session.fetch_add(1, Ordering::Relaxed);
-        self.agents.lock().insert(
+        let mut agents = self.agents.lock();
+        let old = agents.conns.insert(
             id.to_string(),
             Conn {
                 session,
@@ -151,31 +239,53 @@ impl Hub {
                 last_seen: std::time::Instant::now(),
             },
         );
+        if let Some(old) = old
+            && let Some(g) = agents.groups.get_mut(&old.labels)
+        {
+            g.queued.remove(id);
+        }
+        agents.ready(id);
         session
     }
 
     pub fn disconnect(&self, id: &str, session: u64) {
         let mut agents = self.agents.lock();
-        if agents.get(id).is_some_and(|c| c.session == session) {
-            agents.remove(id);
+        if agents.conns.get(id).is_some_and(|c| c.session == session)
+            && let Some(old) = agents.conns.remove(id)
+            && let Some(g) = agents.groups.get_mut(&old.labels)
+        {
+            g.queued.remove(id);
+            if g.queued.is_empty() {
+                agents.groups.remove(&old.labels);
+            }
         }
     }
 
     pub fn set_draining(&self, id: &str) {
-        if let Some(c) = self.agents.lock().get_mut(id) {
+        if let Some(c) = self.agents.lock().conns.get_mut(id) {
             c.draining = true;
         }
     }
 
     /// Records that the agent just said something.
     pub fn touch(&self, id: &str) {
-        if let Some(c) = self.agents.lock().get_mut(id) {
+        if let Some(c) = self.agents.lock().conns.get_mut(id) {
             c.last_seen = std::time::Instant::now();
         }
     }
 
+    /// Agent `id` may have a free slot (it said so, or one of its leases
+    /// ended): it becomes a candidate again, and if jobs are waiting the
+    /// dispatcher looks at them.
+    pub fn slot_free(&self, id: &str) {
+        let added = self.agents.lock().ready(id);
+        if added && self.waiting.load(Ordering::Relaxed) {
+            self.kick();
+        }
+    }
+
     pub fn connected_count(&self) -> usize {
-        self.agents.lock().len()
+        self.agents.lock().conns.len()
     }
 
     /// Connected agents that could be given a job with `selector` now or
@@ -185,6 +295,7 @@ impl Hub {
         let fresh = self.timing.heartbeat * 3;
         self.agents
             .lock()
+            .conns
             .values()
             .filter(|c| {
                 !c.draining
@@ -232,12 +343,12 @@ impl Hub {
     }
 
     pub fn is_connected(&self, id: &str) -> bool {
-        self.agents.lock().contains_key(id)
+        self.agents.lock().conns.contains_key(id)
     }
 
     /// Sends a message to an agent if it is connected.
     pub fn send(&self, id: &str, msg: pb::server_message::Msg) -> bool {
-        let tx = self.agents.lock().get(id).map(|c| c.tx.clone());
+        let tx = self.agents.lock().conns.get(id).map(|c| c.tx.clone());
         match tx {
             Some(tx) => tx
                 .try_send(Ok(pb::ServerMessage { msg: Some(msg) }))
@@ -291,13 +402,18 @@ impl Hub {
                     match hub.store.expire_leases().await {
                         Ok(expired) if !expired.is_empty() => {
                             for e in &expired {
-                                match e {
+                                let j = match e {
                                     Expired::Requeued(j) => {
-                                        info!(job = %j.id, epoch = j.epoch, "lease expired; job re-queued")
+                                        info!(job = %j.id, epoch = j.epoch, "lease expired; job re-queued");
+                                        j
                                     }
                                     Expired::Cancelled(j) => {
-                                        info!(job = %j.id, "lease expired on a cancelled job")
+                                        info!(job = %j.id, "lease expired on a cancelled job");
+                                        j
                                     }
+                                };
+                                if let Some(a) = &j.agent_id {
+                                    hub.slot_free(a);
                                 }
                             }
                             hub.changed();
@@ -318,25 +434,9 @@ impl Hub {
     /// labels satisfy the job's selector, and pushes the leases.
     async fn dispatch_once(&self) -> Result<(), StoreError> {
         let queued = self.store.queued_jobs(1000).await?;
-        if queued.is_empty() {
-            return Ok(());
-        }
-        let candidates: Vec<(String, BTreeMap<String, String>, u32)> = self
-            .agents
-            .lock()
-            .iter()
-            .filter(|(_, c)| {
-                !c.draining && c.capacity > 0 && c.last_seen.elapsed() < self.timing.heartbeat * 3
-            })
-            .map(|(id, c)| (id.clone(), c.labels.clone(), c.capacity))
-            .collect();
-        let mut free: Vec<(String, BTreeMap<String, String>, u32)> = Vec::new();
-        for (id, labels, cap) in candidates {
-            let busy = self.store.active_count(id.clone()).await?;
-            if cap > busy {
-                free.push((id, labels, cap - busy));
-            }
-        }
+        let mut unplaced = false;
+        let mut quiet = Vec::new();
+        let fresh = self.timing.heartbeat * 3;
         for job in queued {
             // Jobs accepted before the size limits existed may not fit in a
             // lease: they end now instead of breaking agents' sessions.
@@ -351,22 +451,32 @@ impl Hub {
                 self.changed();
                 continue;
             }
-            let pick = free
-                .iter_mut()
-                .filter(|(_, labels, slots)| *slots > 0 && selects(&job, labels))
-                .max_by_key(|(_, _, slots)| *slots);
-            let Some((agent, _, slots)) = pick else {
+            let pick = self.agents.lock().pick(
+                &job.spec.selector,
+                fresh,
+                |a| self.store.held_count(a),
+                &mut quiet,
+            );
+            let Some(agent) = pick else {
+                unplaced = true;
                 continue;
             };
             let ttl_ms = self.timing.ttl.as_millis() as u64;
-            let Some(leased) = self
+            let leased = self
                 .store
                 .lease_job(job.id.clone(), agent.clone(), ttl_ms)
-                .await?
-            else {
-                continue;
+                .await;
+            let leased = match leased {
+                Ok(Some(l)) => l,
+                Ok(None) => {
+                    self.agents.lock().ready(&agent);
+                    continue;
+                }
+                Err(e) => {
+                    self.agents.lock().ready(&agent);
+                    return Err(e);
+                }
             };
-            *slots -= 1;
             let iac = match self.lease_tasks.get() {
                 Some(tasks) => tasks.task(&leased.id).await,
                 None => None,
@@ -377,10 +487,10 @@ impl Hub {
                 job_id: leased.id.clone(),
                 epoch: leased.epoch,
                 ttl_ms,
-                spec: Some(self.lease_spec(&leased, agent)),
+                spec: Some(self.lease_spec(&leased, &agent)),
                 log_offset: leased.log_acked,
             };
-            if self.send(agent, pb::server_message::Msg::Lease(lease)) {
+            if self.send(&agent, pb::server_message::Msg::Lease(lease)) {
                 info!(job = %leased.id, epoch = leased.epoch, agent = %agent, "lease pushed");
                 if leased.epoch == 1 {
                     let waited = crate::model::now_ms().saturating_sub(leased.created_ms);
@@ -393,9 +503,15 @@ impl Hub {
                 self.store
                     .requeue(leased.id.clone(), leased.epoch, agent.clone())
                     .await?;
+                unplaced = true;
             }
             self.changed();
         }
+        let mut agents = self.agents.lock();
+        for id in quiet {
+            agents.ready(&id);
+        }
+        self.waiting.store(unplaced, Ordering::Relaxed);
         Ok(())
     }
 }
@@ -423,13 +539,6 @@ fn show_ms(ms: u64) -> String {
         (h, m, 0) => format!("{h}h{m}m"),
         (h, m, s) => format!("{h}h{m}m{s}s"),
     }
-}
-
-fn selects(job: &Job, labels: &BTreeMap<String, String>) -> bool {
-    job.spec
-        .selector
-        .iter()
-        .all(|(k, v)| labels.get(k) == Some(v))
 }
 
 #[cfg(test)]
@@ -463,7 +572,7 @@ mod tests {
     /// Pretends the agent last spoke `ago` before now.
     fn silent_for(hub: &Hub, id: &str, ago: Duration) {
         let mut agents = hub.agents.lock();
-        let conn = agents.get_mut(id).expect("connected");
+        let conn = agents.conns.get_mut(id).expect("connected");
         conn.last_seen = std::time::Instant::now()
             .checked_sub(ago)
             .expect("clock far enough from boot");
@@ -547,6 +656,61 @@ mod tests {
             .expect("get")
             .expect("job");
         assert_eq!(j.epoch, 0, "never leased");
+    }
+
+    #[tokio::test]
+    async fn dispatch_matches_label_sets_and_counts_free_slots_in_memory() {
+        let (_dir, hub) = hub();
+        let gpu: BTreeMap<String, String> = [("gpu".to_string(), "yes".to_string())].into();
+        let (tx, mut rx_gpu) = mpsc::channel(16);
+        hub.connect("gpu", tx, gpu.clone(), 1, false);
+        let (tx, mut rx_cpu) = mpsc::channel(16);
+        hub.connect(
+            "cpu",
+            tx,
+            [("zone".to_string(), "x".to_string())].into(),
+            2,
+            false,
+        );
+        for id in ["g1", "g2"] {
+            let spec = JobSpec {
+                image: "img".into(),
+                selector: gpu.clone(),
+                ..Default::default()
+            };
+            hub.store.insert_job(id.into(), spec).await.expect("insert");
+        }
+        submit(&hub, "any").await;
+        hub.dispatch_once().await.expect("dispatch");
+        // One slot on the gpu agent: g2 waits; the other agent takes the job
+        // without a selector.
+        assert_eq!(leases(&mut rx_gpu), [("g1".to_string(), 1)]);
+        assert_eq!(leases(&mut rx_cpu), [("any".to_string(), 1)]);
+        assert!(hub.waiting.load(Ordering::Relaxed));
+        hub.dispatch_once().await.expect("dispatch");
+        assert!(leases(&mut rx_gpu).is_empty(), "no free slot");
+        // g1 ends: the slot is free again and g2 goes there, FIFO.
+        let done = crate::model::StatusReport {
+            state: crate::model::JobState::Succeeded,
+            exit_code: Some(0),
+            message: String::new(),
+            log_total: 0,
+            oom_killed: false,
+        };
+        hub.store
+            .report("g1".into(), 1, "gpu".into(), done)
+            .await
+            .expect("report");
+        hub.slot_free("gpu");
+        hub.dispatch_once().await.expect("dispatch");
+        assert_eq!(leases(&mut rx_gpu), [("g2".to_string(), 1)]);
+        assert!(leases(&mut rx_cpu).is_empty());
+        assert!(!hub.waiting.load(Ordering::Relaxed));
+        // A disconnected agent is never picked, even if it was a candidate.
+        hub.disconnect("cpu", 2);
+        submit(&hub, "after").await;
+        hub.dispatch_once().await.expect("dispatch");
+        assert!(leases(&mut rx_cpu).is_empty());
     }
 
     #[test]

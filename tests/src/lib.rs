@@ -1,10 +1,10 @@
 //! Shared harness for the end-to-end tests: a real control plane, real agents,
 //! a real Docker engine and real mTLS with certificates generated per test.
 
+pub mod bench;
 pub mod ec2;
 pub mod faults;
 pub mod moto;
-pub mod bench;
 pub mod sandbox_helpers;
 
 use std::path::{Path, PathBuf};

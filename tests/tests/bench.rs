@@ -41,7 +41,10 @@ fn the_benchmark_harness_measures_and_prints_every_figure() {
     };
     let out = reader.join().expect("stdout reader");
     let err = err_reader.join().expect("stderr reader");
-    assert!(status.success(), "outpost-bench failed: {status}\n{out}\n{err}");
+    assert!(
+        status.success(),
+        "outpost-bench failed: {status}\n{out}\n{err}"
+    );
     for figure in [
         "machine:",
         "pickup p50 ms @50",

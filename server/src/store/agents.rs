@@ -2,33 +2,18 @@
 
 use std::collections::BTreeMap;
 
-use rusqlite::params;
+use rusqlite::{Connection, params};
 
 use super::{Store, StoreError, q};
 use crate::model::AgentInfo;
 
 impl Store {
+    /// Records an agent that connected (committed with other writes of
+    /// its batch: `batch`).
     pub async fn upsert_agent(&self, info: AgentInfo) -> Result<(), StoreError> {
-        self.with(move |c| {
-            let labels = serde_json::to_string(&info.labels).unwrap_or_else(|_| "{}".into());
-            c.execute(
-                "INSERT INTO agents (id, version, labels, capacity, draining, last_seen_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6)
-                 ON CONFLICT(id) DO UPDATE SET version = ?2, labels = ?3, capacity = ?4,
-                     draining = ?5, last_seen_ms = ?6",
-                params![
-                    info.id,
-                    info.version,
-                    labels,
-                    info.capacity,
-                    info.draining,
-                    info.last_seen_ms
-                ],
-            )
-            .map_err(q("upsert agent"))?;
-            Ok(())
-        })
-        .await
+        let (reply, done) = super::batch::Committed::new();
+        self.batch(super::batch::Op::Agent { info, reply }).await?;
+        done.await
     }
 
     /// Records that `id` drains (it said so itself).
@@ -67,4 +52,25 @@ impl Store {
         })
         .await
     }
+}
+
+/// Records an agent inside the caller's transaction.
+pub(super) fn upsert_in(c: &Connection, info: &AgentInfo) -> Result<(), StoreError> {
+    let labels = serde_json::to_string(&info.labels).unwrap_or_else(|_| "{}".into());
+    c.execute(
+        "INSERT INTO agents (id, version, labels, capacity, draining, last_seen_ms)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6)
+         ON CONFLICT(id) DO UPDATE SET version = ?2, labels = ?3, capacity = ?4,
+             draining = ?5, last_seen_ms = ?6",
+        params![
+            info.id,
+            info.version,
+            labels,
+            info.capacity,
+            info.draining,
+            info.last_seen_ms
+        ],
+    )
+    .map_err(q("upsert agent"))?;
+    Ok(())
 }

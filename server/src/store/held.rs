@@ -126,8 +126,16 @@ impl Held {
         self.per_agent.get(agent).copied().unwrap_or(0)
     }
 
-    pub fn get(&self, id: &str) -> Option<&HeldLease> {
-        self.leases.get(id)
+    /// Jobs `agent` holds: (job, epoch).
+    pub fn held_by(&self, agent: &str) -> Vec<(String, u64)> {
+        if self.count(agent) == 0 {
+            return Vec::new();
+        }
+        self.leases
+            .iter()
+            .filter(|(_, l)| l.agent == agent)
+            .map(|(id, l)| (id.clone(), l.epoch))
+            .collect()
     }
 
     /// Renews the listed leases if `agent` holds them: (renewed with their
@@ -200,19 +208,31 @@ mod tests {
         assert_eq!((h.count("a"), h.count("b")), (1, 2));
         let (renewed, revoked) = h.renew(
             "b",
-            vec![("j1".into(), 2), ("j1".into(), 1), ("j2".into(), 1), ("x".into(), 1)],
+            vec![
+                ("j1".into(), 2),
+                ("j1".into(), 1),
+                ("j2".into(), 1),
+                ("x".into(), 1),
+            ],
             500,
         );
         assert_eq!(renewed, [("j1".to_string(), 2, 0)]);
         assert_eq!(
             revoked,
-            [("j1".to_string(), 1), ("j2".to_string(), 1), ("x".to_string(), 1)]
+            [
+                ("j1".to_string(), 1),
+                ("j2".to_string(), 1),
+                ("x".to_string(), 1)
+            ]
         );
         let mut expired = h.expired(200);
         expired.sort();
         assert_eq!(
             expired,
-            [("j2".to_string(), 1, "a".to_string()), ("j3".to_string(), 2, "b".to_string())]
+            [
+                ("j2".to_string(), 1, "a".to_string()),
+                ("j3".to_string(), 2, "b".to_string())
+            ]
         );
         h.remove("j2");
         h.remove("j2");

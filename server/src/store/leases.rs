@@ -1,7 +1,7 @@
 //! Leases: granting one with the next epoch, renewing, expiring, and
 //! giving one back. Every lease-scoped write is fenced by `(job, epoch, agent)`.
 
-use rusqlite::params;
+use rusqlite::{Connection, params};
 
 use super::schema::{JOB_COLS, current, forget_secrets, get_job, select_jobs};
 use super::{Store, StoreError, q};
@@ -36,7 +36,7 @@ impl Store {
         agent: String,
         ttl_ms: u64,
     ) -> Result<Option<Job>, StoreError> {
-        self.with(move |c| {
+        self.with_held(move |c, held| {
             let n = c
                 .execute(
                     "UPDATE jobs SET state = 'leased', epoch = epoch + 1, agent_id = ?2, lease_deadline_ms = ?3,
@@ -48,6 +48,7 @@ impl Store {
             if n == 0 {
                 return Ok(None);
             }
+            held.lock().sync(c, &id)?;
             get_job(c, &id)
         })
         .await
@@ -55,7 +56,7 @@ impl Store {
 
     /// Puts a leased job back in the queue (the agent declined it).
     pub async fn requeue(&self, id: String, epoch: u64, agent: String) -> Result<bool, StoreError> {
-        self.with(move |c| {
+        self.with_held(move |c, held| {
             let n = c
                 .execute(
                     "UPDATE jobs SET
@@ -67,6 +68,7 @@ impl Store {
                     params![id, epoch as i64, agent],
                 )
                 .map_err(q("requeue job"))?;
+            held.lock().sync(c, &id)?;
             Ok(n > 0)
         })
         .await
@@ -82,14 +84,15 @@ impl Store {
         self.with(move |c| current(c, &id, epoch, &agent)).await
     }
 
-    /// Renews the listed leases held by `agent`; returns (renewed, revoked).
+    /// Renews the listed leases held by `agent` durably (a session's
+    /// start); returns (renewed, revoked).
     pub async fn renew(
         &self,
         agent: String,
         leases: Vec<(String, u64)>,
         ttl_ms: u64,
     ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError> {
-        self.with(move |c| {
+        self.with_held(move |c, held| {
             let tx = c.transaction().map_err(q("begin renew"))?;
             let mut renewed = Vec::new();
             let mut revoked = Vec::new();
@@ -108,13 +111,17 @@ impl Store {
                 }
             }
             tx.commit().map_err(q("commit renew"))?;
+            for j in &renewed {
+                held.lock().sync(c, &j.id)?;
+            }
             Ok((renewed, revoked))
         })
         .await
     }
 
     /// Records a status report for the current lease. Final states end the
-    /// lease. Returns the updated job.
+    /// lease. Returns the updated job once it is committed (with other
+    /// reports and log chunks: `batch`).
     pub async fn report(
         &self,
         id: String,
@@ -122,50 +129,48 @@ impl Store {
         agent: String,
         report: StatusReport,
     ) -> Result<Job, StoreError> {
-        self.with(move |c| {
-            let tx = c.transaction().map_err(q("begin report"))?;
-            let job = current(&tx, &id, epoch, &agent)?;
-            let now = now_ms();
-            if report.state.is_final() {
-                tx.execute(
-                    "UPDATE jobs SET state = ?2, exit_code = ?3, message = ?4, oom_killed = ?5,
-                         finished_ms = ?6, log_total = ?7, lease_deadline_ms = 0,
-                         started_ms = CASE WHEN started_ms = 0 THEN ?6 ELSE started_ms END
-                     WHERE id = ?1",
-                    params![
-                        id,
-                        report.state.as_str(),
-                        report.exit_code,
-                        report.message,
-                        report.oom_killed,
-                        now,
-                        report.log_total as i64
-                    ],
-                )
-                .map_err(q("record final status"))?;
-                forget_secrets(&tx, &id)?;
-            } else if report.state == JobState::Running && job.state == JobState::Leased {
-                tx.execute(
-                    "UPDATE jobs SET state = 'running', started_ms = ?2, undelivered = 0 WHERE id = ?1",
-                    params![id, now],
-                )
-                .map_err(q("record running"))?;
-            }
-            let job = get_job(&tx, &id)?.ok_or_else(|| StoreError::NotFound(id.clone()))?;
-            tx.commit().map_err(q("commit report"))?;
-            Ok(job)
-        })
-        .await
+        self.report_queued(id, epoch, agent, report).await?.await
     }
 
-    /// Ends or re-queues every lease whose deadline passed.
+    /// Queues a status report for the next batch (in the order of the
+    /// calls) and returns what resolves once its batch is committed.
+    pub async fn report_queued(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        report: StatusReport,
+    ) -> Result<super::batch::Committed<Job>, StoreError> {
+        let (reply, done) = super::batch::Committed::new();
+        self.batch(super::batch::Op::Report {
+            id,
+            epoch,
+            agent,
+            report,
+            reply,
+        })
+        .await?;
+        Ok(done)
+    }
+
+    /// Ends or re-queues every lease whose deadline passed (deadlines as
+    /// renewed in memory; the lease itself is checked in the database).
     pub async fn expire_leases(&self) -> Result<Vec<Expired>, StoreError> {
-        self.with(move |c| {
+        // Most sweeps find nothing: no trip to the database then.
+        if self.held.lock().expired(now_ms()).is_empty() {
+            return Ok(Vec::new());
+        }
+        self.with_held(move |c, held| {
+            let candidates = held.lock().expired(now_ms());
             let tx = c.transaction().map_err(q("begin expire"))?;
-            let sql = format!(
-                "SELECT {JOB_COLS} FROM jobs WHERE state IN ('leased','running') AND lease_deadline_ms < ?1"
-            );
-            let expired = select_jobs(&tx, &sql, params![now_ms()])?;
+            let mut expired = Vec::new();
+            for (id, epoch, agent) in &candidates {
+                match current(&tx, id, *epoch, agent) {
+                    Ok(job) => expired.push(job),
+                    Err(StoreError::Stale { .. } | StoreError::NotFound(_)) => {}
+                    Err(e) => return Err(e),
+                }
+            }
             let mut out = Vec::new();
             for job in expired {
                 if job.cancel_requested {
@@ -192,6 +197,9 @@ impl Store {
                 }
             }
             tx.commit().map_err(q("commit expire"))?;
+            for (id, _, _) in &candidates {
+                held.lock().sync(c, id)?;
+            }
             Ok(out)
         })
         .await
@@ -203,13 +211,17 @@ impl Store {
         &self,
         ttl: std::time::Duration,
     ) -> Result<usize, StoreError> {
-        self.with(move |c| {
-            c.execute(
-                "UPDATE jobs SET lease_deadline_ms = MAX(lease_deadline_ms, ?1)
-                 WHERE state IN ('leased','running')",
-                params![now_ms() + ttl.as_millis() as i64],
-            )
-            .map_err(q("extend leases"))
+        self.with_held(move |c, held| {
+            let deadline = now_ms() + ttl.as_millis() as i64;
+            let n = c
+                .execute(
+                    "UPDATE jobs SET lease_deadline_ms = MAX(lease_deadline_ms, ?1)
+                     WHERE state IN ('leased','running')",
+                    params![deadline],
+                )
+                .map_err(q("extend leases"))?;
+            held.lock().extend_all(deadline);
+            Ok(n)
         })
         .await
     }
@@ -226,7 +238,7 @@ impl Store {
         agent: String,
         reason: String,
     ) -> Result<Option<Job>, StoreError> {
-        self.with(move |c| {
+        self.with_held(move |c, held| {
             let tx = c.transaction().map_err(q("begin lease not taken"))?;
             let job = match current(&tx, &id, epoch, &agent) {
                 Ok(j) => j,
@@ -274,24 +286,79 @@ impl Store {
             }
             let job = get_job(&tx, &id)?;
             tx.commit().map_err(q("commit lease not taken"))?;
+            held.lock().sync(c, &id)?;
             Ok(job)
         })
         .await
     }
 
-    /// Number of leases `agent` holds.
+    /// Number of leases `agent` holds (from memory).
     pub async fn active_count(&self, agent: String) -> Result<u32, StoreError> {
-        self.with(move |c| {
-            c.query_row(
-                "SELECT COUNT(*) FROM jobs WHERE agent_id = ?1 AND state IN ('leased','running')",
-                params![agent],
-                |r| r.get::<_, u32>(0),
-            )
-            .map_err(q("count active jobs"))
-        })
-        .await
+        Ok(self.held_count(&agent))
+    }
+
+    /// Number of leases `agent` holds (from memory).
+    pub fn held_count(&self, agent: &str) -> u32 {
+        self.held.lock().count(agent)
+    }
+
+    /// Jobs `agent` holds a lease of: (job, epoch), from memory.
+    pub fn held_by(&self, agent: &str) -> Vec<(String, u64)> {
+        self.held.lock().held_by(agent)
+    }
+
+    /// Renews the listed leases held by `agent` in memory (a heartbeat):
+    /// (renewed with their stored log offsets, revoked). Nothing is
+    /// written: see `held` for why a lost renewal is never needed.
+    pub fn renew_held(
+        &self,
+        agent: &str,
+        leases: Vec<(String, u64)>,
+        ttl_ms: u64,
+    ) -> (Vec<(String, u64, u64)>, Vec<(String, u64)>) {
+        self.held
+            .lock()
+            .renew(agent, leases, now_ms() + ttl_ms as i64)
     }
 }
 
 /// Leases in a row an agent could not take before a job ends `failed`.
 pub const MAX_UNDELIVERED: i64 = 5;
+
+/// A status report of the current lease, inside the caller's transaction.
+pub(super) fn report_in(
+    c: &Connection,
+    id: &str,
+    epoch: u64,
+    agent: &str,
+    report: &StatusReport,
+) -> Result<Job, StoreError> {
+    let job = current(c, id, epoch, agent)?;
+    let now = now_ms();
+    if report.state.is_final() {
+        c.execute(
+            "UPDATE jobs SET state = ?2, exit_code = ?3, message = ?4, oom_killed = ?5,
+                 finished_ms = ?6, log_total = ?7, lease_deadline_ms = 0,
+                 started_ms = CASE WHEN started_ms = 0 THEN ?6 ELSE started_ms END
+             WHERE id = ?1",
+            params![
+                id,
+                report.state.as_str(),
+                report.exit_code,
+                report.message,
+                report.oom_killed,
+                now,
+                report.log_total as i64
+            ],
+        )
+        .map_err(q("record final status"))?;
+        forget_secrets(c, id)?;
+    } else if report.state == JobState::Running && job.state == JobState::Leased {
+        c.execute(
+            "UPDATE jobs SET state = 'running', started_ms = ?2, undelivered = 0 WHERE id = ?1",
+            params![id, now],
+        )
+        .map_err(q("record running"))?;
+    }
+    get_job(c, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))
+}

@@ -1,14 +1,15 @@
 //! Job logs: appended contiguously from offset 0, each byte exactly once,
 //! fenced by the current lease; read back from any offset.
 
-use rusqlite::params;
+use rusqlite::{Connection, params};
 
 use super::schema::current;
 use super::{Store, StoreError, q};
 
 impl Store {
     /// Appends a log chunk of the current lease; returns the new contiguous
-    /// acknowledged offset. Duplicated bytes are dropped, a gap is refused.
+    /// acknowledged offset once it is committed (with other chunks and
+    /// reports: `batch`). Duplicated bytes are dropped, a gap is refused.
     pub async fn append_log(
         &self,
         id: String,
@@ -17,37 +18,32 @@ impl Store {
         offset: u64,
         data: bytes::Bytes,
     ) -> Result<u64, StoreError> {
-        self.with(move |c| {
-            let tx = c.transaction().map_err(q("begin append"))?;
-            let job = current(&tx, &id, epoch, &agent)?;
-            let acked = job.log_acked;
-            let end = offset + data.len() as u64;
-            if offset > acked {
-                return Err(StoreError::Gap {
-                    job_id: id,
-                    offset,
-                    acked,
-                });
-            }
-            if end <= acked {
-                return Ok(acked);
-            }
-            let skip = (acked - offset) as usize;
-            let fresh = &data[skip..];
-            tx.execute(
-                "INSERT INTO logs (job_id, epoch, offset, data) VALUES (?1, ?2, ?3, ?4)",
-                params![id, epoch as i64, acked as i64, fresh],
-            )
-            .map_err(q("insert log chunk"))?;
-            tx.execute(
-                "UPDATE jobs SET log_acked = ?2 WHERE id = ?1",
-                params![id, end as i64],
-            )
-            .map_err(q("advance log offset"))?;
-            tx.commit().map_err(q("commit append"))?;
-            Ok(end)
+        self.append_log_queued(id, epoch, agent, offset, data)
+            .await?
+            .await
+    }
+
+    /// Queues a log chunk for the next batch (in the order of the calls)
+    /// and returns what resolves once its batch is committed.
+    pub async fn append_log_queued(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<super::batch::Committed<u64>, StoreError> {
+        let (reply, done) = super::batch::Committed::new();
+        self.batch(super::batch::Op::Append {
+            id,
+            epoch,
+            agent,
+            offset,
+            data,
+            reply,
         })
-        .await
+        .await?;
+        Ok(done)
     }
 
     /// Reads stored log bytes of attempt `epoch` from `offset`, at most about `max` bytes.
@@ -89,4 +85,42 @@ impl Store {
         })
         .await
     }
+}
+
+/// Appends a chunk inside the caller's transaction; returns the new
+/// acknowledged offset.
+pub(super) fn append_in(
+    c: &Connection,
+    id: &str,
+    epoch: u64,
+    agent: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<u64, StoreError> {
+    let job = current(c, id, epoch, agent)?;
+    let acked = job.log_acked;
+    let end = offset + data.len() as u64;
+    if offset > acked {
+        return Err(StoreError::Gap {
+            job_id: id.to_string(),
+            offset,
+            acked,
+        });
+    }
+    if end <= acked {
+        return Ok(acked);
+    }
+    let skip = (acked - offset) as usize;
+    let fresh = &data[skip..];
+    c.execute(
+        "INSERT INTO logs (job_id, epoch, offset, data) VALUES (?1, ?2, ?3, ?4)",
+        params![id, epoch as i64, acked as i64, fresh],
+    )
+    .map_err(q("insert log chunk"))?;
+    c.execute(
+        "UPDATE jobs SET log_acked = ?2 WHERE id = ?1",
+        params![id, end as i64],
+    )
+    .map_err(q("advance log offset"))?;
+    Ok(end)
 }

@@ -20,6 +20,10 @@ use rusqlite::Connection;
 mod agents;
 /// Artifact reports (fenced like every lease-scoped write).
 mod artifacts;
+/// Group commit of log chunks and status reports.
+mod batch;
+/// The leases held now, in memory (renewals, counts per agent, expiry).
+mod held;
 /// Jobs: submission, queries, queue timeouts, cancellation.
 mod jobs;
 /// Leases: granting, renewing, expiring, declining (fencing by epoch).
@@ -31,6 +35,9 @@ mod prune;
 /// The schema, its migrations and reading job rows.
 mod schema;
 
+pub use batch::Committed;
+use held::Held;
+pub use held::HeldLease;
 pub use jobs::{CancelOutcome, JobFilter, JobPage};
 pub use leases::{Expired, MAX_UNDELIVERED};
 pub use prune::{PruneRule, Pruned, StoreSize};
@@ -66,6 +73,10 @@ pub enum StoreError {
     },
     #[error("store task failed")]
     Join,
+    #[error("store batch failed to commit: {0}")]
+    Batch(String),
+    #[error("failed to start the store's writer thread")]
+    Writer(#[source] std::io::Error),
     #[error(
         "the store {path} is an empty file: refusing to start with no jobs; restore it from a backup, or remove it to start with an empty store"
     )]
@@ -80,10 +91,16 @@ fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
     move |source| StoreError::Query { op, source }
 }
 
-/// A handle on the store; cheap to clone. Every call runs on the blocking pool.
+/// A handle on the store; cheap to clone. Every call that reads or writes
+/// the database runs on the blocking pool; lease renewals and counts are
+/// answered from memory (`held`).
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// The leases held now (taken after `conn` when both are held).
+    held: Arc<Mutex<Held>>,
+    /// The group-commit writer (`batch`).
+    batch: tokio::sync::mpsc::Sender<batch::Op>,
     /// Duration of every call (`outpost_store_call_seconds`).
     latency: Arc<crate::metrics::Histogram>,
 }
@@ -148,11 +165,18 @@ impl Store {
         }
         conn.execute_batch(SCHEMA).map_err(open_err)?;
         migrate(&conn).map_err(open_err)?;
+        let held = Arc::new(Mutex::new(Held::load(&conn)?));
+        let conn = Arc::new(Mutex::new(conn));
+        let latency = Arc::new(crate::metrics::Histogram::new(
+            &crate::metrics::LATENCY_BUCKETS,
+        ));
+        let batch = batch::spawn_writer(conn.clone(), held.clone(), latency.clone())
+            .map_err(StoreError::Writer)?;
         Ok(Store {
-            conn: Arc::new(Mutex::new(conn)),
-            latency: Arc::new(crate::metrics::Histogram::new(
-                &crate::metrics::LATENCY_BUCKETS,
-            )),
+            conn,
+            held,
+            batch,
+            latency,
         })
     }
 
@@ -173,6 +197,17 @@ impl Store {
         .map_err(|_| StoreError::Join)?;
         self.latency.observe(started.elapsed());
         result
+    }
+
+    /// Runs `f` with the connection and the held-lease table on the
+    /// blocking pool, for writes that change leases.
+    pub(super) async fn with_held<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&mut Connection, &Mutex<Held>) -> Result<T, StoreError> + Send + 'static,
+    {
+        let held = self.held.clone();
+        self.with(move |c| f(c, &held)).await
     }
 
     /// Latency of store calls so far.

@@ -55,7 +55,6 @@ CREATE TABLE IF NOT EXISTS artifacts (
 ) WITHOUT ROWID;
 "#;
 
-
 pub(super) const JOB_COLS: &str = "id, spec, state, epoch, agent_id, exit_code, message, oom_killed, created_ms, started_ms, finished_ms, lease_deadline_ms, cancel_requested, log_acked, log_total";
 
 /// Brings a store made by an earlier version up to the current schema.
@@ -71,7 +70,12 @@ pub(super) fn migrate(c: &Connection) -> rusqlite::Result<()> {
     Ok(())
 }
 
-pub(crate) fn current(c: &Connection, id: &str, epoch: u64, agent: &str) -> Result<Job, StoreError> {
+pub(crate) fn current(
+    c: &Connection,
+    id: &str,
+    epoch: u64,
+    agent: &str,
+) -> Result<Job, StoreError> {
     let job = get_job(c, id)?.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     if job.epoch != epoch || !job.state.is_active() || job.agent_id.as_deref() != Some(agent) {
         return Err(StoreError::Stale {

@@ -354,6 +354,122 @@ async fn jobs_survive_reopen() {
     );
 }
 
+#[tokio::test]
+async fn renewals_in_memory_keep_every_fence_across_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("db");
+    let s = Store::open(&path).unwrap();
+    s.insert_job("j".into(), spec()).await.unwrap();
+    // A lease granted with no time to live, renewed in memory only.
+    let j = s
+        .lease_job("j".into(), "a".into(), 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((j.epoch, s.held_count("a")), (1, 1));
+    let (renewed, revoked) = s.renew_held("a", vec![("j".into(), 1)], 0);
+    assert_eq!((renewed.len(), revoked.len()), (1, 0));
+    // Another agent, or an older epoch, is never renewed.
+    let (renewed, revoked) = s.renew_held("b", vec![("j".into(), 1), ("j".into(), 0)], 60_000);
+    assert_eq!((renewed.len(), revoked.len()), (0, 2));
+    // The control plane stops without a word (the renewal was never written).
+    drop(s);
+    let s = Store::open(&path).unwrap();
+    assert_eq!(s.held_by("a"), [("j".to_string(), 1)]);
+    tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    let exp = s.expire_leases().await.unwrap();
+    assert!(
+        matches!(&exp[..], [Expired::Requeued(j)] if j.id == "j"),
+        "{exp:?}"
+    );
+    assert_eq!(s.held_count("a"), 0);
+    let j = s
+        .lease_job("j".into(), "b".into(), 60_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(j.epoch, 2, "a re-leased job gets a higher epoch");
+    // The old holder is refused everywhere.
+    let (_, revoked) = s.renew_held("a", vec![("j".into(), 1)], 60_000);
+    assert_eq!(revoked, [("j".to_string(), 1)]);
+    assert!(matches!(
+        s.append_log(
+            "j".into(),
+            1,
+            "a".into(),
+            0,
+            bytes::Bytes::from_static(b"x")
+        )
+        .await,
+        Err(StoreError::Stale { .. })
+    ));
+    let done = StatusReport {
+        state: JobState::Succeeded,
+        exit_code: Some(0),
+        message: String::new(),
+        log_total: 0,
+        oom_killed: false,
+    };
+    assert!(matches!(
+        s.report("j".into(), 1, "a".into(), done.clone()).await,
+        Err(StoreError::Stale { .. })
+    ));
+    // The new holder's renewals keep the lease past the sweep.
+    s.renew_held("b", vec![("j".into(), 2)], 60_000);
+    assert!(s.expire_leases().await.unwrap().is_empty());
+    s.report("j".into(), 2, "b".into(), done).await.unwrap();
+    assert_eq!(s.held_count("b"), 0, "a final status ends the held lease");
+}
+
+#[tokio::test]
+async fn a_batch_stores_every_good_chunk_and_refuses_only_the_bad_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = Store::open(&dir.path().join("db")).unwrap();
+    for id in ["j1", "j2"] {
+        s.insert_job(id.into(), spec()).await.unwrap();
+        s.lease_job(id.into(), "a".into(), 60_000)
+            .await
+            .unwrap()
+            .unwrap();
+    }
+    let b = |s: &'static str| bytes::Bytes::from_static(s.as_bytes());
+    // Queued back to back, so that they share transactions.
+    let mut done = Vec::new();
+    for (id, epoch, offset, data) in [
+        ("j1", 1, 0, b("aaa")),
+        ("j2", 1, 0, b("bbb")),
+        ("j1", 1, 10, b("gap")),
+        ("j2", 7, 3, b("stale")),
+        ("j1", 1, 3, b("ccc")),
+    ] {
+        done.push(
+            s.append_log_queued(id.into(), epoch, "a".into(), offset, data)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut results = Vec::new();
+    for d in done {
+        results.push(d.await);
+    }
+    assert!(matches!(results[0], Ok(3)));
+    assert!(matches!(results[1], Ok(3)));
+    assert!(matches!(results[2], Err(StoreError::Gap { acked: 3, .. })));
+    assert!(matches!(results[3], Err(StoreError::Stale { .. })));
+    assert!(matches!(results[4], Ok(6)));
+    assert_eq!(
+        s.read_log("j1".into(), 1, 0, 1 << 20).await.unwrap(),
+        b"aaaccc"
+    );
+    assert_eq!(
+        s.read_log("j2".into(), 1, 0, 1 << 20).await.unwrap(),
+        b"bbb"
+    );
+    // The held table knows the stored offsets (heartbeat acks carry them).
+    let (renewed, _) = s.renew_held("a", vec![("j1".into(), 1)], 60_000);
+    assert_eq!(renewed, [("j1".to_string(), 1, 6)]);
+}
+
 proptest::proptest! {
     #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
     /// Chunks delivered out of order and duplicated, with the agent

@@ -169,10 +169,8 @@ async fn issue(state: &StateDir, n: usize) -> anyhow::Result<Vec<(String, Identi
                     if !paths.cert.exists() {
                         pki.issue(Role::Agent, &name)?;
                     }
-                    let id = Identity::from_pem(
-                        std::fs::read(&paths.cert)?,
-                        std::fs::read(&paths.key)?,
-                    );
+                    let id =
+                        Identity::from_pem(std::fs::read(&paths.cert)?, std::fs::read(&paths.key)?);
                     out.push((name, id));
                 }
                 Ok(out)
@@ -342,7 +340,11 @@ impl SimAgent {
             ..Default::default()
         };
         let msg = |m| pb::AgentMessage { msg: Some(m) };
-        if tx.send(msg(pb::agent_message::Msg::Hello(hello))).await.is_err() {
+        if tx
+            .send(msg(pb::agent_message::Msg::Hello(hello)))
+            .await
+            .is_err()
+        {
             return false;
         }
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel)

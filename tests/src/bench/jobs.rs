@@ -56,8 +56,18 @@ pub async fn run(plan: &JobPlan, root: &std::path::Path) -> anyhow::Result<JobFi
 
     // Warm-up: image layers and page cache, both paths.
     for _ in 0..2 {
-        timed(Command::new("docker").args(["run", "--rm", "--network", "none", RUNNER_IMAGE, "true"]))?;
-        timed(&mut outpost_cli(&server, &["submit", "--image", RUNNER_IMAGE, "--wait", "--", "true"]))?;
+        timed(Command::new("docker").args([
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            RUNNER_IMAGE,
+            "true",
+        ]))?;
+        timed(&mut outpost_cli(
+            &server,
+            &["submit", "--image", RUNNER_IMAGE, "--wait", "--", "true"],
+        ))?;
     }
 
     let mut fig = JobFigures {
@@ -69,11 +79,27 @@ pub async fn run(plan: &JobPlan, root: &std::path::Path) -> anyhow::Result<JobFi
     let (mut d, mut o) = (Vec::new(), Vec::new());
     for _ in 0..plan.rounds {
         d.push(timed(Command::new("docker").args([
-            "run", "--rm", "--network", "none", RUNNER_IMAGE, "sh", "-c", &script,
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            RUNNER_IMAGE,
+            "sh",
+            "-c",
+            &script,
         ]))?);
         o.push(timed(&mut outpost_cli(
             &server,
-            &["submit", "--image", RUNNER_IMAGE, "--follow", "--", "sh", "-c", &script],
+            &[
+                "submit",
+                "--image",
+                RUNNER_IMAGE,
+                "--follow",
+                "--",
+                "sh",
+                "-c",
+                &script,
+            ],
         ))?);
     }
     fig.docker_log = median(d);
@@ -83,7 +109,16 @@ pub async fn run(plan: &JobPlan, root: &std::path::Path) -> anyhow::Result<JobFi
     reset_peak(agent.pid());
     timed(&mut outpost_cli(
         &server,
-        &["submit", "--image", RUNNER_IMAGE, "--wait", "--", "sh", "-c", &printer(plan.peak_mb)],
+        &[
+            "submit",
+            "--image",
+            RUNNER_IMAGE,
+            "--wait",
+            "--",
+            "sh",
+            "-c",
+            &printer(plan.peak_mb),
+        ],
     ))?;
     fig.agent_peak_kb = status_field(agent.pid(), "VmHWM").unwrap_or(0);
 
@@ -91,7 +126,12 @@ pub async fn run(plan: &JobPlan, root: &std::path::Path) -> anyhow::Result<JobFi
     for _ in 0..plan.rounds.max(3) {
         e.push(engine_round(&docker).await?);
         r.push(timed(Command::new("docker").args([
-            "run", "--rm", "--network", "none", RUNNER_IMAGE, "true",
+            "run",
+            "--rm",
+            "--network",
+            "none",
+            RUNNER_IMAGE,
+            "true",
         ]))?);
         t.push(timed(&mut outpost_cli(
             &server,
@@ -110,8 +150,7 @@ pub async fn run(plan: &JobPlan, root: &std::path::Path) -> anyhow::Result<JobFi
 async fn engine_round(docker: &bollard::Docker) -> anyhow::Result<Duration> {
     use bollard::models::{ContainerCreateBody, HostConfig};
     use bollard::query_parameters::{
-        CreateContainerOptions, RemoveContainerOptions, StartContainerOptions,
-        WaitContainerOptions,
+        CreateContainerOptions, RemoveContainerOptions, StartContainerOptions, WaitContainerOptions,
     };
     use futures::StreamExt;
     let t = Instant::now();
@@ -153,7 +192,10 @@ async fn wait_agent(server: &ServerProc, name: &str) -> anyhow::Result<()> {
         {
             return Ok(());
         }
-        anyhow::ensure!(Instant::now() < deadline, "agent {name} not connected in 60s");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "agent {name} not connected in 60s"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

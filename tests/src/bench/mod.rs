@@ -115,7 +115,10 @@ pub fn fleet_rows(r: &mut Report, f: &fleet::FleetFigures) {
     r.add(format!("pickup p50 ms @{n}"), ms(f.pickup_p50));
     r.add(format!("pickup p99 ms @{n}"), ms(f.pickup_p99));
     r.add(format!("pickup never leased @{n}"), f.pickup_lost as f64);
-    r.add(format!("control plane RSS MB @{n}"), f.rss_kb as f64 / 1024.0);
+    r.add(
+        format!("control plane RSS MB @{n}"),
+        f.rss_kb as f64 / 1024.0,
+    );
     r.add(
         format!("control plane KB per agent @{n}"),
         f.rss_kb.saturating_sub(f.rss_idle_kb) as f64 / n.max(1) as f64,
@@ -133,7 +136,10 @@ pub fn fleet_rows(r: &mut Report, f: &fleet::FleetFigures) {
 
 /// Adds the rows of the jobs run.
 pub fn job_rows(r: &mut Report, j: &jobs::JobFigures) {
-    r.add(format!("docker run, {} MiB output ms", j.log_mb), ms(j.docker_log));
+    r.add(
+        format!("docker run, {} MiB output ms", j.log_mb),
+        ms(j.docker_log),
+    );
     r.add(
         format!("submit --follow, {} MiB output ms", j.log_mb),
         ms(j.outpost_log),

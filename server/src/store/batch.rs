@@ -1,0 +1,223 @@
+//! Group commit: log chunks, status reports and agent records go through one
+//! writer thread that runs as many as are waiting (up to a bound) in one
+//! transaction, each in a savepoint of its own (so one refused chunk does
+//! not undo the others), and commits once: one `fsync` per batch.
+//!
+//! **Invariant:** a caller hears its result only after the batch committed,
+//! and operations run in the order they were queued (one queue, one
+//! writer), so a session that queues its chunks in order gets them stored
+//! in order. There is no batching window: a batch is whatever queued while
+//! the previous one committed, so an idle store commits a chunk at once.
+
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use rusqlite::Connection;
+use tokio::sync::{mpsc, oneshot};
+
+use super::held::Held;
+use super::{Store, StoreError};
+use crate::model::{AgentInfo, Job, StatusReport};
+
+/// Operations queued at most (senders wait beyond it).
+pub(super) const QUEUE: usize = 512;
+/// Operations per transaction at most.
+const MAX_OPS: usize = 256;
+/// Log bytes per transaction at most.
+const MAX_BYTES: usize = 8 << 20;
+
+pub(super) enum Op {
+    Append {
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Report {
+        id: String,
+        epoch: u64,
+        agent: String,
+        report: StatusReport,
+        reply: oneshot::Sender<Result<Job, StoreError>>,
+    },
+    Agent {
+        info: AgentInfo,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { data, .. } => data.len(),
+            Op::Report { .. } | Op::Agent { .. } => 256,
+        }
+    }
+}
+
+enum Done {
+    Appended(Result<u64, StoreError>),
+    Reported(Result<Job, StoreError>),
+    Recorded(Result<(), StoreError>),
+}
+
+impl Done {
+    fn is_ok(&self) -> bool {
+        match self {
+            Done::Appended(r) => r.is_ok(),
+            Done::Reported(r) => r.is_ok(),
+            Done::Recorded(r) => r.is_ok(),
+        }
+    }
+}
+
+/// Resolves to an operation's result once its batch committed.
+pub struct Committed<T>(oneshot::Receiver<Result<T, StoreError>>);
+
+impl<T> Committed<T> {
+    pub(super) fn new() -> (oneshot::Sender<Result<T, StoreError>>, Committed<T>) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Committed(rx))
+    }
+}
+
+impl<T> std::future::Future for Committed<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Join)))
+    }
+}
+
+impl Store {
+    /// Queues `op` for the writer.
+    pub(super) async fn batch(&self, op: Op) -> Result<(), StoreError> {
+        self.batch.send(op).await.map_err(|_| StoreError::Join)
+    }
+}
+
+/// Starts the writer thread; it ends once every sender is gone.
+pub(super) fn spawn_writer(
+    conn: Arc<Mutex<Connection>>,
+    held: Arc<Mutex<Held>>,
+    latency: Arc<crate::metrics::Histogram>,
+) -> std::io::Result<mpsc::Sender<Op>> {
+    let (tx, mut rx) = mpsc::channel::<Op>(QUEUE);
+    std::thread::Builder::new()
+        .name("outpost-store-writer".into())
+        .spawn(move || {
+            while let Some(first) = rx.blocking_recv() {
+                let started = std::time::Instant::now();
+                let mut bytes = first.bytes();
+                let mut ops = vec![first];
+                while ops.len() < MAX_OPS && bytes < MAX_BYTES {
+                    match rx.try_recv() {
+                        Ok(op) => {
+                            bytes += op.bytes();
+                            ops.push(op);
+                        }
+                        Err(_) => break,
+                    }
+                }
+                run(&conn, &held, ops);
+                latency.observe(started.elapsed());
+            }
+        })?;
+    Ok(tx)
+}
+
+fn run(conn: &Mutex<Connection>, held: &Mutex<Held>, ops: Vec<Op>) {
+    let mut c = conn.lock();
+    let done = (|| -> Result<Vec<Done>, rusqlite::Error> {
+        let mut tx = c.transaction()?;
+        let mut done = Vec::with_capacity(ops.len());
+        for op in &ops {
+            let sp = tx.savepoint()?;
+            let d = match op {
+                Op::Append {
+                    id,
+                    epoch,
+                    agent,
+                    offset,
+                    data,
+                    ..
+                } => Done::Appended(super::logs::append_in(
+                    &sp, id, *epoch, agent, *offset, data,
+                )),
+                Op::Report {
+                    id,
+                    epoch,
+                    agent,
+                    report,
+                    ..
+                } => Done::Reported(super::leases::report_in(&sp, id, *epoch, agent, report)),
+                Op::Agent { info, .. } => Done::Recorded(super::agents::upsert_in(&sp, info)),
+            };
+            if d.is_ok() {
+                sp.commit()?;
+            }
+            // A failed one is rolled back when its savepoint drops.
+            done.push(d);
+        }
+        tx.commit()?;
+        Ok(done)
+    })();
+    match done {
+        Ok(done) => {
+            {
+                let mut h = held.lock();
+                for (op, d) in ops.iter().zip(&done) {
+                    match (op, d) {
+                        (Op::Append { id, .. }, Done::Appended(Ok(end))) => h.set_acked(id, *end),
+                        (Op::Report { id, .. }, Done::Reported(Ok(_))) => {
+                            if let Err(e) = h.sync(&c, id) {
+                                tracing::warn!(job = %id, error = %e, "re-reading a lease after its report failed");
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            drop(c);
+            for (op, d) in ops.into_iter().zip(done) {
+                match (op, d) {
+                    (Op::Append { reply, .. }, Done::Appended(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    (Op::Report { reply, .. }, Done::Reported(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    (Op::Agent { reply, .. }, Done::Recorded(r)) => {
+                        let _ = reply.send(r);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Err(e) => {
+            drop(c);
+            let why = e.to_string();
+            for op in ops {
+                let err = || StoreError::Batch(why.clone());
+                match op {
+                    Op::Append { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                    Op::Report { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                    Op::Agent { reply, .. } => {
+                        let _ = reply.send(Err(err()));
+                    }
+                }
+            }
+        }
+    }
+}
