@@ -26,6 +26,9 @@ const MAX_OPS: usize = 256;
 /// Log bytes per transaction at most.
 const MAX_BYTES: usize = 8 << 20;
 
+// Queued by value and moved once: the size of the largest variant does
+// not matter.
+#[allow(clippy::large_enum_variant)]
 pub(super) enum Op {
     Append {
         id: String,
@@ -57,6 +60,9 @@ impl Op {
     }
 }
 
+// One per queued operation, short-lived: the size of the largest variant
+// does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Done {
     Appended(Result<u64, StoreError>),
     Reported(Result<Job, StoreError>),
