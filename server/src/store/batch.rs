@@ -109,9 +109,11 @@ impl Store {
     }
 }
 
-/// Starts the writer thread; it ends once every sender is gone.
+/// Starts the writer thread; it ends once every sender is gone. It holds
+/// the connection only weakly, so the last `Store` handle dropped closes
+/// the database at once (checkpointing the WAL into the file).
 pub(super) fn spawn_writer(
-    conn: Arc<Mutex<Connection>>,
+    conn: std::sync::Weak<Mutex<Connection>>,
     held: Arc<Mutex<Held>>,
     latency: Arc<crate::metrics::Histogram>,
 ) -> std::io::Result<mpsc::Sender<Op>> {
@@ -132,7 +134,10 @@ pub(super) fn spawn_writer(
                         Err(_) => break,
                     }
                 }
+                // Gone only when every handle is: the ops' waiters are gone too.
+                let Some(conn) = conn.upgrade() else { break };
                 run(&conn, &held, ops);
+                drop(conn);
                 latency.observe(started.elapsed());
             }
         })?;

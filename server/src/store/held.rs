@@ -19,6 +19,10 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use super::{StoreError, q};
 
+/// A heartbeat's answer: the renewed leases `(job, epoch, stored log
+/// offset)` and the revoked ones `(job, epoch)`.
+pub type Renewal = (Vec<(String, u64, u64)>, Vec<(String, u64)>);
+
 /// One lease held now.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HeldLease {
@@ -140,12 +144,7 @@ impl Held {
 
     /// Renews the listed leases if `agent` holds them: (renewed with their
     /// stored log offsets, revoked).
-    pub fn renew(
-        &mut self,
-        agent: &str,
-        leases: Vec<(String, u64)>,
-        deadline_ms: i64,
-    ) -> (Vec<(String, u64, u64)>, Vec<(String, u64)>) {
+    pub fn renew(&mut self, agent: &str, leases: Vec<(String, u64)>, deadline_ms: i64) -> Renewal {
         let mut renewed = Vec::new();
         let mut revoked = Vec::new();
         for (id, epoch) in leases {

@@ -315,7 +315,7 @@ impl Store {
         agent: &str,
         leases: Vec<(String, u64)>,
         ttl_ms: u64,
-    ) -> (Vec<(String, u64, u64)>, Vec<(String, u64)>) {
+    ) -> super::held::Renewal {
         self.held
             .lock()
             .renew(agent, leases, now_ms() + ttl_ms as i64)

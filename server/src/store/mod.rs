@@ -170,7 +170,7 @@ impl Store {
         let latency = Arc::new(crate::metrics::Histogram::new(
             &crate::metrics::LATENCY_BUCKETS,
         ));
-        let batch = batch::spawn_writer(conn.clone(), held.clone(), latency.clone())
+        let batch = batch::spawn_writer(Arc::downgrade(&conn), held.clone(), latency.clone())
             .map_err(StoreError::Writer)?;
         Ok(Store {
             conn,
