@@ -15,6 +15,7 @@ pub mod client;
 pub mod dev;
 pub mod hub;
 pub mod iac;
+pub mod notify;
 pub mod identity;
 pub mod limits;
 pub mod metrics;
