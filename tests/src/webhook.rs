@@ -106,7 +106,13 @@ impl Receiver {
             if tokio::time::Instant::now() > deadline {
                 let events: Vec<_> = seen
                     .iter()
-                    .map(|r| (r.path.clone(), r.header("x-outpost-event").to_string(), r.status))
+                    .map(|r| {
+                        (
+                            r.path.clone(),
+                            r.header("x-outpost-event").to_string(),
+                            r.status,
+                        )
+                    })
                     .collect();
                 panic!("the receiver did not see {what} within {limit:?}; it saw {events:?}");
             }
@@ -114,7 +120,10 @@ impl Receiver {
         }
     }
 
-    async fn handle(&self, req: hyper::Request<hyper::body::Incoming>) -> hyper::Response<Full<Bytes>> {
+    async fn handle(
+        &self,
+        req: hyper::Request<hyper::body::Incoming>,
+    ) -> hyper::Response<Full<Bytes>> {
         let path = req.uri().path().to_string();
         let headers = req
             .headers()

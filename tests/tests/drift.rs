@@ -321,10 +321,15 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         .into_inner()
         .run_id;
     let r = wait_run(&mut a, &first, PLAN_WAIT, is_final).await;
-    assert_eq!((r.state.as_str(), r.message.as_str()), ("FINISHED", "no changes"), "{r:#?}");
+    assert_eq!(
+        (r.state.as_str(), r.message.as_str()),
+        ("FINISHED", "no changes"),
+        "{r:#?}"
+    );
     hooks
         .wait(Duration::from_secs(30), "run.finished", |s| {
-            s.iter().any(|r| r.header("x-outpost-event") == "run.finished")
+            s.iter()
+                .any(|r| r.header("x-outpost-event") == "run.finished")
         })
         .await;
     let (_, d) = next_check(&mut a, "net", 0).await;
@@ -339,14 +344,18 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert_eq!(d.status, "drifted", "{d:#?}");
     assert_eq!(
         addresses(&d),
-        [("null_resource.a".to_string(), vec!["delete".to_string(), "create".to_string()])]
+        [(
+            "null_resource.a".to_string(),
+            vec!["delete".to_string(), "create".to_string()]
+        )]
     );
     assert_eq!(d.fingerprint.len(), 64);
     assert!(d.since_ms >= changed, "{d:#?}");
     assert_eq!(check.changes.len(), 1, "{check:#?}");
     hooks
         .wait(Duration::from_secs(30), "drift.detected", |s| {
-            s.iter().any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.detected")
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.detected")
         })
         .await;
     let detected = hooks.of("/hook", "drift.detected");
@@ -356,7 +365,11 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         verify(SECRET, &h.body, h.header("x-outpost-signature-256")),
         "the signature verifies with the shared secret: {h:#?}"
     );
-    assert!(!verify(b"another secret", &h.body, h.header("x-outpost-signature-256")));
+    assert!(!verify(
+        b"another secret",
+        &h.body,
+        h.header("x-outpost-signature-256")
+    ));
     let body = h.json();
     assert_eq!(body["event"], "drift.detected");
     assert_eq!(body["stack"], "net");
@@ -380,7 +393,10 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let (again, d2) = next_check(&mut a, "net", noisy).await;
     assert_eq!(again.triggered_by, "schedule");
     let (_, d3) = next_check(&mut a, "net", again.created_at_ms).await;
-    assert_eq!((d2.fingerprint.as_str(), d3.fingerprint.as_str()), (d.fingerprint.as_str(), d.fingerprint.as_str()));
+    assert_eq!(
+        (d2.fingerprint.as_str(), d3.fingerprint.as_str()),
+        (d.fingerprint.as_str(), d.fingerprint.as_str())
+    );
     assert_eq!(d3.since_ms, d.since_ms);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(hooks.of("/hook", "drift.detected").len(), 1);
@@ -397,7 +413,8 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert_ne!(d4.fingerprint, d.fingerprint);
     hooks
         .wait(Duration::from_secs(30), "drift.changed", |s| {
-            s.iter().any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.changed")
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.changed")
         })
         .await;
 
@@ -408,7 +425,8 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert_eq!(d5.status, "in_sync", "{d5:#?}");
     hooks
         .wait(Duration::from_secs(30), "drift.resolved", |s| {
-            s.iter().any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.resolved")
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.resolved")
         })
         .await;
     assert_eq!(hooks.of("/hook", "drift.changed").len(), 1);
@@ -426,13 +444,21 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         flaky.iter().map(|r| r.status).collect::<Vec<_>>(),
         [500, 500, 200]
     );
-    let ids: std::collections::BTreeSet<_> =
-        flaky.iter().map(|r| r.header("x-outpost-delivery").to_string()).collect();
+    let ids: std::collections::BTreeSet<_> = flaky
+        .iter()
+        .map(|r| r.header("x-outpost-delivery").to_string())
+        .collect();
     assert_eq!(ids.len(), 1, "one delivery, retried: {ids:?}");
-    assert!(verify(b"global-secret", &flaky[2].body, flaky[2].header("x-outpost-signature-256")));
-    let list: serde_json::Value =
-        serde_json::from_str(&cli(&c, &["notifications", "--stack", "net", "--output", "json"]))
-            .unwrap();
+    assert!(verify(
+        b"global-secret",
+        &flaky[2].body,
+        flaky[2].header("x-outpost-signature-256")
+    ));
+    let list: serde_json::Value = serde_json::from_str(&cli(
+        &c,
+        &["notifications", "--stack", "net", "--output", "json"],
+    ))
+    .unwrap();
     let flaky_row = list
         .as_array()
         .unwrap()
@@ -459,7 +485,8 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert!(cli(&c, &["notifications"]).contains("drift.resolved"));
 
     // The operator's views: `outpost drift`, `stack show`, metrics.
-    let v: serde_json::Value = serde_json::from_str(&cli(&c, &["drift", "--output", "json"])).unwrap();
+    let v: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["drift", "--output", "json"])).unwrap();
     assert_eq!(v[0]["stack"], "net");
     assert_eq!(v[0]["status"], "in_sync");
     assert!(v[0]["last_check_age_ms"].as_i64().unwrap() >= 0);
@@ -468,8 +495,14 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert_eq!(v["drift"]["status"], "in_sync");
     assert_eq!(v["secrets"], serde_json::json!(["world.tfstate"]));
     let metrics = http_get(c.server.as_ref().unwrap().metrics_addr, "/metrics").await;
-    assert!(metrics.contains("outpost_drifts_detected_total{stack=\"net\"} 2"), "{metrics}");
-    assert!(metrics.contains("outpost_notification_attempts_failed_total 2"), "{metrics}");
+    assert!(
+        metrics.contains("outpost_drifts_detected_total{stack=\"net\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outpost_notification_attempts_failed_total 2"),
+        "{metrics}"
+    );
     assert!(!metrics.contains("outpost_drift_runs_total 0"), "{metrics}");
     // The webhook secrets and the world's values are nowhere in the data
     // directory in clear.
@@ -585,7 +618,13 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         .await
         .unwrap()
         .into_inner();
-    let r = wait_run(&mut a, auto_check["run_id"].as_str().unwrap(), CHECK_WAIT, is_final).await;
+    let r = wait_run(
+        &mut a,
+        auto_check["run_id"].as_str().unwrap(),
+        CHECK_WAIT,
+        is_final,
+    )
+    .await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
     let r = wait_run(&mut a, &human_check.run_id, CHECK_WAIT, is_final).await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
@@ -615,7 +654,10 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
                 *slot = Some(reconcile(runs));
             }
         }
-        assert!(tokio::time::Instant::now() < deadline, "no reconciling runs");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconciling runs"
+        );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let auto_run = auto_run.unwrap();
@@ -625,7 +667,10 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
     })
     .await;
-    assert_eq!(r.state, "CONFIRMED", "reverting drift needs no human: {r:#?}");
+    assert_eq!(
+        r.state, "CONFIRMED",
+        "reverting drift needs no human: {r:#?}"
+    );
     assert_eq!(r.message, "autodeploy");
     assert!(r.verdicts.iter().all(|v| v.warn.is_empty()), "{r:#?}");
     let r = wait_run(&mut a, &human_run.run_id, PLAN_WAIT, |r| {
@@ -635,12 +680,16 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
     assert_eq!(r.changes[0].address, "null_resource.a");
     hooks
-        .wait(Duration::from_secs(30), "run.needs_approval of human", |s| {
-            s.iter().any(|x| {
-                x.header("x-outpost-event") == "run.needs_approval"
-                    && x.json()["run"] == human_run.run_id.as_str()
-            })
-        })
+        .wait(
+            Duration::from_secs(30),
+            "run.needs_approval of human",
+            |s| {
+                s.iter().any(|x| {
+                    x.header("x-outpost-event") == "run.needs_approval"
+                        && x.json()["run"] == human_run.run_id.as_str()
+                })
+            },
+        )
         .await;
 
     // The human's run holds the stack lock: a drift check waits (and says
@@ -671,8 +720,16 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     let w = wait_run(&mut a, &waiting.run_id, CHECK_WAIT, is_final).await;
     assert_eq!(w.state, "FINISHED", "{w:#?}");
     // Started only after the tracked run let go of the lock.
-    let planning = w.transitions.iter().find(|t| t.state == "PLANNING").unwrap();
-    let discarded = r.transitions.iter().find(|t| t.state == "DISCARDED").unwrap();
+    let planning = w
+        .transitions
+        .iter()
+        .find(|t| t.state == "PLANNING")
+        .unwrap();
+    let discarded = r
+        .transitions
+        .iter()
+        .find(|t| t.state == "DISCARDED")
+        .unwrap();
     assert!(planning.at_ms >= discarded.at_ms, "{w:#?} {r:#?}");
     // The same drift again: nothing new is sent, no second reconcile.
     let runs = a
@@ -689,7 +746,9 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         hooks
             .seen()
             .iter()
-            .filter(|x| x.header("x-outpost-event") == "drift.detected" && x.json()["stack"] == "human")
+            .filter(
+                |x| x.header("x-outpost-event") == "drift.detected" && x.json()["stack"] == "human"
+            )
             .count(),
         1
     );
@@ -749,7 +808,10 @@ resource "null_resource" "first" {
             },
             "http",
         ),
-        (|s| s.secrets = vec![secret("../escape", b"x")], "secret name"),
+        (
+            |s| s.secrets = vec![secret("../escape", b"x")],
+            "secret name",
+        ),
     ] {
         let mut s = stack("bad", &repo);
         f(&mut s);
@@ -835,8 +897,21 @@ warn contains "the token arrived" if {
         })
         .await;
     let slack = hooks.of("/slack", "run.needs_approval");
-    assert_eq!(slack[0].json().as_object().unwrap().keys().collect::<Vec<_>>(), ["text"]);
-    assert!(slack[0].json()["text"].as_str().unwrap().contains("needs approval"));
+    assert_eq!(
+        slack[0]
+            .json()
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["text"]
+    );
+    assert!(
+        slack[0].json()["text"]
+            .as_str()
+            .unwrap()
+            .contains("needs approval")
+    );
 
     // A proposed run of another branch plans while the tracked run holds
     // the lock, and is never applied.
@@ -848,7 +923,10 @@ warn contains "the token arrived" if {
     .unwrap();
     commit(&repo, "feature");
     git(&repo, &["checkout", "-q", "main"]);
-    let out = cli(&c, &["run", "plan", "web", "--ref", "feature", "--output", "json"]);
+    let out = cli(
+        &c,
+        &["run", "plan", "web", "--ref", "feature", "--output", "json"],
+    );
     let p: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(p["kind"], "proposed");
     assert_eq!(p["git_ref"], "feature");
@@ -914,7 +992,12 @@ warn contains "the token arrived" if {
         };
         if let (Some(refused), Some(hung)) = (tried("/refused"), tried("/hang")) {
             assert_eq!(refused.state, "pending", "{refused:#?}");
-            assert!(refused.history.iter().all(|h| h.status == 0 && !h.error.is_empty()));
+            assert!(
+                refused
+                    .history
+                    .iter()
+                    .all(|h| h.status == 0 && !h.error.is_empty())
+            );
             assert!(hung.history[0].error.contains("no answer"), "{hung:#?}");
             break;
         }
@@ -997,7 +1080,9 @@ resource "null_resource" "hello" {
     apply(&mut a, vec![declare("solo", "*/10 * * * * *")]).await;
     fetched(&mut a, "solo").await;
     hooks
-        .wait(Duration::from_secs(120), "drift.detected", |s| !s.is_empty())
+        .wait(Duration::from_secs(120), "drift.detected", |s| {
+            !s.is_empty()
+        })
         .await;
     let h = hooks.seen()[0].clone();
     let r = run(&mut a, h.json()["run"].as_str().unwrap()).await;

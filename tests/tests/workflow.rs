@@ -124,13 +124,13 @@ async fn apply(
         stacks: specs,
         ..Default::default()
     })
-        .await
-        .expect("apply stacks")
-        .into_inner()
-        .changes
-        .into_iter()
-        .map(|c| (c.name, c.action))
-        .collect()
+    .await
+    .expect("apply stacks")
+    .into_inner()
+    .changes
+    .into_iter()
+    .map(|c| (c.name, c.action))
+    .collect()
 }
 
 async fn sync(c: &mut IacAdminClient<Channel>, name: &str) -> String {

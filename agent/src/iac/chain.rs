@@ -36,10 +36,7 @@ impl JobHooks for Chain<'_> {
         .boxed()
     }
 
-    fn after_start<'a>(
-        &'a self,
-        ctx: &'a HookContext<'a>,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
+    fn after_start<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
         async move {
             self.first.after_start(ctx).await?;
             self.second.after_start(ctx).await

@@ -33,7 +33,10 @@ echo "$rc" > /workspace/plan.exitcode
 /// address → values.
 fn instances(values: Option<&Value>) -> BTreeMap<String, Value> {
     let mut out = BTreeMap::new();
-    let mut stack: Vec<&Value> = values.and_then(|v| v.get("root_module")).into_iter().collect();
+    let mut stack: Vec<&Value> = values
+        .and_then(|v| v.get("root_module"))
+        .into_iter()
+        .collect();
     while let Some(module) = stack.pop() {
         for r in module
             .get("resources")
@@ -135,8 +138,11 @@ mod tests {
         );
         assert!(!format!("{d:?}").contains("canary"));
         assert!(
-            drifted(&state, &serde_json::json!({"prior_state": {"values": state["values"]}}))
-                .is_empty()
+            drifted(
+                &state,
+                &serde_json::json!({"prior_state": {"values": state["values"]}})
+            )
+            .is_empty()
         );
         let newer = serde_json::json!({"resource_drift": [
             {"address": "a.x", "change": {"actions": ["update"], "after": {"v": "canary"}}},

@@ -357,10 +357,7 @@ pub async fn run_job(
         }
         Err(e) => {
             return Outcome::Rejected {
-                reason: format!(
-                    "refused by the agent: {}",
-                    crate::executor::error_chain(&e)
-                ),
+                reason: format!("refused by the agent: {}", crate::executor::error_chain(&e)),
             };
         }
     };
@@ -635,7 +632,11 @@ impl JobIac {
             .report_plan(report)
             .await
             .map_err(|s| IacError::Report(s.message().to_string()))?;
-        info!(drifted = drifted.len(), changes = changes.len(), "drift check reported");
+        info!(
+            drifted = drifted.len(),
+            changes = changes.len(),
+            "drift check reported"
+        );
         Ok(())
     }
 }

@@ -157,7 +157,11 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
         IacCommand::Stack { command } => match command {
             StackCommand::Apply { file, output } => {
                 let declared = super::config::load(&file).map_err(anyhow::Error::msg)?;
-                let stacks = declared.stacks.iter().map(super::wire::spec_to_pb).collect();
+                let stacks = declared
+                    .stacks
+                    .iter()
+                    .map(super::wire::spec_to_pb)
+                    .collect();
                 let set_notify = declared.notify.is_some();
                 let notify = declared
                     .notify
@@ -353,7 +357,6 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
                 }
             }
         }
-    }
         IacCommand::Drift { output } => {
             let r = c
                 .list_stacks(iac::ListStacksRequest {})

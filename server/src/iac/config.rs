@@ -189,7 +189,11 @@ pub fn parse(text: &str, base: &Path) -> Result<Declared, String> {
     let file: StacksFile = toml::from_str(text).map_err(|e| e.to_string())?;
     let notify = file
         .notify
-        .map(|ts| ts.into_iter().map(|t| target(base, t)).collect::<Result<Vec<_>, _>>())
+        .map(|ts| {
+            ts.into_iter()
+                .map(|t| target(base, t))
+                .collect::<Result<Vec<_>, _>>()
+        })
         .transpose()?;
     let stacks = file
         .stack
@@ -236,7 +240,10 @@ pub fn parse(text: &str, base: &Path) -> Result<Declared, String> {
                 Some(d) => Some(super::drift::DriftSpec {
                     schedule: d.schedule.clone(),
                     timezone: d.timezone.clone().unwrap_or_default(),
-                    min_interval_ms: duration_ms(&format!("stack {n}: drift.min_interval"), &d.min_interval)?,
+                    min_interval_ms: duration_ms(
+                        &format!("stack {n}: drift.min_interval"),
+                        &d.min_interval,
+                    )?,
                     jitter_ms: duration_ms(&format!("stack {n}: drift.jitter"), &d.jitter)?,
                     ignore: d.ignore.clone(),
                     reconcile: d.reconcile,
@@ -358,13 +365,20 @@ url = "http://127.0.0.1:9/global"
         assert!(!format!("{s:?}").contains("canary"), "{s:?}");
         assert_eq!(s.aws.as_ref().unwrap().duration_s, 1800);
         let drift = s.drift.as_ref().unwrap();
-        assert_eq!((drift.min_interval_ms, drift.jitter_ms), (3_600_000, 300_000));
+        assert_eq!(
+            (drift.min_interval_ms, drift.jitter_ms),
+            (3_600_000, 300_000)
+        );
         assert!(drift.reconcile);
         assert_eq!(s.notify[0].secret_value, b"hook-canary");
         assert_eq!(s.notify[0].timeout_ms, 2000);
         assert_eq!(d.notify.as_ref().unwrap().len(), 1);
         // Absent `[[notify]]`: the global targets are left alone.
-        let none = parse("[[stack]]\nname = \"a\"\nrepo = \"r\"\nimage = \"i\"\n", dir.path()).unwrap();
+        let none = parse(
+            "[[stack]]\nname = \"a\"\nrepo = \"r\"\nimage = \"i\"\n",
+            dir.path(),
+        )
+        .unwrap();
         assert!(none.notify.is_none());
         let bad = |extra: &str| {
             parse(
@@ -374,7 +388,10 @@ url = "http://127.0.0.1:9/global"
             .unwrap_err()
         };
         assert!(bad("[stack.drift]\nschedule = \"every day\"\n").contains("schedule"));
-        assert!(bad("[stack.drift]\nschedule = \"* * * * *\"\ntimezone = \"Nowhere/Land\"\n").contains("Nowhere/Land"));
+        assert!(
+            bad("[stack.drift]\nschedule = \"* * * * *\"\ntimezone = \"Nowhere/Land\"\n")
+                .contains("Nowhere/Land")
+        );
         assert!(bad("[stack.drift]\nschedule = \"* * * * *\"\nevery = 1\n").contains("every"));
         assert!(bad("[stack.secrets]\ndb = \"missing.txt\"\n").contains("missing.txt"));
         assert!(bad("aws_role = \"role/x\"\n").contains("aws role"));

@@ -138,8 +138,8 @@ pub async fn run(state: &StateDir, client: &ClientConfig) -> Result<()> {
         stacks: vec![spec],
         ..Default::default()
     })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    .await
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("\n==> stack demo declared (git source {})", repo.display());
 
     let mut previous = String::new();

@@ -21,9 +21,10 @@ impl Engine {
         let spec = &stack.spec;
         let mut secrets = Vec::new();
         for (name, sealed) in &spec.secrets {
-            let value = self.sealer.open(name, sealed).map_err(|e| {
-                IacError::Conflict(format!("stack {}: {e}", spec.name))
-            })?;
+            let value = self
+                .sealer
+                .open(name, sealed)
+                .map_err(|e| IacError::Conflict(format!("stack {}: {e}", spec.name)))?;
             secrets.push(JobSecret {
                 name: name.clone(),
                 value,

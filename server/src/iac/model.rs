@@ -165,7 +165,9 @@ impl StackSpec {
                 ));
             }
             if aws.session_policy.len() > 2048 {
-                return Err(format!("stack {n}: the aws session policy is longer than 2048 bytes"));
+                return Err(format!(
+                    "stack {n}: the aws session policy is longer than 2048 bytes"
+                ));
             }
         }
         if let Some(d) = &self.drift {

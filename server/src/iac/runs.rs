@@ -17,9 +17,9 @@ use super::blobs::Blobs;
 use super::model::{Approval, PlanResult, Run, RunKind, RunState, Stack, StackSpec};
 use super::secrets::Sealer;
 use super::store::IacStore;
-use crate::notify::{Event, Notifier};
 use crate::hub::{Hub, LeaseTasks};
 use crate::model::{JobState, now_ms};
+use crate::notify::{Event, Notifier};
 use crate::store::CancelOutcome;
 
 /// Longest a run's plan job may take.
@@ -233,14 +233,8 @@ impl Engine {
                 stack.spec.name
             )));
         };
-        let run = super::launch::new_run(
-            &stack.spec.name,
-            RunKind::Tracked,
-            commit,
-            digest,
-            who,
-            why,
-        );
+        let run =
+            super::launch::new_run(&stack.spec.name, RunKind::Tracked, commit, digest, who, why);
         self.insert_run(run).await
     }
 
@@ -421,7 +415,11 @@ impl Engine {
             .map(|t| t.state.as_str().to_string())
             .unwrap_or_default();
         ev.to = run.state.as_str().to_string();
-        let changes = run.plan.as_ref().map(|p| p.changes.clone()).unwrap_or_default();
+        let changes = run
+            .plan
+            .as_ref()
+            .map(|p| p.changes.clone())
+            .unwrap_or_default();
         ev.counts = Event::plan_counts(&changes);
         ev.resources = changes;
         ev.summary = match run.state {
@@ -442,7 +440,10 @@ impl Engine {
         let mut sealed = std::collections::BTreeMap::new();
         for s in std::mem::take(&mut spec.secret_values) {
             let prev = old.and_then(|o| o.secrets.get(&s.name));
-            sealed.insert(s.name.clone(), self.sealer.reseal(&s.name, &s.value, prev).map_err(fail)?);
+            sealed.insert(
+                s.name.clone(),
+                self.sealer.reseal(&s.name, &s.value, prev).map_err(fail)?,
+            );
         }
         spec.secrets = sealed;
         let mut targets = Vec::new();

@@ -107,7 +107,8 @@ impl Sealer {
         if bytes.len() != 64 {
             return Err(fail(format!("{} bytes, expected 64", bytes.len())));
         }
-        let key = UnboundKey::new(&AES_256_GCM, &bytes[..32]).map_err(|_| fail("bad key".into()))?;
+        let key =
+            UnboundKey::new(&AES_256_GCM, &bytes[..32]).map_err(|_| fail("bad key".into()))?;
         Ok(Sealer {
             key: LessSafeKey::new(key),
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes[32..]),
@@ -124,7 +125,9 @@ impl Sealer {
     /// another name).
     pub fn seal(&self, name: &str, value: &[u8]) -> Result<Sealed, SecretsError> {
         let mut nonce = [0u8; NONCE_LEN];
-        self.rng.fill(&mut nonce).map_err(|_| SecretsError::Random)?;
+        self.rng
+            .fill(&mut nonce)
+            .map_err(|_| SecretsError::Random)?;
         let mut buf = value.to_vec();
         self.key
             .seal_in_place_append_tag(
@@ -196,7 +199,10 @@ mod tests {
         // The same key again: the same digest, so an unchanged value is kept.
         let again = Sealer::load_or_create(&path).unwrap();
         assert_eq!(again.open("db", &sealed).unwrap(), b"canary-value");
-        assert_eq!(again.reseal("db", b"canary-value", Some(&sealed)).unwrap(), sealed);
+        assert_eq!(
+            again.reseal("db", b"canary-value", Some(&sealed)).unwrap(),
+            sealed
+        );
         assert_ne!(again.reseal("db", b"new", Some(&sealed)).unwrap(), sealed);
         std::fs::write(&path, b"short").unwrap();
         assert!(Sealer::load_or_create(&path).is_err());

@@ -75,8 +75,11 @@ pub fn check_ref(r: &str) -> Result<(), String> {
         || r.len() > 256
         || r.starts_with('-')
         || r.contains("..")
-        || r.chars()
-            .any(|c| c.is_whitespace() || c.is_control() || matches!(c, ':' | '^' | '~' | '?' | '*' | '[' | '\\'))
+        || r.chars().any(|c| {
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(c, ':' | '^' | '~' | '?' | '*' | '[' | '\\')
+        })
     {
         return Err(format!("{r:?} is not a branch, tag or commit"));
     }

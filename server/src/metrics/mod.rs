@@ -52,7 +52,11 @@ pub struct IacMetrics {
 
 impl IacMetrics {
     pub fn drift_detected(&self, stack: &str) {
-        *self.drifts_detected.lock().entry(stack.to_string()).or_default() += 1;
+        *self
+            .drifts_detected
+            .lock()
+            .entry(stack.to_string())
+            .or_default() += 1;
     }
 
     fn render(&self, out: &mut String) {

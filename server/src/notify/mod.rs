@@ -192,7 +192,11 @@ impl Event {
     /// Counts of a plan's changes by action.
     pub fn plan_counts(changes: &[ResourceChange]) -> BTreeMap<String, u64> {
         let mut c = BTreeMap::new();
-        for (key, action) in [("add", "create"), ("change", "update"), ("destroy", "delete")] {
+        for (key, action) in [
+            ("add", "create"),
+            ("change", "update"),
+            ("destroy", "delete"),
+        ] {
             let n = changes
                 .iter()
                 .filter(|r| r.actions.iter().any(|a| a == action))
@@ -347,11 +351,16 @@ impl Notifier {
         d.attempts += 1;
         if result.error.is_empty() {
             d.state = "delivered".into();
-            self.metrics.notify_delivered.fetch_add(1, Ordering::Relaxed);
+            self.metrics
+                .notify_delivered
+                .fetch_add(1, Ordering::Relaxed);
             info!(delivery = %d.id, event = %d.event.event, status = result.status, "notification delivered");
         } else {
-            self.metrics.notify_attempts_failed.fetch_add(1, Ordering::Relaxed);
-            let permanent = matches!(result.status, 400..=499) && !matches!(result.status, 408 | 429);
+            self.metrics
+                .notify_attempts_failed
+                .fetch_add(1, Ordering::Relaxed);
+            let permanent =
+                matches!(result.status, 400..=499) && !matches!(result.status, 408 | 429);
             if permanent || d.attempts >= MAX_ATTEMPTS {
                 d.state = "failed".into();
                 self.metrics.notify_given_up.fetch_add(1, Ordering::Relaxed);
@@ -371,9 +380,7 @@ impl Notifier {
 /// Wait before the attempt after `failed` failed attempts.
 pub fn backoff(failed: u32) -> Duration {
     let exp = failed.saturating_sub(1).min(20);
-    FIRST_BACKOFF
-        .saturating_mul(1u32 << exp)
-        .min(MAX_BACKOFF)
+    FIRST_BACKOFF.saturating_mul(1u32 << exp).min(MAX_BACKOFF)
 }
 
 #[cfg(test)]

@@ -130,7 +130,11 @@ impl NotifyStore {
     }
 
     /// Newest first; `stack` filters.
-    pub async fn list(&self, stack: Option<String>, limit: u32) -> Result<Vec<Delivery>, StoreError> {
+    pub async fn list(
+        &self,
+        stack: Option<String>,
+        limit: u32,
+    ) -> Result<Vec<Delivery>, StoreError> {
         self.rows(
             "SELECT id, body FROM notify_deliveries WHERE (?1 IS NULL OR stack = ?1) ORDER BY seq DESC LIMIT ?2",
             vec![
@@ -141,11 +145,7 @@ impl NotifyStore {
         .await
     }
 
-    async fn rows(
-        &self,
-        sql: &'static str,
-        args: Vec<Value>,
-    ) -> Result<Vec<Delivery>, StoreError> {
+    async fn rows(&self, sql: &'static str, args: Vec<Value>) -> Result<Vec<Delivery>, StoreError> {
         self.store
             .with(move |c| {
                 let mut stmt = c.prepare_cached(sql).map_err(q("prepare deliveries"))?;
@@ -168,7 +168,9 @@ impl NotifyStore {
         self.store
             .with(|c| {
                 let body: Option<String> = c
-                    .query_row("SELECT body FROM notify_global WHERE id = 1", [], |r| r.get(0))
+                    .query_row("SELECT body FROM notify_global WHERE id = 1", [], |r| {
+                        r.get(0)
+                    })
                     .optional()
                     .map_err(q("read global targets"))?;
                 body.map(|b| serde_json::from_str(&b).map_err(|e| corrupt("notify_global", e)))

@@ -42,8 +42,16 @@ pub fn print(stacks: &[iac::Stack], as_json: bool) {
                 let d = s.drift.clone().unwrap_or_default();
                 let mut v = status_json(&d);
                 v["stack"] = json!(name);
-                v["last_check_age_ms"] = json!(if d.checked_at_ms > 0 { now - d.checked_at_ms } else { -1 });
-                v["next_in_ms"] = json!(if d.next_at_ms > 0 { (d.next_at_ms - now).max(0) } else { -1 });
+                v["last_check_age_ms"] = json!(if d.checked_at_ms > 0 {
+                    now - d.checked_at_ms
+                } else {
+                    -1
+                });
+                v["next_in_ms"] = json!(if d.next_at_ms > 0 {
+                    (d.next_at_ms - now).max(0)
+                } else {
+                    -1
+                });
                 v
             })
             .collect();

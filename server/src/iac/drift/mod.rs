@@ -165,7 +165,11 @@ pub enum Outcome {
 }
 
 /// Drifted resources minus the ignored ones, sorted, each once.
-pub fn resources(spec: &DriftSpec, outcome_drifted: &[ResourceChange], changes: &[ResourceChange]) -> Vec<ResourceChange> {
+pub fn resources(
+    spec: &DriftSpec,
+    outcome_drifted: &[ResourceChange],
+    changes: &[ResourceChange],
+) -> Vec<ResourceChange> {
     let mut out: Vec<ResourceChange> = outcome_drifted
         .iter()
         .chain(changes)
@@ -327,9 +331,16 @@ mod tests {
         let a = resources(
             &spec,
             &[rc("b.x", &["update"])],
-            &[rc("a.y", &["delete", "create"]), rc("null_resource.noise[0]", &["update"])],
+            &[
+                rc("a.y", &["delete", "create"]),
+                rc("null_resource.noise[0]", &["update"]),
+            ],
         );
-        let b = resources(&spec, &[], &[rc("a.y", &["delete", "create"]), rc("b.x", &["update"])]);
+        let b = resources(
+            &spec,
+            &[],
+            &[rc("a.y", &["delete", "create"]), rc("b.x", &["update"])],
+        );
         assert_eq!(a, b);
         assert_eq!(fingerprint(&a), fingerprint(&b));
         assert_ne!(fingerprint(&a), fingerprint(&a[..1]));

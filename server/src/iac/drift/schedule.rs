@@ -96,8 +96,15 @@ impl Engine {
             .iac
             .drift_runs
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        self.insert_run(new_run(name, RunKind::Drift, &commit, &digest, who, "drift check"))
-            .await
+        self.insert_run(new_run(
+            name,
+            RunKind::Drift,
+            &commit,
+            &digest,
+            who,
+            "drift check",
+        ))
+        .await
     }
 
     /// Starts a queued drift run if nothing of higher priority waits.
@@ -128,7 +135,11 @@ impl Engine {
         let mine: Vec<String> = selector.iter().map(|(k, v)| format!("{k}={v}")).collect();
         let queued = self.hub.store.queue_depth().await?;
         let ahead = queued.iter().any(|(set, n)| {
-            *n > 0 && set.split(',').filter(|kv| !kv.is_empty()).all(|kv| mine.iter().any(|m| m == kv))
+            *n > 0
+                && set
+                    .split(',')
+                    .filter(|kv| !kv.is_empty())
+                    .all(|kv| mine.iter().any(|m| m == kv))
         });
         if ahead {
             return Ok(());
@@ -232,8 +243,14 @@ impl Engine {
         ev.counts
             .insert("drifted".into(), state.resources.len() as u64);
         ev.summary = match change {
-            Change::Detected => format!("stack {name}: drift detected ({} resource(s))", state.resources.len()),
-            Change::Changed => format!("stack {name}: drift changed ({} resource(s))", state.resources.len()),
+            Change::Detected => format!(
+                "stack {name}: drift detected ({} resource(s))",
+                state.resources.len()
+            ),
+            Change::Changed => format!(
+                "stack {name}: drift changed ({} resource(s))",
+                state.resources.len()
+            ),
             Change::Resolved => format!("stack {name}: drift resolved, in sync"),
             Change::CheckFailed => format!("stack {name}: drift check failed: {}", state.reason),
         };
@@ -262,7 +279,14 @@ impl Engine {
             (None, Some(c), Some(d)) => (c.clone(), d.clone()),
             _ => return Ok(()),
         };
-        let mut run = new_run(name, RunKind::Tracked, &commit, &digest, "drift", "reconcile drift");
+        let mut run = new_run(
+            name,
+            RunKind::Tracked,
+            &commit,
+            &digest,
+            "drift",
+            "reconcile drift",
+        );
         run.drift = true;
         let run = self.insert_run(run).await?;
         info!(stack = %name, run = %run.id, "reconciling drift");
