@@ -625,6 +625,7 @@ impl JobIac {
             verdicts: Vec::new(),
             plan_digest: String::new(),
             drifted: drifted.iter().map(pb).collect(),
+            ..Default::default()
         };
         self.agent
             .client
