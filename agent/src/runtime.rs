@@ -454,6 +454,7 @@ impl Runtime {
                         let task = task.unwrap_or_default();
                         let outcome = crate::iac::run_job(
                             iac.as_ref(),
+                            aws.as_ref(),
                             &exec,
                             &key,
                             &spec,

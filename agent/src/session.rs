@@ -153,7 +153,7 @@ async fn session(
     let hello = pb::Hello {
         agent_id: cfg.agent_id.clone().unwrap_or_default(),
         version: env!("CARGO_PKG_VERSION").to_string(),
-        labels: cfg.labels.clone().into_iter().collect(),
+        labels: cfg.iac.advertised_labels(&cfg.labels).into_iter().collect(),
         capacity: cfg.capacity,
         capabilities: vec!["log-ack".into(), "status-ack".into()],
         running: rt.leases().iter().map(wire::key_to_pb).collect(),

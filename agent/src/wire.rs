@@ -68,6 +68,7 @@ fn iac_task_from_pb(t: pb::IacTask) -> crate::iac::IacTask {
         bundle_digest: t.bundle_digest,
         state_serial: t.state_serial,
         state_lineage: t.state_lineage,
+        drift: t.drift,
     }
 }
 

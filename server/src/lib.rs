@@ -19,6 +19,7 @@ pub mod identity;
 pub mod limits;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod oidc;
 pub mod pki;
 pub mod retention;

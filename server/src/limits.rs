@@ -210,6 +210,7 @@ mod tests {
             bundle_digest: "b".repeat(64),
             state_serial: u64::MAX,
             state_lineage: "l".repeat(64),
+            drift: true,
         }
     }
 

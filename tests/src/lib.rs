@@ -6,6 +6,7 @@ pub mod ec2;
 pub mod faults;
 pub mod moto;
 pub mod sandbox_helpers;
+pub mod webhook;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;

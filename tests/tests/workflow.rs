@@ -120,14 +120,17 @@ async fn apply(
     c: &mut IacAdminClient<Channel>,
     specs: Vec<iac::StackSpec>,
 ) -> Vec<(String, String)> {
-    c.apply_stacks(iac::ApplyStacksRequest { stacks: specs })
-        .await
-        .expect("apply stacks")
-        .into_inner()
-        .changes
-        .into_iter()
-        .map(|c| (c.name, c.action))
-        .collect()
+    c.apply_stacks(iac::ApplyStacksRequest {
+        stacks: specs,
+        ..Default::default()
+    })
+    .await
+    .expect("apply stacks")
+    .into_inner()
+    .changes
+    .into_iter()
+    .map(|c| (c.name, c.action))
+    .collect()
 }
 
 async fn sync(c: &mut IacAdminClient<Channel>, name: &str) -> String {
@@ -230,7 +233,10 @@ async fn stacks_apply_idempotently_and_bad_input_is_refused_with_nothing_queued(
     let mut bad = stack("bad-policy", &repo);
     bad.plan_policy = "package outpost.plan\ndeny contains msg if {".into();
     let e = a
-        .apply_stacks(iac::ApplyStacksRequest { stacks: vec![bad] })
+        .apply_stacks(iac::ApplyStacksRequest {
+            stacks: vec![bad],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(e.code(), tonic::Code::InvalidArgument);

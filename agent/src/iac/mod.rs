@@ -21,11 +21,20 @@
 //! before either phase; the apply phase ([`apply`]) verifies the bundle and
 //! the state before anything runs.
 //!
+//! A `drift` task is a drift check ([`drift`]): a refresh-only plan and a
+//! normal plan of one checkout; the agent reports the drifted addresses
+//! and the pending changes with their actions, never values. An agent may
+//! refuse drift checks (`[iac] refuse_drift`) or cap how many run at once
+//! (`[iac] max_drift_checks`); it advertises [`DRIFT_LABEL`] when it takes
+//! them. A stack's AWS role is served to its runs' jobs as to any job's.
+//!
 //! Files the job leaves in its workspace are opened without following
 //! symlinks, so a job cannot make the agent read a host file.
 
 pub mod apply;
 pub mod bundle;
+mod chain;
+pub mod drift;
 pub mod plan;
 pub mod policy;
 pub mod seal;
@@ -57,6 +66,10 @@ use policy::PlanPolicy;
 const MAX_BLOB_BYTES: usize = 64 << 20;
 const MAX_PLAN_JSON_BYTES: u64 = 256 << 20;
 
+/// Label an agent advertises when it takes drift checks; drift jobs
+/// select it.
+pub const DRIFT_LABEL: (&str, &str) = ("outpost-drift", "yes");
+
 /// The `[iac]` table of the agent's configuration.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -68,6 +81,23 @@ pub struct IacConfig {
     /// pool. Plan bundles and state are encrypted to its public key; without
     /// it this agent refuses stack runs.
     pub pool_key_file: Option<PathBuf>,
+    /// Take no drift checks (the agent does not advertise [`DRIFT_LABEL`]).
+    pub refuse_drift: bool,
+    /// Most drift checks run at once; more wait for a slot. Zero: no cap
+    /// but the agent's capacity.
+    pub max_drift_checks: u32,
+}
+
+impl IacConfig {
+    /// The labels to advertise: the configured ones, plus [`DRIFT_LABEL`]
+    /// unless drift checks are refused.
+    pub fn advertised_labels(&self, labels: &BTreeMap<String, String>) -> BTreeMap<String, String> {
+        let mut out = labels.clone();
+        if !self.refuse_drift {
+            out.insert(DRIFT_LABEL.0.to_string(), DRIFT_LABEL.1.to_string());
+        }
+        out
+    }
 }
 
 /// Errors of the IaC layer of the agent.
@@ -134,6 +164,8 @@ pub struct IacTask {
     pub bundle_digest: String,
     pub state_serial: u64,
     pub state_lineage: String,
+    /// A tracked run queued to revert drift (policy input `run.drift`).
+    pub drift: bool,
 }
 
 /// The agent's IaC side: its local plan policy and its client of the
@@ -142,6 +174,9 @@ pub struct IacAgent {
     local_policy: Option<(PathBuf, String)>,
     pool: Option<seal::PoolKey>,
     client: IacAgentClient<Channel>,
+    refuse_drift: bool,
+    /// `max_drift_checks` slots, if capped.
+    drift_slots: Option<Arc<tokio::sync::Semaphore>>,
 }
 
 impl IacAgent {
@@ -174,6 +209,9 @@ impl IacAgent {
             pool,
             client: IacAgentClient::new(channel)
                 .max_decoding_message_size(MAX_BLOB_BYTES + (1 << 20)),
+            refuse_drift: cfg.refuse_drift,
+            drift_slots: (cfg.max_drift_checks > 0)
+                .then(|| Arc::new(tokio::sync::Semaphore::new(cfg.max_drift_checks as usize))),
         })
     }
 }
@@ -210,6 +248,7 @@ fn task_spec(spec: &JobSpec, task: &IacTask) -> Result<JobSpec, IacError> {
                 "an earlier lease of this apply was lost; an apply is never retried".into(),
             ));
         }
+        "drift" => drift::SCRIPT,
         other => {
             return Err(IacError::Task(format!(
                 "phase {other:?} is not supported by this agent"
@@ -228,10 +267,12 @@ fn task_spec(spec: &JobSpec, task: &IacTask) -> Result<JobSpec, IacError> {
     Ok(s)
 }
 
-/// Runs one IaC phase through `exec`.
+/// Runs one IaC phase through `exec` (with the AWS credentials channel of
+/// `aws` when the stack has a role).
 #[allow(clippy::too_many_arguments)]
 pub async fn run_job(
     agent: Option<&Arc<IacAgent>>,
+    aws: Option<&Arc<crate::aws::AwsAgent>>,
     exec: &DockerExecutor,
     key: &LeaseKey,
     spec: &JobSpec,
@@ -252,6 +293,24 @@ pub async fn run_job(
     let run_spec = match task_spec(spec, task) {
         Ok(s) => s,
         Err(e) => return fail(e),
+    };
+    let _drift_slot = if task.phase == "drift" {
+        if agent.refuse_drift {
+            return Outcome::Rejected {
+                reason: "refused by the agent: it takes no drift checks".into(),
+            };
+        }
+        match &agent.drift_slots {
+            Some(slots) => tokio::select! {
+                p = slots.clone().acquire_owned() => p.ok(),
+                _ = cancel.cancelled() => {
+                    return Outcome::Failed { reason: "cancelled while waiting for a drift check slot".into() };
+                }
+            },
+            None => None,
+        }
+    } else {
+        None
     };
     let stack_policy = if task.plan_policy.is_empty() {
         None
@@ -279,7 +338,34 @@ pub async fn run_job(
         stack_policy: Mutex::new(stack_policy),
         state_before: Mutex::new(plan::StateRef::default()),
     };
-    exec.run_with_hooks(key, &run_spec, output, cancel, started, Some(&hooks))
+    if run_spec.aws.is_none() {
+        return exec
+            .run_with_hooks(key, &run_spec, output, cancel, started, Some(&hooks))
+            .await;
+    }
+    let Some(aws) = aws else {
+        return Outcome::Rejected {
+            reason: "refused by the agent: this agent has no aws support".into(),
+        };
+    };
+    let job_aws = match aws.prepare_job(key, &run_spec, uid, gid) {
+        Ok(Some(j)) => j,
+        Ok(None) => {
+            return exec
+                .run_with_hooks(key, &run_spec, output, cancel, started, Some(&hooks))
+                .await;
+        }
+        Err(e) => {
+            return Outcome::Rejected {
+                reason: format!("refused by the agent: {}", crate::executor::error_chain(&e)),
+            };
+        }
+    };
+    let both = chain::Chain {
+        first: &hooks,
+        second: &job_aws,
+    };
+    exec.run_with_hooks(key, &run_spec, output, cancel, started, Some(&both))
         .await
 }
 
@@ -356,6 +442,9 @@ impl JobIac {
         if !matches!(outcome, Outcome::Exited { code: 0, .. }) {
             return Ok(());
         }
+        if self.task.phase == "drift" {
+            return self.report_drift(ctx).await;
+        }
         let ws = ctx.workspace.to_path_buf();
         let files = tokio::task::spawn_blocking(move || -> Result<_, IacError> {
             let code =
@@ -397,7 +486,7 @@ impl JobIac {
                 "id": self.task.run_id,
                 "stack": self.task.stack,
                 "phase": self.task.phase,
-                "drift": false,
+                "drift": self.task.drift,
             },
         });
         let mut verdicts = Vec::new();
@@ -484,6 +573,7 @@ impl JobIac {
             bundle_digest,
             state_serial: state.serial,
             state_lineage: state.lineage.clone(),
+            drifted: Vec::new(),
         };
         self.agent
             .client
@@ -495,6 +585,59 @@ impl JobIac {
         if !denied.is_empty() {
             return Err(IacError::Denied(denied.join("; ")));
         }
+        Ok(())
+    }
+}
+
+impl JobIac {
+    /// Reads the drift check's three JSON files and reports addresses and
+    /// actions only.
+    async fn report_drift(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
+        let ws = ctx.workspace.to_path_buf();
+        let read = |ws: &Path, name: &'static str| -> Result<serde_json::Value, IacError> {
+            let bytes = read_nofollow(&ws.join(name), MAX_PLAN_JSON_BYTES)
+                .map_err(|source| IacError::Read { what: name, source })?;
+            serde_json::from_slice(&bytes).map_err(|e| IacError::Invalid {
+                what: name,
+                message: e.to_string(),
+            })
+        };
+        let (state, refresh, show) = tokio::task::spawn_blocking(move || {
+            Ok::<_, IacError>((
+                read(&ws, "state.json")?,
+                read(&ws, "refresh.json")?,
+                read(&ws, "plan.json")?,
+            ))
+        })
+        .await
+        .map_err(|_| IacError::Join("reading the drift check"))??;
+        let drifted = drift::drifted(&state, &refresh);
+        let changes = plan::summary(&show);
+        let pb = |c: &plan::Change| iacpb::ResourceChange {
+            address: c.address.clone(),
+            actions: c.actions.clone(),
+        };
+        let report = iacpb::PlanReport {
+            job_id: self.key.job_id.clone(),
+            epoch: self.key.epoch,
+            has_changes: !changes.is_empty() || !drifted.is_empty(),
+            changes: changes.iter().map(pb).collect(),
+            verdicts: Vec::new(),
+            plan_digest: String::new(),
+            drifted: drifted.iter().map(pb).collect(),
+            ..Default::default()
+        };
+        self.agent
+            .client
+            .clone()
+            .report_plan(report)
+            .await
+            .map_err(|s| IacError::Report(s.message().to_string()))?;
+        info!(
+            drifted = drifted.len(),
+            changes = changes.len(),
+            "drift check reported"
+        );
         Ok(())
     }
 }

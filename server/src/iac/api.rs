@@ -27,12 +27,16 @@ impl iac::iac_admin_server::IacAdmin for IacAdminApi {
         request: Request<iac::ApplyStacksRequest>,
     ) -> Result<Response<iac::ApplyStacksResponse>, Status> {
         Identity::require(&request, Role::Admin)?;
-        let specs = request
-            .into_inner()
-            .stacks
-            .into_iter()
-            .map(wire::spec_from_pb)
-            .collect();
+        let req = request.into_inner();
+        let specs = req.stacks.into_iter().map(wire::spec_from_pb).collect();
+        if req.set_notify {
+            let targets = req.notify.into_iter().map(wire::target_from_pb).collect();
+            self.engine
+                .notifier
+                .set_global(targets)
+                .await
+                .map_err(Status::invalid_argument)?;
+        }
         let changes = self.engine.apply_stacks(specs).await?;
         Ok(Response::new(iac::ApplyStacksResponse {
             changes: changes
@@ -159,6 +163,53 @@ impl iac::iac_admin_server::IacAdmin for IacAdminApi {
         Ok(Response::new(wire::run_to_pb(&run)))
     }
 
+    async fn propose_run(
+        &self,
+        request: Request<iac::ProposeRunRequest>,
+    ) -> Result<Response<iac::Run>, Status> {
+        let id = Identity::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let run = self
+            .engine
+            .propose(&req.stack, &req.git_ref, &who(&id))
+            .await?;
+        Ok(Response::new(wire::run_to_pb(&run)))
+    }
+
+    async fn check_drift(
+        &self,
+        request: Request<iac::CheckDriftRequest>,
+    ) -> Result<Response<iac::Run>, Status> {
+        let id = Identity::require(&request, Role::Admin)?;
+        let run = self
+            .engine
+            .check_drift(&request.into_inner().stack, &who(&id))
+            .await?;
+        Ok(Response::new(wire::run_to_pb(&run)))
+    }
+
+    async fn list_deliveries(
+        &self,
+        request: Request<iac::ListDeliveriesRequest>,
+    ) -> Result<Response<iac::ListDeliveriesResponse>, Status> {
+        Identity::require(&request, Role::Admin)?;
+        let req = request.into_inner();
+        let limit = if req.limit == 0 {
+            100
+        } else {
+            req.limit.min(1000)
+        };
+        let stack = (!req.stack.is_empty()).then_some(req.stack);
+        let list = self
+            .engine
+            .notifier
+            .list(stack, limit)
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
+        Ok(Response::new(iac::ListDeliveriesResponse {
+            deliveries: list.iter().map(wire::delivery_to_pb).collect(),
+        }))
+    }
     async fn list_state_versions(
         &self,
         request: Request<iac::ListStateVersionsRequest>,
@@ -197,7 +248,8 @@ impl IacAdminApi {
         &self,
         s: &super::model::Stack,
     ) -> Result<iac::Stack, super::IacError> {
-        let mut pb = wire::stack_to_pb(s);
+        let drift = self.engine.store.drift_states().await?;
+        let mut pb = wire::stack_with_drift(s, drift.get(&s.spec.name));
         if let Some(v) = self.engine.store.current_state(s.spec.name.clone()).await? {
             pb.state_serial = v.serial;
             pb.state_lineage = v.lineage;

@@ -81,15 +81,19 @@ impl Engine {
             }
         };
         let Some(stack) = stack else {
-            self.store
+            let run = self
+                .store
                 .update_run(run.id.clone(), refuse("the stack no longer exists"))
                 .await?;
+            self.notify_run(&run).await;
             return Ok(());
         };
         if plan.bundle_digest.is_empty() || plan.plan_digest.is_empty() {
-            self.store
+            let run = self
+                .store
                 .update_run(run.id.clone(), refuse("the plan has no sealed bundle"))
                 .await?;
+            self.notify_run(&run).await;
             return Ok(());
         }
         let job_id = uuid::Uuid::now_v7().to_string();
@@ -105,6 +109,7 @@ impl Engine {
             bundle_digest: plan.bundle_digest.clone(),
             state_serial: plan.state_serial,
             state_lineage: plan.state_lineage.clone(),
+            drift: false,
         };
         let Some(run) = self
             .store
@@ -186,6 +191,8 @@ impl Engine {
                 }
             }
         };
+        let moved = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let moved_in = moved.clone();
         let run = self
             .store
             .update_run(run.id.clone(), move |r| {
@@ -193,10 +200,15 @@ impl Engine {
                 {
                     return Ok(());
                 }
-                r.go(to, note).map_err(IacError::Conflict)
+                r.go(to, note).map_err(IacError::Conflict)?;
+                moved_in.store(true, std::sync::atomic::Ordering::Relaxed);
+                Ok(())
             })
             .await?;
         info!(run = %run.id, state = run.state.as_str(), message = %run.message, "run applied");
+        if moved.load(std::sync::atomic::Ordering::Relaxed) {
+            self.notify_run(&run).await;
+        }
         self.hub.changed();
         Ok(())
     }

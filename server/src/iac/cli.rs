@@ -47,6 +47,20 @@ pub enum IacCommand {
         #[arg(long, default_value_t = 50)]
         limit: u32,
     },
+    /// Stacks with their drift status, the age of the last check and the next one.
+    Drift {
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Webhook deliveries (of one stack) with every attempt, newest first.
+    Notifications {
+        #[arg(long)]
+        stack: Option<String>,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+        #[arg(long, default_value_t = 100)]
+        limit: u32,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -76,6 +90,12 @@ pub enum StackCommand {
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
+    /// Run a drift check of the stack now.
+    Check {
+        name: String,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -83,6 +103,15 @@ pub enum RunCommand {
     /// Queue a tracked run of the stack's current commit.
     Trigger {
         stack: String,
+        #[arg(long, value_enum, default_value = "table")]
+        output: Output,
+    },
+    /// Plan any ref (branch, tag, commit) of the stack's repository: a
+    /// proposed run, side by side with tracked runs, never applied.
+    Plan {
+        stack: String,
+        #[arg(long = "ref")]
+        git_ref: String,
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
     },
@@ -127,10 +156,25 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
     match cmd {
         IacCommand::Stack { command } => match command {
             StackCommand::Apply { file, output } => {
-                let specs = super::config::load(&file).map_err(anyhow::Error::msg)?;
-                let stacks = specs.iter().map(super::wire::spec_to_pb).collect();
+                let declared = super::config::load(&file).map_err(anyhow::Error::msg)?;
+                let stacks = declared
+                    .stacks
+                    .iter()
+                    .map(super::wire::spec_to_pb)
+                    .collect();
+                let set_notify = declared.notify.is_some();
+                let notify = declared
+                    .notify
+                    .unwrap_or_default()
+                    .iter()
+                    .map(super::wire::target_to_pb)
+                    .collect();
                 let r = c
-                    .apply_stacks(iac::ApplyStacksRequest { stacks })
+                    .apply_stacks(iac::ApplyStacksRequest {
+                        stacks,
+                        notify,
+                        set_notify,
+                    })
                     .await
                     .map_err(status)?
                     .into_inner();
@@ -157,14 +201,18 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
                     let v: Vec<Value> = r.stacks.iter().map(stack_json).collect();
                     println!("{}", Value::Array(v));
                 } else {
-                    println!("{:<24} {:<12} {:<12} FETCH", "NAME", "BRANCH", "COMMIT");
+                    println!(
+                        "{:<24} {:<12} {:<12} {:<9} FETCH",
+                        "NAME", "BRANCH", "COMMIT", "DRIFT"
+                    );
                     for s in &r.stacks {
                         let spec = s.spec.clone().unwrap_or_default();
                         println!(
-                            "{:<24} {:<12} {:<12} {}",
+                            "{:<24} {:<12} {:<12} {:<9} {}",
                             spec.name,
                             spec.branch,
                             short(&s.commit),
+                            s.drift.as_ref().map(|d| d.status.as_str()).unwrap_or(""),
                             if s.fetch_error.is_empty() {
                                 "ok"
                             } else {
@@ -207,11 +255,39 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
                     }
                 }
             }
+            StackCommand::Check { name, output } => {
+                let r = c
+                    .check_drift(iac::CheckDriftRequest { stack: name })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if output == Output::Json {
+                    println!("{}", run_json(&r));
+                } else {
+                    println!("{} {}", r.run_id, r.state);
+                }
+            }
         },
         IacCommand::Run { command } => match command {
             RunCommand::Trigger { stack, output } => {
                 let r = c
                     .trigger_run(iac::TriggerRunRequest { stack })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                if output == Output::Json {
+                    println!("{}", run_json(&r));
+                } else {
+                    println!("{}", r.run_id);
+                }
+            }
+            RunCommand::Plan {
+                stack,
+                git_ref,
+                output,
+            } => {
+                let r = c
+                    .propose_run(iac::ProposeRunRequest { stack, git_ref })
                     .await
                     .map_err(status)?
                     .into_inner();
@@ -280,6 +356,29 @@ pub async fn run(cmd: IacCommand, cfg: &ClientConfig) -> Result<std::process::Ex
                     );
                 }
             }
+        }
+        IacCommand::Drift { output } => {
+            let r = c
+                .list_stacks(iac::ListStacksRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            super::drift::cli::print(&r.stacks, output == Output::Json);
+        }
+        IacCommand::Notifications {
+            stack,
+            output,
+            limit,
+        } => {
+            let r = c
+                .list_deliveries(iac::ListDeliveriesRequest {
+                    stack: stack.unwrap_or_default(),
+                    limit,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            crate::notify::cli::print(&r.deliveries, output == Output::Json);
         }
     }
     Ok(std::process::ExitCode::SUCCESS)
@@ -355,6 +454,11 @@ fn stack_json(s: &iac::Stack) -> Value {
         "state_serial": s.state_serial,
         "state_lineage": s.state_lineage,
         "outputs": s.outputs,
+        "secrets": spec.secrets.iter().map(|f| f.name.clone()).collect::<Vec<_>>(),
+        "aws_role": spec.aws.as_ref().map(|a| a.role_arn.clone()),
+        "drift": s.drift.as_ref().map(super::drift::cli::status_json),
+        "drift_schedule": spec.drift.as_ref().map(|d| json!({"schedule": d.schedule, "timezone": d.timezone, "ignore": d.ignore, "reconcile": d.reconcile})),
+        "notify": spec.notify.iter().map(|t| json!({"url": t.url, "format": t.format, "events": t.events})).collect::<Vec<_>>(),
     })
 }
 
@@ -379,6 +483,10 @@ fn run_json(r: &iac::Run) -> Value {
         "outputs": r.outputs,
         "state_serial": r.state_serial,
         "state_lineage": r.state_lineage,
+        "kind": r.kind,
+        "git_ref": r.git_ref,
+        "drift": r.drift,
+        "drifted": r.drifted.iter().map(|c| json!({"address": c.address, "actions": c.actions})).collect::<Vec<_>>(),
     })
 }
 

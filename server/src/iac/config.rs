@@ -17,7 +17,27 @@
 //! region = "eu-west-1"
 //! [stack.labels]
 //! pool = "terraform"
+//! [stack.secrets]            # files the run's jobs find at /run/secrets/<name>
+//! db_password = "secrets/db_password.txt"
+//! [stack.drift]
+//! schedule = "0 */6 * * *"   # cron: 5 fields, or 6 with seconds first
+//! timezone = "Europe/Paris"  # default UTC
+//! min_interval = "1h"
+//! jitter = "5m"
+//! ignore = ["null_resource.scratch*"]
+//! reconcile = false
+//! [[stack.notify]]
+//! url = "https://hooks.internal/outpost"
+//! secret_file = "secrets/webhook.txt"   # or secret_env = "OUTPOST_WEBHOOK_SECRET"
+//! format = "json"                       # or "slack"
+//!
+//! [[notify]]                 # global targets: every stack's events
+//! url = "https://hooks.slack.com/services/..."
+//! format = "slack"
 //! ```
+//!
+//! Secret values are read by the CLI from the files (or the environment
+//! variable) named here, never written in the stacks file itself.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -31,6 +51,48 @@ use super::model::StackSpec;
 struct StacksFile {
     #[serde(default)]
     stack: Vec<StackToml>,
+    /// Global webhook targets; absent: the global targets stay as they are.
+    notify: Option<Vec<NotifyToml>>,
+}
+
+/// A `[[notify]]` or `[[stack.notify]]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NotifyToml {
+    url: String,
+    /// File holding the shared secret of the signature.
+    secret_file: Option<PathBuf>,
+    /// Environment variable holding the shared secret.
+    secret_env: Option<String>,
+    /// `json` (default) or `slack`.
+    format: Option<String>,
+    /// Events to send; default all.
+    #[serde(default)]
+    events: Vec<String>,
+    /// Longest one attempt may take, e.g. `"5s"`. Default 10s.
+    timeout: Option<String>,
+}
+
+/// The `[stack.drift]` table.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DriftToml {
+    schedule: String,
+    timezone: Option<String>,
+    min_interval: Option<String>,
+    jitter: Option<String>,
+    #[serde(default)]
+    ignore: Vec<String>,
+    #[serde(default)]
+    reconcile: bool,
+}
+
+/// What a stacks file declares.
+#[derive(Debug)]
+pub struct Declared {
+    pub stacks: Vec<StackSpec>,
+    /// `Some`: replace the global webhook targets.
+    pub notify: Option<Vec<crate::notify::Target>>,
 }
 
 /// One `[[stack]]` table.
@@ -64,10 +126,58 @@ struct StackToml {
     approvals_required: Option<u32>,
     /// How often the branch is polled, e.g. `"30s"`. Default: never (use `outpost stack sync`).
     poll_interval: Option<String>,
+    /// Secret files of the run's jobs: name = path of the file holding the value.
+    #[serde(default)]
+    secrets: BTreeMap<String, PathBuf>,
+    /// AWS role ARN of the run's jobs.
+    aws_role: Option<String>,
+    /// Session duration of that role, e.g. `"1h"`. Default: the agent's.
+    aws_duration: Option<String>,
+    drift: Option<DriftToml>,
+    #[serde(default)]
+    notify: Vec<NotifyToml>,
+}
+
+fn duration_ms(what: &str, d: &Option<String>) -> Result<u64, String> {
+    match d {
+        None => Ok(0),
+        Some(d) => Ok(outpost_agent::units::parse_duration(d)
+            .map_err(|e| format!("{what}: {e}"))?
+            .as_millis() as u64),
+    }
+}
+
+fn read_secret(base: &Path, what: &str, file: &Path) -> Result<Vec<u8>, String> {
+    let p = base.join(file);
+    std::fs::read(&p).map_err(|e| format!("{what}: cannot read {}: {e}", p.display()))
+}
+
+fn target(base: &Path, t: NotifyToml) -> Result<crate::notify::Target, String> {
+    let what = format!("notify {}", t.url);
+    let secret_value = match (&t.secret_file, &t.secret_env) {
+        (Some(_), Some(_)) => {
+            return Err(format!("{what}: give secret_file or secret_env, not both"));
+        }
+        (Some(f), None) => read_secret(base, &what, f)?,
+        (None, Some(var)) => std::env::var(var)
+            .map_err(|_| format!("{what}: environment variable {var} is not set"))?
+            .into_bytes(),
+        (None, None) => Vec::new(),
+    };
+    let target = crate::notify::Target {
+        url: t.url.clone(),
+        format: t.format.unwrap_or_default(),
+        events: t.events,
+        timeout_ms: duration_ms(&format!("{what}: timeout"), &t.timeout)?,
+        secret: None,
+        secret_value,
+    };
+    target.check().map_err(|e| format!("{what}: {e}"))?;
+    Ok(target)
 }
 
 /// Reads `path`; the error names the file and what is wrong.
-pub fn load(path: &Path) -> Result<Vec<StackSpec>, String> {
+pub fn load(path: &Path) -> Result<Declared, String> {
     let text = std::fs::read_to_string(path)
         .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
     parse(&text, path.parent().unwrap_or(Path::new(".")))
@@ -75,9 +185,18 @@ pub fn load(path: &Path) -> Result<Vec<StackSpec>, String> {
 }
 
 /// Parses a stacks file whose relative paths start at `base`.
-pub fn parse(text: &str, base: &Path) -> Result<Vec<StackSpec>, String> {
+pub fn parse(text: &str, base: &Path) -> Result<Declared, String> {
     let file: StacksFile = toml::from_str(text).map_err(|e| e.to_string())?;
-    file.stack
+    let notify = file
+        .notify
+        .map(|ts| {
+            ts.into_iter()
+                .map(|t| target(base, t))
+                .collect::<Result<Vec<_>, _>>()
+        })
+        .transpose()?;
+    let stacks = file
+        .stack
         .into_iter()
         .map(|s| {
             let plan_policy = match &s.plan_policy {
@@ -99,6 +218,42 @@ pub fn parse(text: &str, base: &Path) -> Result<Vec<StackSpec>, String> {
                     .map_err(|e| format!("stack {}: poll_interval: {e}", s.name))?
                     .as_millis() as u64,
             };
+            let n = &s.name;
+            let mut secret_values = Vec::new();
+            for (name, file) in &s.secrets {
+                secret_values.push(crate::model::JobSecret {
+                    name: name.clone(),
+                    value: read_secret(base, &format!("stack {n}: secret {name}"), file)?,
+                });
+            }
+            let aws = match &s.aws_role {
+                None => None,
+                Some(arn) => Some(crate::model::AwsRole {
+                    role_arn: arn.clone(),
+                    session_policy: String::new(),
+                    duration_s: duration_ms(&format!("stack {n}: aws_duration"), &s.aws_duration)?
+                        / 1000,
+                }),
+            };
+            let drift = match &s.drift {
+                None => None,
+                Some(d) => Some(super::drift::DriftSpec {
+                    schedule: d.schedule.clone(),
+                    timezone: d.timezone.clone().unwrap_or_default(),
+                    min_interval_ms: duration_ms(
+                        &format!("stack {n}: drift.min_interval"),
+                        &d.min_interval,
+                    )?,
+                    jitter_ms: duration_ms(&format!("stack {n}: drift.jitter"), &d.jitter)?,
+                    ignore: d.ignore.clone(),
+                    reconcile: d.reconcile,
+                }),
+            };
+            let notify = s
+                .notify
+                .into_iter()
+                .map(|t| target(base, t).map_err(|e| format!("stack {n}: {e}")))
+                .collect::<Result<Vec<_>, _>>()?;
             StackSpec {
                 name: s.name,
                 repo: s.repo,
@@ -112,10 +267,16 @@ pub fn parse(text: &str, base: &Path) -> Result<Vec<StackSpec>, String> {
                 plan_policy,
                 approvals_required: s.approvals_required.unwrap_or(1),
                 poll_interval_ms,
+                secrets: BTreeMap::new(),
+                secret_values,
+                aws,
+                drift,
+                notify,
             }
             .normalized()
         })
-        .collect()
+        .collect::<Result<Vec<_>, String>>()?;
+    Ok(Declared { stacks, notify })
 }
 
 #[cfg(test)]
@@ -139,7 +300,8 @@ region = "x"
 "#,
             dir.path(),
         )
-        .unwrap();
+        .unwrap()
+        .stacks;
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].plan_policy, "package outpost.plan\n");
         assert_eq!(ok[0].poll_interval_ms, 30_000);
@@ -160,5 +322,79 @@ region = "x"
         )
         .unwrap_err();
         assert!(e.contains("missing.rego"), "{e}");
+    }
+
+    #[test]
+    fn drift_secrets_roles_and_webhooks_are_read_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("db.txt"), "db-canary").unwrap();
+        std::fs::write(dir.path().join("hook.txt"), "hook-canary").unwrap();
+        let d = parse(
+            r#"
+[[stack]]
+name = "net"
+repo = "file:///r"
+image = "img"
+aws_role = "arn:aws:iam::1:role/plan"
+aws_duration = "30m"
+[stack.secrets]
+db = "db.txt"
+[stack.drift]
+schedule = "0 3 * * *"
+timezone = "Europe/Paris"
+min_interval = "1h"
+jitter = "5m"
+ignore = ["null_resource.x*"]
+reconcile = true
+[[stack.notify]]
+url = "https://hooks.example.com/a"
+secret_file = "hook.txt"
+format = "slack"
+events = ["drift.detected"]
+timeout = "2s"
+
+[[notify]]
+url = "http://127.0.0.1:9/global"
+"#,
+            dir.path(),
+        )
+        .unwrap();
+        let s = &d.stacks[0];
+        assert_eq!(s.secret_values[0].name, "db");
+        assert_eq!(s.secret_values[0].value, b"db-canary");
+        assert!(!format!("{s:?}").contains("canary"), "{s:?}");
+        assert_eq!(s.aws.as_ref().unwrap().duration_s, 1800);
+        let drift = s.drift.as_ref().unwrap();
+        assert_eq!(
+            (drift.min_interval_ms, drift.jitter_ms),
+            (3_600_000, 300_000)
+        );
+        assert!(drift.reconcile);
+        assert_eq!(s.notify[0].secret_value, b"hook-canary");
+        assert_eq!(s.notify[0].timeout_ms, 2000);
+        assert_eq!(d.notify.as_ref().unwrap().len(), 1);
+        // Absent `[[notify]]`: the global targets are left alone.
+        let none = parse(
+            "[[stack]]\nname = \"a\"\nrepo = \"r\"\nimage = \"i\"\n",
+            dir.path(),
+        )
+        .unwrap();
+        assert!(none.notify.is_none());
+        let bad = |extra: &str| {
+            parse(
+                &format!("[[stack]]\nname = \"a\"\nrepo = \"r\"\nimage = \"i\"\n{extra}"),
+                dir.path(),
+            )
+            .unwrap_err()
+        };
+        assert!(bad("[stack.drift]\nschedule = \"every day\"\n").contains("schedule"));
+        assert!(
+            bad("[stack.drift]\nschedule = \"* * * * *\"\ntimezone = \"Nowhere/Land\"\n")
+                .contains("Nowhere/Land")
+        );
+        assert!(bad("[stack.drift]\nschedule = \"* * * * *\"\nevery = 1\n").contains("every"));
+        assert!(bad("[stack.secrets]\ndb = \"missing.txt\"\n").contains("missing.txt"));
+        assert!(bad("aws_role = \"role/x\"\n").contains("aws role"));
+        assert!(bad("[[stack.notify]]\nurl = \"ftp://x/\"\n").contains("http"));
     }
 }

@@ -134,9 +134,12 @@ pub async fn run(state: &StateDir, client: &ClientConfig) -> Result<()> {
         approvals_required: 1,
         ..Default::default()
     };
-    c.apply_stacks(iac::ApplyStacksRequest { stacks: vec![spec] })
-        .await
-        .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
+    c.apply_stacks(iac::ApplyStacksRequest {
+        stacks: vec![spec],
+        ..Default::default()
+    })
+    .await
+    .map_err(|s| anyhow::anyhow!("{}", s.message()))?;
     println!("\n==> stack demo declared (git source {})", repo.display());
 
     let mut previous = String::new();

@@ -10,6 +10,11 @@
 //! confirmed run's apply (`apply`) applies exactly the approved plan, whose
 //! bundle the control plane holds sealed to the pool key; stacks without a
 //! backend of their own keep their state versions here (`state`), sealed too.
+//! Operators use `outpost.iac.v1.IacAdmin` (`api`) through `cli`.
+//! Proposed runs (`launch`) plan any ref without the stack lock; `drift`
+//! schedules drift checks and keeps each stack's drift status; stack
+//! secrets are sealed at rest (`secrets`); events go out as signed
+//! webhooks (`crate::notify`).
 
 pub mod api;
 pub mod apply;
@@ -17,8 +22,11 @@ pub mod blobs;
 pub mod cli;
 pub mod config;
 pub mod demo;
+pub mod drift;
+pub mod launch;
 pub mod model;
 pub mod runs;
+pub mod secrets;
 pub mod source;
 pub mod state;
 pub mod store;

@@ -26,6 +26,33 @@ pub struct StackSpec {
     pub approvals_required: u32,
     /// Zero: no polling.
     pub poll_interval_ms: u64,
+    /// Secret files of the run's jobs, sealed (`iac::secrets`).
+    pub secrets: BTreeMap<String, Sealed>,
+    /// Secret values as declared, on their way in; sealed into `secrets`
+    /// and cleared before the stack is stored.
+    #[serde(skip)]
+    pub secret_values: Vec<crate::model::JobSecret>,
+    /// AWS role of the run's jobs.
+    pub aws: Option<crate::model::AwsRole>,
+    /// Scheduled drift checks.
+    pub drift: Option<crate::iac::drift::DriftSpec>,
+    /// Webhook targets of the stack's events.
+    pub notify: Vec<crate::notify::Target>,
+}
+
+/// A secret value encrypted at rest (`iac::secrets::Sealer`): a keyed
+/// digest to compare values, and the ciphertext. `Debug` shows neither.
+#[derive(Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
+pub struct Sealed {
+    pub mac: String,
+    pub sealed: String,
+}
+
+impl std::fmt::Debug for Sealed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Sealed(<redacted>)")
+    }
 }
 
 /// Longest stack name.
@@ -126,6 +153,28 @@ impl StackSpec {
         }
         if self.approvals_required == 0 {
             self.approvals_required = 1;
+        }
+        crate::iac::secrets::check_names(&self.secret_values)
+            .map_err(|e| format!("stack {n}: {e}"))?;
+        if let Some(aws) = &self.aws {
+            let arn = aws.role_arn.trim();
+            if !arn.starts_with("arn:") || arn.len() > 2048 {
+                return Err(format!(
+                    "stack {n}: aws role {:?} is not a role ARN",
+                    aws.role_arn
+                ));
+            }
+            if aws.session_policy.len() > 2048 {
+                return Err(format!(
+                    "stack {n}: the aws session policy is longer than 2048 bytes"
+                ));
+            }
+        }
+        if let Some(d) = &self.drift {
+            d.check().map_err(|e| format!("stack {n}: drift: {e}"))?;
+        }
+        for t in &self.notify {
+            t.check().map_err(|e| format!("stack {n}: notify: {e}"))?;
         }
         Ok(self)
     }
@@ -230,6 +279,29 @@ impl RunState {
     }
 }
 
+/// What a run is for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RunKind {
+    /// The stack's branch: plan, approval, apply; one at a time (the stack lock).
+    #[default]
+    Tracked,
+    /// Any ref, plan only, side by side with tracked runs.
+    Proposed,
+    /// A drift check: plan only, never while a tracked run holds the lock.
+    Drift,
+}
+
+impl RunKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RunKind::Tracked => "tracked",
+            RunKind::Proposed => "proposed",
+            RunKind::Drift => "drift",
+        }
+    }
+}
+
 /// One entry of a run's history.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Transition {
@@ -280,6 +352,9 @@ pub struct PlanResult {
     pub state_serial: u64,
     #[serde(default)]
     pub state_lineage: String,
+    /// A drift check: what the refresh-only plan found.
+    #[serde(default)]
+    pub drifted: Vec<ResourceChange>,
 }
 
 impl PlanResult {
@@ -304,6 +379,14 @@ pub struct Run {
     pub plan: Option<PlanResult>,
     pub approvals: Vec<Approval>,
     pub created_ms: i64,
+    #[serde(default)]
+    pub kind: RunKind,
+    /// A proposed run's ref.
+    #[serde(default)]
+    pub git_ref: String,
+    /// A tracked run queued to revert drift (policy input `run.drift`).
+    #[serde(default)]
+    pub drift: bool,
     /// The apply phase, once it started (`iac::apply`).
     #[serde(default)]
     pub apply: Option<ApplyResult>,
@@ -378,6 +461,9 @@ mod tests {
             approvals: Vec::new(),
             created_ms: 0,
             apply: None,
+            kind: RunKind::Tracked,
+            git_ref: String::new(),
+            drift: false,
         }
     }
 

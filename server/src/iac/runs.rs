@@ -14,24 +14,30 @@ use tracing::{Instrument, info, info_span, warn};
 
 use super::IacError;
 use super::blobs::Blobs;
-use super::model::{Approval, PlanResult, Run, RunState, Stack, StackSpec};
-use super::store::{IacStore, Task};
+use super::model::{Approval, PlanResult, Run, RunKind, RunState, Stack, StackSpec};
+use super::secrets::Sealer;
+use super::store::IacStore;
 use crate::hub::{Hub, LeaseTasks};
-use crate::model::{JobSpec, JobState, now_ms};
+use crate::model::{JobState, now_ms};
+use crate::notify::{Event, Notifier};
 use crate::store::CancelOutcome;
 
 /// Longest a run's plan job may take.
-const PLAN_TIMEOUT: Duration = Duration::from_secs(3600);
+pub(crate) const PLAN_TIMEOUT: Duration = Duration::from_secs(3600);
 
 /// The IaC engine; shared by the API and the background tasks.
 pub struct Engine {
     pub store: IacStore,
     pub hub: Arc<Hub>,
     pub blobs: Blobs,
-    git_dir: PathBuf,
+    pub(crate) git_dir: PathBuf,
     /// One git fetch at a time (mirrors are per stack; this keeps it simple).
-    fetching: tokio::sync::Mutex<()>,
+    pub(crate) fetching: tokio::sync::Mutex<()>,
     wake: tokio::sync::Notify,
+    /// Seals stack secrets and webhook secrets at rest.
+    pub(crate) sealer: Arc<Sealer>,
+    /// Webhook notifications of run and drift events.
+    pub notifier: Arc<Notifier>,
 }
 
 impl Engine {
@@ -39,6 +45,14 @@ impl Engine {
     pub async fn start(hub: Arc<Hub>, data_dir: &std::path::Path) -> Result<Arc<Engine>, IacError> {
         let store = IacStore::open(hub.store.clone()).await?;
         store.open_state().await?;
+        let key = data_dir.join("iac").join("secrets.key");
+        let sealer = tokio::task::spawn_blocking(move || Sealer::load_or_create(&key))
+            .await
+            .map_err(|_| IacError::Join)?
+            .map_err(|e| IacError::BadRequest(e.to_string()))?;
+        let sealer = Arc::new(sealer);
+        let notifier =
+            Notifier::open(hub.store.clone(), sealer.clone(), hub.metrics.iac.clone()).await?;
         let engine = Arc::new(Engine {
             store,
             hub: hub.clone(),
@@ -46,13 +60,17 @@ impl Engine {
             git_dir: data_dir.join("iac").join("git"),
             fetching: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
+            sealer,
+            notifier,
         });
         hub.set_lease_tasks(engine.clone());
         Ok(engine)
     }
 
-    /// Spawns the engine loop and the source poller; both stop on `shutdown`.
+    /// Spawns the engine loop, the source poller and drift scheduler, and
+    /// the notifier; all stop on `shutdown`.
     pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) {
+        self.notifier.spawn(shutdown.clone());
         let me = self.clone();
         let sd = shutdown.clone();
         tokio::spawn(
@@ -83,13 +101,16 @@ impl Engine {
                     if let Err(e) = me.poll_due().await {
                         warn!(error = %e, "source polling failed");
                     }
+                    if let Err(e) = me.drift_due().await {
+                        warn!(error = %e, "drift scheduling failed");
+                    }
                 }
             }
             .instrument(info_span!("source_poller")),
         );
     }
 
-    fn kick(&self) {
+    pub(crate) fn kick(&self) {
         self.wake.notify_one();
         self.hub.changed();
     }
@@ -103,6 +124,8 @@ impl Engine {
         let mut names = std::collections::BTreeSet::new();
         for spec in specs {
             let spec = spec.normalized().map_err(IacError::BadRequest)?;
+            let old = self.store.get_stack(spec.name.clone()).await?;
+            let spec = self.seal(spec, old.as_ref().map(|o| &o.spec))?;
             if !names.insert(spec.name.clone()) {
                 return Err(IacError::BadRequest(format!(
                     "stack {} is declared twice",
@@ -210,30 +233,9 @@ impl Engine {
                 stack.spec.name
             )));
         };
-        let now = now_ms();
-        let run = Run {
-            id: format!("run-{}", uuid::Uuid::now_v7().simple()),
-            stack: stack.spec.name.clone(),
-            state: RunState::Queued,
-            commit: commit.clone(),
-            source_digest: digest.clone(),
-            plan_job: None,
-            apply_job: None,
-            message: String::new(),
-            triggered_by: who.to_string(),
-            transitions: vec![super::model::Transition {
-                state: RunState::Queued,
-                at_ms: now,
-                note: why.to_string(),
-            }],
-            plan: None,
-            approvals: Vec::new(),
-            created_ms: now,
-            apply: None,
-        };
-        let run = self.store.insert_run(run).await?;
-        info!(run = %run.id, stack = %run.stack, commit = %run.commit, "run queued");
-        Ok(run)
+        let run =
+            super::launch::new_run(&stack.spec.name, RunKind::Tracked, commit, digest, who, why);
+        self.insert_run(run).await
     }
 
     /// Polls the sources whose interval is due.
@@ -254,13 +256,16 @@ impl Engine {
         let open = self.store.open_runs().await?;
         let mut stacks_with_queued = std::collections::BTreeSet::new();
         for run in &open {
-            match run.state {
-                RunState::Queued => {
+            match (run.state, run.kind) {
+                (RunState::Queued, RunKind::Tracked) => {
                     stacks_with_queued.insert(run.stack.clone());
                 }
-                RunState::Planning => self.advance_planning(run).await?,
-                RunState::Confirmed => self.start_apply(run).await?,
-                RunState::Applying => self.advance_applying(run).await?,
+                (RunState::Queued, RunKind::Proposed) => self.start_proposed(run).await?,
+                (RunState::Queued, RunKind::Drift) => self.start_drift(run).await?,
+                (RunState::Planning, RunKind::Drift) => self.finish_drift(run).await?,
+                (RunState::Planning, _) => self.advance_planning(run).await?,
+                (RunState::Confirmed, _) => self.start_apply(run).await?,
+                (RunState::Applying, _) => self.advance_applying(run).await?,
                 _ => {}
             }
         }
@@ -274,30 +279,17 @@ impl Engine {
         let Some(stack) = self.store.get_stack(name.to_string()).await? else {
             return Ok(());
         };
+        let job = self.plan_job(&stack, false)?;
         let job_id = uuid::Uuid::now_v7().to_string();
         let spec = stack.spec.clone();
         let started = self
             .store
-            .start_next(name.to_string(), job_id.clone(), move |run| Task {
-                run_id: run.id.clone(),
-                stack: spec.name.clone(),
-                phase: "plan".into(),
-                source_digest: run.source_digest.clone(),
-                tool: spec.tool.clone(),
-                plan_policy: spec.plan_policy.clone(),
-                variables: spec.variables.clone(),
-                ..Default::default()
+            .start_next(name.to_string(), job_id.clone(), move |run| {
+                Engine::plan_task(&spec, run, "plan")
             })
             .await?;
         let Some((run, _task)) = started else {
             return Ok(());
-        };
-        let job = JobSpec {
-            image: stack.spec.image.clone(),
-            command: vec!["outpost-iac".into(), "plan".into()],
-            selector: stack.spec.labels.clone(),
-            timeout_ms: PLAN_TIMEOUT.as_millis() as u64,
-            ..Default::default()
         };
         self.hub.store.insert_job(job_id.clone(), job).await?;
         info!(run = %run.id, job = %job_id, "plan queued");
@@ -320,6 +312,10 @@ impl Engine {
                     "the agent finished the plan without reporting it".to_string(),
                 ),
                 Some(p) if !p.has_changes => (RunState::Finished, "no changes".to_string()),
+                Some(p) if run.kind == RunKind::Proposed => (
+                    RunState::Finished,
+                    format!("proposed: plan only, {} change(s)", p.changes.len()),
+                ),
                 Some(p) => {
                     let stack = self.store.get_stack(run.stack.clone()).await?;
                     let auto = stack.is_some_and(|s| s.spec.autodeploy);
@@ -352,6 +348,7 @@ impl Engine {
             })
             .await?;
         info!(run = %run.id, state = run.state.as_str(), message = %run.message, "run planned");
+        self.notify_run(&run).await;
         self.kick();
         Ok(())
     }
@@ -373,7 +370,7 @@ impl Engine {
             .task_of(job_id.to_string())
             .await?
             .ok_or_else(|| IacError::Refused(format!("job {job_id} is not a run's job")))?;
-        if task.phase != "plan" {
+        if task.phase != "plan" && task.phase != "drift" {
             return Err(IacError::Refused(format!("job {job_id} is not a plan")));
         }
         let job_id = job_id.to_string();
@@ -391,6 +388,71 @@ impl Engine {
             })
             .await?;
         Ok(())
+    }
+
+    /// Tells the stack's and the global targets about a tracked run that
+    /// needs approval, finished or failed (never blocks, never fails).
+    pub(crate) async fn notify_run(&self, run: &Run) {
+        if run.kind != RunKind::Tracked {
+            return;
+        }
+        let event = match run.state {
+            RunState::Unconfirmed => "run.needs_approval",
+            RunState::Finished => "run.finished",
+            RunState::Failed => "run.failed",
+            _ => return,
+        };
+        let targets = match self.store.get_stack(run.stack.clone()).await {
+            Ok(Some(s)) => s.spec.notify,
+            _ => Vec::new(),
+        };
+        let mut ev = Event::new(event, &run.stack, &run.id);
+        ev.from = run
+            .transitions
+            .iter()
+            .rev()
+            .nth(1)
+            .map(|t| t.state.as_str().to_string())
+            .unwrap_or_default();
+        ev.to = run.state.as_str().to_string();
+        let changes = run
+            .plan
+            .as_ref()
+            .map(|p| p.changes.clone())
+            .unwrap_or_default();
+        ev.counts = Event::plan_counts(&changes);
+        ev.resources = changes;
+        ev.summary = match run.state {
+            RunState::Unconfirmed => format!("stack {}: run {} needs approval", run.stack, run.id),
+            RunState::Finished => format!("stack {}: run {} finished", run.stack, run.id),
+            _ => format!("stack {}: run {} failed", run.stack, run.id),
+        };
+        if run.drift {
+            ev.summary.push_str(" (reverting drift)");
+        }
+        self.notifier.emit(targets, ev);
+    }
+
+    /// Seals a declared stack's secrets and webhook secrets (keeping the
+    /// old ciphertext of unchanged values, so the stack stays unchanged).
+    fn seal(&self, mut spec: StackSpec, old: Option<&StackSpec>) -> Result<StackSpec, IacError> {
+        let fail = |e: super::secrets::SecretsError| IacError::BadRequest(e.to_string());
+        let mut sealed = std::collections::BTreeMap::new();
+        for s in std::mem::take(&mut spec.secret_values) {
+            let prev = old.and_then(|o| o.secrets.get(&s.name));
+            sealed.insert(
+                s.name.clone(),
+                self.sealer.reseal(&s.name, &s.value, prev).map_err(fail)?,
+            );
+        }
+        spec.secrets = sealed;
+        let mut targets = Vec::new();
+        for t in std::mem::take(&mut spec.notify) {
+            let prev = old.and_then(|o| o.notify.iter().find(|p| p.url == t.url));
+            targets.push(t.seal(&self.sealer, prev).map_err(fail)?);
+        }
+        spec.notify = targets;
+        Ok(spec)
     }
 
     /// The blob named by `agent`'s current lease of `job_id`.

@@ -57,9 +57,48 @@ pub async fn fetch(
     branch: &str,
     project_root: &str,
 ) -> Result<Fetched, IacError> {
+    fetch_ref(
+        mirror,
+        repo,
+        &format!("refs/heads/{branch}"),
+        branch,
+        "refs/outpost/tracked",
+        project_root,
+    )
+    .await
+}
+
+/// Checks a ref given for a proposed run (a branch, a tag, a full ref or
+/// a commit): nothing git could take for an option or a refspec.
+pub fn check_ref(r: &str) -> Result<(), String> {
+    if r.is_empty()
+        || r.len() > 256
+        || r.starts_with('-')
+        || r.contains("..")
+        || r.chars().any(|c| {
+            c.is_whitespace()
+                || c.is_control()
+                || matches!(c, ':' | '^' | '~' | '?' | '*' | '[' | '\\')
+        })
+    {
+        return Err(format!("{r:?} is not a branch, tag or commit"));
+    }
+    Ok(())
+}
+
+/// Fetches `src` (a ref or a commit of `repo`) into `local` of the mirror
+/// and packs `project_root` at that commit; `name` names it in errors.
+pub async fn fetch_ref(
+    mirror: &Path,
+    repo: &str,
+    src: &str,
+    name: &str,
+    local: &str,
+    project_root: &str,
+) -> Result<Fetched, IacError> {
     let fail = |reason: String| IacError::Fetch {
         repo: repo.to_string(),
-        branch: branch.to_string(),
+        branch: name.to_string(),
         reason,
     };
     if !mirror.join("HEAD").exists() {
@@ -71,7 +110,7 @@ pub async fn fetch(
             .await
             .map_err(fail)?;
     }
-    let refspec = format!("+refs/heads/{branch}:refs/outpost/tracked");
+    let refspec = format!("+{src}:{local}");
     git(
         Some(mirror),
         &["fetch", "--quiet", "--no-tags", "--", repo, &refspec],
@@ -80,7 +119,7 @@ pub async fn fetch(
     .map_err(fail)?;
     let commit = git(
         Some(mirror),
-        &["rev-parse", "--verify", "refs/outpost/tracked^{commit}"],
+        &["rev-parse", "--verify", &format!("{local}^{{commit}}")],
     )
     .await
     .map_err(fail)?;

@@ -3,9 +3,12 @@
 //! `iac_jobs` (which job is which phase of which run, and the task pushed
 //! with its lease).
 //!
-//! **Invariant:** the stack lock: a run leaves `QUEUED` only inside the
-//! transaction that finds no other run of its stack in a lock-holding state
-//! (`PLANNING`, `UNCONFIRMED`, `CONFIRMED`, `APPLYING`).
+//! **Invariant:** the stack lock: a tracked run leaves `QUEUED` only inside
+//! the transaction that finds no other tracked run of its stack in a
+//! lock-holding state (`PLANNING`, `UNCONFIRMED`, `CONFIRMED`, `APPLYING`)
+//! and no drift check planning; a drift check starts only inside the
+//! transaction that finds no tracked run of its stack queued or holding the
+//! lock. Proposed runs take no lock.
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -27,6 +30,10 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE INDEX IF NOT EXISTS runs_stack ON runs(stack, seq);
 CREATE INDEX IF NOT EXISTS runs_state ON runs(state, seq);
+CREATE TABLE IF NOT EXISTS stack_drift (
+    name TEXT PRIMARY KEY,
+    body TEXT NOT NULL
+);
 CREATE TABLE IF NOT EXISTS iac_jobs (
     job_id TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
@@ -65,7 +72,13 @@ pub struct Task {
     pub state_serial: u64,
     #[serde(default)]
     pub state_lineage: String,
+    /// A tracked run queued to revert drift.
+    #[serde(default)]
+    pub drift: bool,
 }
+
+/// `kind` of a run row (rows written before kinds existed are tracked).
+const KIND: &str = "COALESCE(json_extract(body, '$.kind'), 'tracked')";
 
 /// The IaC tables; cheap to clone.
 #[derive(Clone)]
@@ -160,6 +173,8 @@ impl IacStore {
                 let n = tx
                     .execute("DELETE FROM stacks WHERE name = ?1", params![name])
                     .map_err(q("delete stack"))?;
+                tx.execute("DELETE FROM stack_drift WHERE name = ?1", params![name])
+                    .map_err(q("delete stack drift"))?;
                 tx.commit().map_err(q("commit delete stack"))?;
                 Ok(Ok(n > 0))
             })
@@ -270,7 +285,7 @@ impl IacStore {
                 let tx = c.transaction().map_err(q("begin start run"))?;
                 let locked: i64 = tx
                     .query_row(
-                        "SELECT COUNT(*) FROM runs WHERE stack = ?1 AND state IN ('PLANNING','UNCONFIRMED','CONFIRMED','APPLYING')",
+                        &format!("SELECT COUNT(*) FROM runs WHERE stack = ?1 AND ((state IN ('PLANNING','UNCONFIRMED','CONFIRMED','APPLYING') AND {KIND} = 'tracked') OR (state = 'PLANNING' AND {KIND} = 'drift'))"),
                         params![stack],
                         |r| r.get(0),
                     )
@@ -280,7 +295,7 @@ impl IacStore {
                 }
                 let next: Option<String> = tx
                     .query_row(
-                        "SELECT id FROM runs WHERE stack = ?1 AND state = 'QUEUED' ORDER BY seq LIMIT 1",
+                        &format!("SELECT id FROM runs WHERE stack = ?1 AND state = 'QUEUED' AND {KIND} = 'tracked' ORDER BY seq LIMIT 1"),
                         params![stack],
                         |r| r.get(0),
                     )
@@ -304,6 +319,170 @@ impl IacStore {
                 write_run(&tx, &run)?;
                 tx.commit().map_err(q("commit start run"))?;
                 Ok(Some((run, task)))
+            })
+            .await?)
+    }
+
+    /// Starts a run that takes no stack lock (a proposed run), or a drift
+    /// check (`drift_check`: only if no tracked run of its stack is queued
+    /// or holds the lock). Returns the run, or `None` if it cannot start.
+    pub async fn start_unlocked(
+        &self,
+        run_id: String,
+        plan_job: String,
+        drift_check: bool,
+        task: impl FnOnce(&Run) -> Task + Send + 'static,
+    ) -> Result<Option<Run>, IacError> {
+        Ok(self
+            .store
+            .with(move |c| {
+                let tx = c.transaction().map_err(q("begin start run"))?;
+                let Some(mut run) = get_run(&tx, &run_id)? else {
+                    return Ok(None);
+                };
+                if drift_check {
+                    let busy: i64 = tx
+                        .query_row(
+                            &format!("SELECT COUNT(*) FROM runs WHERE stack = ?1 AND {KIND} = 'tracked' AND state IN ('QUEUED','PLANNING','UNCONFIRMED','CONFIRMED','APPLYING')"),
+                            params![run.stack],
+                            |r| r.get(0),
+                        )
+                        .map_err(q("check stack lock"))?;
+                    if busy > 0 {
+                        return Ok(None);
+                    }
+                }
+                if run.go(RunState::Planning, "").is_err() {
+                    return Ok(None);
+                }
+                run.plan_job = Some(plan_job.clone());
+                let task = task(&run);
+                let json = serde_json::to_string(&task).map_err(|e| corrupt(&run_id, e))?;
+                tx.execute(
+                    "INSERT INTO iac_jobs (job_id, run_id, phase, task) VALUES (?1, ?2, ?3, ?4)",
+                    params![plan_job, run_id, task.phase, json],
+                )
+                .map_err(q("record run job"))?;
+                write_run(&tx, &run)?;
+                tx.commit().map_err(q("commit start run"))?;
+                Ok(Some(run))
+            })
+            .await?)
+    }
+
+    /// The tracked run of `stack` that is queued or holds the lock, if any.
+    pub async fn tracked_busy(&self, stack: String) -> Result<Option<String>, IacError> {
+        Ok(self
+            .store
+            .with(move |c| {
+                c.query_row(
+                    &format!("SELECT id FROM runs WHERE stack = ?1 AND {KIND} = 'tracked' AND state IN ('QUEUED','PLANNING','UNCONFIRMED','CONFIRMED','APPLYING') ORDER BY seq LIMIT 1"),
+                    params![stack],
+                    |r| r.get(0),
+                )
+                .optional()
+                .map_err(q("find busy tracked run"))
+            })
+            .await?)
+    }
+
+    /// The newest run of `stack` of `kind` in one of `states` (or any state
+    /// if empty).
+    pub async fn newest_run(
+        &self,
+        stack: String,
+        kind: super::model::RunKind,
+        states: &'static [&'static str],
+    ) -> Result<Option<Run>, IacError> {
+        Ok(self
+            .store
+            .with(move |c| {
+                let list = if states.is_empty() {
+                    String::from("1")
+                } else {
+                    format!(
+                        "state IN ({})",
+                        states.iter().map(|s| format!("'{s}'")).collect::<Vec<_>>().join(",")
+                    )
+                };
+                let id: Option<String> = c
+                    .query_row(
+                        &format!("SELECT id FROM runs WHERE stack = ?1 AND {KIND} = ?2 AND {list} ORDER BY seq DESC LIMIT 1"),
+                        params![stack, kind.as_str()],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(q("find newest run"))?;
+                match id {
+                    None => Ok(None),
+                    Some(id) => get_run(c, &id),
+                }
+            })
+            .await?)
+    }
+
+    /// Every stack's drift state (stacks never checked are absent).
+    pub async fn drift_states(
+        &self,
+    ) -> Result<std::collections::BTreeMap<String, super::drift::DriftState>, IacError> {
+        Ok(self
+            .store
+            .with(|c| {
+                let mut stmt = c
+                    .prepare_cached("SELECT name, body FROM stack_drift")
+                    .map_err(q("prepare drift states"))?;
+                let rows = stmt
+                    .query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))
+                    .map_err(q("drift states"))?;
+                let mut out = std::collections::BTreeMap::new();
+                for row in rows {
+                    let (name, body) = row.map_err(q("read drift row"))?;
+                    out.insert(
+                        name.clone(),
+                        serde_json::from_str(&body).map_err(|e| corrupt(&name, e))?,
+                    );
+                }
+                Ok(out)
+            })
+            .await?)
+    }
+
+    /// Applies `f` to the stack's drift state in one transaction; returns
+    /// what `f` returned and the new state.
+    pub async fn update_drift<F, T>(
+        &self,
+        name: String,
+        f: F,
+    ) -> Result<(super::drift::DriftState, T), IacError>
+    where
+        F: FnOnce(&mut super::drift::DriftState) -> T + Send + 'static,
+        T: Send + 'static,
+    {
+        Ok(self
+            .store
+            .with(move |c| {
+                let tx = c.transaction().map_err(q("begin update drift"))?;
+                let body: Option<String> = tx
+                    .query_row(
+                        "SELECT body FROM stack_drift WHERE name = ?1",
+                        params![name],
+                        |r| r.get(0),
+                    )
+                    .optional()
+                    .map_err(q("read drift"))?;
+                let mut state: super::drift::DriftState = match body {
+                    Some(b) => serde_json::from_str(&b).map_err(|e| corrupt(&name, e))?,
+                    None => Default::default(),
+                };
+                let out = f(&mut state);
+                let body = serde_json::to_string(&state).map_err(|e| corrupt(&name, e))?;
+                tx.execute(
+                    "INSERT INTO stack_drift (name, body) VALUES (?1, ?2) ON CONFLICT(name) DO UPDATE SET body = ?2",
+                    params![name, body],
+                )
+                .map_err(q("write drift"))?;
+                tx.commit().map_err(q("commit drift"))?;
+                Ok((state, out))
             })
             .await?)
     }

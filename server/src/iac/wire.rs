@@ -4,8 +4,13 @@
 use outpost_proto::agent::v1 as pb;
 use outpost_proto::iac::v1 as iac;
 
+use std::collections::BTreeMap;
+
+use super::drift::{DriftSpec, DriftState};
 use super::model::{Approval, PlanResult, PolicyVerdict, ResourceChange, Run, Stack, StackSpec};
 use super::store::Task;
+use crate::model::{AwsRole, JobSecret};
+use crate::notify::Target;
 
 pub fn task_to_pb(t: &Task) -> pb::IacTask {
     pb::IacTask {
@@ -20,6 +25,7 @@ pub fn task_to_pb(t: &Task) -> pb::IacTask {
         bundle_digest: t.bundle_digest.clone(),
         state_serial: t.state_serial,
         state_lineage: t.state_lineage.clone(),
+        drift: t.drift,
     }
 }
 
@@ -37,6 +43,52 @@ pub fn spec_from_pb(s: iac::StackSpec) -> StackSpec {
         plan_policy: s.plan_policy,
         approvals_required: s.approvals_required,
         poll_interval_ms: s.poll_interval_ms,
+        secrets: BTreeMap::new(),
+        secret_values: s
+            .secrets
+            .into_iter()
+            .map(|f| JobSecret {
+                name: f.name,
+                value: f.value,
+            })
+            .collect(),
+        aws: s.aws.map(|a| AwsRole {
+            role_arn: a.role_arn,
+            session_policy: a.session_policy,
+            duration_s: a.duration_s,
+        }),
+        drift: s.drift.map(|d| DriftSpec {
+            schedule: d.schedule,
+            timezone: d.timezone,
+            min_interval_ms: d.min_interval_ms,
+            jitter_ms: d.jitter_ms,
+            ignore: d.ignore,
+            reconcile: d.reconcile,
+        }),
+        notify: s.notify.into_iter().map(target_from_pb).collect(),
+    }
+}
+
+pub fn target_from_pb(t: iac::NotifyTarget) -> Target {
+    Target {
+        url: t.url,
+        format: t.format,
+        events: t.events,
+        timeout_ms: t.timeout_ms,
+        secret: None,
+        secret_value: t.secret,
+    }
+}
+
+/// A target as sent: the secret's value only on its way in (`stacks.toml`),
+/// never read back.
+pub fn target_to_pb(t: &Target) -> iac::NotifyTarget {
+    iac::NotifyTarget {
+        url: t.url.clone(),
+        secret: t.secret_value.clone(),
+        format: t.format.clone(),
+        events: t.events.clone(),
+        timeout_ms: t.timeout_ms,
     }
 }
 
@@ -54,7 +106,63 @@ pub fn spec_to_pb(s: &StackSpec) -> iac::StackSpec {
         plan_policy: s.plan_policy.clone(),
         approvals_required: s.approvals_required,
         poll_interval_ms: s.poll_interval_ms,
+        // Values only on their way in; read back, names only.
+        secrets: if s.secret_values.is_empty() {
+            s.secrets
+                .keys()
+                .map(|name| iac::SecretFile {
+                    name: name.clone(),
+                    value: Vec::new(),
+                })
+                .collect()
+        } else {
+            s.secret_values
+                .iter()
+                .map(|v| iac::SecretFile {
+                    name: v.name.clone(),
+                    value: v.value.clone(),
+                })
+                .collect()
+        },
+        aws: s.aws.as_ref().map(|a| iac::StackAwsRole {
+            role_arn: a.role_arn.clone(),
+            session_policy: a.session_policy.clone(),
+            duration_s: a.duration_s,
+        }),
+        drift: s.drift.as_ref().map(|d| iac::DriftSpec {
+            schedule: d.schedule.clone(),
+            timezone: d.timezone.clone(),
+            min_interval_ms: d.min_interval_ms,
+            jitter_ms: d.jitter_ms,
+            ignore: d.ignore.clone(),
+            reconcile: d.reconcile,
+        }),
+        notify: s.notify.iter().map(target_to_pb).collect(),
     }
+}
+
+/// A stack with its drift status (`None`: never checked).
+pub fn stack_with_drift(s: &Stack, d: Option<&DriftState>) -> iac::Stack {
+    let mut pb = stack_to_pb(s);
+    let d = d.cloned().unwrap_or_else(|| DriftState {
+        reason: "never checked".into(),
+        ..Default::default()
+    });
+    pb.drift = Some(iac::DriftStatus {
+        status: d.status.as_str().to_string(),
+        since_ms: d.since_ms,
+        fingerprint: d.fingerprint.clone(),
+        resources: d.resources.iter().map(change_to_pb).collect(),
+        reason: if d.status == crate::iac::drift::Status::Unknown && d.reason.is_empty() {
+            "never checked".into()
+        } else {
+            d.reason.clone()
+        },
+        checked_at_ms: d.checked_ms,
+        next_at_ms: if s.spec.drift.is_some() { d.next_ms } else { 0 },
+        last_run: d.last_run.clone(),
+    });
+    pb
 }
 
 pub fn stack_to_pb(s: &Stack) -> iac::Stack {
@@ -66,6 +174,7 @@ pub fn stack_to_pb(s: &Stack) -> iac::Stack {
         fetched_at_ms: s.fetched_ms,
         created_at_ms: s.created_ms,
         updated_at_ms: s.updated_ms,
+        drift: None,
         ..Default::default()
     }
 }
@@ -130,6 +239,10 @@ pub fn run_to_pb(r: &Run) -> iac::Run {
         state_serial: plan.state_serial,
         state_lineage: plan.state_lineage.clone(),
         bundle_digest: plan.bundle_digest.clone(),
+        kind: r.kind.as_str().to_string(),
+        git_ref: r.git_ref.clone(),
+        drift: r.drift,
+        drifted: plan.drifted.iter().map(change_to_pb).collect(),
     }
 }
 
@@ -137,7 +250,7 @@ pub fn run_to_pb(r: &Run) -> iac::Run {
 /// fill the store.
 pub fn plan_from_pb(p: iac::PlanReport) -> Result<PlanResult, String> {
     const MAX_ITEMS: usize = 10_000;
-    if p.changes.len() > MAX_ITEMS || p.verdicts.len() > 16 {
+    if p.changes.len() > MAX_ITEMS || p.drifted.len() > MAX_ITEMS || p.verdicts.len() > 16 {
         return Err("the plan report is too large".into());
     }
     Ok(PlanResult {
@@ -163,6 +276,14 @@ pub fn plan_from_pb(p: iac::PlanReport) -> Result<PlanResult, String> {
         bundle_digest: p.bundle_digest,
         state_serial: p.state_serial,
         state_lineage: p.state_lineage,
+        drifted: p
+            .drifted
+            .into_iter()
+            .map(|c| ResourceChange {
+                address: c.address,
+                actions: c.actions,
+            })
+            .collect(),
     })
 }
 
@@ -174,5 +295,29 @@ pub fn state_version_to_pb(v: &super::state::StateVersion) -> iac::StateVersion 
         digest: v.digest.clone(),
         written_by: v.written_by.clone(),
         at_ms: v.at_ms,
+    }
+}
+
+/// A delivery as listed (never the target's secret).
+pub fn delivery_to_pb(d: &crate::notify::store::Delivery) -> iac::Delivery {
+    iac::Delivery {
+        delivery_id: d.id.clone(),
+        stack: d.event.stack.clone(),
+        run_id: d.event.run.clone(),
+        event: d.event.event.clone(),
+        url: d.target.url.clone(),
+        state: d.state.clone(),
+        attempts: d.attempts,
+        history: d
+            .history
+            .iter()
+            .map(|a| iac::DeliveryAttempt {
+                at_ms: a.at_ms,
+                status: a.status.into(),
+                error: a.error.clone(),
+                duration_ms: a.duration_ms,
+            })
+            .collect(),
+        created_at_ms: d.created_ms,
     }
 }

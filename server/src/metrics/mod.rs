@@ -1,6 +1,7 @@
 //! The control plane's Prometheus metrics (`outpost server --metrics-listen`):
 //! connected agents, queue depth per label set (the pool's scaling signal),
-//! pickup latency (submit to lease pushed) and store call latency.
+//! pickup latency (submit to lease pushed) and store call latency; drift
+//! checks, drifts found per stack and webhook failures.
 //! Served by the same small read-only endpoint as the agent's.
 
 pub mod histogram;
@@ -8,6 +9,7 @@ pub mod histogram;
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio_util::sync::CancellationToken;
 
@@ -21,12 +23,71 @@ use crate::hub::Hub;
 pub struct HubMetrics {
     /// Submit to lease pushed, first attempts only.
     pub pickup: Histogram,
+    /// Drift checks and notifications (`crate::iac`, `crate::notify`).
+    pub iac: Arc<IacMetrics>,
 }
 
 impl Default for HubMetrics {
     fn default() -> Self {
         HubMetrics {
             pickup: Histogram::new(&LATENCY_BUCKETS),
+            iac: Arc::default(),
+        }
+    }
+}
+
+/// Counters of drift checks and webhook deliveries.
+#[derive(Debug, Default)]
+pub struct IacMetrics {
+    /// Drift runs queued.
+    pub drift_runs: AtomicU64,
+    /// New or changed drifts found, per stack.
+    pub drifts_detected: parking_lot::Mutex<BTreeMap<String, u64>>,
+    /// Webhook attempts that failed (each retry counts).
+    pub notify_attempts_failed: AtomicU64,
+    /// Deliveries given up after their last attempt.
+    pub notify_given_up: AtomicU64,
+    pub notify_delivered: AtomicU64,
+}
+
+impl IacMetrics {
+    pub fn drift_detected(&self, stack: &str) {
+        *self
+            .drifts_detected
+            .lock()
+            .entry(stack.to_string())
+            .or_default() += 1;
+    }
+
+    fn render(&self, out: &mut String) {
+        let n = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        let _ = write!(
+            out,
+            "# HELP outpost_drift_runs_total Drift checks queued.\n\
+             # TYPE outpost_drift_runs_total counter\n\
+             outpost_drift_runs_total {}\n\
+             # HELP outpost_notification_attempts_failed_total Webhook attempts that failed (no answer, timeout, not 2xx).\n\
+             # TYPE outpost_notification_attempts_failed_total counter\n\
+             outpost_notification_attempts_failed_total {}\n\
+             # HELP outpost_notifications_failed_total Webhook deliveries given up.\n\
+             # TYPE outpost_notifications_failed_total counter\n\
+             outpost_notifications_failed_total {}\n\
+             # HELP outpost_notifications_delivered_total Webhook deliveries that succeeded.\n\
+             # TYPE outpost_notifications_delivered_total counter\n\
+             outpost_notifications_delivered_total {}\n\
+             # HELP outpost_drifts_detected_total New or changed drift found, per stack.\n\
+             # TYPE outpost_drifts_detected_total counter\n",
+            n(&self.drift_runs),
+            n(&self.notify_attempts_failed),
+            n(&self.notify_given_up),
+            n(&self.notify_delivered),
+        );
+        for (stack, count) in self.drifts_detected.lock().iter() {
+            let _ = writeln!(
+                out,
+                "outpost_drifts_detected_total{{stack=\"{}\"}} {count}",
+                escape(stack)
+            );
         }
     }
 }
@@ -79,6 +140,7 @@ pub fn render(hub: &Hub, queued: &BTreeMap<String, u64>) -> String {
         "outpost_store_call_seconds",
         "Duration of store calls (waiting for the connection included).",
     );
+    hub.metrics.iac.render(&mut out);
     out
 }
 

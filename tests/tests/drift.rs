@@ -1,0 +1,1136 @@
+//! Drift detection, signed notifications, proposed runs and stack secrets
+//! end to end: a real git repository, real Terraform (1.0.3, null provider)
+//! in the real sandbox, a real webhook receiver on loopback, real mTLS.
+//!
+//! The stacks here keep their recorded state in their repository (the
+//! local backend's `terraform.tfstate`, as applied) and read "the world"
+//! from an upstream state file another team writes by hand: a
+//! `terraform_remote_state` data source on a stack secret file. Writing a
+//! new upstream state version outside any run (re-declaring the secret)
+//! moves the world away from the code: the drift the checks must find.
+
+#![allow(clippy::unwrap_used)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use outpost_proto::iac::v1 as iac;
+use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
+use outpost_tests::webhook::{Receiver, verify};
+use outpost_tests::{Cluster, RUNNER_IMAGE, bin};
+use tonic::transport::Channel;
+
+const MAIN_TF: &str = r#"
+terraform {
+  required_providers {
+    null = {
+      source  = "hashicorp/null"
+      version = "~> 2.1"
+    }
+  }
+}
+
+data "terraform_remote_state" "world" {
+  backend = "local"
+  config = {
+    path = "/run/secrets/world.tfstate"
+  }
+}
+
+resource "null_resource" "a" {
+  triggers = { v = data.terraform_remote_state.world.outputs.a }
+}
+
+resource "null_resource" "b" {
+  triggers = { v = data.terraform_remote_state.world.outputs.b }
+}
+
+resource "null_resource" "noise" {
+  triggers = { v = data.terraform_remote_state.world.outputs.noise }
+}
+"#;
+
+/// The stack's own state as last applied: every trigger "1".
+fn own_state() -> String {
+    let res = |name: &str, id: &str| {
+        serde_json::json!({
+            "mode": "managed", "type": "null_resource", "name": name,
+            "provider": "provider[\"registry.terraform.io/hashicorp/null\"]",
+            "instances": [{"schema_version": 0, "attributes": {"id": id, "triggers": {"v": "1"}},
+                "sensitive_attributes": [], "private": "bnVsbA=="}],
+        })
+    };
+    serde_json::json!({
+        "version": 4, "terraform_version": "1.0.3", "serial": 3,
+        "lineage": "5b0c7a54-0000-4000-8000-000000000001", "outputs": {},
+        "resources": [res("a", "1001"), res("b", "1002"), res("noise", "1003")],
+    })
+    .to_string()
+}
+
+/// An upstream state version with these outputs.
+fn world(a: &str, b: &str, noise: &str) -> Vec<u8> {
+    serde_json::json!({
+        "version": 4, "terraform_version": "1.0.3", "serial": 1,
+        "lineage": "5b0c7a54-0000-4000-8000-000000000002",
+        "outputs": {
+            "a": {"value": a, "type": "string"},
+            "b": {"value": b, "type": "string"},
+            "noise": {"value": noise, "type": "string"},
+        },
+        "resources": [],
+    })
+    .to_string()
+    .into_bytes()
+}
+
+fn git(repo: &Path, args: &[&str]) {
+    let out = Command::new("git")
+        .args(args)
+        .current_dir(repo)
+        .env("GIT_CONFIG_NOSYSTEM", "1")
+        .env("HOME", repo)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "git {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn commit(repo: &Path, msg: &str) {
+    git(repo, &["add", "-A"]);
+    git(
+        repo,
+        &[
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@example.com",
+            "commit",
+            "-qm",
+            msg,
+        ],
+    );
+}
+
+/// A repository with `infra/main.tf` and its applied state on `main`.
+fn repo(dir: &Path, main_tf: &str, state: Option<&str>) -> PathBuf {
+    let repo = dir.join("repo");
+    std::fs::create_dir_all(repo.join("infra")).unwrap();
+    std::fs::write(repo.join("infra/main.tf"), main_tf).unwrap();
+    if let Some(s) = state {
+        std::fs::write(repo.join("infra/terraform.tfstate"), s).unwrap();
+    }
+    git(&repo, &["init", "-q", "-b", "main", "."]);
+    commit(&repo, "first");
+    repo
+}
+
+fn stack(name: &str, repo: &Path) -> iac::StackSpec {
+    iac::StackSpec {
+        name: name.into(),
+        repo: format!("file://{}", repo.display()),
+        branch: "main".into(),
+        project_root: "infra".into(),
+        image: RUNNER_IMAGE.into(),
+        ..Default::default()
+    }
+}
+
+fn secret(name: &str, value: &[u8]) -> iac::SecretFile {
+    iac::SecretFile {
+        name: name.into(),
+        value: value.to_vec(),
+    }
+}
+
+async fn admin(c: &Cluster) -> IacAdminClient<Channel> {
+    IacAdminClient::new(c.client_config().channel().await.unwrap())
+}
+
+async fn apply(a: &mut IacAdminClient<Channel>, specs: Vec<iac::StackSpec>) {
+    a.apply_stacks(iac::ApplyStacksRequest {
+        stacks: specs,
+        ..Default::default()
+    })
+    .await
+    .expect("apply stacks");
+}
+
+async fn run(a: &mut IacAdminClient<Channel>, id: &str) -> iac::Run {
+    a.get_run(iac::GetRunRequest { run_id: id.into() })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// Polls `run` until `pred` holds (bounded).
+async fn wait_run(
+    a: &mut IacAdminClient<Channel>,
+    id: &str,
+    limit: Duration,
+    pred: impl Fn(&iac::Run) -> bool,
+) -> iac::Run {
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        let r = run(a, id).await;
+        if pred(&r) {
+            return r;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "run {id} did not get there in {limit:?}: {r:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn is_final(r: &iac::Run) -> bool {
+    matches!(
+        r.state.as_str(),
+        "FINISHED" | "FAILED" | "CANCELLED" | "DISCARDED" | "STALE"
+    )
+}
+
+async fn drift_runs(a: &mut IacAdminClient<Channel>, stack: &str) -> Vec<iac::Run> {
+    a.list_runs(iac::ListRunsRequest {
+        stack: stack.into(),
+        limit: 200,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .runs
+    .into_iter()
+    .filter(|r| r.kind == "drift")
+    .collect()
+}
+
+/// Waits for a drift check of `stack` queued after `after_ms` to end;
+/// returns the stack's drift status then.
+async fn next_check(
+    a: &mut IacAdminClient<Channel>,
+    stack: &str,
+    after_ms: i64,
+) -> (iac::Run, iac::DriftStatus) {
+    let deadline = tokio::time::Instant::now() + CHECK_WAIT;
+    loop {
+        let done = drift_runs(a, stack)
+            .await
+            .into_iter()
+            .filter(|r| r.created_at_ms > after_ms && is_final(r))
+            .min_by_key(|r| r.created_at_ms);
+        if let Some(r) = done {
+            let s = a
+                .get_stack(iac::GetStackRequest { name: stack.into() })
+                .await
+                .unwrap()
+                .into_inner();
+            return (r, s.drift.unwrap());
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no drift check of {stack} after {after_ms} ended in {CHECK_WAIT:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+const PLAN_WAIT: Duration = Duration::from_secs(180);
+const CHECK_WAIT: Duration = Duration::from_secs(180);
+
+fn addresses(d: &iac::DriftStatus) -> Vec<(String, Vec<String>)> {
+    d.resources
+        .iter()
+        .map(|r| (r.address.clone(), r.actions.clone()))
+        .collect()
+}
+
+fn cli(c: &Cluster, args: &[&str]) -> String {
+    let out = Command::new(bin("outpost"))
+        .arg("--state-dir")
+        .arg(&c.state.root)
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+const SECRET: &[u8] = b"webhook-shared-secret-4f1";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let hooks = Receiver::start().await;
+    // The global target fails twice, then answers: the event is sent again
+    // after each failure, and one success is recorded.
+    hooks.script("/flaky", &[500, 500]);
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), MAIN_TF, Some(&own_state()));
+    let mut a = admin(&c).await;
+    let declare = |w: Vec<u8>| {
+        let mut s = stack("net", &repo);
+        s.secrets = vec![secret("world.tfstate", &w)];
+        s.drift = Some(iac::DriftSpec {
+            schedule: "*/2 * * * * *".into(),
+            timezone: "Europe/Paris".into(),
+            ignore: vec!["null_resource.noi*".into()],
+            ..Default::default()
+        });
+        s.notify = vec![iac::NotifyTarget {
+            url: hooks.url("/hook"),
+            secret: SECRET.to_vec(),
+            ..Default::default()
+        }];
+        s
+    };
+    a.apply_stacks(iac::ApplyStacksRequest {
+        stacks: vec![declare(world("1", "1", "1"))],
+        notify: vec![iac::NotifyTarget {
+            url: hooks.url("/flaky"),
+            secret: b"global-secret".to_vec(),
+            events: vec!["drift.detected".into()],
+            ..Default::default()
+        }],
+        set_notify: true,
+    })
+    .await
+    .unwrap();
+    // The applied state agrees with the code and the world: a tracked run
+    // finds nothing to do, and so do the scheduled checks.
+    let first = a
+        .sync_stack(iac::SyncStackRequest { name: "net".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let r = wait_run(&mut a, &first, PLAN_WAIT, is_final).await;
+    assert_eq!(
+        (r.state.as_str(), r.message.as_str()),
+        ("FINISHED", "no changes"),
+        "{r:#?}"
+    );
+    hooks
+        .wait(Duration::from_secs(30), "run.finished", |s| {
+            s.iter()
+                .any(|r| r.header("x-outpost-event") == "run.finished")
+        })
+        .await;
+    let (_, d) = next_check(&mut a, "net", 0).await;
+    assert_eq!(d.status, "in_sync", "{d:#?}");
+    assert!(d.next_at_ms > 0, "{d:#?}");
+
+    // A new upstream state version, written outside any run: drifted, with
+    // the right addresses, and one signed `drift.detected`.
+    let changed = now_ms();
+    apply(&mut a, vec![declare(world("2", "1", "1"))]).await;
+    let (check, d) = next_check(&mut a, "net", changed).await;
+    assert_eq!(d.status, "drifted", "{d:#?}");
+    assert_eq!(
+        addresses(&d),
+        [(
+            "null_resource.a".to_string(),
+            vec!["delete".to_string(), "create".to_string()]
+        )]
+    );
+    assert_eq!(d.fingerprint.len(), 64);
+    assert!(d.since_ms >= changed, "{d:#?}");
+    assert_eq!(check.changes.len(), 1, "{check:#?}");
+    hooks
+        .wait(Duration::from_secs(30), "drift.detected", |s| {
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.detected")
+        })
+        .await;
+    let detected = hooks.of("/hook", "drift.detected");
+    assert_eq!(detected.len(), 1, "{detected:#?}");
+    let h = &detected[0];
+    assert!(
+        verify(SECRET, &h.body, h.header("x-outpost-signature-256")),
+        "the signature verifies with the shared secret: {h:#?}"
+    );
+    assert!(!verify(
+        b"another secret",
+        &h.body,
+        h.header("x-outpost-signature-256")
+    ));
+    let body = h.json();
+    assert_eq!(body["event"], "drift.detected");
+    assert_eq!(body["stack"], "net");
+    assert_eq!(body["fingerprint"], d.fingerprint.as_str());
+    assert_eq!(body["states"]["from"], "in_sync");
+    assert_eq!(body["states"]["to"], "drifted");
+    assert_eq!(body["counts"]["drifted"], 1);
+    assert_eq!(body["delivery"], h.header("x-outpost-delivery"));
+    assert_eq!(
+        body["timestamp"].to_string(),
+        h.header("x-outpost-timestamp"),
+        "the signed body holds the timestamp"
+    );
+    let ts: i64 = h.header("x-outpost-timestamp").parse().unwrap();
+    assert!((ts - now_ms() / 1000).abs() < 600);
+
+    // The next scheduled checks find the same drift (and ignored noise):
+    // nothing is sent.
+    let noisy = now_ms();
+    apply(&mut a, vec![declare(world("2", "1", "7"))]).await;
+    let (again, d2) = next_check(&mut a, "net", noisy).await;
+    assert_eq!(again.triggered_by, "schedule");
+    let (_, d3) = next_check(&mut a, "net", again.created_at_ms).await;
+    assert_eq!(
+        (d2.fingerprint.as_str(), d3.fingerprint.as_str()),
+        (d.fingerprint.as_str(), d.fingerprint.as_str())
+    );
+    assert_eq!(d3.since_ms, d.since_ms);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hooks.of("/hook", "drift.detected").len(), 1);
+    assert!(hooks.of("/hook", "drift.changed").is_empty());
+
+    // A different drift: `drift.changed`, once.
+    let other = now_ms();
+    apply(&mut a, vec![declare(world("2", "2", "7"))]).await;
+    let (_, d4) = next_check(&mut a, "net", other).await;
+    assert_eq!(
+        addresses(&d4).into_iter().map(|x| x.0).collect::<Vec<_>>(),
+        ["null_resource.a", "null_resource.b"]
+    );
+    assert_ne!(d4.fingerprint, d.fingerprint);
+    hooks
+        .wait(Duration::from_secs(30), "drift.changed", |s| {
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.changed")
+        })
+        .await;
+
+    // Repaired: `drift.resolved`, in sync.
+    let repaired = now_ms();
+    apply(&mut a, vec![declare(world("1", "1", "7"))]).await;
+    let (_, d5) = next_check(&mut a, "net", repaired).await;
+    assert_eq!(d5.status, "in_sync", "{d5:#?}");
+    hooks
+        .wait(Duration::from_secs(30), "drift.resolved", |s| {
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.resolved")
+        })
+        .await;
+    assert_eq!(hooks.of("/hook", "drift.changed").len(), 1);
+    assert_eq!(hooks.of("/hook", "drift.resolved").len(), 1);
+
+    // The flaky global target: three attempts of one delivery, the last
+    // one a success, every attempt recorded.
+    hooks
+        .wait(Duration::from_secs(60), "the third attempt", |s| {
+            s.iter().filter(|r| r.path == "/flaky").count() >= 3
+        })
+        .await;
+    let flaky = hooks.of("/flaky", "drift.detected");
+    assert_eq!(
+        flaky.iter().map(|r| r.status).collect::<Vec<_>>(),
+        [500, 500, 200]
+    );
+    let ids: std::collections::BTreeSet<_> = flaky
+        .iter()
+        .map(|r| r.header("x-outpost-delivery").to_string())
+        .collect();
+    assert_eq!(ids.len(), 1, "one delivery, retried: {ids:?}");
+    assert!(verify(
+        b"global-secret",
+        &flaky[2].body,
+        flaky[2].header("x-outpost-signature-256")
+    ));
+    let list: serde_json::Value = serde_json::from_str(&cli(
+        &c,
+        &["notifications", "--stack", "net", "--output", "json"],
+    ))
+    .unwrap();
+    let flaky_row = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["url"].as_str().unwrap().ends_with("/flaky"))
+        .unwrap();
+    assert_eq!(flaky_row["state"], "delivered");
+    assert_eq!(flaky_row["attempts"], 3);
+    let statuses: Vec<_> = flaky_row["history"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [500, 500, 200]);
+    let successes = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|d| d["history"].as_array().unwrap().iter().map(move |h| (d, h)))
+        .filter(|(d, h)| d["url"].as_str().unwrap().ends_with("/flaky") && h["error"] == "")
+        .count();
+    assert_eq!(successes, 1);
+    assert!(cli(&c, &["notifications"]).contains("drift.resolved"));
+
+    // The operator's views: `outpost drift`, `stack show`, metrics.
+    let v: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["drift", "--output", "json"])).unwrap();
+    assert_eq!(v[0]["stack"], "net");
+    assert_eq!(v[0]["status"], "in_sync");
+    assert!(v[0]["last_check_age_ms"].as_i64().unwrap() >= 0);
+    let v: serde_json::Value =
+        serde_json::from_str(&cli(&c, &["stack", "show", "net", "--output", "json"])).unwrap();
+    assert_eq!(v["drift"]["status"], "in_sync");
+    assert_eq!(v["secrets"], serde_json::json!(["world.tfstate"]));
+    let metrics = http_get(c.server.as_ref().unwrap().metrics_addr, "/metrics").await;
+    assert!(
+        metrics.contains("outpost_drifts_detected_total{stack=\"net\"} 2"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("outpost_notification_attempts_failed_total 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("outpost_drift_runs_total 0"), "{metrics}");
+    // The webhook secrets and the world's values are nowhere in the data
+    // directory in clear.
+    assert_not_in_data_dir(&c, &[SECRET, b"global-secret"]);
+    agent.stop().await;
+}
+
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .unwrap()
+        .unwrap();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn assert_not_in_data_dir(c: &Cluster, canaries: &[&[u8]]) {
+    let mut seen = 0;
+    let mut dirs = vec![c.state.data_dir()];
+    while let Some(d) = dirs.pop() {
+        for entry in std::fs::read_dir(&d).unwrap() {
+            let p = entry.unwrap().path();
+            if p.is_dir() {
+                dirs.push(p);
+            } else if p.is_file() {
+                seen += 1;
+                let bytes = std::fs::read(&p).unwrap();
+                for canary in canaries {
+                    assert!(
+                        !bytes.windows(canary.len()).any(|w| w == *canary),
+                        "{} holds a secret in clear",
+                        p.display()
+                    );
+                }
+            }
+        }
+    }
+    assert!(seen >= 3, "the data directory was searched ({seen} files)");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_goes_through_policy_and_approval_and_drift_waits_for_the_stack_lock() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let hooks = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), MAIN_TF, Some(&own_state()));
+    let mut a = admin(&c).await;
+    // `auto` auto-approves reverting drift: the policy warns on anything
+    // but a drift run, autodeploy confirms when nothing warned. `human`
+    // always warns.
+    let auto_policy = r#"package outpost.plan
+warn contains "changes outside drift need a human" if { not input.run.drift }
+"#;
+    let human_policy = "package outpost.plan\nwarn contains \"a human decides\" if { true }\n";
+    let declare = |name: &str, policy: &str, w: Vec<u8>| {
+        let mut s = stack(name, &repo);
+        s.autodeploy = true;
+        s.plan_policy = policy.into();
+        s.secrets = vec![secret("world.tfstate", &w)];
+        s.drift = Some(iac::DriftSpec {
+            // Checks run when asked (`stack check`), not on a schedule here.
+            schedule: "0 0 1 1 *".into(),
+            reconcile: true,
+            ..Default::default()
+        });
+        s.notify = vec![iac::NotifyTarget {
+            url: hooks.url("/hook"),
+            secret: SECRET.to_vec(),
+            ..Default::default()
+        }];
+        s
+    };
+    apply(
+        &mut a,
+        vec![
+            declare("auto", auto_policy, world("1", "1", "1")),
+            declare("human", human_policy, world("1", "1", "1")),
+        ],
+    )
+    .await;
+    for name in ["auto", "human"] {
+        let id = a
+            .sync_stack(iac::SyncStackRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .run_id;
+        let r = wait_run(&mut a, &id, PLAN_WAIT, is_final).await;
+        assert_eq!(r.state, "FINISHED", "{r:#?}");
+    }
+    // Drift in both worlds; a check of each.
+    apply(
+        &mut a,
+        vec![
+            declare("auto", auto_policy, world("2", "1", "1")),
+            declare("human", human_policy, world("2", "1", "1")),
+        ],
+    )
+    .await;
+    let out = cli(&c, &["stack", "check", "auto", "--output", "json"]);
+    let auto_check: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(auto_check["kind"], "drift");
+    let human_check = a
+        .check_drift(iac::CheckDriftRequest {
+            stack: "human".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let r = wait_run(
+        &mut a,
+        auto_check["run_id"].as_str().unwrap(),
+        CHECK_WAIT,
+        is_final,
+    )
+    .await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+    let r = wait_run(&mut a, &human_check.run_id, CHECK_WAIT, is_final).await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+
+    // Each drift queued a tracked run with `run.drift = true`: `auto`'s
+    // policy let autodeploy confirm it without a human; `human`'s waits.
+    let reconcile = |runs: Vec<iac::Run>| {
+        runs.into_iter()
+            .find(|r| r.kind == "tracked" && r.drift)
+            .expect("a reconciling run")
+    };
+    let mut auto_run = None;
+    let mut human_run = None;
+    let deadline = tokio::time::Instant::now() + PLAN_WAIT;
+    while auto_run.is_none() || human_run.is_none() {
+        for (name, slot) in [("auto", &mut auto_run), ("human", &mut human_run)] {
+            let runs = a
+                .list_runs(iac::ListRunsRequest {
+                    stack: name.into(),
+                    limit: 50,
+                })
+                .await
+                .unwrap()
+                .into_inner()
+                .runs;
+            if runs.iter().any(|r| r.kind == "tracked" && r.drift) {
+                *slot = Some(reconcile(runs));
+            }
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no reconciling runs"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let auto_run = auto_run.unwrap();
+    let human_run = human_run.unwrap();
+    assert_eq!(auto_run.triggered_by, "drift");
+    let r = wait_run(&mut a, &auto_run.run_id, PLAN_WAIT, |r| {
+        !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
+    })
+    .await;
+    assert_eq!(
+        r.state, "CONFIRMED",
+        "reverting drift needs no human: {r:#?}"
+    );
+    assert_eq!(r.message, "autodeploy");
+    assert!(r.verdicts.iter().all(|v| v.warn.is_empty()), "{r:#?}");
+    let r = wait_run(&mut a, &human_run.run_id, PLAN_WAIT, |r| {
+        !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
+    })
+    .await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    assert_eq!(r.changes[0].address, "null_resource.a");
+    hooks
+        .wait(
+            Duration::from_secs(30),
+            "run.needs_approval of human",
+            |s| {
+                s.iter().any(|x| {
+                    x.header("x-outpost-event") == "run.needs_approval"
+                        && x.json()["run"] == human_run.run_id.as_str()
+                })
+            },
+        )
+        .await;
+
+    // The human's run holds the stack lock: a drift check waits (and says
+    // so) and gets no job until the lock is released.
+    let waiting = a
+        .check_drift(iac::CheckDriftRequest {
+            stack: "human".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let w = run(&mut a, &waiting.run_id).await;
+    assert_eq!(w.state, "QUEUED", "{w:#?}");
+    assert!(w.plan_job.is_empty(), "{w:#?}");
+    assert!(w.message.contains("holds the stack lock"), "{w:#?}");
+    assert!(w.message.contains(&human_run.run_id), "{w:#?}");
+    let r = a
+        .decide_run(iac::DecideRunRequest {
+            run_id: human_run.run_id.clone(),
+            decision: "discard".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.state, "DISCARDED");
+    let w = wait_run(&mut a, &waiting.run_id, CHECK_WAIT, is_final).await;
+    assert_eq!(w.state, "FINISHED", "{w:#?}");
+    // Started only after the tracked run let go of the lock.
+    let planning = w
+        .transitions
+        .iter()
+        .find(|t| t.state == "PLANNING")
+        .unwrap();
+    let discarded = r
+        .transitions
+        .iter()
+        .find(|t| t.state == "DISCARDED")
+        .unwrap();
+    assert!(planning.at_ms >= discarded.at_ms, "{w:#?} {r:#?}");
+    // The same drift again: nothing new is sent, no second reconcile.
+    let runs = a
+        .list_runs(iac::ListRunsRequest {
+            stack: "human".into(),
+            limit: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    assert_eq!(runs.iter().filter(|r| r.drift).count(), 1, "{runs:#?}");
+    assert_eq!(
+        hooks
+            .seen()
+            .iter()
+            .filter(
+                |x| x.header("x-outpost-event") == "drift.detected" && x.json()["stack"] == "human"
+            )
+            .count(),
+        1
+    );
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proposed_runs_plan_beside_the_lock_and_stack_secrets_reach_only_the_job() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let hooks = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let tf = r#"
+terraform {
+  required_providers {
+    null = {
+      source  = "hashicorp/null"
+      version = "~> 2.1"
+    }
+  }
+}
+
+resource "null_resource" "first" {
+  triggers = { token = sensitive(file("/run/secrets/token")) }
+}
+"#;
+    let repo = repo(dir.path(), tf, None);
+    let canary = b"stack-secret-canary-9c2";
+    let mut a = admin(&c).await;
+    // Bad input is refused when the stack is applied, naming the problem.
+    for (f, needle) in [
+        (
+            (|s: &mut iac::StackSpec| {
+                s.drift = Some(iac::DriftSpec {
+                    schedule: "61 * * * *".into(),
+                    ..Default::default()
+                })
+            }) as fn(&mut iac::StackSpec),
+            "schedule",
+        ),
+        (
+            |s| {
+                s.drift = Some(iac::DriftSpec {
+                    schedule: "* * * * *".into(),
+                    timezone: "Mars/Olympus".into(),
+                    ..Default::default()
+                })
+            },
+            "Mars/Olympus",
+        ),
+        (
+            |s| {
+                s.notify = vec![iac::NotifyTarget {
+                    url: "gopher://x/".into(),
+                    ..Default::default()
+                }]
+            },
+            "http",
+        ),
+        (
+            |s| s.secrets = vec![secret("../escape", b"x")],
+            "secret name",
+        ),
+    ] {
+        let mut s = stack("bad", &repo);
+        f(&mut s);
+        let e = a
+            .apply_stacks(iac::ApplyStacksRequest {
+                stacks: vec![s],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument);
+        assert!(e.message().contains(needle), "{needle}: {}", e.message());
+    }
+    let stacks = a
+        .list_stacks(iac::ListStacksRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .stacks;
+    assert!(stacks.is_empty(), "nothing was declared: {stacks:?}");
+
+    // The stack's secret reaches its run's job as a file; the policy sees
+    // the (sensitive) value, the control plane never does. Webhook targets
+    // that refuse the connection or never answer do not affect the run.
+    let mut s = stack("web", &repo);
+    s.secrets = vec![secret("token", canary)];
+    // The policy recognises the value without holding it.
+    s.plan_policy = r#"package outpost.plan
+warn contains "the token arrived" if {
+    some rc in input.plan.resource_changes
+    startswith(rc.change.after.triggers.token, "stack-secret-")
+}
+"#
+    .into();
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap()
+    };
+    s.notify = vec![
+        iac::NotifyTarget {
+            url: format!("http://{closed}/refused"),
+            ..Default::default()
+        },
+        iac::NotifyTarget {
+            url: hooks.url("/hang"),
+            timeout_ms: 1000,
+            ..Default::default()
+        },
+        iac::NotifyTarget {
+            url: hooks.url("/slack"),
+            format: "slack".into(),
+            ..Default::default()
+        },
+    ];
+    apply(&mut a, vec![s.clone()]).await;
+    // Declared again with the same secret: unchanged.
+    let again = a
+        .apply_stacks(iac::ApplyStacksRequest {
+            stacks: vec![s],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again.changes[0].action, "unchanged");
+    let tracked = a
+        .sync_stack(iac::SyncStackRequest { name: "web".into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let t = wait_run(&mut a, &tracked, PLAN_WAIT, |r| {
+        !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
+    })
+    .await;
+    assert_eq!(t.state, "UNCONFIRMED", "{t:#?}");
+    assert_eq!(t.verdicts[0].warn, ["the token arrived"], "{t:#?}");
+    let log = String::from_utf8_lossy(&c.logs(&t.plan_job).await).into_owned();
+    assert!(!log.contains("stack-secret-canary"), "{log}");
+    hooks
+        .wait(Duration::from_secs(30), "a slack text", |s| {
+            s.iter().any(|r| r.path == "/slack")
+        })
+        .await;
+    let slack = hooks.of("/slack", "run.needs_approval");
+    assert_eq!(
+        slack[0]
+            .json()
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["text"]
+    );
+    assert!(
+        slack[0].json()["text"]
+            .as_str()
+            .unwrap()
+            .contains("needs approval")
+    );
+
+    // A proposed run of another branch plans while the tracked run holds
+    // the lock, and is never applied.
+    git(&repo, &["checkout", "-q", "-b", "feature"]);
+    std::fs::write(
+        repo.join("infra/extra.tf"),
+        "resource \"null_resource\" \"extra\" {}\n",
+    )
+    .unwrap();
+    commit(&repo, "feature");
+    git(&repo, &["checkout", "-q", "main"]);
+    let out = cli(
+        &c,
+        &["run", "plan", "web", "--ref", "feature", "--output", "json"],
+    );
+    let p: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(p["kind"], "proposed");
+    assert_eq!(p["git_ref"], "feature");
+    let p = wait_run(&mut a, p["run_id"].as_str().unwrap(), PLAN_WAIT, is_final).await;
+    assert_eq!(p.state, "FINISHED", "{p:#?}");
+    assert!(p.message.contains("plan only"), "{p:#?}");
+    let addrs: Vec<_> = p.changes.iter().map(|c| c.address.as_str()).collect();
+    assert_eq!(addrs, ["null_resource.extra", "null_resource.first"]);
+    assert_ne!(p.commit, t.commit);
+    assert_eq!(run(&mut a, &tracked).await.state, "UNCONFIRMED");
+    // A ref that does not exist, or that git would take for an option:
+    // a clear error, nothing queued.
+    let before = a
+        .list_runs(iac::ListRunsRequest {
+            stack: "web".into(),
+            limit: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs
+        .len();
+    for bad in ["no-such-branch", "--upload-pack=x"] {
+        let e = a
+            .propose_run(iac::ProposeRunRequest {
+                stack: "web".into(),
+                git_ref: bad.into(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{bad}: {e:?}");
+        assert!(e.message().contains(bad), "{}", e.message());
+    }
+    let after = a
+        .list_runs(iac::ListRunsRequest {
+            stack: "web".into(),
+            limit: 50,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs
+        .len();
+    assert_eq!(before, after);
+
+    // The unreachable targets were tried and recorded; the run did not care.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let list = a
+            .list_deliveries(iac::ListDeliveriesRequest {
+                stack: "web".into(),
+                limit: 50,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .deliveries;
+        let tried = |suffix: &str| {
+            list.iter()
+                .find(|d| d.url.ends_with(suffix))
+                .filter(|d| d.attempts >= 2)
+                .cloned()
+        };
+        if let (Some(refused), Some(hung)) = (tried("/refused"), tried("/hang")) {
+            assert_eq!(refused.state, "pending", "{refused:#?}");
+            assert!(
+                refused
+                    .history
+                    .iter()
+                    .all(|h| h.status == 0 && !h.error.is_empty())
+            );
+            assert!(hung.history[0].error.contains("no answer"), "{hung:#?}");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{list:#?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(run(&mut a, &tracked).await.state, "UNCONFIRMED");
+    // The secret is nowhere in the data directory once the jobs are done.
+    let _ = a
+        .decide_run(iac::DecideRunRequest {
+            run_id: tracked.clone(),
+            decision: "discard".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+    assert_not_in_data_dir(&c, &[canary]);
+    agent.stop().await;
+}
+
+/// Not a test: measures drift checks per hour for one agent of capacity 2
+/// (the demo's configuration: one null resource, no state) and the time
+/// from a scheduled instant to the webhook. Run with
+/// `cargo nextest run -p outpost-tests --test drift --run-ignored only -E 'test(measure)' --no-capture`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a test"]
+async fn measure_drift_checks_per_hour_and_schedule_to_webhook() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let hooks = Receiver::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let demo_tf = r#"
+terraform {
+  required_providers {
+    null = {
+      source  = "hashicorp/null"
+      version = "~> 2.1"
+    }
+  }
+}
+
+resource "null_resource" "hello" {
+  triggers = { greeting = "hello" }
+}
+"#;
+    let repo = repo(dir.path(), demo_tf, None);
+    let mut a = admin(&c).await;
+    let declare = |name: &str, schedule: &str| {
+        let mut s = stack(name, &repo);
+        s.drift = Some(iac::DriftSpec {
+            schedule: schedule.into(),
+            ..Default::default()
+        });
+        s.notify = vec![iac::NotifyTarget {
+            url: hooks.url("/hook"),
+            events: vec!["drift.detected".into()],
+            ..Default::default()
+        }];
+        s
+    };
+    // Fetched, but never applied: the first check finds drift (the code
+    // wants a resource the state lacks). The tracked runs are cancelled so
+    // that they hold no lock.
+    async fn fetched(a: &mut IacAdminClient<Channel>, name: &str) {
+        let id = a
+            .sync_stack(iac::SyncStackRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .run_id;
+        a.decide_run(iac::DecideRunRequest {
+            run_id: id,
+            decision: "cancel".into(),
+            comment: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // 1. An idle agent, one stack every 10s: scheduled instant to webhook.
+    apply(&mut a, vec![declare("solo", "*/10 * * * * *")]).await;
+    fetched(&mut a, "solo").await;
+    hooks
+        .wait(Duration::from_secs(120), "drift.detected", |s| {
+            !s.is_empty()
+        })
+        .await;
+    let h = hooks.seen()[0].clone();
+    let r = run(&mut a, h.json()["run"].as_str().unwrap()).await;
+    let scheduled = r.created_at_ms / 10_000 * 10_000;
+    eprintln!(
+        "MEASURE scheduled instant -> drift.detected received: {} ms (queued +{} ms, check ended +{} ms)",
+        h.at_ms - scheduled,
+        r.created_at_ms - scheduled,
+        r.transitions.last().unwrap().at_ms - scheduled
+    );
+    // 2. Stacks that always have a check due: the agent is never idle.
+    let n = 6;
+    apply(
+        &mut a,
+        (0..n)
+            .map(|i| declare(&format!("demo-{i}"), "* * * * * *"))
+            .collect(),
+    )
+    .await;
+    for i in 0..n {
+        fetched(&mut a, &format!("demo-{i}")).await;
+    }
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let from = now_ms();
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    let to = now_ms();
+    let runs = a
+        .list_runs(iac::ListRunsRequest {
+            stack: String::new(),
+            limit: 1000,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .runs;
+    let done = runs
+        .iter()
+        .filter(|r| r.kind == "drift" && r.state == "FINISHED")
+        .filter(|r| {
+            r.transitions
+                .last()
+                .is_some_and(|t| t.at_ms >= from && t.at_ms < to)
+        })
+        .count();
+    let per_hour = done as f64 * 3_600_000.0 / (to - from) as f64;
+    eprintln!(
+        "MEASURE drift checks: {done} in {:.0}s on one agent of capacity 2 = {per_hour:.0} checks/hour",
+        (to - from) as f64 / 1000.0
+    );
+    agent.stop().await;
+}
