@@ -663,15 +663,25 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     let auto_run = auto_run.unwrap();
     let human_run = human_run.unwrap();
     assert_eq!(auto_run.triggered_by, "drift");
-    let r = wait_run(&mut a, &auto_run.run_id, PLAN_WAIT, |r| {
-        !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
+    // Reverting drift needs no human: confirmed by itself, then applied.
+    let r = wait_run(&mut a, &auto_run.run_id, PLAN_WAIT * 2, |r| {
+        !matches!(
+            r.state.as_str(),
+            "QUEUED" | "PLANNING" | "CONFIRMED" | "APPLYING"
+        )
     })
     .await;
     assert_eq!(
-        r.state, "CONFIRMED",
+        r.state, "FINISHED",
         "reverting drift needs no human: {r:#?}"
     );
-    assert_eq!(r.message, "autodeploy");
+    assert!(r.approvals.is_empty(), "{r:#?}");
+    assert!(
+        r.transitions
+            .iter()
+            .any(|t| t.state == "CONFIRMED" && t.note == "autodeploy"),
+        "{r:#?}"
+    );
     assert!(r.verdicts.iter().all(|v| v.warn.is_empty()), "{r:#?}");
     let r = wait_run(&mut a, &human_run.run_id, PLAN_WAIT, |r| {
         !matches!(r.state.as_str(), "QUEUED" | "PLANNING")

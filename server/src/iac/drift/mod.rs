@@ -80,7 +80,10 @@ impl DriftSpec {
         let tz = self.tz().ok()?;
         let jitter = jitter_of(stack, self.jitter_ms) as i64;
         // The schedule is evaluated without the jitter, then shifted.
-        let base = chrono::DateTime::from_timestamp_millis(after_ms - jitter)?.with_timezone(&tz);
+        // Schedules name whole seconds: evaluate from the whole second at
+        // or before, so the next occurrence lands on a second boundary.
+        let base_ms = (after_ms - jitter).div_euclid(1000) * 1000;
+        let base = chrono::DateTime::from_timestamp_millis(base_ms)?.with_timezone(&tz);
         let next = cron.find_next_occurrence(&base, false).ok()?;
         let at = next.timestamp_millis() + jitter;
         let floor = if last_ms > 0 {
