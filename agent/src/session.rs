@@ -17,7 +17,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
 use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
@@ -68,7 +68,7 @@ pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("CA certificate", &cfg.tls.ca)?))
-        .identity(Identity::from_pem(
+        .identity(TlsIdentity::from_pem(
             read("agent certificate", &cfg.tls.cert)?,
             read("agent key", &cfg.tls.key)?,
         ))

@@ -141,7 +141,8 @@ pub struct Issued {
 /// enrolled agent may claim are kept in memory (loaded at start).
 pub struct Registry {
     store: Store,
-    ca: Arc<csr::Ca>,
+    /// `None` when the CA key is not on this host: enrolment is off.
+    ca: Option<Arc<csr::Ca>>,
     config: IdentityConfig,
     records: RwLock<HashMap<String, IdentityRecord>>,
     revocations: watch::Sender<u64>,
@@ -154,15 +155,18 @@ impl Registry {
         pki: &PkiDir,
         config: IdentityConfig,
     ) -> Result<Arc<Registry>, StoreError> {
-        let ca = csr::Ca::load(pki).map_err(|what| StoreError::Corrupt {
-            id: "ca".into(),
-            what,
-        })?;
+        let ca = match csr::Ca::load(pki) {
+            Ok(ca) => Some(Arc::new(ca)),
+            Err(e) => {
+                tracing::warn!(error = %e, "agent enrolment and renewal are off: the CA cannot sign");
+                None
+            }
+        };
         let records = store::init(&store).await?;
         let (revocations, _) = watch::channel(0);
         Ok(Arc::new(Registry {
             store,
-            ca: Arc::new(ca),
+            ca,
             config,
             records: RwLock::new(records.into_iter().map(|r| (r.name.clone(), r)).collect()),
             revocations,
@@ -290,7 +294,7 @@ impl Registry {
         // The CSR is checked before the token is looked at: a bad CSR
         // consumes nothing.
         csr::check_csr(csr_pem, name)?;
-        let ca = self.ca.clone();
+        let ca = self.signer()?;
         let ttl = self.config.agent_cert_ttl;
         let (csr_owned, name_owned) = (csr_pem.to_string(), name.to_string());
         let result = store::enroll(
@@ -338,7 +342,9 @@ impl Registry {
             _ => return Err(EnrollError::NotEnrolled(name.to_string())),
         };
         let ttl = self.config.agent_cert_ttl;
-        let signed = self.ca.sign_agent(csr_pem, name, &record.pool, ttl)?;
+        let signed = self
+            .signer()?
+            .sign_agent(csr_pem, name, &record.pool, ttl)?;
         store::renewed(&self.store, name.to_string(), signed.not_after_ms)
             .await
             .map_err(|e| EnrollError::Internal(e.to_string()))?;
@@ -350,6 +356,12 @@ impl Registry {
             ttl,
             pool: record.pool,
             labels: record.labels,
+        })
+    }
+
+    fn signer(&self) -> Result<Arc<csr::Ca>, EnrollError> {
+        self.ca.clone().ok_or_else(|| {
+            EnrollError::Internal("this control plane has no CA key: enrolment is off".into())
         })
     }
 

@@ -175,7 +175,7 @@ async fn labels_are_bound_and_revocation_survives_a_restart() {
     assert!(matches!(e, EnrollError::CsrName { .. }), "{e}");
     let e = r.renew("manual", &csr("manual")).await.unwrap_err();
     assert!(matches!(e, EnrollError::NotEnrolled(_)), "{e}");
-    let mut changes = r.revocations();
+    let changes = r.revocations();
     r.revoke("a1").await.unwrap();
     assert!(changes.has_changed().unwrap());
     assert!(r.is_revoked("a1"));
