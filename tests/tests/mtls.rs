@@ -9,7 +9,7 @@ use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
 use outpost_proto::agent::v1::agent_service_client::AgentServiceClient;
 use outpost_tests::{Captured, Cluster, error_chain, tls_messages};
-use rustls::{AlertDescription, CertificateError};
+use rustls::CertificateError;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 type AnyError = Box<dyn std::error::Error + Send + Sync + 'static>;
