@@ -103,14 +103,12 @@ async fn a_client_without_a_certificate_can_only_enrol() {
     let e = pb::agent_service_client::AgentServiceClient::new(ch.clone())
         .session(tokio_stream::wrappers::ReceiverStream::new(rx))
         .await
-        .err()
-        .expect("no session without a certificate");
+        .expect_err("no session without a certificate");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
     let e = outpost_proto::iac::v1::iac_agent_client::IacAgentClient::new(ch)
         .fetch_blob(outpost_proto::iac::v1::FetchBlobRequest::default())
         .await
-        .err()
-        .expect("no IaC call without a certificate");
+        .expect_err("no IaC call without a certificate");
     assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
 }
 
