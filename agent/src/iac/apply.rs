@@ -156,7 +156,7 @@ pub fn redacted_outputs(
                     cut -= 1;
                 }
                 s.truncate(cut);
-                s.push_str("…");
+                s.push('…');
             }
             s
         };
