@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 "outpost/agent/v1/agent.proto",
                 "outpost/admin/v1/admin.proto",
                 "outpost/iac/v1/iac.proto",
+                "outpost/identity/v1/identity.proto",
             ],
             &["."],
         )?;

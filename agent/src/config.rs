@@ -33,9 +33,11 @@ pub enum ConfigError {
 pub struct TlsConfig {
     /// PEM file with the Outpost CA certificate that signed the control plane's certificate.
     pub ca: PathBuf,
-    /// PEM file with this agent's client certificate (role `agent`).
+    /// PEM file with this agent's client certificate (role `agent`). With
+    /// `bootstrap_token_file`, the agent writes it itself (and each renewal).
     pub cert: PathBuf,
-    /// PEM file with this agent's private key. Never leaves this host.
+    /// PEM file with this agent's private key. Never leaves this host. With
+    /// `bootstrap_token_file`, the agent generates it itself.
     pub key: PathBuf,
 }
 
@@ -91,6 +93,12 @@ pub struct AgentConfig {
     #[serde(default)]
     pub asg: Option<crate::lifecycle::AsgConfig>,
     pub tls: TlsConfig,
+    /// File holding a one-time bootstrap token (`outpost enroll create`):
+    /// the agent enrols with it when it has no valid certificate, then
+    /// renews its short-lived certificate over its session (`crate::identity`).
+    /// Requires `agent_id` (the name it enrols as).
+    #[serde(default)]
+    pub bootstrap_token_file: Option<PathBuf>,
     /// Sandbox defaults and limits for every job.
     #[serde(default)]
     pub sandbox: SandboxConfig,
@@ -229,11 +237,18 @@ impl AgentConfig {
                 "log_buffer_bytes must be at least 65536".into(),
             ));
         }
-        for (what, p) in [
-            ("tls.ca", &self.tls.ca),
-            ("tls.cert", &self.tls.cert),
-            ("tls.key", &self.tls.key),
-        ] {
+        let enrols = self.bootstrap_token_file.is_some();
+        if enrols && self.agent_id.as_deref().is_none_or(str::is_empty) {
+            return Err(ConfigError::Invalid(
+                "bootstrap_token_file needs agent_id: the name the agent enrols as".into(),
+            ));
+        }
+        let mut files = vec![("tls.ca", &self.tls.ca)];
+        // An enrolling agent writes its own certificate and key.
+        if !enrols {
+            files.extend([("tls.cert", &self.tls.cert), ("tls.key", &self.tls.key)]);
+        }
+        for (what, p) in files {
             if !p.is_file() {
                 return Err(ConfigError::Invalid(format!(
                     "{what}: {} does not exist or is not a file",

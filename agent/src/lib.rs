@@ -9,6 +9,7 @@ pub mod aws;
 pub mod config;
 pub mod executor;
 pub mod iac;
+pub mod identity;
 pub mod job;
 pub mod lifecycle;
 pub mod observe;
@@ -61,6 +62,8 @@ pub enum AgentError {
     Iac(#[source] iac::IacError),
     #[error("the control plane endpoint is not usable")]
     Endpoint(#[source] session::SessionError),
+    #[error("the agent has no usable identity")]
+    Identity(#[source] identity::IdentityError),
 }
 
 /// Signals that stop the agent.
@@ -157,9 +160,16 @@ pub async fn run(
     ));
     // IaC calls (source blobs, plan reports) use the agent's own mTLS
     // identity on a lazily dialled channel: still outbound only.
-    let iac_channel = session::endpoint(&cfg)
-        .map_err(AgentError::Endpoint)?
-        .connect_lazy();
+    // An enrolling agent gets its certificate before anything dials with it.
+    let ident = identity::Identity::new(&cfg);
+    if let Some(id) = &ident {
+        id.ensure().await.map_err(AgentError::Identity)?;
+    }
+    let iac_endpoint = session::endpoint(&cfg).map_err(AgentError::Endpoint)?;
+    let iac_channel = match &ident {
+        Some(id) => id.iac_channel(iac_endpoint),
+        None => iac_endpoint.connect_lazy(),
+    };
     let iac_agent = iac::IacAgent::new(&cfg.iac, iac_channel).map_err(AgentError::Iac)?;
     let _ = rt.iac.set(Arc::new(iac_agent));
     let adopted = rt.restore(recovered).await;
@@ -193,6 +203,7 @@ pub async fn run(
         session::maintain(
             cfg.clone(),
             rt.clone(),
+            ident,
             shutdown.drain.clone(),
             stop.clone(),
         )

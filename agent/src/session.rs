@@ -17,10 +17,11 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
-use tracing::{debug, info, warn};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity as TlsIdentity};
+use tracing::{debug, error, info, warn};
 
 use crate::config::AgentConfig;
+use crate::identity::{Identity, Renewal};
 use crate::runtime::Runtime;
 use crate::wire;
 
@@ -67,7 +68,7 @@ pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
     };
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(read("CA certificate", &cfg.tls.ca)?))
-        .identity(Identity::from_pem(
+        .identity(TlsIdentity::from_pem(
             read("agent certificate", &cfg.tls.cert)?,
             read("agent key", &cfg.tls.key)?,
         ))
@@ -90,25 +91,39 @@ pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
 pub async fn maintain(
     cfg: Arc<AgentConfig>,
     rt: Arc<Runtime>,
+    ident: Option<Arc<Identity>>,
     drain: CancellationToken,
     stop: CancellationToken,
 ) {
-    let ep = match endpoint(&cfg) {
-        Ok(ep) => ep,
-        Err(e) => {
-            warn!(error = %e, "cannot build the control plane endpoint");
-            return;
-        }
-    };
     let mut backoff = Duration::from_millis(200);
     loop {
         if stop.is_cancelled() {
             return;
         }
         let started = std::time::Instant::now();
+        // Read for every connection: an enrolled agent's certificate is
+        // replaced by each renewal (and by a new enrolment once expired).
+        let ep = match &ident {
+            Some(id) => id.ensure().await.map_err(|e| e.to_string()),
+            None => Ok(()),
+        }
+        .and_then(|()| endpoint(&cfg).map_err(|e| e.to_string()));
+        let ep = match ep {
+            Ok(ep) => ep,
+            Err(e) => {
+                // Running jobs carry on until their leases end them.
+                error!(error = %e, "cannot connect to the control plane");
+                backoff = (backoff * 2).min(cfg.max_backoff);
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(backoff) => {}
+                }
+                continue;
+            }
+        };
         match ep.connect().await {
             Ok(channel) => {
-                let ended = session(&cfg, &rt, channel, &drain, &stop).await;
+                let ended = session(&cfg, &rt, ident.as_deref(), channel, &drain, &stop).await;
                 rt.metrics.session_down();
                 match ended {
                     Ok(()) => debug!("session ended"),
@@ -142,6 +157,7 @@ fn msg(m: Out) -> pb::AgentMessage {
 async fn session(
     cfg: &AgentConfig,
     rt: &Arc<Runtime>,
+    ident: Option<&Identity>,
     channel: Channel,
     drain: &CancellationToken,
     stop: &CancellationToken,
@@ -185,6 +201,10 @@ async fn session(
             "the control plane no longer honours this lease",
         );
     }
+    if !welcome.ignored_labels.is_empty() {
+        warn!(ignored = %welcome.ignored_labels.join(","), "the control plane ignores labels this agent's enrolment does not allow");
+    }
+    let mut renewal = Renewal::start(ident);
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(200, 60_000));
     info!(agent = %welcome.agent_id, resumed = welcome.resumed.len(), "connected to the control plane");
     rt.metrics.session_up();
@@ -220,6 +240,11 @@ async fn session(
             _ = stop.cancelled() => return Ok(()),
             _ = drain.cancelled(), if !drain_sent => {}
             _ = rt.wake.notified() => {}
+            _ = renewal.due() => {
+                if let Some(id) = ident {
+                    renew(id, &mut renewal, &tx).await?;
+                }
+            }
             _ = ticker.tick() => {
                 let hb = pb::Heartbeat {
                     leases: rt.leases().iter().map(wire::key_to_pb).collect(),
@@ -233,9 +258,63 @@ async fn session(
                     Some(Err(status)) => return Err(inbound_error(status)),
                     Some(Ok(m)) => m,
                 };
+                let about_identity =
+                    matches!(m.msg, Some(In::CertificateRenewed(_) | In::RenewalRefused(_)));
+                if let Some(id) = ident
+                    && about_identity
+                {
+                    renewed(id, &mut renewal, m);
+                    continue;
+                }
                 handle(rt, &tx, m).await?;
             }
         }
+    }
+}
+
+/// Asks for the next certificate over the live session.
+async fn renew(
+    id: &Identity,
+    renewal: &mut Renewal,
+    tx: &mpsc::Sender<pb::AgentMessage>,
+) -> Result<(), SessionError> {
+    match id.renewal_csr() {
+        Ok(csr_pem) => {
+            renewal.sent(id);
+            tx.send(msg(Out::RenewCertificate(pb::RenewCertificate { csr_pem })))
+                .await
+                .map_err(|_| SessionError::Closed)
+        }
+        Err(e) => {
+            warn!(error = %e, "cannot make the certificate renewal request");
+            renewal.retry_later(id);
+            Ok(())
+        }
+    }
+}
+
+/// The control plane's answer to a renewal.
+fn renewed(id: &Identity, renewal: &mut Renewal, m: pb::ServerMessage) {
+    match m.msg {
+        Some(In::CertificateRenewed(c)) => match id.renewed(&c.certificate_pem) {
+            Ok(()) => {
+                let took = renewal.done(Duration::from_millis(c.ttl_ms));
+                info!(
+                    ttl_ms = c.ttl_ms,
+                    took_us = took.map(|d| d.as_micros() as u64),
+                    "certificate renewed; used from the next connection"
+                );
+            }
+            Err(e) => {
+                warn!(error = %e, "cannot keep the renewed certificate");
+                renewal.retry_later(id);
+            }
+        },
+        Some(In::RenewalRefused(r)) => {
+            warn!(reason = %r.reason, "the control plane refused to renew the certificate");
+            renewal.retry_later(id);
+        }
+        _ => {}
     }
 }
 
@@ -258,7 +337,8 @@ async fn handle(
 ) -> Result<(), SessionError> {
     let Some(m) = m.msg else { return Ok(()) };
     match m {
-        In::Welcome(_) => {}
+        // An agent that does not enrol never asks for a certificate.
+        In::Welcome(_) | In::CertificateRenewed(_) | In::RenewalRefused(_) => {}
         In::Lease(l) => {
             let job_id = l.job_id.clone();
             let epoch = l.epoch;

@@ -19,6 +19,12 @@ pub mod iac {
         tonic::include_proto!("outpost.iac.v1");
     }
 }
+
+pub mod identity {
+    pub mod v1 {
+        tonic::include_proto!("outpost.identity.v1");
+    }
+}
 /// Largest gRPC message either side decodes (the control plane's services,
 /// the agent's session and the admin client). Everything the control plane
 /// accepts fits in it with room to spare: a job spec is at most

@@ -29,6 +29,8 @@ use crate::wire;
 pub struct AgentApi {
     pub hub: Arc<Hub>,
     pub shutdown: CancellationToken,
+    /// Enrolled identities: bound labels, renewals, revocations.
+    pub identities: Arc<crate::enroll::Registry>,
 }
 
 type OutStream = Pin<Box<dyn Stream<Item = Result<pb::ServerMessage, Status>> + Send>>;
@@ -42,14 +44,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
         request: Request<Streaming<pb::AgentMessage>>,
     ) -> Result<Response<Self::SessionStream>, Status> {
         let id = Identity::require(&request, Role::Agent)?;
+        let cert_expiry = crate::enroll::session::peer_cert_expiry(&request);
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(1024);
         let hub = self.hub.clone();
         let shutdown = self.shutdown.clone();
+        let identity = crate::enroll::session::SessionIdentity::new(
+            self.identities.clone(),
+            id.name.clone(),
+            cert_expiry,
+        );
         let span = info_span!("agent_session", agent = %id.name);
         tokio::spawn(
             async move {
-                if let Err(e) = run_session(hub, id.name, inbound, tx.clone(), shutdown).await {
+                if let Err(e) =
+                    run_session(hub, id.name, inbound, tx.clone(), shutdown, identity).await
+                {
                     warn!(error = %e, "agent session ended with an error");
                     let _ = tx.send(Err(e)).await;
                 }
@@ -84,6 +94,7 @@ async fn run_session(
     mut inbound: Streaming<pb::AgentMessage>,
     tx: AgentTx,
     shutdown: CancellationToken,
+    mut identity: crate::enroll::session::SessionIdentity,
 ) -> Result<(), Status> {
     let first = tokio::time::timeout(Duration::from_secs(15), inbound.next())
         .await
@@ -100,7 +111,7 @@ async fn run_session(
         Some(Err(e)) => return Err(e),
         None => return Ok(()),
     };
-    let labels: std::collections::BTreeMap<String, String> = hello.labels.into_iter().collect();
+    let (labels, ignored_labels) = identity.bind_labels(hello.labels.into_iter().collect());
     hub.store
         .upsert_agent(AgentInfo {
             id: agent.clone(),
@@ -154,6 +165,8 @@ async fn run_session(
             .collect(),
         revoked: wire::lease_refs(revoked),
         heartbeat_interval_ms: hub.timing.heartbeat.as_millis() as u64,
+        labels: labels.clone().into_iter().collect(),
+        ignored_labels,
     };
     out(&tx, Out::Welcome(welcome)).await?;
     for j in &renewed {
@@ -178,6 +191,7 @@ async fn run_session(
     let result = loop {
         let msg = tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
+            ended = identity.ended() => break Err(ended),
             Some(reply) = pending.next(), if !pending.is_empty() => {
                 match reply {
                     Ok(Some(msg)) => {
@@ -201,6 +215,15 @@ async fn run_session(
             Some(Ok(m)) => m,
         };
         hub.touch(&agent);
+        if let Err(e) = identity.check() {
+            break Err(e);
+        }
+        if let Some(In::RenewCertificate(r)) = &msg.msg {
+            if let Err(e) = out(&tx, identity.renew(&r.csr_pem).await).await {
+                break Err(e);
+            }
+            continue;
+        }
         match handle(&hub, &agent, &tx, msg).await {
             Ok(Some(p)) => pending.push_back(p),
             Ok(None) => {}
@@ -225,6 +248,8 @@ async fn handle(
     let ttl_ms = hub.timing.ttl.as_millis() as u64;
     match msg {
         In::Hello(_) => return Err(Status::failed_precondition("hello sent twice")),
+        // Answered by the session loop (`crate::enroll::session`).
+        In::RenewCertificate(_) => {}
         In::Heartbeat(hb) => {
             // Renewed in memory: no store trip (see `store::held`).
             let leases = hb.leases.into_iter().map(|l| (l.job_id, l.epoch)).collect();

@@ -41,6 +41,10 @@ pub enum ClientError {
         "no admin certificate {}: issue one with `outpost pki issue admin {name}`, or choose another with --admin NAME", path.display()
     )]
     NoAdminCert { name: String, path: PathBuf },
+    #[error(
+        "the admin certificate {} expired at {at}: renew it with `outpost pki issue admin NAME --replace` on the CA's host", path.display()
+    )]
+    AdminCertExpired { path: PathBuf, at: String },
 }
 
 /// Layout of an Outpost state directory.
@@ -168,6 +172,18 @@ impl ClientConfig {
                 source,
             })
         };
+        if let Some(ms) = crate::enroll::expiry::not_after_ms(&self.cert) {
+            let left = ms - crate::model::now_ms();
+            if left <= 0 {
+                return Err(ClientError::AdminCertExpired {
+                    path: self.cert.clone(),
+                    at: crate::enroll::show_time(ms),
+                });
+            }
+            if left < crate::enroll::expiry::WARN_BEFORE.as_millis() as i64 {
+                tracing::warn!(cert = %self.cert.display(), expires = %crate::enroll::show_time(ms), "the admin certificate expires soon: renew it with `outpost pki issue admin NAME --replace`");
+            }
+        }
         let url = self.url();
         let name = self.tls_name(&url);
         let tls = ClientTlsConfig::new()

@@ -101,6 +101,7 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
             pool_key_file: Some(pool_key_paths(state).0),
             ..Default::default()
         },
+        bootstrap_token_file: None,
     }
 }
 

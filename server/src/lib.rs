@@ -13,6 +13,7 @@ pub mod agent_api;
 pub mod cli;
 pub mod client;
 pub mod dev;
+pub mod enroll;
 pub mod hub;
 pub mod iac;
 pub mod identity;

@@ -138,6 +138,25 @@ impl PkiDir {
         Ok(paths)
     }
 
+    /// Issues `role` `name` again, replacing its certificate and key (the
+    /// new files are written first, then renamed over the old ones).
+    pub fn reissue(&self, role: Role, name: &str) -> Result<CertPaths, PkiError> {
+        validate_name(name)?;
+        let paths = self.issued(role, name);
+        let fresh = self.named(&format!(".{}-{name}.new", role.as_str()));
+        for p in [&fresh.cert, &fresh.key] {
+            let _ = fs::remove_file(p);
+        }
+        self.issue_inner(role, name, &[], &fresh)?;
+        for (from, to) in [(&fresh.key, &paths.key), (&fresh.cert, &paths.cert)] {
+            fs::rename(from, to).map_err(|source| PkiError::Write {
+                path: to.clone(),
+                source,
+            })?;
+        }
+        Ok(paths)
+    }
+
     fn issue_inner(
         &self,
         role: Role,

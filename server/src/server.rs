@@ -1,5 +1,10 @@
-//! `outpost server`: the control plane process. mTLS only; both services share
-//! one port and authorise by the role in the client certificate.
+//! `outpost server`: the control plane process. mTLS only; every service
+//! shares one port and authorises by the role in the client certificate.
+//! The TLS layer verifies a client certificate when one is presented; a
+//! client without one can call only agent enrolment
+//! (`crate::enroll::api::EnrollmentApi`): every other service is wrapped in
+//! `crate::enroll::gate::Gate`, which requires a certificate and refuses a
+//! revoked agent's.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -8,9 +13,12 @@ use outpost_proto::admin::v1::admin_service_server::AdminServiceServer;
 use outpost_proto::agent::v1::agent_service_server::AgentServiceServer;
 use outpost_proto::iac::v1::iac_admin_server::IacAdminServer;
 use outpost_proto::iac::v1::iac_agent_server::IacAgentServer;
+use outpost_proto::identity::v1::enrollment_server::EnrollmentServer;
+use outpost_proto::identity::v1::identity_admin_server::IdentityAdminServer;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Identity as TlsIdentity, Server, ServerTlsConfig};
 use tracing::info;
 
@@ -58,6 +66,8 @@ pub struct ServerConfig {
     pub retention: crate::retention::Retention,
     /// Where to serve `/metrics` and `/healthz` (bound by the caller), if anywhere.
     pub metrics: Option<TcpListener>,
+    /// Lifetime of enrolled agents' certificates.
+    pub identity: crate::enroll::IdentityConfig,
 }
 
 impl ServerConfig {
@@ -70,6 +80,7 @@ impl ServerConfig {
             timing: LeaseTiming::default(),
             retention: crate::retention::Retention::default(),
             metrics: None,
+            identity: crate::enroll::IdentityConfig::default(),
         }
     }
 }
@@ -91,6 +102,8 @@ pub struct Prepared {
     retention: crate::retention::Retention,
     data_dir: PathBuf,
     metrics: Option<TcpListener>,
+    pki: PkiDir,
+    identity: crate::enroll::IdentityConfig,
 }
 
 /// Reads the TLS identity, opens the store (a private `0700` data
@@ -107,7 +120,9 @@ pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
             "the CA certificate",
             &pki.ca_cert(),
         )?))
-        .client_auth_optional(false);
+        // Optional only for enrolment: `Gate` requires a certificate on
+        // every other service.
+        .client_auth_optional(true);
     outpost_agent::statedir::private_dir(&config.data_dir).map_err(ServerError::DataDir)?;
     let store = Store::open(&config.data_dir.join("outpost.db"))?;
     let hub = Hub::new(store, config.timing);
@@ -120,6 +135,8 @@ pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
         retention: config.retention,
         data_dir: config.data_dir.clone(),
         metrics: config.metrics,
+        pki,
+        identity: config.identity,
     })
 }
 
@@ -150,7 +167,13 @@ impl Prepared {
             retention,
             data_dir,
             metrics,
+            pki,
+            identity,
         } = self;
+        let registry = crate::enroll::Registry::load(hub.store.clone(), &pki, identity).await?;
+        let gate = crate::enroll::gate::Gate {
+            registry: registry.clone(),
+        };
         // Agents could not renew while the control plane was down: every
         // held lease gets one full TTL from now to be claimed again.
         match hub.store.extend_active_leases(hub.timing.ttl).await {
@@ -174,28 +197,32 @@ impl Prepared {
             .map_err(ServerError::Tls)?
             .http2_keepalive_interval(Some(std::time::Duration::from_secs(10)))
             .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
-            .add_service(
+            .add_service(InterceptedService::new(
                 AgentServiceServer::new(AgentApi {
                     hub: hub.clone(),
                     shutdown: tasks.clone(),
+                    identities: registry.clone(),
                 })
                 .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES),
-            )
-            .add_service(
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 AdminServiceServer::new(AdminApi {
                     hub: hub.clone(),
                     shutdown: tasks.clone(),
                     retention,
                 })
                 .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES),
-            )
-            .add_service(
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 IacAdminServer::new(crate::iac::api::IacAdminApi {
                     engine: iac.clone(),
                 })
                 .max_decoding_message_size(16 << 20),
-            )
-            .add_service(
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
                 IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
                     .max_encoding_message_size(
                         crate::iac::source::MAX_SOURCE_BYTES
@@ -203,7 +230,18 @@ impl Prepared {
                             + (1 << 20),
                     )
                     .max_decoding_message_size(crate::iac::apply::MAX_SEALED_BYTES + (1 << 20)),
-            )
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                IdentityAdminServer::new(crate::enroll::api::IdentityAdminApi {
+                    registry: registry.clone(),
+                    hub: hub.clone(),
+                }),
+                gate.clone(),
+            ))
+            .add_service(EnrollmentServer::new(crate::enroll::api::EnrollmentApi {
+                registry,
+            }))
             .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
                 shutdown.cancelled().await;
                 tasks.cancel();

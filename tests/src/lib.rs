@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod ec2;
 pub mod faults;
+pub mod identity;
 pub mod moto;
 pub mod sandbox_helpers;
 pub mod webhook;
@@ -126,6 +127,8 @@ pub struct Cluster {
     pub timing: LeaseTiming,
     /// Retention of the control plane (applied at its next start).
     pub retention: outpost::retention::Retention,
+    /// Lifetime of enrolled agents' certificates (applied at its next start).
+    pub identity: outpost::enroll::IdentityConfig,
 }
 
 impl Cluster {
@@ -149,6 +152,7 @@ impl Cluster {
             server: None,
             timing,
             retention: outpost::retention::Retention::default(),
+            identity: outpost::enroll::IdentityConfig::default(),
         };
         c.start_server("127.0.0.1:0").await;
         c
@@ -161,6 +165,7 @@ impl Cluster {
             outpost::server::ServerConfig::new(self.state.pki().dir, self.state.data_dir());
         cfg.timing = self.timing;
         cfg.retention = self.retention;
+        cfg.identity = self.identity;
         let metrics = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind metrics");

@@ -18,6 +18,8 @@ pub async fn list(client: &ClientConfig, output: Output) -> Result<ExitCode> {
         .map_err(status_err)?
         .into_inner()
         .agents;
+    let identities = super::identity::identities(client).await?;
+    let identity = |name: &str| identities.iter().find(|i| i.agent_name == name);
     if output == Output::Json {
         let v: Vec<_> = agents
             .iter()
@@ -26,6 +28,8 @@ pub async fn list(client: &ClientConfig, output: Output) -> Result<ExitCode> {
                     "agent_id": a.agent_id, "connected": a.connected, "version": a.version,
                     "labels": a.labels, "capacity": a.capacity, "running": a.running,
                     "draining": a.draining, "last_seen_ms": a.last_seen_ms,
+                    "revoked": identity(&a.agent_id).is_some_and(|i| i.revoked_ms > 0),
+                    "identity": super::identity::identity_text(identity(&a.agent_id)),
                 })
             })
             .collect();
@@ -33,23 +37,25 @@ pub async fn list(client: &ClientConfig, output: Output) -> Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     outln!(
-        "{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  LABELS",
+        "{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  {:<44}  LABELS",
         "AGENT",
         "CONNECTED",
         "CAPACITY",
         "RUNNING",
-        "DRAINING"
+        "DRAINING",
+        "IDENTITY"
     );
     for a in &agents {
         let mut labels: Vec<_> = a.labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
         labels.sort();
         outln!(
-            "{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  {}",
+            "{:<20}  {:<9}  {:>8}  {:>7}  {:<8}  {:<44}  {}",
             a.agent_id,
             a.connected,
             a.capacity,
             a.running,
             a.draining,
+            super::identity::identity_text(identity(&a.agent_id)),
             labels.join(",")
         );
     }

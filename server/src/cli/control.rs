@@ -17,6 +17,7 @@ pub async fn server(
     state: &StateDir,
     listen: &str,
     lease_ttl: Duration,
+    agent_cert_ttl: Duration,
     metrics_listen: Option<&str>,
     oidc: &OidcArgs,
     retention: &crate::retention::RetentionArgs,
@@ -35,6 +36,10 @@ pub async fn server(
     cfg.timing.ttl = lease_ttl;
     cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));
     cfg.retention = retention.retention();
+    if agent_cert_ttl < Duration::from_secs(2) {
+        anyhow::bail!("--agent-cert-ttl must be at least 2s");
+    }
+    cfg.identity.agent_cert_ttl = agent_cert_ttl;
     let prepared = crate::server::prepare(cfg)?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
@@ -58,14 +63,23 @@ pub fn pki(state: &StateDir, command: PkiCommand) -> Result<ExitCode> {
             pki.init(&sans)?;
             outln!("created CA and server certificate in {}", pki.dir.display());
         }
-        PkiCommand::Issue { role, name } => {
+        PkiCommand::Issue {
+            role,
+            name,
+            replace,
+        } => {
             let role = match role {
                 IssueRole::Agent => Role::Agent,
                 IssueRole::Admin => Role::Admin,
             };
-            let p = pki.issue(role, &name)?;
+            let p = if replace {
+                pki.reissue(role, &name)?
+            } else {
+                pki.issue(role, &name)?
+            };
             outln!("{}\n{}", p.cert.display(), p.key.display());
         }
+        PkiCommand::Show => {}
     }
     Ok(ExitCode::SUCCESS)
 }

@@ -9,6 +9,7 @@ mod agents;
 mod args;
 mod control;
 mod follow;
+mod identity;
 mod jobs;
 mod output;
 
@@ -72,6 +73,9 @@ pub enum Command {
         /// Lease time-to-live (renewed by heartbeats).
         #[arg(long, default_value = "30s", value_parser = parse_duration)]
         lease_ttl: Duration,
+        /// Lifetime of an enrolled agent's certificate (renewed at half of it).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        agent_cert_ttl: Duration,
         /// Serve Prometheus `/metrics` and `/healthz` (plain HTTP) on this
         /// address, e.g. 127.0.0.1:9465. Off unless set.
         #[arg(long)]
@@ -113,10 +117,17 @@ pub enum Command {
         #[arg(long)]
         wait: bool,
     },
-    /// List agents.
+    /// List agents (with their enrolment, or that they were revoked).
     Agents {
+        #[command(subcommand)]
+        command: Option<identity::AgentsCommand>,
         #[arg(long, value_enum, default_value = "table")]
         output: Output,
+    },
+    /// Agent enrolment with one-time bootstrap tokens.
+    Enroll {
+        #[command(subcommand)]
+        command: identity::EnrollCommand,
     },
     /// Ask an agent to drain: it takes no new job and lets running ones finish.
     Drain { agent: String },
@@ -150,7 +161,13 @@ pub enum PkiCommand {
         #[arg(value_enum)]
         role: IssueRole,
         name: String,
+        /// Replace an existing certificate and key of that name (renewing
+        /// an admin certificate by hand).
+        #[arg(long)]
+        replace: bool,
     },
+    /// List the certificates of the PKI directory and their expiry.
+    Show,
 }
 
 #[derive(Subcommand, Debug)]
@@ -221,6 +238,7 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
         Command::Server {
             listen,
             lease_ttl,
+            agent_cert_ttl,
             metrics_listen,
             oidc,
             retention,
@@ -229,12 +247,16 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
                 &state,
                 &listen,
                 lease_ttl,
+                agent_cert_ttl,
                 metrics_listen.as_deref(),
                 &oidc,
                 &retention,
             )
             .await
         }
+        Command::Pki {
+            command: PkiCommand::Show,
+        } => identity::pki_show(&state),
         Command::Pki { command } => control::pki(&state, command),
         Command::Oidc {
             command: OidcCommand::Publish { out, oidc },
@@ -265,7 +287,12 @@ async fn admin_command(client: &ClientConfig, command: Command) -> Result<ExitCo
         Command::Job { job, output } => jobs::show(client, &job, output).await,
         Command::Cancel { job, wait } => jobs::cancel(client, &job, wait).await,
         Command::Artifacts { job, output } => jobs::artifacts(client, &job, output).await,
-        Command::Agents { output } => agents::list(client, output).await,
+        Command::Agents {
+            command: Some(command),
+            ..
+        } => identity::agents(client, command).await,
+        Command::Agents { output, .. } => agents::list(client, output).await,
+        Command::Enroll { command } => identity::enroll(client, command).await,
         Command::Drain { agent } => agents::drain(client, &agent).await,
         Command::Iac(command) => crate::iac::cli::run(command, client).await,
         Command::Server { .. } | Command::Pki { .. } | Command::Dev(_) | Command::Oidc { .. } => {

@@ -65,7 +65,7 @@ variable "control_plane_port" {
 }
 
 variable "bootstrap_secret_arn" {
-  description = "Secrets Manager secret holding the agents' enrolment material (JSON: ca, cert, key), read once at boot."
+  description = "Secrets Manager secret holding the agents' enrolment material (JSON: ca, token), read once at boot; token from `outpost enroll create --pool NAME --uses N --ttl T` (rotate it before it runs out)."
   type        = string
 }
 
