@@ -10,6 +10,7 @@ pub mod config;
 pub mod executor;
 pub mod iac;
 pub mod identity;
+pub mod netns;
 pub mod job;
 pub mod lifecycle;
 pub mod observe;

@@ -235,7 +235,7 @@ pub struct NetnsProxy {
 
 impl NetnsProxy {
     pub fn start(pid: u32, port: u16, target: SocketAddr) -> NetnsProxy {
-        let listener = outpost_agent::aws::netns::bind_in_netns_of(
+        let listener = outpost_agent::netns::bind_in_netns_of(
             pid,
             SocketAddr::from(([127, 0, 0, 1], port)),
         )

@@ -520,6 +520,12 @@ warn contains msg if {
     );
     let log = String::from_utf8_lossy(&c.logs(&applied.apply_job).await).into_owned();
     assert!(log.contains("Apply complete! Resources: 1 added"), "{log}");
+    // Terraform kept its state through the agent's http backend, never on
+    // the agent's disk.
+    assert!(
+        log.contains("Successfully configured the backend \"http\""),
+        "{log}"
+    );
     assert_eq!(
         applied.outputs.get("greeting").map(String::as_str),
         Some("\"bonjour\"")
@@ -529,8 +535,9 @@ warn contains msg if {
         .await
         .unwrap()
         .into_inner();
+    // The first version Terraform writes through a remote backend.
     assert!(
-        st.state_serial >= 1 && !st.state_lineage.is_empty(),
+        st.state_serial == 0 && !st.state_lineage.is_empty(),
         "{st:#?}"
     );
     assert_eq!(st.outputs, applied.outputs);
@@ -877,16 +884,30 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
     );
     let mut doomed = c.spawn_agent("doomed", &cfg).await;
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(
-        dir.path(),
-        &format!(
-            "{MAIN_TF}\nresource \"null_resource\" \"slow\" {{\n  provisioner \"local-exec\" {{\n    command = \"sleep 45\"\n  }}\n}}\n"
-        ),
-    );
+    let repo = repo(dir.path(), MAIN_TF);
     let mut a = iac_client(&c.client_config()).await;
     let mut spec = stack("k", &repo);
     spec.autodeploy = true;
     apply(&mut a, vec![spec.clone()]).await;
+    // A first apply leaves a state version.
+    let first = sync(&mut a, "k").await;
+    let r = wait_run(&mut a, &first, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+    let kept = a
+        .get_stack(iac::GetStackRequest { name: "k".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!kept.state_lineage.is_empty(), "{kept:#?}");
+    // The next commit adds a slow resource; its apply is killed inside it.
+    std::fs::write(
+        repo.join("infra/main.tf"),
+        format!(
+            "{MAIN_TF}\nresource \"null_resource\" \"slow\" {{\n  provisioner \"local-exec\" {{\n    command = \"sleep 45\"\n  }}\n}}\n"
+        ),
+    )
+    .unwrap();
+    commit(&repo, "slow");
     let run_id = sync(&mut a, "k").await;
     let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| r.state == "APPLYING").await;
     // Kill -9 once Terraform is inside the slow resource.
@@ -910,7 +931,11 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
     .await;
     assert_eq!(r.state, "FAILED", "{r:#?}");
     assert!(r.message.contains("never retried"), "{r:#?}");
-    assert!(r.message.contains("last state serial none"), "{r:#?}");
+    assert!(
+        r.message
+            .contains(&format!("last state serial {}", kept.state_serial)),
+        "{r:#?}"
+    );
     assert!(r.message.contains("lock is released"), "{r:#?}");
     for id in outpost_tests::containers_of(&r.apply_job).await {
         let _ = Command::new("docker").args(["rm", "-f", &id]).output();
@@ -920,8 +945,9 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
     tokio::time::sleep(Duration::from_secs(2)).await;
     let job = c.job(&r.apply_job).await;
     assert_eq!(job.epoch, 1, "{job:#?}");
-    // The lock is released: the next run plans, against the state the
-    // killed apply left (none was stored).
+    // The lock is released: the next run plans against the state the
+    // killed apply left: the first apply's version (Terraform stores its
+    // state when an apply ends, and this one never ended).
     spec.autodeploy = false;
     apply(&mut a, vec![spec]).await;
     let next = a
@@ -932,8 +958,13 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
         .run_id;
     let r = wait_run(&mut a, &next, PLAN_WAIT, settled).await;
     assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
-    assert!(r.state_lineage.is_empty(), "{r:#?}");
-    assert_eq!(r.changes.len(), 2, "{r:#?}");
+    assert_eq!(
+        (r.state_serial, r.state_lineage.as_str()),
+        (kept.state_serial, kept.state_lineage.as_str()),
+        "{r:#?}"
+    );
+    let changed: Vec<_> = r.changes.iter().map(|c| c.address.as_str()).collect();
+    assert_eq!(changed, ["null_resource.slow"], "{r:#?}");
     let _ = a
         .decide_run(iac::DecideRunRequest {
             run_id: next,

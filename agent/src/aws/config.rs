@@ -124,6 +124,15 @@ impl AwsConfig {
         if self.credentials_port == 0 {
             return Err(invalid("credentials_port", "must not be 0".into()));
         }
+        if self.credentials_port == crate::iac::backend::STATE_PORT {
+            return Err(invalid(
+                "credentials_port",
+                format!(
+                    "{} is the managed state endpoint's port",
+                    crate::iac::backend::STATE_PORT
+                ),
+            ));
+        }
         if let Some(bucket) = &self.artifact_bucket
             && (bucket.is_empty() || bucket.contains('/'))
         {

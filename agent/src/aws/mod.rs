@@ -13,7 +13,7 @@
 //!    creation, and is repeated `refresh_margin` before every expiry;
 //! 3. serves the credentials to the job over the container-credentials
 //!    endpoint protocol on `127.0.0.1:<credentials_port>` inside the job's own
-//!    network namespace ([`endpoint`], [`netns`]), gated by a random per-job
+//!    network namespace ([`endpoint`], [`crate::netns`]), gated by a random per-job
 //!    token that reaches the job through a FIFO, never its environment
 //!    ([`entry`]); it advertises an expiry `refresh_margin / 2` early so that
 //!    SDKs come back for fresh credentials in time;
@@ -29,11 +29,9 @@ pub mod creds;
 pub mod endpoint;
 pub mod entry;
 pub mod glob;
-pub mod netns;
 pub mod s3;
 
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
@@ -61,8 +59,6 @@ use crate::job::{JobSpec, LeaseKey, Outcome, Secret};
 
 /// How long a job waits for its first credentials before it fails.
 const CREDENTIALS_WAIT: Duration = Duration::from_secs(60);
-/// How long the agent waits for the job's entry to open the ready FIFO.
-const RELEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// Errors of the AWS layer. None carries a credential or a token.
 #[derive(Debug, thiserror::Error)]
@@ -104,8 +100,6 @@ pub enum AwsError {
         #[source]
         source: bollard::errors::Error,
     },
-    #[error("container {name} has no running process")]
-    NoProcess { name: String },
     #[error("binding the credentials endpoint in the network namespace of container {name} failed")]
     BindEndpoint {
         name: String,
@@ -484,7 +478,7 @@ impl JobAws {
         let fifo = Self::fifo(ctx.workspace);
         let (uid, gid) = (self.uid, self.gid);
         let path = fifo.clone();
-        tokio::task::spawn_blocking(move || make_fifo(&path, uid, gid))
+        tokio::task::spawn_blocking(move || crate::netns::ready::make_fifo(&path, uid, gid))
             .await
             .map_err(|source| AwsError::Blocking {
                 operation: "creating the ready pipe",
@@ -497,25 +491,14 @@ impl JobAws {
         let began = Instant::now();
         self.ready().await?;
         let creds_ms = began.elapsed().as_millis() as u64;
-        let inspect = ctx
-            .docker
-            .inspect_container(ctx.container, None)
+        let pid = crate::netns::ready::container_pid(ctx.docker, ctx.container)
             .await
-            .map_err(|source| AwsError::Inspect {
-                what: "container",
+            .map_err(|reason| AwsError::Release {
                 name: ctx.container.to_string(),
-                source,
-            })?;
-        let pid = inspect
-            .state
-            .and_then(|s| s.pid)
-            .filter(|pid| *pid > 0)
-            .and_then(|pid| u32::try_from(pid).ok())
-            .ok_or_else(|| AwsError::NoProcess {
-                name: ctx.container.to_string(),
+                reason,
             })?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.agent.cfg.credentials_port));
-        let std_listener = tokio::task::spawn_blocking(move || netns::bind_in_netns_of(pid, addr))
+        let std_listener = tokio::task::spawn_blocking(move || crate::netns::bind_in_netns_of(pid, addr))
             .await
             .map_err(|source| AwsError::Blocking {
                 operation: "binding the credentials endpoint",
@@ -622,59 +605,14 @@ pub fn artifact_key(prefix: &str, key: &LeaseKey, path: &str) -> String {
 
 /// Creates the ready FIFO (replacing anything of that name the workspace
 /// archive brought), readable by the job's user only.
-fn make_fifo(path: &Path, uid: u32, gid: u32) -> std::io::Result<()> {
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.is_dir() => std::fs::remove_dir_all(path)?,
-        Ok(_) => std::fs::remove_file(path)?,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    nix::unistd::mkfifo(path, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
-    std::os::unix::fs::lchown(path, Some(uid), Some(gid))
-}
-
-/// Hands the token to the job's entry through the FIFO (which releases it),
-/// then removes the FIFO.
+/// Hands the token to the job's entry through the FIFO (which releases it).
 async fn release(fifo: &Path, token: &Secret, container: &str) -> Result<(), AwsError> {
-    use nix::fcntl::{OFlag, open};
-    use nix::sys::stat::Mode;
-    let fail = |reason: String| AwsError::Release {
-        name: container.to_string(),
-        reason,
-    };
-    let deadline = Instant::now() + RELEASE_WAIT;
-    let fd = loop {
-        // Non-blocking: ENXIO until the entry has opened its end.
-        match open(
-            fifo,
-            OFlag::O_WRONLY | OFlag::O_NONBLOCK | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => break fd,
-            Err(nix::errno::Errno::ENXIO) if Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
-            Err(nix::errno::Errno::ENXIO) => {
-                return Err(fail(format!(
-                    "its entry did not start within {}s (does the image have /bin/sh?)",
-                    RELEASE_WAIT.as_secs()
-                )));
-            }
-            Err(e) => return Err(fail(format!("opening the ready pipe: {e}"))),
-        }
-    };
-    let line = format!("{}\n", token.expose());
-    // Shorter than PIPE_BUF and the pipe is empty: one atomic write.
-    let written = nix::unistd::write(fd.as_fd(), line.as_bytes())
-        .map_err(|e| fail(format!("writing to the ready pipe: {e}")))?;
-    drop(fd);
-    if written != line.len() {
-        return Err(fail("short write to the ready pipe".into()));
-    }
-    if let Err(e) = std::fs::remove_file(fifo) {
-        warn!(error = %e, "could not remove the ready pipe");
-    }
-    Ok(())
+    crate::netns::ready::release(fifo, token.expose())
+        .await
+        .map_err(|reason| AwsError::Release {
+            name: container.to_string(),
+            reason,
+        })
 }
 
 impl JobHooks for JobAws {

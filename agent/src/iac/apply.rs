@@ -3,25 +3,31 @@
 //! 1. the sealed plan bundle named by the lease is fetched (served only for
 //!    the current lease), opened with the pool key (a changed byte fails
 //!    the authenticated decryption) and its plan digest recomputed from
-//!    the bundle, the source digest, the image, the variables and the state
+//!    the bundle, the source digest, the image's content ID, the variables and the state
 //!    the plan was made against: anything but the approved digest is
 //!    refused;
 //! 2. the stack's current state is fetched and compared with the state the
 //!    plan was made against (serial and lineage, and "no state" as its own
 //!    value, which Terraform's own check misses): if it moved, the run is
 //!    reported stale and nothing runs;
-//! 3. only then are the bundle and the state unpacked and the container runs
-//!    `init` and `apply` of the saved plan, then `output -json`.
+//! 3. only then is the bundle unpacked and the container runs `init` and
+//!    `apply` of the saved plan, then `output -json`. A managed state (the
+//!    bundle holds the agent's backend file) is served by the state
+//!    endpoint ([`super::backend`]), which stores each state Terraform
+//!    writes as a new version while the lease is current.
 //!
-//! After the process ends, however it ended, the state it left is sealed
-//! and stored as a new version; on success the outputs are reported, the
-//! values of sensitive ones replaced by `(sensitive)`.
+//! If Terraform could not store its final state (it then leaves it in
+//! `errored.tfstate`), the agent stores that file once the process has
+//! ended, under the same checks and fence. On success the outputs are
+//! reported, the values of sensitive ones replaced by `(sensitive)`.
 
 use outpost_proto::iac::v1 as iacpb;
 use tracing::{info, warn};
 
+use super::backend::{self, Managed};
+use super::job::JobIac;
 use super::plan::{self, DigestInput, StateRef};
-use super::{IacError, JobIac, bundle, read_nofollow, state};
+use super::{IacError, bundle, read_nofollow, state};
 use crate::executor::hooks::HookContext;
 use crate::job::Outcome;
 
@@ -42,6 +48,7 @@ const MAX_OUTPUT_VALUE: usize = 4096;
 /// Steps 1–3 of the module documentation.
 pub(super) async fn before_start(j: &JobIac, ctx: &HookContext<'_>) -> Result<(), IacError> {
     let task = &j.task;
+    let image_id = j.image_id.lock().clone();
     let pool = j.agent.pool()?;
     let sealed = j.fetch_blob(&task.bundle_digest).await?;
     let plain = pool.open(&sealed).map_err(|e| {
@@ -56,14 +63,14 @@ pub(super) async fn before_start(j: &JobIac, ctx: &HookContext<'_>) -> Result<()
     let digest = plan::digest(&DigestInput {
         bundle: &plain,
         source_digest: &task.source_digest,
-        image: &j.image,
+        image: &image_id,
         variables: &task.variables,
         state: &planned,
     });
     if digest != task.plan_digest {
         return Err(IacError::Bundle(format!(
-            "its plan digest {digest} is not the approved {}",
-            task.plan_digest
+            "its plan digest {digest} is not the approved {} (the bundle, the source, the image {} ({image_id}), the variables or the planned state differ)",
+            task.plan_digest, j.image
         )));
     }
     check_bundle(&plain)?;
@@ -79,36 +86,36 @@ pub(super) async fn before_start(j: &JobIac, ctx: &HookContext<'_>) -> Result<()
     }
     let ws = ctx.workspace.to_path_buf();
     let (uid, gid) = (j.uid, j.gid);
-    let plain_state = current.plain;
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+    let managed = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
         unpack_bundle(&plain, &ws, uid, gid)?;
-        if let Some(s) = plain_state {
-            state::write(&ws, &s, uid, gid)?;
-        }
-        Ok(())
+        Ok(std::fs::symlink_metadata(ws.join("src").join(backend::BACKEND_FILE))
+            .is_ok_and(|m| m.is_file()))
     })
     .await
     .map_err(|_| IacError::Join("unpacking the plan bundle"))?
     .map_err(IacError::Unpack)?;
-    *j.state_before.lock() = current.state;
-    info!(digest = %task.plan_digest, "plan bundle verified; applying");
+    if managed {
+        j.manage_state(ctx, current).await?;
+    } else {
+        *j.state_before.lock() = current.state;
+    }
+    info!(digest = %task.plan_digest, managed_state = managed, "plan bundle verified; applying");
     Ok(())
 }
 
-/// Stores the state the apply left, then reports the outputs.
+/// Stores a state Terraform could not store itself, then reports the
+/// outputs.
 pub(super) async fn after_exit(
     j: &JobIac,
     ctx: &HookContext<'_>,
     outcome: &Outcome,
+    managed: Option<&Managed>,
 ) -> Result<(), IacError> {
-    let before = j.state_before.lock().clone();
-    let pushed = state::push_if_changed(&j.agent, &j.key, ctx.workspace, &before).await;
-    match &pushed {
-        Ok(Some(s)) => info!(serial = s.serial, "state version stored"),
-        Ok(None) => {}
-        Err(e) => warn!(error = %crate::executor::error_chain(e), "storing the state failed"),
+    if let Some(m) = managed {
+        store_errored_state(m, ctx).await?;
+        let (now, stored) = m.current().await;
+        info!(serial = now.serial, versions_stored = stored, "apply ended");
     }
-    pushed?;
     if !matches!(outcome, Outcome::Exited { code: 0, .. }) {
         return Ok(());
     }
@@ -122,6 +129,37 @@ pub(super) async fn after_exit(
         })?;
     let outputs = redacted_outputs(&raw)?;
     j.report_apply(false, "", outputs).await
+}
+
+/// `errored.tfstate`, which Terraform leaves when it could not store its
+/// state, stored as the next version if it is one.
+async fn store_errored_state(m: &Managed, ctx: &HookContext<'_>) -> Result<(), IacError> {
+    let path = ctx.workspace.join("src").join("errored.tfstate");
+    let read = tokio::task::spawn_blocking(move || {
+        read_nofollow(&path, backend::MAX_STATE_BYTES as u64)
+    })
+    .await
+    .map_err(|_| IacError::Join("reading the errored state"))?;
+    let plain = match read {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(IacError::Read {
+                what: "errored.tfstate",
+                source,
+            });
+        }
+    };
+    match m.store(None, plain).await {
+        Ok(s) => {
+            warn!(serial = s.serial, "Terraform could not store its state; the agent stored errored.tfstate");
+            Ok(())
+        }
+        Err(refused) => Err(IacError::State(format!(
+            "Terraform could not store its state and errored.tfstate was refused: {}",
+            refused.message
+        ))),
+    }
 }
 
 fn describe(s: &StateRef) -> String {

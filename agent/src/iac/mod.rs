@@ -17,9 +17,12 @@
 //!    the verdicts, the changed addresses with their actions and the plan
 //!    digest ([`plan`]) leave the agent, before the job's final status.
 //!
-//! The stack's managed state ([`state`]) is fetched into the workspace
-//! before either phase; the apply phase ([`apply`]) verifies the bundle and
-//! the state before anything runs.
+//! Unless the configuration declares a backend of its own, the stack's
+//! state is managed: the agent serves Terraform's `http` backend inside the
+//! job's network namespace and stores each new state as a version on the
+//! control plane ([`backend`], [`state`]). The apply phase ([`apply`])
+//! verifies the bundle and the state before anything runs. The hooks of one
+//! phase are in [`job`], what it reports in [`report`].
 //!
 //! A `drift` task is a drift check ([`drift`]): a refresh-only plan and a
 //! normal plan of one checkout; the agent reports the drifted addresses
@@ -32,11 +35,14 @@
 //! symlinks, so a job cannot make the agent read a host file.
 
 pub mod apply;
+pub mod backend;
 pub mod bundle;
 mod chain;
 pub mod drift;
+mod job;
 pub mod plan;
 pub mod policy;
+mod report;
 pub mod seal;
 pub mod state;
 
@@ -46,19 +52,15 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
-use futures::FutureExt;
-use futures::future::BoxFuture;
-use outpost_proto::iac::v1 as iacpb;
 use outpost_proto::iac::v1::iac_agent_client::IacAgentClient;
 use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::executor::DockerExecutor;
-use crate::executor::hooks::{HookContext, HookError, JobHooks};
 use crate::job::{JobSpec, LeaseKey, Outcome};
 use policy::PlanPolicy;
 
@@ -256,7 +258,11 @@ fn task_spec(spec: &JobSpec, task: &IacTask) -> Result<JobSpec, IacError> {
         }
     };
     let mut s = spec.clone();
-    s.command = vec!["sh".into(), "-c".into(), script.into()];
+    s.command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("{}{script}", backend::WAIT_FOR_ENDPOINT),
+    ];
     s.env.insert("OUTPOST_TOOL".into(), task.tool.clone());
     for (k, v) in &task.variables {
         if k.is_empty() || !k.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
@@ -328,15 +334,17 @@ pub async fn run_job(
             };
         }
     };
-    let hooks = JobIac {
+    let hooks = job::JobIac {
         agent: agent.clone(),
         key: key.clone(),
         task: task.clone(),
         image: spec.image.clone(),
+        image_id: Mutex::new(String::new()),
         uid,
         gid,
         stack_policy: Mutex::new(stack_policy),
         state_before: Mutex::new(plan::StateRef::default()),
+        managed: Mutex::new(None),
     };
     if run_spec.aws.is_none() {
         return exec
@@ -361,317 +369,14 @@ pub async fn run_job(
             };
         }
     };
+    // The credentials channel first: its entry releases the script, which
+    // then waits for the state endpoint.
     let both = chain::Chain {
-        first: &hooks,
-        second: &job_aws,
+        first: &job_aws,
+        second: &hooks,
     };
     exec.run_with_hooks(key, &run_spec, output, cancel, started, Some(&both))
         .await
-}
-
-struct JobIac {
-    agent: Arc<IacAgent>,
-    key: LeaseKey,
-    task: IacTask,
-    image: String,
-    uid: u32,
-    gid: u32,
-    stack_policy: Mutex<Option<PlanPolicy>>,
-    /// The state the job started with.
-    state_before: Mutex<plan::StateRef>,
-}
-
-impl JobIac {
-    /// A blob the lease names, checked against its SHA-256.
-    async fn fetch_blob(&self, digest: &str) -> Result<Vec<u8>, IacError> {
-        let blob = self
-            .agent
-            .client
-            .clone()
-            .fetch_blob(iacpb::FetchBlobRequest {
-                job_id: self.key.job_id.clone(),
-                epoch: self.key.epoch,
-                digest: digest.to_string(),
-            })
-            .await
-            .map_err(|s| IacError::Fetch {
-                digest: digest.to_string(),
-                message: s.message().to_string(),
-            })?
-            .into_inner();
-        let actual = plan::hex(ring::digest::digest(&ring::digest::SHA256, &blob.data).as_ref());
-        if actual != digest {
-            return Err(IacError::Digest {
-                digest: digest.to_string(),
-            });
-        }
-        Ok(blob.data)
-    }
-
-    async fn before_start(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
-        if self.task.phase == "apply" {
-            return apply::before_start(self, ctx).await;
-        }
-        self.agent.pool()?;
-        let data = self.fetch_blob(&self.task.source_digest).await?;
-        let dest = ctx.workspace.join("src");
-        let (uid, gid) = (self.uid, self.gid);
-        let size = data.len();
-        tokio::task::spawn_blocking(move || unpack(&data, &dest, uid, gid))
-            .await
-            .map_err(|_| IacError::Join("unpacking the source"))?
-            .map_err(IacError::Unpack)?;
-        info!(digest = %self.task.source_digest, bytes = size, "source unpacked");
-        let current = state::fetch(&self.agent, &self.key).await?;
-        if let Some(plain) = current.plain {
-            let ws = ctx.workspace.to_path_buf();
-            let (uid, gid) = (self.uid, self.gid);
-            tokio::task::spawn_blocking(move || state::write(&ws, &plain, uid, gid))
-                .await
-                .map_err(|_| IacError::Join("writing the state"))?
-                .map_err(IacError::Unpack)?;
-        }
-        *self.state_before.lock() = current.state;
-        Ok(())
-    }
-
-    async fn after_exit(&self, ctx: &HookContext<'_>, outcome: &Outcome) -> Result<(), IacError> {
-        if self.task.phase == "apply" {
-            return apply::after_exit(self, ctx, outcome).await;
-        }
-        if !matches!(outcome, Outcome::Exited { code: 0, .. }) {
-            return Ok(());
-        }
-        if self.task.phase == "drift" {
-            return self.report_drift(ctx).await;
-        }
-        let ws = ctx.workspace.to_path_buf();
-        let files = tokio::task::spawn_blocking(move || -> Result<_, IacError> {
-            let code =
-                read_nofollow(&ws.join("plan.exitcode"), 16).map_err(|source| IacError::Read {
-                    what: "the plan's exit code",
-                    source,
-                })?;
-            let json =
-                read_nofollow(&ws.join("plan.json"), MAX_PLAN_JSON_BYTES).map_err(|source| {
-                    IacError::Read {
-                        what: "the plan's JSON",
-                        source,
-                    }
-                })?;
-            Ok((code, json))
-        })
-        .await
-        .map_err(|_| IacError::Join("reading the plan"))??;
-        let (code, json) = files;
-        let has_changes = match String::from_utf8_lossy(&code).trim() {
-            "0" => false,
-            "2" => true,
-            other => {
-                return Err(IacError::Invalid {
-                    what: "the plan's exit code",
-                    message: format!("{other:?}"),
-                });
-            }
-        };
-        let show: serde_json::Value =
-            serde_json::from_slice(&json).map_err(|e| IacError::Invalid {
-                what: "the plan's JSON",
-                message: e.to_string(),
-            })?;
-        let changes = plan::summary(&show);
-        let input = serde_json::json!({
-            "plan": show,
-            "run": {
-                "id": self.task.run_id,
-                "stack": self.task.stack,
-                "phase": self.task.phase,
-                "drift": self.task.drift,
-            },
-        });
-        let mut verdicts = Vec::new();
-        if let Some(p) = self.stack_policy.lock().as_mut() {
-            let v = p.evaluate(&input).map_err(|message| IacError::Evaluate {
-                origin: "stack",
-                message,
-            })?;
-            verdicts.push(("stack", v));
-        }
-        if let Some((path, text)) = &self.agent.local_policy {
-            let mut p =
-                PlanPolicy::compile(&path.display().to_string(), text).map_err(|message| {
-                    IacError::Evaluate {
-                        origin: "agent",
-                        message,
-                    }
-                })?;
-            let v = p.evaluate(&input).map_err(|message| IacError::Evaluate {
-                origin: "agent",
-                message,
-            })?;
-            verdicts.push(("agent", v));
-        }
-        let state = self.state_before.lock().clone();
-        let (digest, bundle_digest) = if has_changes {
-            let ws = ctx.workspace.to_path_buf();
-            let plain = tokio::task::spawn_blocking(move || bundle::pack(&ws))
-                .await
-                .map_err(|_| IacError::Join("packing the plan bundle"))?
-                .map_err(|source| IacError::Read {
-                    what: "the plan bundle",
-                    source,
-                })?;
-            let digest = plan::digest(&plan::DigestInput {
-                bundle: &plain,
-                source_digest: &self.task.source_digest,
-                image: &self.image,
-                variables: &self.task.variables,
-                state: &state,
-            });
-            let sealed = self.agent.pool()?.seal(&plain).map_err(IacError::Seal)?;
-            drop(plain);
-            let ack = self
-                .agent
-                .client
-                .clone()
-                .upload_bundle(iacpb::BundleUpload {
-                    job_id: self.key.job_id.clone(),
-                    epoch: self.key.epoch,
-                    sealed,
-                })
-                .await
-                .map_err(|s| IacError::Report(s.message().to_string()))?
-                .into_inner();
-            (digest, ack.digest)
-        } else {
-            (String::new(), String::new())
-        };
-        let denied: Vec<String> = verdicts
-            .iter()
-            .flat_map(|(src, v)| v.deny.iter().map(move |m| format!("{src}: {m}")))
-            .collect();
-        let report = iacpb::PlanReport {
-            job_id: self.key.job_id.clone(),
-            epoch: self.key.epoch,
-            has_changes,
-            changes: changes
-                .iter()
-                .map(|c| iacpb::ResourceChange {
-                    address: c.address.clone(),
-                    actions: c.actions.clone(),
-                })
-                .collect(),
-            verdicts: verdicts
-                .iter()
-                .map(|(src, v)| iacpb::PolicyVerdict {
-                    source: src.to_string(),
-                    deny: v.deny.clone(),
-                    warn: v.warn.clone(),
-                })
-                .collect(),
-            plan_digest: digest.clone(),
-            bundle_digest,
-            state_serial: state.serial,
-            state_lineage: state.lineage.clone(),
-            drifted: Vec::new(),
-        };
-        self.agent
-            .client
-            .clone()
-            .report_plan(report)
-            .await
-            .map_err(|s| IacError::Report(s.message().to_string()))?;
-        info!(has_changes, changes = changes.len(), digest = %digest, denied = denied.len(), "plan reported");
-        if !denied.is_empty() {
-            return Err(IacError::Denied(denied.join("; ")));
-        }
-        Ok(())
-    }
-}
-
-impl JobIac {
-    /// Reads the drift check's three JSON files and reports addresses and
-    /// actions only.
-    async fn report_drift(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
-        let ws = ctx.workspace.to_path_buf();
-        let read = |ws: &Path, name: &'static str| -> Result<serde_json::Value, IacError> {
-            let bytes = read_nofollow(&ws.join(name), MAX_PLAN_JSON_BYTES)
-                .map_err(|source| IacError::Read { what: name, source })?;
-            serde_json::from_slice(&bytes).map_err(|e| IacError::Invalid {
-                what: name,
-                message: e.to_string(),
-            })
-        };
-        let (state, refresh, show) = tokio::task::spawn_blocking(move || {
-            Ok::<_, IacError>((
-                read(&ws, "state.json")?,
-                read(&ws, "refresh.json")?,
-                read(&ws, "plan.json")?,
-            ))
-        })
-        .await
-        .map_err(|_| IacError::Join("reading the drift check"))??;
-        let drifted = drift::drifted(&state, &refresh);
-        let changes = plan::summary(&show);
-        let pb = |c: &plan::Change| iacpb::ResourceChange {
-            address: c.address.clone(),
-            actions: c.actions.clone(),
-        };
-        let report = iacpb::PlanReport {
-            job_id: self.key.job_id.clone(),
-            epoch: self.key.epoch,
-            has_changes: !changes.is_empty() || !drifted.is_empty(),
-            changes: changes.iter().map(pb).collect(),
-            verdicts: Vec::new(),
-            plan_digest: String::new(),
-            drifted: drifted.iter().map(pb).collect(),
-            ..Default::default()
-        };
-        self.agent
-            .client
-            .clone()
-            .report_plan(report)
-            .await
-            .map_err(|s| IacError::Report(s.message().to_string()))?;
-        info!(
-            drifted = drifted.len(),
-            changes = changes.len(),
-            "drift check reported"
-        );
-        Ok(())
-    }
-}
-
-impl JobHooks for JobIac {
-    fn configure<'a>(
-        &'a self,
-        _ctx: &'a HookContext<'a>,
-        _body: &'a mut bollard::models::ContainerCreateBody,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
-        async move { Ok(()) }.boxed()
-    }
-
-    fn before_start<'a>(
-        &'a self,
-        ctx: &'a HookContext<'a>,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
-        async move { Ok(JobIac::before_start(self, ctx).await?) }.boxed()
-    }
-
-    fn after_start<'a>(
-        &'a self,
-        _ctx: &'a HookContext<'a>,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
-        async move { Ok(()) }.boxed()
-    }
-
-    fn after_exit<'a>(
-        &'a self,
-        ctx: &'a HookContext<'a>,
-        outcome: &'a Outcome,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
-        async move { Ok(JobIac::after_exit(self, ctx, outcome).await?) }.boxed()
-    }
 }
 
 /// Unpacks a source tarball into `dest` (entries may not leave it), owned

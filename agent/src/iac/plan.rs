@@ -74,7 +74,7 @@ pub struct DigestInput<'a> {
     pub state: &'a StateRef,
 }
 
-/// Hex SHA-256 over the bundle's hash, the source digest, the image, the
+/// Hex SHA-256 over the bundle's hash, the source digest, the image's content ID, the
 /// variables and the state serial and lineage (length-prefixed fields, so
 /// no two inputs collide).
 pub fn digest(i: &DigestInput<'_>) -> String {
@@ -83,7 +83,7 @@ pub fn digest(i: &DigestInput<'_>) -> String {
         ctx.update(&(b.len() as u64).to_be_bytes());
         ctx.update(b);
     };
-    field(b"outpost-plan-v2");
+    field(b"outpost-plan-v3");
     field(ring::digest::digest(&ring::digest::SHA256, i.bundle).as_ref());
     field(i.source_digest.as_bytes());
     field(i.image.as_bytes());

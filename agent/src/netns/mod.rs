@@ -1,4 +1,6 @@
-//! Binding a listening socket inside another process's network namespace.
+//! Reaching into a job's network namespace: binding a listening socket
+//! there ([`bind_in_netns_of`]), and the ready pipe that holds the job's
+//! entry until such listeners are bound ([`ready`]).
 //!
 //! `setns(2)` moves only the calling thread, and a thread that entered a job's
 //! namespace must never run anything else, so each bind happens on a thread
@@ -12,6 +14,8 @@ use std::io;
 use std::net::{SocketAddr, TcpListener};
 
 use nix::sched::{CloneFlags, setns};
+
+pub mod ready;
 
 /// Binds `addr` inside the network namespace of process `pid`.
 pub fn bind_in_netns_of(pid: u32, addr: SocketAddr) -> io::Result<TcpListener> {
