@@ -75,6 +75,14 @@ pub fn prepare(src: &Path, uid: u32, gid: u32) -> Result<bool, IacError> {
     if own {
         return Ok(false);
     }
+    if std::fs::symlink_metadata(src.join("terraform.tfstate")).is_ok() {
+        return Err(IacError::Task(
+            "the configuration holds a terraform.tfstate, but its state is managed by Outpost: \
+             store that file with `outpost state push STACK terraform.tfstate --recipient pool.pub` \
+             and remove it from the repository"
+                .into(),
+        ));
+    }
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let path = src.join(BACKEND_FILE);
@@ -302,6 +310,11 @@ mod tests {
         );
         // A second preparation of the same checkout is refused, not doubled.
         assert!(prepare(dir.path(), uid, gid).is_err());
+        // A state file in the checkout is refused, not silently shadowed.
+        let committed = tempfile::tempdir().unwrap();
+        std::fs::write(committed.path().join("terraform.tfstate"), "{}").unwrap();
+        let e = prepare(committed.path(), uid, gid).unwrap_err().to_string();
+        assert!(e.contains("outpost state push"), "{e}");
         let own = tempfile::tempdir().unwrap();
         std::fs::write(own.path().join("b.tf"), "terraform {\n backend \"s3\" {}\n}\n").unwrap();
         assert!(!prepare(own.path(), uid, gid).unwrap());
