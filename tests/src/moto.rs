@@ -235,11 +235,9 @@ pub struct NetnsProxy {
 
 impl NetnsProxy {
     pub fn start(pid: u32, port: u16, target: SocketAddr) -> NetnsProxy {
-        let listener = outpost_agent::netns::bind_in_netns_of(
-            pid,
-            SocketAddr::from(([127, 0, 0, 1], port)),
-        )
-        .expect("bind the proxy in the job's network namespace");
+        let listener =
+            outpost_agent::netns::bind_in_netns_of(pid, SocketAddr::from(([127, 0, 0, 1], port)))
+                .expect("bind the proxy in the job's network namespace");
         let listener = tokio::net::TcpListener::from_std(listener).expect("tokio listener");
         let task = tokio::spawn(async move {
             while let Ok((mut inbound, _)) = listener.accept().await {

@@ -103,8 +103,7 @@ impl NetFixture {
         ip(&["-n", &netns, "route", "add", "default", "via", &host_ip]);
         let ns = std::fs::File::open(format!("/run/netns/{netns}")).expect("open netns");
         let outside: SocketAddr = format!("{ns_ip}:8080").parse().expect("addr");
-        let listener =
-            outpost_agent::netns::bind_in_netns(ns, outside).expect("bind in netns");
+        let listener = outpost_agent::netns::bind_in_netns(ns, outside).expect("bind in netns");
         f.outside = outside;
         f.tasks.push(serve(listener, b"OUTSIDE\n"));
 

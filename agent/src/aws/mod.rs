@@ -498,16 +498,17 @@ impl JobAws {
                 reason,
             })?;
         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, self.agent.cfg.credentials_port));
-        let std_listener = tokio::task::spawn_blocking(move || crate::netns::bind_in_netns_of(pid, addr))
-            .await
-            .map_err(|source| AwsError::Blocking {
-                operation: "binding the credentials endpoint",
-                source,
-            })?
-            .map_err(|source| AwsError::BindEndpoint {
-                name: ctx.container.to_string(),
-                source,
-            })?;
+        let std_listener =
+            tokio::task::spawn_blocking(move || crate::netns::bind_in_netns_of(pid, addr))
+                .await
+                .map_err(|source| AwsError::Blocking {
+                    operation: "binding the credentials endpoint",
+                    source,
+                })?
+                .map_err(|source| AwsError::BindEndpoint {
+                    name: ctx.container.to_string(),
+                    source,
+                })?;
         let listener = tokio::net::TcpListener::from_std(std_listener).map_err(|source| {
             AwsError::BindEndpoint {
                 name: ctx.container.to_string(),

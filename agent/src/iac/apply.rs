@@ -88,8 +88,10 @@ pub(super) async fn before_start(j: &JobIac, ctx: &HookContext<'_>) -> Result<()
     let (uid, gid) = (j.uid, j.gid);
     let managed = tokio::task::spawn_blocking(move || -> std::io::Result<bool> {
         unpack_bundle(&plain, &ws, uid, gid)?;
-        Ok(std::fs::symlink_metadata(ws.join("src").join(backend::BACKEND_FILE))
-            .is_ok_and(|m| m.is_file()))
+        Ok(
+            std::fs::symlink_metadata(ws.join("src").join(backend::BACKEND_FILE))
+                .is_ok_and(|m| m.is_file()),
+        )
     })
     .await
     .map_err(|_| IacError::Join("unpacking the plan bundle"))?
@@ -135,11 +137,10 @@ pub(super) async fn after_exit(
 /// state, stored as the next version if it is one.
 async fn store_errored_state(m: &Managed, ctx: &HookContext<'_>) -> Result<(), IacError> {
     let path = ctx.workspace.join("src").join("errored.tfstate");
-    let read = tokio::task::spawn_blocking(move || {
-        read_nofollow(&path, backend::MAX_STATE_BYTES as u64)
-    })
-    .await
-    .map_err(|_| IacError::Join("reading the errored state"))?;
+    let read =
+        tokio::task::spawn_blocking(move || read_nofollow(&path, backend::MAX_STATE_BYTES as u64))
+            .await
+            .map_err(|_| IacError::Join("reading the errored state"))?;
     let plain = match read {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -152,7 +153,10 @@ async fn store_errored_state(m: &Managed, ctx: &HookContext<'_>) -> Result<(), I
     };
     match m.store(None, plain).await {
         Ok(s) => {
-            warn!(serial = s.serial, "Terraform could not store its state; the agent stored errored.tfstate");
+            warn!(
+                serial = s.serial,
+                "Terraform could not store its state; the agent stored errored.tfstate"
+            );
             Ok(())
         }
         Err(refused) => Err(IacError::State(format!(

@@ -139,7 +139,11 @@ impl JobIac {
         crate::netns::ready::release(&ctx.workspace.join(backend::READY_FIFO), "ready")
             .await
             .map_err(|reason| IacError::State(format!("releasing the job failed: {reason}")))?;
-        info!(pid, port = backend::STATE_PORT, "state endpoint ready; job released");
+        info!(
+            pid,
+            port = backend::STATE_PORT,
+            "state endpoint ready; job released"
+        );
         Ok(())
     }
 
@@ -177,10 +181,7 @@ impl JobHooks for JobIac {
         async move { Ok(JobIac::before_start(self, ctx).await?) }.boxed()
     }
 
-    fn after_start<'a>(
-        &'a self,
-        ctx: &'a HookContext<'a>,
-    ) -> BoxFuture<'a, Result<(), HookError>> {
+    fn after_start<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
         async move { Ok(JobIac::after_start(self, ctx).await?) }.boxed()
     }
 

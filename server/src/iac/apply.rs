@@ -20,7 +20,7 @@ use super::model::{ApplyResult, Run, RunState};
 use super::runs::Engine;
 use super::state::{StateVersion, Writer};
 use super::store::{IacStore, Task, corrupt, get_run, q, write_run};
-use crate::model::{JobSpec, JobState};
+use crate::model::JobState;
 
 /// Longest an apply job may take.
 const APPLY_TIMEOUT_MS: u64 = 3600 * 1000;
@@ -96,6 +96,23 @@ impl Engine {
             self.notify_run(&run).await;
             return Ok(());
         }
+        // The same job as the plan's (image, labels, secrets, AWS role), for
+        // the apply phase.
+        let job = match self.plan_job(&stack, false) {
+            Ok(mut job) => {
+                job.command = vec!["outpost-iac".into(), "apply".into()];
+                job.timeout_ms = APPLY_TIMEOUT_MS;
+                job
+            }
+            Err(e) => {
+                let run = self
+                    .store
+                    .update_run(run.id.clone(), refuse(&e.to_string()))
+                    .await?;
+                self.notify_run(&run).await;
+                return Ok(());
+            }
+        };
         let job_id = uuid::Uuid::now_v7().to_string();
         let task = Task {
             run_id: run.id.clone(),
@@ -117,13 +134,6 @@ impl Engine {
             .await?
         else {
             return Ok(());
-        };
-        let job = JobSpec {
-            image: stack.spec.image.clone(),
-            command: vec!["outpost-iac".into(), "apply".into()],
-            selector: stack.spec.labels.clone(),
-            timeout_ms: APPLY_TIMEOUT_MS,
-            ..Default::default()
         };
         self.hub.store.insert_job(job_id.clone(), job).await?;
         info!(run = %run.id, job = %job_id, digest = %plan.plan_digest, "apply queued");

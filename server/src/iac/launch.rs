@@ -1,5 +1,5 @@
-//! From a run to its job: the job spec of a plan (the stack's image and
-//! labels, its secret files opened for the job, its AWS role) and the task
+//! From a run to its job: the job spec of a plan or an apply (the stack's
+//! image and labels, its secret files opened for the job, its AWS role) and the task
 //! pushed with the lease; and proposed runs, which plan any ref side by side
 //! with tracked runs without taking the stack lock.
 

@@ -66,7 +66,10 @@ fn reply(status: StatusCode, body: impl Into<Bytes>) -> Response<Full<Bytes>> {
 }
 
 async fn body(req: Request<Incoming>) -> Result<Vec<u8>, Response<Full<Bytes>>> {
-    match Limited::new(req.into_body(), MAX_STATE_BYTES).collect().await {
+    match Limited::new(req.into_body(), MAX_STATE_BYTES)
+        .collect()
+        .await
+    {
         Ok(b) => Ok(b.to_bytes().to_vec()),
         Err(_) => Err(reply(
             StatusCode::PAYLOAD_TOO_LARGE,
@@ -150,7 +153,10 @@ async fn answer(state: &Managed, req: Request<Incoming>) -> Response<Full<Bytes>
             StatusCode::METHOD_NOT_ALLOWED,
             "a managed state is never deleted by a job\n",
         ),
-        _ => reply(StatusCode::METHOD_NOT_ALLOWED, "GET, POST, LOCK or UNLOCK\n"),
+        _ => reply(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "GET, POST, LOCK or UNLOCK\n",
+        ),
     }
 }
 
@@ -171,7 +177,10 @@ mod tests {
 
     /// An endpoint on loopback whose control plane is unreachable (a
     /// discard port nobody listens on), with a pool key.
-    async fn endpoint(current: StateRef, plain: Option<Vec<u8>>) -> (std::net::SocketAddr, CancellationToken) {
+    async fn endpoint(
+        current: StateRef,
+        plain: Option<Vec<u8>>,
+    ) -> (std::net::SocketAddr, CancellationToken) {
         let dir = tempfile::tempdir().unwrap();
         let (key, public) = (dir.path().join("pool.key"), dir.path().join("pool.pub"));
         seal::PoolKey::generate().write(&key, &public).unwrap();
@@ -193,7 +202,12 @@ mod tests {
         (addr, stop)
     }
 
-    async fn call(addr: std::net::SocketAddr, method: &str, target: &str, body: &[u8]) -> (u16, String) {
+    async fn call(
+        addr: std::net::SocketAddr,
+        method: &str,
+        target: &str,
+        body: &[u8],
+    ) -> (u16, String) {
         let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
         let head = format!(
             "{method} {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
@@ -208,12 +222,16 @@ mod tests {
             .unwrap();
         let text = String::from_utf8_lossy(&out).into_owned();
         let status = text[9..12].parse().unwrap();
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())
+            .unwrap_or_default();
         (status, body)
     }
 
     fn state(serial: u64, lineage: &str) -> Vec<u8> {
-        format!(r#"{{"version":4,"serial":{serial},"lineage":"{lineage}","resources":[]}}"#).into_bytes()
+        format!(r#"{{"version":4,"serial":{serial},"lineage":"{lineage}","resources":[]}}"#)
+            .into_bytes()
     }
 
     #[tokio::test]
@@ -233,17 +251,31 @@ mod tests {
         assert_eq!(call(addr, "GET", "/other", b"").await.0, 404);
         assert_eq!(call(addr, "DELETE", "/state", b"").await.0, 405);
 
-        assert_eq!(call(addr, "LOCK", "/state", br#"{"ID":"a","Who":"first"}"#).await.0, 200);
+        assert_eq!(
+            call(addr, "LOCK", "/state", br#"{"ID":"a","Who":"first"}"#)
+                .await
+                .0,
+            200
+        );
         let (code, holder) = call(addr, "LOCK", "/state", br#"{"ID":"b"}"#).await;
         assert_eq!(code, 423);
         assert!(holder.contains("first"), "{holder}");
         // Writes must carry the lock's ID.
-        assert_eq!(call(addr, "POST", "/state?ID=b", &state(4, "L")).await.0, 409);
+        assert_eq!(
+            call(addr, "POST", "/state?ID=b", &state(4, "L")).await.0,
+            409
+        );
         assert_eq!(call(addr, "POST", "/state", &state(4, "L")).await.0, 409);
         // Another lineage, a serial going back, the same serial with other
         // content, not a state: refused before anything is sent.
-        assert_eq!(call(addr, "POST", "/state?ID=a", &state(4, "M")).await.0, 409);
-        assert_eq!(call(addr, "POST", "/state?ID=a", &state(2, "L")).await.0, 409);
+        assert_eq!(
+            call(addr, "POST", "/state?ID=a", &state(4, "M")).await.0,
+            409
+        );
+        assert_eq!(
+            call(addr, "POST", "/state?ID=a", &state(2, "L")).await.0,
+            409
+        );
         let mut same_serial = state(3, "L");
         same_serial.push(b' ');
         assert_eq!(call(addr, "POST", "/state?ID=a", &same_serial).await.0, 409);
@@ -258,8 +290,14 @@ mod tests {
         let (_, body) = call(addr, "GET", "/state", b"").await;
         assert_eq!(body.as_bytes(), current.as_slice());
 
-        assert_eq!(call(addr, "UNLOCK", "/state", br#"{"ID":"b"}"#).await.0, 409);
-        assert_eq!(call(addr, "UNLOCK", "/state", br#"{"ID":"a"}"#).await.0, 200);
+        assert_eq!(
+            call(addr, "UNLOCK", "/state", br#"{"ID":"b"}"#).await.0,
+            409
+        );
+        assert_eq!(
+            call(addr, "UNLOCK", "/state", br#"{"ID":"a"}"#).await.0,
+            200
+        );
         assert_eq!(call(addr, "LOCK", "/state", br#"{"ID":"b"}"#).await.0, 200);
         stop.cancel();
     }

@@ -221,7 +221,10 @@ impl Managed {
         if let Some((held, _)) = &inner.lock
             && lock != Some(held.as_str())
         {
-            return Err(Refused::new(409, "the state is locked by another operation"));
+            return Err(Refused::new(
+                409,
+                "the state is locked by another operation",
+            ));
         }
         let new = StateRef::of(&plain)
             .map_err(|e| Refused::new(400, format!("not a Terraform state: {e}")))?;
@@ -291,7 +294,10 @@ mod tests {
     fn the_backend_file_is_the_http_backend_at_the_fixed_address() {
         let f = backend_file();
         assert!(f.contains("backend \"http\""), "{f}");
-        assert!(f.contains("address        = \"http://127.0.0.1:9912/state\""), "{f}");
+        assert!(
+            f.contains("address        = \"http://127.0.0.1:9912/state\""),
+            "{f}"
+        );
         assert!(f.contains("lock_address"), "{f}");
         assert!(scan::declares_backend_hcl(&f));
     }
@@ -302,7 +308,11 @@ mod tests {
         use std::os::unix::fs::MetadataExt;
         let meta = std::fs::metadata(dir.path()).unwrap();
         let (uid, gid) = (meta.uid(), meta.gid());
-        std::fs::write(dir.path().join("main.tf"), "resource \"null_resource\" \"a\" {}\n").unwrap();
+        std::fs::write(
+            dir.path().join("main.tf"),
+            "resource \"null_resource\" \"a\" {}\n",
+        )
+        .unwrap();
         assert!(prepare(dir.path(), uid, gid).unwrap());
         assert_eq!(
             std::fs::read_to_string(dir.path().join(BACKEND_FILE)).unwrap(),
@@ -316,14 +326,21 @@ mod tests {
         let e = prepare(committed.path(), uid, gid).unwrap_err().to_string();
         assert!(e.contains("outpost state push"), "{e}");
         let own = tempfile::tempdir().unwrap();
-        std::fs::write(own.path().join("b.tf"), "terraform {\n backend \"s3\" {}\n}\n").unwrap();
+        std::fs::write(
+            own.path().join("b.tf"),
+            "terraform {\n backend \"s3\" {}\n}\n",
+        )
+        .unwrap();
         assert!(!prepare(own.path(), uid, gid).unwrap());
         assert!(!own.path().join(BACKEND_FILE).exists());
     }
 
     #[test]
     fn lock_ids_come_from_the_lock_info() {
-        assert_eq!(lock_id(br#"{"ID":"abc","Operation":"OperationTypeApply"}"#).as_deref(), Some("abc"));
+        assert_eq!(
+            lock_id(br#"{"ID":"abc","Operation":"OperationTypeApply"}"#).as_deref(),
+            Some("abc")
+        );
         assert_eq!(lock_id(b"nope"), None);
     }
 }

@@ -121,7 +121,9 @@ mod tests {
             "terraform {\n  backend \"s3\" {\n    bucket = \"b\"\n  }\n}\n"
         ));
         assert!(declares_backend_hcl("terraform { backend \"local\"{} }"));
-        assert!(declares_backend_hcl("terraform {\n cloud {\n organization = \"o\" }\n}"));
+        assert!(declares_backend_hcl(
+            "terraform {\n cloud {\n organization = \"o\" }\n}"
+        ));
         assert!(!declares_backend_hcl(
             "# backend \"s3\" {\n// backend \"s3\" {\n/* backend \"s3\" { */\nresource \"null_resource\" \"a\" {}\n"
         ));
@@ -137,12 +139,28 @@ mod tests {
     #[test]
     fn scans_only_the_root_modules_visible_files() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("main.tf"), "resource \"null_resource\" \"a\" {}\n").unwrap();
-        std::fs::write(dir.path().join(".hidden.tf"), "terraform { backend \"s3\" {} }").unwrap();
-        std::fs::write(dir.path().join("ours.tf"), "terraform { backend \"http\" {} }").unwrap();
+        std::fs::write(
+            dir.path().join("main.tf"),
+            "resource \"null_resource\" \"a\" {}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join(".hidden.tf"),
+            "terraform { backend \"s3\" {} }",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("ours.tf"),
+            "terraform { backend \"http\" {} }",
+        )
+        .unwrap();
         std::fs::create_dir(dir.path().join("modules")).unwrap();
         assert!(!declares_backend(dir.path(), "ours.tf").unwrap());
-        std::fs::write(dir.path().join("backend.tf"), "terraform {\n backend \"s3\" {}\n}\n").unwrap();
+        std::fs::write(
+            dir.path().join("backend.tf"),
+            "terraform {\n backend \"s3\" {}\n}\n",
+        )
+        .unwrap();
         assert!(declares_backend(dir.path(), "ours.tf").unwrap());
     }
 }
