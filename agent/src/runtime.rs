@@ -480,10 +480,23 @@ impl Runtime {
                     }
                     Drive::Adopt { skip } => {
                         let _ = started_tx.send(());
-                        (
-                            exec.adopt(&key, &spec, skip, out_tx, job_cancel).await,
-                            Vec::new(),
-                        )
+                        let outcome = match &task {
+                            Some(task) => {
+                                crate::iac::adopt_job(
+                                    iac.as_ref(),
+                                    &exec,
+                                    &key,
+                                    &spec,
+                                    task,
+                                    skip,
+                                    out_tx,
+                                    job_cancel,
+                                )
+                                .await
+                            }
+                            None => exec.adopt(&key, &spec, skip, out_tx, job_cancel).await,
+                        };
+                        (outcome, Vec::new())
                     }
                 }
             }

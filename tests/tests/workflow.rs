@@ -974,3 +974,71 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
         .await;
     agent.stop().await;
 }
+
+/// The agent is killed during an apply and comes back within the lease: it
+/// re-adopts the container, binds the state endpoint again in the job's
+/// namespace, and the apply ends `FINISHED` with its state stored, once, by
+/// the same lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_whose_agent_restarts_within_the_lease_finishes_with_its_state() {
+    let c = Cluster::start_with(outpost::hub::LeaseTiming {
+        ttl: Duration::from_secs(30),
+        heartbeat: Duration::from_secs(1),
+        sweep: Duration::from_millis(200),
+    })
+    .await;
+    let pool_key = outpost::dev::pool_key_paths(&c.state).0;
+    let cfg = c.write_agent_config(
+        "phoenix",
+        2,
+        &format!("[iac]\npool_key_file = \"{}\"\n", pool_key.display()),
+        "",
+    );
+    let mut agent = c.spawn_agent("phoenix", &cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(
+        dir.path(),
+        &format!(
+            "{MAIN_TF}\nresource \"null_resource\" \"slow\" {{\n  provisioner \"local-exec\" {{\n    command = \"sleep 12\"\n  }}\n}}\n"
+        ),
+    );
+    let mut a = iac_client(&c.client_config()).await;
+    let mut spec = stack("p", &repo);
+    spec.autodeploy = true;
+    apply(&mut a, vec![spec]).await;
+    let run_id = sync(&mut a, "p").await;
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| r.state == "APPLYING").await;
+    let deadline = tokio::time::Instant::now() + PLAN_WAIT;
+    loop {
+        let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
+        if log.contains("Provisioning with 'local-exec'") {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the apply never reached the slow resource: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    agent.signal("KILL");
+    agent.wait_exit(Duration::from_secs(10)).await;
+    let agent = c.spawn_agent("phoenix", &cfg).await;
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
+    assert_eq!(r.state, "FINISHED", "{r:#?}\n{log}");
+    assert!(log.contains("Apply complete! Resources: 2 added"), "{log}");
+    let job = c.job(&r.apply_job).await;
+    assert_eq!(job.epoch, 1, "{job:#?}");
+    let v = a
+        .list_state_versions(iac::ListStateVersionsRequest {
+            stack: "p".into(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .versions;
+    assert_eq!(v.len(), 1, "{v:#?}");
+    assert_eq!(v[0].written_by, format!("job:{}", r.apply_job), "{v:#?}");
+    drop(agent);
+}

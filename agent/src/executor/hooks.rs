@@ -11,6 +11,9 @@
 //! 4. [`JobHooks::after_exit`]: the job's process has ended, however it ended
 //!    (if it started); the workspace still exists.
 //!
+//! A job re-adopted after a restart of the agent gets [`JobHooks::adopted`]
+//! (its container runs, or has already ended) instead of 1–3, then 4.
+//!
 //! An error from 1–3 fails the job with the error as its reason; the container
 //! and workspace are removed as always. An error from 4 fails a job that had
 //! exited successfully.
@@ -48,6 +51,12 @@ pub trait JobHooks: Send + Sync {
     -> BoxFuture<'a, Result<(), HookError>>;
 
     fn after_start<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>>;
+
+    /// The job was re-adopted: set up again what the agent serves it. An
+    /// error is logged; the job is followed to its end all the same.
+    fn adopted<'a>(&'a self, _ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
+        Box::pin(async { Ok(()) })
+    }
 
     fn after_exit<'a>(
         &'a self,

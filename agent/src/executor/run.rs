@@ -526,6 +526,21 @@ impl DockerExecutor {
         output: mpsc::Sender<Bytes>,
         cancel: CancellationToken,
     ) -> Outcome {
+        self.adopt_with_hooks(key, spec, skip, output, cancel, None)
+            .await
+    }
+
+    /// [`adopt`](Self::adopt), with [`JobHooks::adopted`] once the container
+    /// is found and [`JobHooks::after_exit`] at its end.
+    pub async fn adopt_with_hooks(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+        skip: u64,
+        output: mpsc::Sender<Bytes>,
+        cancel: CancellationToken,
+        hooks: Option<&dyn JobHooks>,
+    ) -> Outcome {
         let span =
             tracing::info_span!("job", job_id = %key.job_id, epoch = key.epoch, adopted = true);
         async move {
@@ -544,9 +559,24 @@ impl DockerExecutor {
                 },
                 Err(e) => return failed(e),
             };
-            let outcome = self
+            let ctx = HookContext {
+                docker: &self.docker,
+                container: &name,
+                workspace: &workspace,
+                image: &spec.image,
+            };
+            if let Some(h) = hooks
+                && let Err(e) = h.adopted(&ctx).await
+            {
+                tracing::warn!(error = %super::error_chain(e.as_ref()), "setting up the adopted job again failed");
+            }
+            let mut outcome = self
                 .follow_adopted(key, &name, spec, skip, output, &cancel)
                 .await;
+            if let Some(h) = hooks {
+                let r = h.after_exit(&ctx, &outcome).await;
+                outcome = hooks::after_exit_outcome(outcome, r);
+            }
             cleanup.run().await;
             self.forget_lease(key);
             match &outcome {

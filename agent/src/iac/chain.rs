@@ -45,6 +45,16 @@ impl JobHooks for Chain<'_> {
     }
 
     /// Both run whatever the first returned; the first error wins.
+    fn adopted<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
+        async move {
+            let a = self.first.adopted(ctx).await;
+            let b = self.second.adopted(ctx).await;
+            a.and(b)
+        }
+        .boxed()
+    }
+
+    /// Both run whatever the first returned; the first error wins.
     fn after_exit<'a>(
         &'a self,
         ctx: &'a HookContext<'a>,

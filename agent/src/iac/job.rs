@@ -36,6 +36,28 @@ pub(super) struct JobIac {
 }
 
 impl JobIac {
+    pub fn new(
+        agent: &Arc<IacAgent>,
+        key: &LeaseKey,
+        spec: &crate::job::JobSpec,
+        task: &IacTask,
+        (uid, gid): (u32, u32),
+        stack_policy: Option<PlanPolicy>,
+    ) -> JobIac {
+        JobIac {
+            agent: agent.clone(),
+            key: key.clone(),
+            task: task.clone(),
+            image: spec.image.clone(),
+            image_id: Mutex::new(String::new()),
+            uid,
+            gid,
+            stack_policy: Mutex::new(stack_policy),
+            state_before: Mutex::new(plan::StateRef::default()),
+            managed: Mutex::new(None),
+        }
+    }
+
     /// A blob the lease names, checked against its SHA-256.
     pub async fn fetch_blob(&self, digest: &str) -> Result<Vec<u8>, IacError> {
         let blob = self
@@ -147,6 +169,41 @@ impl JobIac {
         Ok(())
     }
 
+    /// After a restart of the agent: the state endpoint again, inside the
+    /// running container's namespace, on the stack's current state (the
+    /// script has long been released).
+    async fn adopted(&self, ctx: &HookContext<'_>) -> Result<(), IacError> {
+        self.resolve_image(ctx).await?;
+        let src = ctx.workspace.join("src");
+        let managed = tokio::task::spawn_blocking(move || {
+            std::fs::symlink_metadata(src.join(backend::BACKEND_FILE)).is_ok_and(|m| m.is_file())
+        })
+        .await
+        .map_err(|_| IacError::Join("looking at the workspace"))?;
+        if !managed {
+            return Ok(());
+        }
+        let current = state::fetch(&self.agent, &self.key).await?;
+        let endpoint = Arc::new(Managed::new(
+            self.agent.clone(),
+            self.key.clone(),
+            current.state.clone(),
+            current.plain,
+        ));
+        *self.state_before.lock() = current.state;
+        *self.managed.lock() = Some(endpoint.clone());
+        let pid = crate::netns::ready::container_pid(ctx.docker, ctx.container)
+            .await
+            .map_err(IacError::State)?;
+        endpoint.serve_in_netns_of(pid).await?;
+        info!(
+            pid,
+            port = backend::STATE_PORT,
+            "state endpoint bound again for an adopted job"
+        );
+        Ok(())
+    }
+
     async fn after_exit(&self, ctx: &HookContext<'_>, outcome: &Outcome) -> Result<(), IacError> {
         let managed = self.managed.lock().clone();
         if let Some(m) = &managed {
@@ -183,6 +240,10 @@ impl JobHooks for JobIac {
 
     fn after_start<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
         async move { Ok(JobIac::after_start(self, ctx).await?) }.boxed()
+    }
+
+    fn adopted<'a>(&'a self, ctx: &'a HookContext<'a>) -> BoxFuture<'a, Result<(), HookError>> {
+        async move { Ok(JobIac::adopted(self, ctx).await?) }.boxed()
     }
 
     fn after_exit<'a>(

@@ -53,7 +53,6 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use outpost_proto::iac::v1::iac_agent_client::IacAgentClient;
-use parking_lot::Mutex;
 use serde::Deserialize;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
@@ -334,18 +333,7 @@ pub async fn run_job(
             };
         }
     };
-    let hooks = job::JobIac {
-        agent: agent.clone(),
-        key: key.clone(),
-        task: task.clone(),
-        image: spec.image.clone(),
-        image_id: Mutex::new(String::new()),
-        uid,
-        gid,
-        stack_policy: Mutex::new(stack_policy),
-        state_before: Mutex::new(plan::StateRef::default()),
-        managed: Mutex::new(None),
-    };
+    let hooks = job::JobIac::new(agent, key, spec, task, (uid, gid), stack_policy);
     if run_spec.aws.is_none() {
         return exec
             .run_with_hooks(key, &run_spec, output, cancel, started, Some(&hooks))
@@ -376,6 +364,32 @@ pub async fn run_job(
         second: &hooks,
     };
     exec.run_with_hooks(key, &run_spec, output, cancel, started, Some(&both))
+        .await
+}
+
+/// Follows a phase re-adopted after a restart of the agent to its end: the
+/// state endpoint is bound again in the running container's namespace, and
+/// the phase reports as it would have (an apply's state, a plan's summary).
+/// A stack's AWS credentials channel is not set up again.
+#[allow(clippy::too_many_arguments)]
+pub async fn adopt_job(
+    agent: Option<&Arc<IacAgent>>,
+    exec: &DockerExecutor,
+    key: &LeaseKey,
+    spec: &JobSpec,
+    task: &IacTask,
+    skip: u64,
+    output: mpsc::Sender<Bytes>,
+    cancel: CancellationToken,
+) -> Outcome {
+    let (Some(agent), Ok(ids)) = (agent, exec.config().uid_gid()) else {
+        return exec.adopt(key, spec, skip, output, cancel).await;
+    };
+    let stack_policy = (!task.plan_policy.is_empty())
+        .then(|| PlanPolicy::compile(&format!("{}.rego", task.stack), &task.plan_policy).ok())
+        .flatten();
+    let hooks = job::JobIac::new(agent, key, spec, task, ids, stack_policy);
+    exec.adopt_with_hooks(key, spec, skip, output, cancel, Some(&hooks))
         .await
 }
 
