@@ -867,21 +867,45 @@ async fn tampered_bundles_and_plans_made_against_no_state_are_never_applied() {
     agent.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_lock() {
+/// A cluster with lease `ttl` and the configuration of an agent process
+/// `name` with the pool key.
+async fn cluster_with_agent_process(name: &str, ttl: Duration) -> (Cluster, PathBuf) {
     let c = Cluster::start_with(outpost::hub::LeaseTiming {
-        ttl: Duration::from_secs(6),
+        ttl,
         heartbeat: Duration::from_secs(1),
         sweep: Duration::from_millis(200),
     })
     .await;
     let pool_key = outpost::dev::pool_key_paths(&c.state).0;
     let cfg = c.write_agent_config(
-        "doomed",
+        name,
         2,
         &format!("[iac]\npool_key_file = \"{}\"\n", pool_key.display()),
         "",
     );
+    (c, cfg)
+}
+
+/// Waits (bounded) until the apply's log shows Terraform inside the slow
+/// resource's provisioner.
+async fn wait_inside_slow_resource(c: &Cluster, apply_job: &str) {
+    let deadline = tokio::time::Instant::now() + PLAN_WAIT;
+    loop {
+        let log = String::from_utf8_lossy(&c.logs(apply_job).await).into_owned();
+        if log.contains("Provisioning with 'local-exec'") {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the apply never reached the slow resource: {log}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_lock() {
+    let (c, cfg) = cluster_with_agent_process("doomed", Duration::from_secs(6)).await;
     let mut doomed = c.spawn_agent("doomed", &cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path(), MAIN_TF);
@@ -911,18 +935,7 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
     let run_id = sync(&mut a, "k").await;
     let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| r.state == "APPLYING").await;
     // Kill -9 once Terraform is inside the slow resource.
-    let deadline = tokio::time::Instant::now() + PLAN_WAIT;
-    loop {
-        let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
-        if log.contains("Provisioning with 'local-exec'") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the apply never reached the slow resource: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_inside_slow_resource(&c, &r.apply_job).await;
     doomed.signal("KILL");
     doomed.wait_exit(Duration::from_secs(10)).await;
     let r = wait_run(&mut a, &run_id, Duration::from_secs(60), |r| {
@@ -981,19 +994,7 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
 /// the same lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_apply_whose_agent_restarts_within_the_lease_finishes_with_its_state() {
-    let c = Cluster::start_with(outpost::hub::LeaseTiming {
-        ttl: Duration::from_secs(30),
-        heartbeat: Duration::from_secs(1),
-        sweep: Duration::from_millis(200),
-    })
-    .await;
-    let pool_key = outpost::dev::pool_key_paths(&c.state).0;
-    let cfg = c.write_agent_config(
-        "phoenix",
-        2,
-        &format!("[iac]\npool_key_file = \"{}\"\n", pool_key.display()),
-        "",
-    );
+    let (c, cfg) = cluster_with_agent_process("phoenix", Duration::from_secs(30)).await;
     let mut agent = c.spawn_agent("phoenix", &cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(
@@ -1008,18 +1009,7 @@ async fn an_apply_whose_agent_restarts_within_the_lease_finishes_with_its_state(
     apply(&mut a, vec![spec]).await;
     let run_id = sync(&mut a, "p").await;
     let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| r.state == "APPLYING").await;
-    let deadline = tokio::time::Instant::now() + PLAN_WAIT;
-    loop {
-        let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
-        if log.contains("Provisioning with 'local-exec'") {
-            break;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "the apply never reached the slow resource: {log}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_inside_slow_resource(&c, &r.apply_job).await;
     agent.signal("KILL");
     agent.wait_exit(Duration::from_secs(10)).await;
     let agent = c.spawn_agent("phoenix", &cfg).await;
