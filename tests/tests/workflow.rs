@@ -1032,3 +1032,95 @@ async fn an_apply_whose_agent_restarts_within_the_lease_finishes_with_its_state(
     assert_eq!(v[0].written_by, format!("job:{}", r.apply_job), "{v:#?}");
     drop(agent);
 }
+
+/// An approval policy decides instead of a count: an approval by someone it
+/// does not name leaves the run waiting, one by the identity it names
+/// confirms it, and a plan it rejects is discarded without an apply. A
+/// policy that does not compile, or one beside `approvals_required`, is
+/// refused when the stack is applied.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_approval_policy_decides_who_approves_and_rejects_what_it_forbids() {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), MAIN_TF);
+    let mut a = iac_client(&c.client_config()).await;
+    let mut spec = stack("gated", &repo);
+    spec.approval_policy = "package outpost.approval\napprove if {\n".into();
+    let e = a
+        .apply_stacks(iac::ApplyStacksRequest {
+            stacks: vec![spec.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("approval_policy"), "{e:?}");
+    spec.approval_policy = r#"package outpost.approval
+approve if {
+    some a in input.approvals
+    a.identity == "admin:sec"
+}
+reject contains msg if {
+    some c in input.plan.changes
+    "delete" in c.actions
+    msg := sprintf("%s would be deleted", [c.address])
+}
+"#
+    .into();
+    spec.approvals_required = 2;
+    let e = a
+        .apply_stacks(iac::ApplyStacksRequest {
+            stacks: vec![spec.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("keep one"), "{e:?}");
+    spec.approvals_required = 0;
+    apply(&mut a, vec![spec]).await;
+
+    let run_id = sync(&mut a, "gated").await;
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, settled).await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    let decide = |who: &'static str| {
+        let run_id = run_id.clone();
+        let c = &c;
+        async move {
+            admin_as(c, who)
+                .await
+                .decide_run(iac::DecideRunRequest {
+                    run_id,
+                    decision: "approve".into(),
+                    comment: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner()
+        }
+    };
+    let r = decide("alice").await;
+    assert_eq!(r.state, "UNCONFIRMED", "{r:#?}");
+    let r = decide("sec").await;
+    assert_eq!(r.state, "CONFIRMED", "{r:#?}");
+    assert!(r.message.contains("approval policy"), "{r:#?}");
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+
+    // A commit that deletes the resource: the policy rejects the plan.
+    std::fs::write(
+        repo.join("infra/main.tf"),
+        "terraform {\n  required_providers {\n    null = {\n      source  = \"hashicorp/null\"\n      version = \"~> 2.1\"\n    }\n  }\n}\n",
+    )
+    .unwrap();
+    commit(&repo, "delete");
+    let next = sync(&mut a, "gated").await;
+    let r = wait_run(&mut a, &next, PLAN_WAIT, |r| is_final(&r.state)).await;
+    assert_eq!(r.state, "DISCARDED", "{r:#?}");
+    assert!(
+        r.message.contains("null_resource.first would be deleted"),
+        "{r:#?}"
+    );
+    assert!(r.apply_job.is_empty(), "{r:#?}");
+    agent.stop().await;
+}

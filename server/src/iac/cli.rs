@@ -446,6 +446,7 @@ fn stack_json(s: &iac::Stack) -> Value {
         "autodeploy": spec.autodeploy,
         "has_plan_policy": !spec.plan_policy.is_empty(),
         "approvals_required": spec.approvals_required,
+        "has_approval_policy": !spec.approval_policy.is_empty(),
         "poll_interval_ms": spec.poll_interval_ms,
         "commit": s.commit,
         "source_digest": s.source_digest,

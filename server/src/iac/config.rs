@@ -10,7 +10,7 @@
 //! project_root = "network"
 //! image = "outpost/runner:dev"
 //! autodeploy = false
-//! approvals_required = 2
+//! approvals_required = 2     # or approval_policy = "policies/approve.rego"
 //! plan_policy = "policies/network.rego"
 //! poll_interval = "1m"
 //! [stack.variables]
@@ -124,6 +124,9 @@ struct StackToml {
     plan_policy: Option<PathBuf>,
     /// Distinct admin identities that must approve (not the trigger). Default 1.
     approvals_required: Option<u32>,
+    /// Rego file of the approval policy (`package outpost.approval`:
+    /// `approve`, `reject`), instead of `approvals_required`.
+    approval_policy: Option<PathBuf>,
     /// How often the branch is polled, e.g. `"30s"`. Default: never (use `outpost stack sync`).
     poll_interval: Option<String>,
     /// Secret files of the run's jobs: name = path of the file holding the value.
@@ -199,19 +202,17 @@ pub fn parse(text: &str, base: &Path) -> Result<Declared, String> {
         .stack
         .into_iter()
         .map(|s| {
-            let plan_policy = match &s.plan_policy {
-                None => String::new(),
+            let rego = |what: &str, path: &Option<PathBuf>| match path {
+                None => Ok(String::new()),
                 Some(p) => {
                     let p = base.join(p);
                     std::fs::read_to_string(&p).map_err(|e| {
-                        format!(
-                            "stack {}: cannot read plan_policy {}: {e}",
-                            s.name,
-                            p.display()
-                        )
-                    })?
+                        format!("stack {}: cannot read {what} {}: {e}", s.name, p.display())
+                    })
                 }
             };
+            let plan_policy = rego("plan_policy", &s.plan_policy)?;
+            let approval_policy = rego("approval_policy", &s.approval_policy)?;
             let poll_interval_ms = match &s.poll_interval {
                 None => 0,
                 Some(d) => outpost_agent::units::parse_duration(d)
@@ -266,6 +267,7 @@ pub fn parse(text: &str, base: &Path) -> Result<Declared, String> {
                 autodeploy: s.autodeploy,
                 plan_policy,
                 approvals_required: s.approvals_required.unwrap_or(1),
+                approval_policy,
                 poll_interval_ms,
                 secrets: BTreeMap::new(),
                 secret_values,
@@ -287,6 +289,7 @@ mod tests {
     fn parses_stacks_and_refuses_unknown_keys_and_missing_fields() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("p.rego"), "package outpost.plan\n").unwrap();
+        std::fs::write(dir.path().join("a.rego"), "package outpost.approval\n").unwrap();
         let ok = parse(
             r#"
 [[stack]]
@@ -294,6 +297,7 @@ name = "net"
 repo = "file:///r"
 image = "img"
 plan_policy = "p.rego"
+approval_policy = "a.rego"
 poll_interval = "30s"
 [stack.variables]
 region = "x"
@@ -304,6 +308,7 @@ region = "x"
         .stacks;
         assert_eq!(ok.len(), 1);
         assert_eq!(ok[0].plan_policy, "package outpost.plan\n");
+        assert_eq!(ok[0].approval_policy, "package outpost.approval\n");
         assert_eq!(ok[0].poll_interval_ms, 30_000);
         assert_eq!(ok[0].branch, "main");
         let e = parse(

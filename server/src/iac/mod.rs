@@ -18,6 +18,7 @@
 
 pub mod api;
 pub mod apply;
+pub mod approval;
 pub mod blobs;
 pub mod cli;
 pub mod config;

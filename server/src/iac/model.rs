@@ -24,6 +24,10 @@ pub struct StackSpec {
     /// Rego source of the stack's plan policy (`package outpost.plan`).
     pub plan_policy: String,
     pub approvals_required: u32,
+    /// Rego source of the stack's approval policy (`package
+    /// outpost.approval`, `iac::approval`); when set, it decides instead of
+    /// `approvals_required`.
+    pub approval_policy: String,
     /// Zero: no polling.
     pub poll_interval_ms: u64,
     /// Secret files of the run's jobs, sealed (`iac::secrets`).
@@ -151,6 +155,17 @@ impl StackSpec {
                 ));
             }
         }
+        if self.approval_policy.len() > MAX_PLAN_POLICY_BYTES {
+            return Err(format!(
+                "stack {n}: approval_policy is {} bytes, more than the limit of {MAX_PLAN_POLICY_BYTES}",
+                self.approval_policy.len()
+            ));
+        }
+        if !self.approval_policy.is_empty() && self.approvals_required > 1 {
+            return Err(format!(
+                "stack {n}: approvals_required and approval_policy are two rules for one decision: keep one"
+            ));
+        }
         if self.approvals_required == 0 {
             self.approvals_required = 1;
         }
@@ -270,7 +285,7 @@ impl RunState {
             (Queued, Planning | Cancelled)
                 | (
                     Planning,
-                    Finished | Unconfirmed | Confirmed | Failed | Cancelled
+                    Finished | Unconfirmed | Confirmed | Discarded | Failed | Cancelled
                 )
                 | (Unconfirmed, Confirmed | Discarded | Cancelled | Stale)
                 | (Confirmed, Applying | Cancelled | Stale)

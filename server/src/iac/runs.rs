@@ -13,6 +13,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, info, info_span, warn};
 
 use super::IacError;
+use super::approval;
 use super::blobs::Blobs;
 use super::model::{Approval, PlanResult, Run, RunKind, RunState, Stack, StackSpec};
 use super::secrets::Sealer;
@@ -139,6 +140,15 @@ impl Engine {
                 )
                 .map_err(|e| {
                     IacError::BadRequest(format!("stack {}: plan_policy: {e}", spec.name))
+                })?;
+            }
+            if !spec.approval_policy.is_empty() {
+                super::approval::ApprovalPolicy::compile(
+                    &format!("{}.approval.rego", spec.name),
+                    &spec.approval_policy,
+                )
+                .map_err(|e| {
+                    IacError::BadRequest(format!("stack {}: approval_policy: {e}", spec.name))
                 })?;
             }
             checked.push(spec);
@@ -318,9 +328,12 @@ impl Engine {
                 ),
                 Some(p) => {
                     let stack = self.store.get_stack(run.stack.clone()).await?;
-                    let auto = stack.is_some_and(|s| s.spec.autodeploy);
+                    let auto = stack.as_ref().is_some_and(|s| s.spec.autodeploy);
+                    let approval = stack.map(|s| s.spec.approval_policy).unwrap_or_default();
                     if auto && !p.warned() {
                         (RunState::Confirmed, "autodeploy".to_string())
+                    } else if !approval.is_empty() {
+                        approval::on_plan(&run.stack, &approval, run)
                     } else if auto {
                         (
                             RunState::Unconfirmed,
@@ -493,9 +506,17 @@ impl Engine {
             .get_run(run_id.to_string())
             .await?
             .ok_or_else(|| IacError::NotFound(format!("run {run_id}")))?;
-        let required = match self.store.get_stack(run.stack.clone()).await? {
-            Some(s) => s.spec.approvals_required.max(1) as usize,
-            None => 1,
+        let (required, mut policy) = match self.store.get_stack(run.stack.clone()).await? {
+            Some(s) if !s.spec.approval_policy.is_empty() => {
+                let p = approval::ApprovalPolicy::compile(
+                    &format!("{}.approval.rego", s.spec.name),
+                    &s.spec.approval_policy,
+                )
+                .map_err(|e| IacError::Conflict(format!("the approval policy: {e}")))?;
+                (1, Some(p))
+            }
+            Some(s) => (s.spec.approvals_required.max(1) as usize, None),
+            None => (1, None),
         };
         let (who, decision, comment) = (who.to_string(), decision.to_string(), comment.to_string());
         let record = {
@@ -535,6 +556,9 @@ impl Engine {
                             )));
                         }
                         r.approvals.push(a);
+                        if let Some(p) = policy.as_mut() {
+                            return approval::on_approval(p, r);
+                        }
                         let approvers = r.approvers();
                         if approvers.len() >= required {
                             let by = approvers.into_iter().collect::<Vec<_>>().join(", ");

@@ -42,6 +42,7 @@ pub fn spec_from_pb(s: iac::StackSpec) -> StackSpec {
         autodeploy: s.autodeploy,
         plan_policy: s.plan_policy,
         approvals_required: s.approvals_required,
+        approval_policy: s.approval_policy,
         poll_interval_ms: s.poll_interval_ms,
         secrets: BTreeMap::new(),
         secret_values: s
@@ -105,6 +106,7 @@ pub fn spec_to_pb(s: &StackSpec) -> iac::StackSpec {
         autodeploy: s.autodeploy,
         plan_policy: s.plan_policy.clone(),
         approvals_required: s.approvals_required,
+        approval_policy: s.approval_policy.clone(),
         poll_interval_ms: s.poll_interval_ms,
         // Values only on their way in; read back, names only.
         secrets: if s.secret_values.is_empty() {
