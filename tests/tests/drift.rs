@@ -17,8 +17,11 @@ use std::time::Duration;
 
 use outpost_proto::iac::v1 as iac;
 use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
+use outpost_tests::iac::{
+    NULL_PROVIDER, admin, commit, get_run, git, is_final, repo, stack, wait_run,
+};
 use outpost_tests::webhook::{Receiver, verify};
-use outpost_tests::{Cluster, RUNNER_IMAGE, bin};
+use outpost_tests::{Agent, Cluster, bin};
 use tonic::transport::Channel;
 
 const MAIN_TF: &str = r#"
@@ -85,59 +88,12 @@ fn world(a: &str, b: &str, noise: &str) -> Vec<u8> {
     .into_bytes()
 }
 
-fn git(repo: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(repo)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn commit(repo: &Path, msg: &str) {
-    git(repo, &["add", "-A"]);
-    git(
-        repo,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            msg,
-        ],
-    );
-}
-
-/// A repository with `infra/main.tf` and its applied state on `main`.
-fn repo(dir: &Path, main_tf: &str, state: Option<&str>) -> PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(repo.join("infra")).unwrap();
-    std::fs::write(repo.join("infra/main.tf"), main_tf).unwrap();
-    if let Some(s) = state {
-        std::fs::write(repo.join("infra/terraform.tfstate"), s).unwrap();
-    }
-    git(&repo, &["init", "-q", "-b", "main", "."]);
-    commit(&repo, "first");
+/// A repository whose `infra` holds `main_tf` and the applied `state`.
+fn repo_with_state(dir: &Path, main_tf: &str, state: &str) -> PathBuf {
+    let repo = repo(dir, main_tf);
+    std::fs::write(repo.join("infra/terraform.tfstate"), state).unwrap();
+    commit(&repo, "applied");
     repo
-}
-
-fn stack(name: &str, repo: &Path) -> iac::StackSpec {
-    iac::StackSpec {
-        name: name.into(),
-        repo: format!("file://{}", repo.display()),
-        branch: "main".into(),
-        project_root: "infra".into(),
-        image: RUNNER_IMAGE.into(),
-        ..Default::default()
-    }
 }
 
 fn secret(name: &str, value: &[u8]) -> iac::SecretFile {
@@ -145,10 +101,6 @@ fn secret(name: &str, value: &[u8]) -> iac::SecretFile {
         name: name.into(),
         value: value.to_vec(),
     }
-}
-
-async fn admin(c: &Cluster) -> IacAdminClient<Channel> {
-    IacAdminClient::new(c.client_config().channel().await.unwrap())
 }
 
 async fn apply(a: &mut IacAdminClient<Channel>, specs: Vec<iac::StackSpec>) {
@@ -160,39 +112,13 @@ async fn apply(a: &mut IacAdminClient<Channel>, specs: Vec<iac::StackSpec>) {
     .expect("apply stacks");
 }
 
-async fn run(a: &mut IacAdminClient<Channel>, id: &str) -> iac::Run {
-    a.get_run(iac::GetRunRequest { run_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Polls `run` until `pred` holds (bounded).
-async fn wait_run(
-    a: &mut IacAdminClient<Channel>,
-    id: &str,
-    limit: Duration,
-    pred: impl Fn(&iac::Run) -> bool,
-) -> iac::Run {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let r = run(a, id).await;
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "run {id} did not get there in {limit:?}: {r:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn is_final(r: &iac::Run) -> bool {
-    matches!(
-        r.state.as_str(),
-        "FINISHED" | "FAILED" | "CANCELLED" | "DISCARDED" | "STALE"
-    )
+/// A control plane, one agent of capacity 2, a webhook receiver and a
+/// scratch directory.
+async fn cluster() -> (Cluster, Agent, Receiver, tempfile::TempDir) {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let hooks = Receiver::start().await;
+    (c, agent, hooks, tempfile::tempdir().unwrap())
 }
 
 async fn drift_runs(a: &mut IacAdminClient<Channel>, stack: &str) -> Vec<iac::Run> {
@@ -282,7 +208,7 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     // after each failure, and one success is recorded.
     hooks.script("/flaky", &[500, 500]);
     let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path(), MAIN_TF, Some(&own_state()));
+    let repo = repo_with_state(dir.path(), MAIN_TF, &own_state());
     let mut a = admin(&c).await;
     let declare = |w: Vec<u8>| {
         let mut s = stack("net", &repo);
@@ -550,11 +476,8 @@ fn assert_not_in_data_dir(c: &Cluster, canaries: &[&[u8]]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_goes_through_policy_and_approval_and_drift_waits_for_the_stack_lock() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path(), MAIN_TF, Some(&own_state()));
+    let (c, agent, hooks, dir) = cluster().await;
+    let repo = repo_with_state(dir.path(), MAIN_TF, &own_state());
     let mut a = admin(&c).await;
     // `auto` auto-approves reverting drift: the policy warns on anything
     // but a drift run, autodeploy confirms when nothing warned. `human`
@@ -712,7 +635,7 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         .unwrap()
         .into_inner();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let w = run(&mut a, &waiting.run_id).await;
+    let w = get_run(&mut a, &waiting.run_id).await;
     assert_eq!(w.state, "QUEUED", "{w:#?}");
     assert!(w.plan_job.is_empty(), "{w:#?}");
     assert!(w.message.contains("holds the stack lock"), "{w:#?}");
@@ -767,25 +690,17 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposed_runs_plan_beside_the_lock_and_stack_secrets_reach_only_the_job() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let tf = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
-}
-
+    let (c, agent, hooks, dir) = cluster().await;
+    let tf = [
+        NULL_PROVIDER,
+        r#"
 resource "null_resource" "first" {
   triggers = { token = sensitive(file("/run/secrets/token")) }
 }
-"#;
-    let repo = repo(dir.path(), tf, None);
+"#,
+    ]
+    .concat();
+    let repo = repo(dir.path(), &tf);
     let canary = b"stack-secret-canary-9c2";
     let mut a = admin(&c).await;
     // Bad input is refused when the stack is applied, naming the problem.
@@ -946,7 +861,7 @@ warn contains "the token arrived" if {
     let addrs: Vec<_> = p.changes.iter().map(|c| c.address.as_str()).collect();
     assert_eq!(addrs, ["null_resource.extra", "null_resource.first"]);
     assert_ne!(p.commit, t.commit);
-    assert_eq!(run(&mut a, &tracked).await.state, "UNCONFIRMED");
+    assert_eq!(get_run(&mut a, &tracked).await.state, "UNCONFIRMED");
     // A ref that does not exist, or that git would take for an option:
     // a clear error, nothing queued.
     let before = a
@@ -1014,7 +929,7 @@ warn contains "the token arrived" if {
         assert!(tokio::time::Instant::now() < deadline, "{list:#?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(run(&mut a, &tracked).await.state, "UNCONFIRMED");
+    assert_eq!(get_run(&mut a, &tracked).await.state, "UNCONFIRMED");
     // The secret is nowhere in the data directory once the jobs are done.
     let _ = a
         .decide_run(iac::DecideRunRequest {
@@ -1035,25 +950,17 @@ warn contains "the token arrived" if {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test"]
 async fn measure_drift_checks_per_hour_and_schedule_to_webhook() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let demo_tf = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
-}
-
+    let (c, agent, hooks, dir) = cluster().await;
+    let demo_tf = [
+        NULL_PROVIDER,
+        r#"
 resource "null_resource" "hello" {
   triggers = { greeting = "hello" }
 }
-"#;
-    let repo = repo(dir.path(), demo_tf, None);
+"#,
+    ]
+    .concat();
+    let repo = repo(dir.path(), &demo_tf);
     let mut a = admin(&c).await;
     let declare = |name: &str, schedule: &str| {
         let mut s = stack(name, &repo);
@@ -1095,7 +1002,7 @@ resource "null_resource" "hello" {
         })
         .await;
     let h = hooks.seen()[0].clone();
-    let r = run(&mut a, h.json()["run"].as_str().unwrap()).await;
+    let r = get_run(&mut a, h.json()["run"].as_str().unwrap()).await;
     let scheduled = r.created_at_ms / 10_000 * 10_000;
     eprintln!(
         "MEASURE scheduled instant -> drift.detected received: {} ms (queued +{} ms, check ended +{} ms)",
