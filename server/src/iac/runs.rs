@@ -391,7 +391,9 @@ impl Engine {
     }
 
     /// Tells the stack's and the global targets about a tracked run that
-    /// needs approval, finished or failed (never blocks, never fails).
+    /// needs approval, finished or failed (never blocks, never fails). A
+    /// run that ends `STALE` (its plan no longer matches the state or the
+    /// source, nothing applied) failed too: `run.failed` with `to: STALE`.
     pub(crate) async fn notify_run(&self, run: &Run) {
         if run.kind != RunKind::Tracked {
             return;
@@ -399,7 +401,7 @@ impl Engine {
         let event = match run.state {
             RunState::Unconfirmed => "run.needs_approval",
             RunState::Finished => "run.finished",
-            RunState::Failed => "run.failed",
+            RunState::Failed | RunState::Stale => "run.failed",
             _ => return,
         };
         let targets = match self.store.get_stack(run.stack.clone()).await {
@@ -425,6 +427,10 @@ impl Engine {
         ev.summary = match run.state {
             RunState::Unconfirmed => format!("stack {}: run {} needs approval", run.stack, run.id),
             RunState::Finished => format!("stack {}: run {} finished", run.stack, run.id),
+            RunState::Stale => format!(
+                "stack {}: run {} failed: stale, its plan no longer matches the state or the source; nothing was applied",
+                run.stack, run.id
+            ),
             _ => format!("stack {}: run {} failed", run.stack, run.id),
         };
         if run.drift {
