@@ -2,16 +2,19 @@
 //! end to end: a real git repository, real Terraform (1.0.3, null provider)
 //! in the real sandbox, a real webhook receiver on loopback, real mTLS.
 //!
-//! The stacks here keep their recorded state in their repository (the
-//! local backend's `terraform.tfstate`, as applied) and read "the world"
-//! from an upstream state file another team writes by hand: a
-//! `terraform_remote_state` data source on a stack secret file. Writing a
-//! new upstream state version outside any run (re-declaring the secret)
-//! moves the world away from the code: the drift the checks must find.
+//! The stacks here keep their state in the control plane (managed state).
+//! Drift is what an operator running Terraform by hand leaves behind: a
+//! state version written outside any run with `outpost state push` (sealed
+//! on the client), derived from the current one (same lineage, the next
+//! serial) with a resource's triggers changed, an instance removed or one
+//! the code does not declare added. The null provider reads nothing back,
+//! so the refresh-only plan reports no drift of its own here; the normal
+//! plan of the same checkout reports what reverting it takes, and that is
+//! the drift the checks must find.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
@@ -24,77 +27,101 @@ use outpost_tests::webhook::{Receiver, verify};
 use outpost_tests::{Agent, Cluster, bin};
 use tonic::transport::Channel;
 
-const MAIN_TF: &str = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
-}
-
-data "terraform_remote_state" "world" {
-  backend = "local"
-  config = {
-    path = "/run/secrets/world.tfstate"
-  }
-}
-
+/// Three resources whose triggers are all "1"; the state is managed.
+fn main_tf() -> String {
+    [
+        NULL_PROVIDER,
+        r#"
 resource "null_resource" "a" {
-  triggers = { v = data.terraform_remote_state.world.outputs.a }
+  triggers = { v = "1" }
 }
 
 resource "null_resource" "b" {
-  triggers = { v = data.terraform_remote_state.world.outputs.b }
+  triggers = { v = "1" }
 }
 
 resource "null_resource" "noise" {
-  triggers = { v = data.terraform_remote_state.world.outputs.noise }
+  triggers = { v = "1" }
 }
-"#;
+"#,
+    ]
+    .concat()
+}
 
-/// The stack's own state as last applied: every trigger "1".
-fn own_state() -> String {
-    let res = |name: &str, id: &str| {
+/// The state [`main_tf`] leaves when applied: every trigger "1".
+const APPLIED: &[(&str, &str)] = &[("a", "1"), ("b", "1"), ("noise", "1")];
+
+/// A Terraform state of `null_resource`s `(name, trigger v)`.
+fn state(serial: u64, lineage: &str, resources: &[(&str, &str)]) -> String {
+    let res = |(i, (name, v)): (usize, &(&str, &str))| {
         serde_json::json!({
             "mode": "managed", "type": "null_resource", "name": name,
             "provider": "provider[\"registry.terraform.io/hashicorp/null\"]",
-            "instances": [{"schema_version": 0, "attributes": {"id": id, "triggers": {"v": "1"}},
+            "instances": [{"schema_version": 0,
+                "attributes": {"id": format!("{}", 1001 + i), "triggers": {"v": v}},
                 "sensitive_attributes": [], "private": "bnVsbA=="}],
         })
     };
     serde_json::json!({
-        "version": 4, "terraform_version": "1.0.3", "serial": 3,
-        "lineage": "5b0c7a54-0000-4000-8000-000000000001", "outputs": {},
-        "resources": [res("a", "1001"), res("b", "1002"), res("noise", "1003")],
+        "version": 4, "terraform_version": "1.0.3", "serial": serial,
+        "lineage": lineage, "outputs": {},
+        "resources": resources.iter().enumerate().map(res).collect::<Vec<_>>(),
     })
     .to_string()
 }
 
-/// An upstream state version with these outputs.
-fn world(a: &str, b: &str, noise: &str) -> Vec<u8> {
-    serde_json::json!({
-        "version": 4, "terraform_version": "1.0.3", "serial": 1,
-        "lineage": "5b0c7a54-0000-4000-8000-000000000002",
-        "outputs": {
-            "a": {"value": a, "type": "string"},
-            "b": {"value": b, "type": "string"},
-            "noise": {"value": noise, "type": "string"},
-        },
-        "resources": [],
-    })
-    .to_string()
-    .into_bytes()
+/// Writes a state version of `stack` outside any run, as an operator would
+/// after running Terraform by hand: the current version's lineage and the
+/// next serial (a new lineage for a stack without state), these resources,
+/// pushed with `outpost state push --recipient pool.pub`. Returns the
+/// serial.
+fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) -> u64 {
+    let versions: serde_json::Value =
+        serde_json::from_str(&cli(c, &["state", "versions", stack, "--output", "json"])).unwrap();
+    let (serial, lineage) = match versions.as_array().unwrap().first() {
+        Some(v) => (
+            v["serial"].as_u64().unwrap() + 1,
+            v["lineage"].as_str().unwrap().to_string(),
+        ),
+        None => (1, "5b0c7a54-0000-4000-8000-000000000001".to_string()),
+    };
+    let file = dir.join(format!("{stack}-{serial}.tfstate"));
+    std::fs::write(&file, state(serial, &lineage, resources)).unwrap();
+    let pool_pub = outpost::dev::pool_key_paths(&c.state).1;
+    cli(
+        c,
+        &[
+            "state",
+            "push",
+            stack,
+            file.to_str().unwrap(),
+            "--recipient",
+            pool_pub.to_str().unwrap(),
+        ],
+    );
+    let versions: serde_json::Value =
+        serde_json::from_str(&cli(c, &["state", "versions", stack, "--output", "json"])).unwrap();
+    assert_eq!(versions[0]["serial"], serial, "{versions}");
+    assert_eq!(versions[0]["lineage"], lineage.as_str(), "{versions}");
+    assert_eq!(versions[0]["written_by"], "admin:admin", "{versions}");
+    serial
 }
 
-/// A repository whose `infra` holds `main_tf` and the applied `state`.
-fn repo_with_state(dir: &Path, main_tf: &str, state: &str) -> PathBuf {
-    let repo = repo(dir, main_tf);
-    std::fs::write(repo.join("infra/terraform.tfstate"), state).unwrap();
-    commit(&repo, "applied");
-    repo
+/// `(address, actions)` pairs.
+fn changes(pairs: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    pairs
+        .iter()
+        .map(|(a, acts)| (a.to_string(), acts.iter().map(|s| s.to_string()).collect()))
+        .collect()
 }
+
+fn pairs(rs: &[iac::ResourceChange]) -> Vec<(String, Vec<String>)> {
+    rs.iter()
+        .map(|r| (r.address.clone(), r.actions.clone()))
+        .collect()
+}
+
+const REPLACE: &[&str] = &["delete", "create"];
 
 fn secret(name: &str, value: &[u8]) -> iac::SecretFile {
     iac::SecretFile {
@@ -175,13 +202,6 @@ fn now_ms() -> i64 {
 const PLAN_WAIT: Duration = Duration::from_secs(180);
 const CHECK_WAIT: Duration = Duration::from_secs(180);
 
-fn addresses(d: &iac::DriftStatus) -> Vec<(String, Vec<String>)> {
-    d.resources
-        .iter()
-        .map(|r| (r.address.clone(), r.actions.clone()))
-        .collect()
-}
-
 fn cli(c: &Cluster, args: &[&str]) -> String {
     let out = Command::new(bin("outpost"))
         .arg("--state-dir")
@@ -201,19 +221,15 @@ const SECRET: &[u8] = b"webhook-shared-secret-4f1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
+    let (c, agent, hooks, dir) = cluster().await;
     // The global target fails twice, then answers: the event is sent again
     // after each failure, and one success is recorded.
     hooks.script("/flaky", &[500, 500]);
-    let dir = tempfile::tempdir().unwrap();
-    let repo = repo_with_state(dir.path(), MAIN_TF, &own_state());
+    let repo = repo(dir.path(), &main_tf());
     let mut a = admin(&c).await;
-    let declare = |w: Vec<u8>| {
+    let declare = |checked: bool| {
         let mut s = stack("net", &repo);
-        s.secrets = vec![secret("world.tfstate", &w)];
-        s.drift = Some(iac::DriftSpec {
+        s.drift = checked.then(|| iac::DriftSpec {
             schedule: "*/2 * * * * *".into(),
             timezone: "Europe/Paris".into(),
             ignore: vec!["null_resource.noi*".into()],
@@ -227,7 +243,7 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         s
     };
     a.apply_stacks(iac::ApplyStacksRequest {
-        stacks: vec![declare(world("1", "1", "1"))],
+        stacks: vec![declare(false)],
         notify: vec![iac::NotifyTarget {
             url: hooks.url("/flaky"),
             secret: b"global-secret".to_vec(),
@@ -238,8 +254,10 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     })
     .await
     .unwrap();
-    // The applied state agrees with the code and the world: a tracked run
-    // finds nothing to do, and so do the scheduled checks.
+    // The stack was applied by hand before it came here: its state agrees
+    // with the code, a tracked run finds nothing to do, and so do the
+    // scheduled checks once the stack has a schedule.
+    push_state(&c, dir.path(), "net", APPLIED);
     let first = a
         .sync_stack(iac::SyncStackRequest { name: "net".into() })
         .await
@@ -258,26 +276,40 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
                 .any(|r| r.header("x-outpost-event") == "run.finished")
         })
         .await;
-    let (_, d) = next_check(&mut a, "net", 0).await;
+    apply(&mut a, vec![declare(true)]).await;
+    let (check, d) = next_check(&mut a, "net", 0).await;
     assert_eq!(d.status, "in_sync", "{d:#?}");
     assert!(d.next_at_ms > 0, "{d:#?}");
+    assert_eq!(
+        (check.drifted.len(), check.changes.len()),
+        (0, 0),
+        "{check:#?}"
+    );
 
-    // A new upstream state version, written outside any run: drifted, with
-    // the right addresses, and one signed `drift.detected`.
+    // A state version written outside any run, `null_resource.a` changed
+    // by hand: drifted, reverting it replaces `a`; one signed
+    // `drift.detected`.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "2"), ("b", "1"), ("noise", "1")],
+    );
     let changed = now_ms();
-    apply(&mut a, vec![declare(world("2", "1", "1"))]).await;
     let (check, d) = next_check(&mut a, "net", changed).await;
     assert_eq!(d.status, "drifted", "{d:#?}");
     assert_eq!(
-        addresses(&d),
-        [(
-            "null_resource.a".to_string(),
-            vec!["delete".to_string(), "create".to_string()]
-        )]
+        pairs(&d.resources),
+        changes(&[("null_resource.a", REPLACE)])
     );
     assert_eq!(d.fingerprint.len(), 64);
     assert!(d.since_ms >= changed, "{d:#?}");
-    assert_eq!(check.changes.len(), 1, "{check:#?}");
+    assert_eq!(pairs(&check.drifted), changes(&[]), "{check:#?}");
+    assert_eq!(
+        pairs(&check.changes),
+        changes(&[("null_resource.a", REPLACE)]),
+        "{check:#?}"
+    );
     hooks
         .wait(Duration::from_secs(30), "drift.detected", |s| {
             s.iter()
@@ -299,10 +331,15 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let body = h.json();
     assert_eq!(body["event"], "drift.detected");
     assert_eq!(body["stack"], "net");
+    assert_eq!(body["run"], check.run_id.as_str());
     assert_eq!(body["fingerprint"], d.fingerprint.as_str());
     assert_eq!(body["states"]["from"], "in_sync");
     assert_eq!(body["states"]["to"], "drifted");
     assert_eq!(body["counts"]["drifted"], 1);
+    assert_eq!(
+        body["resources"],
+        serde_json::json!([{"address": "null_resource.a", "actions": ["delete", "create"]}])
+    );
     assert_eq!(body["delivery"], h.header("x-outpost-delivery"));
     assert_eq!(
         body["timestamp"].to_string(),
@@ -312,29 +349,56 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let ts: i64 = h.header("x-outpost-timestamp").parse().unwrap();
     assert!((ts - now_ms() / 1000).abs() < 600);
 
-    // The next scheduled checks find the same drift (and ignored noise):
-    // nothing is sent.
+    // Another hand-written version: the same drift, and an ignored one
+    // (`noise`). The next scheduled checks send nothing.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "2"), ("b", "1"), ("noise", "7")],
+    );
     let noisy = now_ms();
-    apply(&mut a, vec![declare(world("2", "1", "7"))]).await;
     let (again, d2) = next_check(&mut a, "net", noisy).await;
     assert_eq!(again.triggered_by, "schedule");
+    assert_eq!(
+        pairs(&again.changes),
+        changes(&[
+            ("null_resource.a", REPLACE),
+            ("null_resource.noise", REPLACE)
+        ]),
+        "the plan sees the ignored resource: {again:#?}"
+    );
     let (_, d3) = next_check(&mut a, "net", again.created_at_ms).await;
     assert_eq!(
         (d2.fingerprint.as_str(), d3.fingerprint.as_str()),
         (d.fingerprint.as_str(), d.fingerprint.as_str())
+    );
+    assert_eq!(
+        pairs(&d3.resources),
+        changes(&[("null_resource.a", REPLACE)])
     );
     assert_eq!(d3.since_ms, d.since_ms);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(hooks.of("/hook", "drift.detected").len(), 1);
     assert!(hooks.of("/hook", "drift.changed").is_empty());
 
-    // A different drift: `drift.changed`, once.
+    // A different drift: `b` removed from the state, `old` (which the code
+    // no longer declares) added. `drift.changed`, once.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "2"), ("noise", "7"), ("old", "1")],
+    );
     let other = now_ms();
-    apply(&mut a, vec![declare(world("2", "2", "7"))]).await;
     let (_, d4) = next_check(&mut a, "net", other).await;
     assert_eq!(
-        addresses(&d4).into_iter().map(|x| x.0).collect::<Vec<_>>(),
-        ["null_resource.a", "null_resource.b"]
+        pairs(&d4.resources),
+        changes(&[
+            ("null_resource.a", REPLACE),
+            ("null_resource.b", &["create"]),
+            ("null_resource.old", &["delete"]),
+        ])
     );
     assert_ne!(d4.fingerprint, d.fingerprint);
     hooks
@@ -343,18 +407,28 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
                 .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.changed")
         })
         .await;
+    let changed_body = hooks.of("/hook", "drift.changed")[0].json();
+    assert_eq!(changed_body["fingerprint"], d4.fingerprint.as_str());
+    assert_eq!(changed_body["counts"]["drifted"], 3);
 
-    // Repaired: `drift.resolved`, in sync.
+    // Repaired by hand (the noise left as it is): `drift.resolved`, in sync.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "1"), ("b", "1"), ("noise", "7")],
+    );
     let repaired = now_ms();
-    apply(&mut a, vec![declare(world("1", "1", "7"))]).await;
     let (_, d5) = next_check(&mut a, "net", repaired).await;
     assert_eq!(d5.status, "in_sync", "{d5:#?}");
+    assert!(d5.resources.is_empty(), "{d5:#?}");
     hooks
         .wait(Duration::from_secs(30), "drift.resolved", |s| {
             s.iter()
                 .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.resolved")
         })
         .await;
+    assert_eq!(hooks.of("/hook", "drift.detected").len(), 1);
     assert_eq!(hooks.of("/hook", "drift.changed").len(), 1);
     assert_eq!(hooks.of("/hook", "drift.resolved").len(), 1);
 
@@ -419,7 +493,6 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let v: serde_json::Value =
         serde_json::from_str(&cli(&c, &["stack", "show", "net", "--output", "json"])).unwrap();
     assert_eq!(v["drift"]["status"], "in_sync");
-    assert_eq!(v["secrets"], serde_json::json!(["world.tfstate"]));
     let metrics = http_get(c.server.as_ref().unwrap().metrics_addr, "/metrics").await;
     assert!(
         metrics.contains("outpost_drifts_detected_total{stack=\"net\"} 2"),
@@ -477,7 +550,7 @@ fn assert_not_in_data_dir(c: &Cluster, canaries: &[&[u8]]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_goes_through_policy_and_approval_and_drift_waits_for_the_stack_lock() {
     let (c, agent, hooks, dir) = cluster().await;
-    let repo = repo_with_state(dir.path(), MAIN_TF, &own_state());
+    let repo = repo(dir.path(), &main_tf());
     let mut a = admin(&c).await;
     // `auto` auto-approves reverting drift: the policy warns on anything
     // but a drift run, autodeploy confirms when nothing warned. `human`
@@ -486,11 +559,10 @@ async fn reconcile_goes_through_policy_and_approval_and_drift_waits_for_the_stac
 warn contains "changes outside drift need a human" if { not input.run.drift }
 "#;
     let human_policy = "package outpost.plan\nwarn contains \"a human decides\" if { true }\n";
-    let declare = |name: &str, policy: &str, w: Vec<u8>| {
+    let declare = |name: &str, policy: &str| {
         let mut s = stack(name, &repo);
         s.autodeploy = true;
         s.plan_policy = policy.into();
-        s.secrets = vec![secret("world.tfstate", &w)];
         s.drift = Some(iac::DriftSpec {
             // Checks run when asked (`stack check`), not on a schedule here.
             schedule: "0 0 1 1 *".into(),
@@ -506,13 +578,12 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     };
     apply(
         &mut a,
-        vec![
-            declare("auto", auto_policy, world("1", "1", "1")),
-            declare("human", human_policy, world("1", "1", "1")),
-        ],
+        vec![declare("auto", auto_policy), declare("human", human_policy)],
     )
     .await;
+    // Both applied by hand before they came here: nothing to do.
     for name in ["auto", "human"] {
+        push_state(&c, dir.path(), name, APPLIED);
         let id = a
             .sync_stack(iac::SyncStackRequest { name: name.into() })
             .await
@@ -520,17 +591,21 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
             .into_inner()
             .run_id;
         let r = wait_run(&mut a, &id, PLAN_WAIT, is_final).await;
-        assert_eq!(r.state, "FINISHED", "{r:#?}");
+        assert_eq!(
+            (r.state.as_str(), r.message.as_str()),
+            ("FINISHED", "no changes"),
+            "{r:#?}"
+        );
     }
-    // Drift in both worlds; a check of each.
-    apply(
-        &mut a,
-        vec![
-            declare("auto", auto_policy, world("2", "1", "1")),
-            declare("human", human_policy, world("2", "1", "1")),
-        ],
-    )
-    .await;
+    // `null_resource.a` changed by hand in both; a check of each.
+    for name in ["auto", "human"] {
+        push_state(
+            &c,
+            dir.path(),
+            name,
+            &[("a", "2"), ("b", "1"), ("noise", "1")],
+        );
+    }
     let out = cli(&c, &["stack", "check", "auto", "--output", "json"]);
     let auto_check: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(auto_check["kind"], "drift");
@@ -549,8 +624,18 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     )
     .await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert_eq!(
+        pairs(&r.changes),
+        changes(&[("null_resource.a", REPLACE)]),
+        "{r:#?}"
+    );
     let r = wait_run(&mut a, &human_check.run_id, CHECK_WAIT, is_final).await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert_eq!(
+        pairs(&r.changes),
+        changes(&[("null_resource.a", REPLACE)]),
+        "{r:#?}"
+    );
 
     // Each drift queued a tracked run with `run.drift = true`: `auto`'s
     // policy let autodeploy confirm it without a human; `human`'s waits.
@@ -625,6 +710,24 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         )
         .await;
 
+    // Reverted: `auto`'s next check finds it in sync again.
+    let out = cli(&c, &["stack", "check", "auto", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = wait_run(&mut a, v["run_id"].as_str().unwrap(), CHECK_WAIT, is_final).await;
+    assert_eq!(
+        (r.state.as_str(), r.changes.len()),
+        ("FINISHED", 0),
+        "{r:#?}"
+    );
+    let s = a
+        .get_stack(iac::GetStackRequest {
+            name: "auto".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.drift.unwrap().status, "in_sync");
+
     // The human's run holds the stack lock: a drift check waits (and says
     // so) and gets no job until the lock is released.
     let waiting = a
@@ -640,31 +743,62 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     assert!(w.plan_job.is_empty(), "{w:#?}");
     assert!(w.message.contains("holds the stack lock"), "{w:#?}");
     assert!(w.message.contains(&human_run.run_id), "{w:#?}");
+    // Meanwhile someone repairs `a` by hand, and the run reverting the
+    // drift is approved: its plan was made against a state that has moved,
+    // so it ends STALE with nothing applied, and says so (`run.failed`).
+    push_state(&c, dir.path(), "human", APPLIED);
     let r = a
         .decide_run(iac::DecideRunRequest {
             run_id: human_run.run_id.clone(),
-            decision: "discard".into(),
+            decision: "approve".into(),
             comment: String::new(),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.state, "DISCARDED");
+    assert_eq!(r.triggered_by, "drift");
+    let r = wait_run(&mut a, &human_run.run_id, PLAN_WAIT, is_final).await;
+    assert_eq!(r.state, "STALE", "{r:#?}");
+    assert!(r.message.contains("state moved"), "{r:#?}");
+    hooks
+        .wait(Duration::from_secs(30), "run.failed of human", |s| {
+            s.iter().any(|x| {
+                x.header("x-outpost-event") == "run.failed"
+                    && x.json()["run"] == human_run.run_id.as_str()
+            })
+        })
+        .await;
+    let failed = hooks
+        .seen()
+        .into_iter()
+        .find(|x| x.header("x-outpost-event") == "run.failed")
+        .unwrap();
+    let body = failed.json();
+    assert_eq!(body["states"]["to"], "STALE", "{body}");
+    assert!(
+        body["summary"].as_str().unwrap().contains("stale"),
+        "{body}"
+    );
+    // The lock released, the waiting check runs: in sync, `drift.resolved`.
     let w = wait_run(&mut a, &waiting.run_id, CHECK_WAIT, is_final).await;
     assert_eq!(w.state, "FINISHED", "{w:#?}");
+    assert!(w.changes.is_empty(), "{w:#?}");
     // Started only after the tracked run let go of the lock.
     let planning = w
         .transitions
         .iter()
         .find(|t| t.state == "PLANNING")
         .unwrap();
-    let discarded = r
-        .transitions
-        .iter()
-        .find(|t| t.state == "DISCARDED")
-        .unwrap();
-    assert!(planning.at_ms >= discarded.at_ms, "{w:#?} {r:#?}");
-    // The same drift again: nothing new is sent, no second reconcile.
+    let stale = r.transitions.iter().find(|t| t.state == "STALE").unwrap();
+    assert!(planning.at_ms >= stale.at_ms, "{w:#?} {r:#?}");
+    hooks
+        .wait(Duration::from_secs(30), "drift.resolved of human", |s| {
+            s.iter().any(|x| {
+                x.header("x-outpost-event") == "drift.resolved" && x.json()["stack"] == "human"
+            })
+        })
+        .await;
+    // One drift, one reconciling run, one `drift.detected`.
     let runs = a
         .list_runs(iac::ListRunsRequest {
             stack: "human".into(),
@@ -675,16 +809,17 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         .into_inner()
         .runs;
     assert_eq!(runs.iter().filter(|r| r.drift).count(), 1, "{runs:#?}");
-    assert_eq!(
-        hooks
-            .seen()
-            .iter()
-            .filter(
-                |x| x.header("x-outpost-event") == "drift.detected" && x.json()["stack"] == "human"
-            )
-            .count(),
-        1
-    );
+    for event in ["drift.detected", "drift.resolved", "run.needs_approval"] {
+        assert_eq!(
+            hooks
+                .seen()
+                .iter()
+                .filter(|x| x.header("x-outpost-event") == event && x.json()["stack"] == "human")
+                .count(),
+            1,
+            "{event}"
+        );
+    }
     agent.stop().await;
 }
 
