@@ -51,8 +51,9 @@ resource "null_resource" "noise" {
 /// The state [`main_tf`] leaves when applied: every trigger "1".
 const APPLIED: &[(&str, &str)] = &[("a", "1"), ("b", "1"), ("noise", "1")];
 
-/// A Terraform state of `null_resource`s `(name, trigger v)`.
-fn state(serial: u64, lineage: &str, resources: &[(&str, &str)]) -> String {
+/// A Terraform state in state format `format` (4 for Terraform 1.0), of
+/// `null_resource`s `(name, trigger v)`.
+fn state(format: u64, serial: u64, lineage: &str, resources: &[(&str, &str)]) -> String {
     let res = |(i, (name, v)): (usize, &(&str, &str))| {
         serde_json::json!({
             "mode": "managed", "type": "null_resource", "name": name,
@@ -63,7 +64,7 @@ fn state(serial: u64, lineage: &str, resources: &[(&str, &str)]) -> String {
         })
     };
     serde_json::json!({
-        "version": 4, "terraform_version": "1.0.3", "serial": serial,
+        "version": format, "terraform_version": "1.0.3", "serial": serial,
         "lineage": lineage, "outputs": {},
         "resources": resources.iter().enumerate().map(res).collect::<Vec<_>>(),
     })
@@ -73,9 +74,13 @@ fn state(serial: u64, lineage: &str, resources: &[(&str, &str)]) -> String {
 /// Writes a state version of `stack` outside any run, as an operator would
 /// after running Terraform by hand: the current version's lineage and the
 /// next serial (a new lineage for a stack without state), these resources,
-/// pushed with `outpost state push --recipient pool.pub`. Returns the
-/// serial.
-fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) -> u64 {
+/// pushed with `outpost state push --recipient pool.pub`.
+fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) {
+    push_state_in(c, dir, stack, 4, resources);
+}
+
+/// [`push_state`] of a state in state format `format`.
+fn push_state_in(c: &Cluster, dir: &Path, stack: &str, format: u64, resources: &[(&str, &str)]) {
     let versions: serde_json::Value =
         serde_json::from_str(&cli(c, &["state", "versions", stack, "--output", "json"])).unwrap();
     let (serial, lineage) = match versions.as_array().unwrap().first() {
@@ -86,7 +91,7 @@ fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) 
         None => (1, "5b0c7a54-0000-4000-8000-000000000001".to_string()),
     };
     let file = dir.join(format!("{stack}-{serial}.tfstate"));
-    std::fs::write(&file, state(serial, &lineage, resources)).unwrap();
+    std::fs::write(&file, state(format, serial, &lineage, resources)).unwrap();
     let pool_pub = outpost::dev::pool_key_paths(&c.state).1;
     cli(
         c,
@@ -104,7 +109,6 @@ fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) 
     assert_eq!(versions[0]["serial"], serial, "{versions}");
     assert_eq!(versions[0]["lineage"], lineage.as_str(), "{versions}");
     assert_eq!(versions[0]["written_by"], "admin:admin", "{versions}");
-    serial
 }
 
 /// `(address, actions)` pairs.
@@ -289,6 +293,7 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     // A state version written outside any run, `null_resource.a` changed
     // by hand: drifted, reverting it replaces `a`; one signed
     // `drift.detected`.
+    let before = now_ms();
     push_state(
         &c,
         dir.path(),
@@ -303,7 +308,7 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         changes(&[("null_resource.a", REPLACE)])
     );
     assert_eq!(d.fingerprint.len(), 64);
-    assert!(d.since_ms >= changed, "{d:#?}");
+    assert!(d.since_ms >= before, "{d:#?}");
     assert_eq!(pairs(&check.drifted), changes(&[]), "{check:#?}");
     assert_eq!(
         pairs(&check.changes),
@@ -331,7 +336,13 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let body = h.json();
     assert_eq!(body["event"], "drift.detected");
     assert_eq!(body["stack"], "net");
-    assert_eq!(body["run"], check.run_id.as_str());
+    // The check that first saw it (it may have started just before `changed`).
+    let first_seen = get_run(&mut a, body["run"].as_str().unwrap()).await;
+    assert_eq!(first_seen.kind, "drift");
+    assert_eq!(
+        pairs(&first_seen.changes),
+        changes(&[("null_resource.a", REPLACE)])
+    );
     assert_eq!(body["fingerprint"], d.fingerprint.as_str());
     assert_eq!(body["states"]["from"], "in_sync");
     assert_eq!(body["states"]["to"], "drifted");
@@ -432,6 +443,40 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert_eq!(hooks.of("/hook", "drift.changed").len(), 1);
     assert_eq!(hooks.of("/hook", "drift.resolved").len(), 1);
 
+    // A state this Terraform cannot read (a format of a later one): every
+    // check fails, the status is unknown with the reason, and one
+    // `drift.check_failed` is sent however many checks fail in a row.
+    push_state_in(&c, dir.path(), "net", 5, APPLIED);
+    let broken = now_ms();
+    let mut after = broken;
+    for _ in 0..3 {
+        let (failed, d6) = next_check(&mut a, "net", after).await;
+        assert_eq!(failed.state, "FAILED", "{failed:#?}");
+        assert_eq!(d6.status, "unknown", "{d6:#?}");
+        assert!(d6.reason.starts_with("drift check "), "{d6:#?}");
+        assert_eq!(d6.last_run, failed.run_id);
+        after = failed.created_at_ms;
+    }
+    hooks
+        .wait(Duration::from_secs(30), "drift.check_failed", |s| {
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.check_failed")
+        })
+        .await;
+    let failed = hooks.of("/hook", "drift.check_failed");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0].json()["states"]["from"], "in_sync");
+    assert_eq!(failed[0].json()["states"]["to"], "unknown");
+    // Readable again: in sync, and nothing to tell (receivers last heard
+    // of no drift).
+    push_state(&c, dir.path(), "net", APPLIED);
+    let fixed = now_ms();
+    let (_, d7) = next_check(&mut a, "net", fixed).await;
+    assert_eq!((d7.status.as_str(), d7.reason.as_str()), ("in_sync", ""));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hooks.of("/hook", "drift.check_failed").len(), 1);
+    assert_eq!(hooks.of("/hook", "drift.resolved").len(), 1);
+
     // The flaky global target: three attempts of one delivery, the last
     // one a success, every attempt recorded.
     hooks
@@ -503,6 +548,13 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         "{metrics}"
     );
     assert!(!metrics.contains("outpost_drift_runs_total 0"), "{metrics}");
+    let failed_checks: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_drift_checks_failed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(failed_checks >= 3, "{metrics}");
     // The webhook secrets and the world's values are nowhere in the data
     // directory in clear.
     assert_not_in_data_dir(&c, &[SECRET, b"global-secret"]);
