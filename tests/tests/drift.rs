@@ -876,6 +876,116 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_can_refuse_drift_checks_or_run_one_at_a_time() {
+    use outpost_proto::agent::v1::JobState;
+    let c = Cluster::start().await;
+    let mut cfg = c.agent_config(2);
+    cfg.iac.refuse_drift = true;
+    let agent = c.start_agent_with(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), &main_tf());
+    let mut a = admin(&c).await;
+    let declare = |name: &str| {
+        let mut s = stack(name, &repo);
+        s.drift = Some(iac::DriftSpec {
+            schedule: "0 0 1 1 *".into(),
+            ..Default::default()
+        });
+        s
+    };
+    apply(&mut a, vec![declare("one"), declare("two")]).await;
+    // The agent that refuses drift checks still runs tracked runs.
+    for name in ["one", "two"] {
+        push_state(&c, dir.path(), name, APPLIED);
+        let id = a
+            .sync_stack(iac::SyncStackRequest { name: name.into() })
+            .await
+            .unwrap()
+            .into_inner()
+            .run_id;
+        let r = wait_run(&mut a, &id, PLAN_WAIT, is_final).await;
+        assert_eq!(r.state, "FINISHED", "{r:#?}");
+    }
+    // A check finds no agent to take it.
+    let check = |a: &mut IacAdminClient<Channel>, name: &'static str| {
+        let mut a = a.clone();
+        async move {
+            a.check_drift(iac::CheckDriftRequest { stack: name.into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .run_id
+        }
+    };
+    let first = check(&mut a, "one").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = get_run(&mut a, &first).await;
+    assert_eq!(r.state, "PLANNING", "{r:#?}");
+    let job = c.job(&r.plan_job).await;
+    assert_eq!(outpost_tests::state(&job), JobState::Queued, "{job:#?}");
+    assert_eq!(job.matching_agents, Some(0), "{job:#?}");
+
+    // An agent that takes one drift check at a time joins: it runs it.
+    let pool_key = outpost::dev::pool_key_paths(&c.state).0;
+    let capped_cfg = c.write_agent_config(
+        "capped",
+        2,
+        &format!(
+            "[iac]\npool_key_file = \"{}\"\nmax_drift_checks = 1\n",
+            pool_key.display()
+        ),
+        "",
+    );
+    let _capped = c.spawn_agent("capped", &capped_cfg).await;
+    let r = wait_run(&mut a, &first, CHECK_WAIT, is_final).await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert_eq!(c.job(&r.plan_job).await.agent_id, "capped");
+
+    // Two checks at once: both leased to it (it has two slots), the second
+    // waits for the first to end before it starts.
+    let runs = [check(&mut a, "one").await, check(&mut a, "two").await];
+    let mut waited = false;
+    let deadline = tokio::time::Instant::now() + CHECK_WAIT;
+    let jobs = loop {
+        let mut jobs = Vec::new();
+        for id in &runs {
+            let r = get_run(&mut a, id).await;
+            if !r.plan_job.is_empty() {
+                jobs.push((is_final(&r), c.job(&r.plan_job).await));
+            }
+        }
+        let held = |s: JobState| {
+            jobs.iter()
+                .any(|(_, j)| outpost_tests::state(j) == s && j.agent_id == "capped")
+        };
+        waited |= held(JobState::Running) && held(JobState::Leased);
+        if jobs.len() == 2 && jobs.iter().all(|(done, _)| *done) {
+            break jobs.into_iter().map(|(_, j)| j).collect::<Vec<_>>();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the checks did not end: {jobs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        waited,
+        "one check was held, not started, while the other ran: {jobs:#?}"
+    );
+    let mut by_start = jobs.clone();
+    by_start.sort_by_key(|j| j.started_at_ms);
+    assert!(
+        by_start[1].started_at_ms >= by_start[0].finished_at_ms,
+        "one at a time: {jobs:#?}"
+    );
+    for j in &jobs {
+        assert_eq!(j.agent_id, "capped", "{j:#?}");
+        assert_eq!(outpost_tests::state(j), JobState::Succeeded, "{j:#?}");
+    }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposed_runs_plan_beside_the_lock_and_stack_secrets_reach_only_the_job() {
     let (c, agent, hooks, dir) = cluster().await;
     let tf = [
