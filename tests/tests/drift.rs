@@ -81,6 +81,14 @@ fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) 
 
 /// [`push_state`] of a state in state format `format`.
 fn push_state_in(c: &Cluster, dir: &Path, stack: &str, format: u64, resources: &[(&str, &str)]) {
+    push_raw(c, dir, stack, |serial, lineage| {
+        state(format, serial, lineage, resources)
+    });
+}
+
+/// Pushes the state `make(serial, lineage)` makes for the next serial of
+/// the current lineage (a new lineage for a stack without state).
+fn push_raw(c: &Cluster, dir: &Path, stack: &str, make: impl FnOnce(u64, &str) -> String) {
     let versions: serde_json::Value =
         serde_json::from_str(&cli(c, &["state", "versions", stack, "--output", "json"])).unwrap();
     let (serial, lineage) = match versions.as_array().unwrap().first() {
@@ -91,7 +99,7 @@ fn push_state_in(c: &Cluster, dir: &Path, stack: &str, format: u64, resources: &
         None => (1, "5b0c7a54-0000-4000-8000-000000000001".to_string()),
     };
     let file = dir.join(format!("{stack}-{serial}.tfstate"));
-    std::fs::write(&file, state(format, serial, &lineage, resources)).unwrap();
+    std::fs::write(&file, make(serial, &lineage)).unwrap();
     let pool_pub = outpost::dev::pool_key_paths(&c.state).1;
     cli(
         c,
@@ -1240,25 +1248,57 @@ warn contains "the token arrived" if {
     agent.stop().await;
 }
 
-/// Not a test: measures drift checks per hour for one agent of capacity 2
-/// (the demo's configuration: one null resource, no state) and the time
-/// from a scheduled instant to the webhook. Run with
-/// `cargo nextest run -p outpost-tests --test drift --run-ignored only -E 'test(measure)' --no-capture`.
+/// Not a test: measures, for the demo's configuration (`outpost dev
+/// --demo`: one null resource from a variable, an output, managed state
+/// applied), how many drift checks one agent of capacity 2 completes per
+/// hour, and the time from a scheduled instant to the webhook it causes.
+/// Run with
+/// `cargo nextest run --workspace -E 'binary(drift) & test(measure)' --run-ignored only --no-capture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test"]
 async fn measure_drift_checks_per_hour_and_schedule_to_webhook() {
     let (c, agent, hooks, dir) = cluster().await;
+    eprintln!("MEASURE machine: {}", machine());
     let demo_tf = [
         NULL_PROVIDER,
         r#"
+variable "greeting" {
+  type    = string
+  default = "hello"
+}
+
 resource "null_resource" "hello" {
-  triggers = { greeting = "hello" }
+  triggers = {
+    greeting = var.greeting
+  }
+}
+
+output "greeting" {
+  value = null_resource.hello.triggers.greeting
 }
 "#,
     ]
     .concat();
     let repo = repo(dir.path(), &demo_tf);
     let mut a = admin(&c).await;
+    // The state the demo's apply leaves, with `greeting` as given.
+    let demo_state = |greeting: &'static str| {
+        move |serial: u64, lineage: &str| {
+            serde_json::json!({
+                "version": 4, "terraform_version": "1.0.3", "serial": serial,
+                "lineage": lineage,
+                "outputs": {"greeting": {"value": greeting, "type": "string"}},
+                "resources": [{
+                    "mode": "managed", "type": "null_resource", "name": "hello",
+                    "provider": "provider[\"registry.terraform.io/hashicorp/null\"]",
+                    "instances": [{"schema_version": 0,
+                        "attributes": {"id": "4242", "triggers": {"greeting": greeting}},
+                        "sensitive_attributes": [], "private": "bnVsbA=="}],
+                }],
+            })
+            .to_string()
+        }
+    };
     let declare = |name: &str, schedule: &str| {
         let mut s = stack(name, &repo);
         s.drift = Some(iac::DriftSpec {
@@ -1267,62 +1307,103 @@ resource "null_resource" "hello" {
         });
         s.notify = vec![iac::NotifyTarget {
             url: hooks.url("/hook"),
-            events: vec!["drift.detected".into()],
+            events: vec!["drift.detected".into(), "drift.resolved".into()],
             ..Default::default()
         }];
         s
     };
-    // Fetched, but never applied: the first check finds drift (the code
-    // wants a resource the state lacks). The tracked runs are cancelled so
-    // that they hold no lock.
-    async fn fetched(a: &mut IacAdminClient<Channel>, name: &str) {
+    // Applied (by hand) and synced: in sync, the source fetched.
+    async fn applied(a: &mut IacAdminClient<Channel>, name: &str) {
         let id = a
             .sync_stack(iac::SyncStackRequest { name: name.into() })
             .await
             .unwrap()
             .into_inner()
             .run_id;
-        a.decide_run(iac::DecideRunRequest {
-            run_id: id,
-            decision: "cancel".into(),
-            comment: String::new(),
-        })
-        .await
-        .unwrap();
+        let r = wait_run(a, &id, PLAN_WAIT, is_final).await;
+        assert_eq!(r.state, "FINISHED", "{r:#?}");
     }
-    // 1. An idle agent, one stack every 10s: scheduled instant to webhook.
+
+    // 1. An otherwise idle agent, one stack checked every 10 s. Its state
+    // is changed by hand, then repaired, in turns: each next check sends
+    // `drift.detected` or `drift.resolved`. Scheduled instant -> received.
+    let every_ms = 10_000;
     apply(&mut a, vec![declare("solo", "*/10 * * * * *")]).await;
-    fetched(&mut a, "solo").await;
-    hooks
-        .wait(Duration::from_secs(120), "drift.detected", |s| {
-            !s.is_empty()
-        })
-        .await;
-    let h = hooks.seen()[0].clone();
-    let r = get_run(&mut a, h.json()["run"].as_str().unwrap()).await;
-    let scheduled = r.created_at_ms / 10_000 * 10_000;
+    push_raw(&c, dir.path(), "solo", demo_state("hello"));
+    applied(&mut a, "solo").await;
+    let samples = 9;
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let (greeting, event) = if i % 2 == 0 {
+            ("changed by hand", "drift.detected")
+        } else {
+            ("hello", "drift.resolved")
+        };
+        let pushed = now_ms();
+        push_raw(&c, dir.path(), "solo", demo_state(greeting));
+        let seen = hooks.seen().len();
+        hooks
+            .wait(Duration::from_secs(60), event, |s| {
+                s.len() > seen
+                    && s[seen..]
+                        .iter()
+                        .any(|r| r.header("x-outpost-event") == event)
+            })
+            .await;
+        let h = hooks.seen()[seen..]
+            .iter()
+            .find(|r| r.header("x-outpost-event") == event)
+            .unwrap()
+            .clone();
+        let r = get_run(&mut a, h.json()["run"].as_str().unwrap()).await;
+        assert!(r.created_at_ms >= pushed, "{r:#?}");
+        let scheduled = r.created_at_ms / every_ms * every_ms;
+        let ended = r.transitions.last().unwrap().at_ms;
+        eprintln!(
+            "MEASURE sample {i} {event}: scheduled -> received {} ms (queued +{}, planning +{}, check ended +{})",
+            h.at_ms - scheduled,
+            r.created_at_ms - scheduled,
+            r.transitions
+                .iter()
+                .find(|t| t.state == "PLANNING")
+                .map_or(-1, |t| t.at_ms - scheduled),
+            ended - scheduled,
+        );
+        latencies.push(h.at_ms - scheduled);
+    }
+    latencies.sort();
     eprintln!(
-        "MEASURE scheduled instant -> drift.detected received: {} ms (queued +{} ms, check ended +{} ms)",
-        h.at_ms - scheduled,
-        r.created_at_ms - scheduled,
-        r.transitions.last().unwrap().at_ms - scheduled
+        "MEASURE scheduled instant -> notification received: median {} ms, min {} ms, max {} ms over {samples}",
+        latencies[latencies.len() / 2],
+        latencies[0],
+        latencies[latencies.len() - 1]
     );
-    // 2. Stacks that always have a check due: the agent is never idle.
+    apply(&mut a, vec![declare("solo", "0 0 1 1 *")]).await;
+
+    // 2. Stacks whose check is always due (every second): the agent is
+    // never idle; checks that end within the window are counted.
     let n = 6;
+    let names: Vec<String> = (0..n).map(|i| format!("demo-{i}")).collect();
     apply(
         &mut a,
-        (0..n)
-            .map(|i| declare(&format!("demo-{i}"), "* * * * * *"))
-            .collect(),
+        names.iter().map(|n| declare(n, "0 0 1 1 *")).collect(),
     )
     .await;
-    for i in 0..n {
-        fetched(&mut a, &format!("demo-{i}")).await;
+    for name in &names {
+        push_raw(&c, dir.path(), name, demo_state("hello"));
+        applied(&mut a, name).await;
     }
+    apply(
+        &mut a,
+        names.iter().map(|n| declare(n, "* * * * * *")).collect(),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(20)).await;
+    let load_before = loadavg();
     let from = now_ms();
-    tokio::time::sleep(Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(180)).await;
     let to = now_ms();
+    let load_after = loadavg();
     let runs = a
         .list_runs(iac::ListRunsRequest {
             stack: String::new(),
@@ -1332,19 +1413,55 @@ resource "null_resource" "hello" {
         .unwrap()
         .into_inner()
         .runs;
-    let done = runs
+    let ended: Vec<&iac::Run> = runs
         .iter()
-        .filter(|r| r.kind == "drift" && r.state == "FINISHED")
+        .filter(|r| r.kind == "drift" && r.stack.starts_with("demo-"))
         .filter(|r| {
             r.transitions
                 .last()
-                .is_some_and(|t| t.at_ms >= from && t.at_ms < to)
+                .is_some_and(|t| is_final(r) && t.at_ms >= from && t.at_ms < to)
         })
-        .count();
-    let per_hour = done as f64 * 3_600_000.0 / (to - from) as f64;
+        .collect();
+    let finished = ended.iter().filter(|r| r.state == "FINISHED").count();
+    assert_eq!(finished, ended.len(), "every check succeeds: {ended:#?}");
+    let mut durations: Vec<i64> = ended
+        .iter()
+        .filter_map(|r| {
+            let start = r.transitions.iter().find(|t| t.state == "PLANNING")?;
+            Some(r.transitions.last()?.at_ms - start.at_ms)
+        })
+        .collect();
+    durations.sort();
+    let per_hour = finished as f64 * 3_600_000.0 / (to - from) as f64;
     eprintln!(
-        "MEASURE drift checks: {done} in {:.0}s on one agent of capacity 2 = {per_hour:.0} checks/hour",
-        (to - from) as f64 / 1000.0
+        "MEASURE drift checks: {finished} in {:.0} s on one agent of capacity 2 = {per_hour:.0} checks/hour; one check (planning to end) median {} ms; load average {load_before} before, {load_after} after",
+        (to - from) as f64 / 1000.0,
+        durations.get(durations.len() / 2).copied().unwrap_or(0),
     );
     agent.stop().await;
+}
+
+/// `nproc` and the CPU model.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    format!(
+        "{} CPUs, {model}; load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    )
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
