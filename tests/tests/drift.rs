@@ -119,6 +119,25 @@ fn push_raw(c: &Cluster, dir: &Path, stack: &str, make: impl FnOnce(u64, &str) -
     assert_eq!(versions[0]["written_by"], "admin:admin", "{versions}");
 }
 
+/// Syncs `name` (its first fetch queues a tracked run) and waits for the
+/// run to end: the state pushed by hand agrees with the code, so it finds
+/// nothing to do.
+async fn sync_in_sync(a: &mut IacAdminClient<Channel>, name: &str) -> iac::Run {
+    let id = a
+        .sync_stack(iac::SyncStackRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let r = wait_run(a, &id, PLAN_WAIT, is_final).await;
+    assert_eq!(
+        (r.state.as_str(), r.message.as_str()),
+        ("FINISHED", "no changes"),
+        "{r:#?}"
+    );
+    r
+}
+
 /// `(address, actions)` pairs.
 fn changes(pairs: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
     pairs
@@ -270,18 +289,7 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     // with the code, a tracked run finds nothing to do, and so do the
     // scheduled checks once the stack has a schedule.
     push_state(&c, dir.path(), "net", APPLIED);
-    let first = a
-        .sync_stack(iac::SyncStackRequest { name: "net".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    let r = wait_run(&mut a, &first, PLAN_WAIT, is_final).await;
-    assert_eq!(
-        (r.state.as_str(), r.message.as_str()),
-        ("FINISHED", "no changes"),
-        "{r:#?}"
-    );
+    sync_in_sync(&mut a, "net").await;
     hooks
         .wait(Duration::from_secs(30), "run.finished", |s| {
             s.iter()
@@ -644,18 +652,7 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     // Both applied by hand before they came here: nothing to do.
     for name in ["auto", "human"] {
         push_state(&c, dir.path(), name, APPLIED);
-        let id = a
-            .sync_stack(iac::SyncStackRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .run_id;
-        let r = wait_run(&mut a, &id, PLAN_WAIT, is_final).await;
-        assert_eq!(
-            (r.state.as_str(), r.message.as_str()),
-            ("FINISHED", "no changes"),
-            "{r:#?}"
-        );
+        sync_in_sync(&mut a, name).await;
     }
     // `null_resource.a` changed by hand in both; a check of each.
     for name in ["auto", "human"] {
@@ -905,14 +902,7 @@ async fn an_agent_can_refuse_drift_checks_or_run_one_at_a_time() {
     // The agent that refuses drift checks still runs tracked runs.
     for name in ["one", "two"] {
         push_state(&c, dir.path(), name, APPLIED);
-        let id = a
-            .sync_stack(iac::SyncStackRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .run_id;
-        let r = wait_run(&mut a, &id, PLAN_WAIT, is_final).await;
-        assert_eq!(r.state, "FINISHED", "{r:#?}");
+        sync_in_sync(&mut a, name).await;
     }
     // A check finds no agent to take it.
     let check = |a: &mut IacAdminClient<Channel>, name: &'static str| {
@@ -1312,25 +1302,13 @@ output "greeting" {
         }];
         s
     };
-    // Applied (by hand) and synced: in sync, the source fetched.
-    async fn applied(a: &mut IacAdminClient<Channel>, name: &str) {
-        let id = a
-            .sync_stack(iac::SyncStackRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .run_id;
-        let r = wait_run(a, &id, PLAN_WAIT, is_final).await;
-        assert_eq!(r.state, "FINISHED", "{r:#?}");
-    }
-
     // 1. An otherwise idle agent, one stack checked every 10 s. Its state
     // is changed by hand, then repaired, in turns: each next check sends
     // `drift.detected` or `drift.resolved`. Scheduled instant -> received.
     let every_ms = 10_000;
     apply(&mut a, vec![declare("solo", "*/10 * * * * *")]).await;
     push_raw(&c, dir.path(), "solo", demo_state("hello"));
-    applied(&mut a, "solo").await;
+    sync_in_sync(&mut a, "solo").await;
     let samples = 9;
     let mut latencies = Vec::new();
     for i in 0..samples {
@@ -1391,7 +1369,7 @@ output "greeting" {
     .await;
     for name in &names {
         push_raw(&c, dir.path(), name, demo_state("hello"));
-        applied(&mut a, name).await;
+        sync_in_sync(&mut a, name).await;
     }
     apply(
         &mut a,
