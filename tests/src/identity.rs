@@ -9,7 +9,7 @@ use outpost_proto::agent::v1 as pb;
 use outpost_proto::identity::v1 as idpb;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
-use crate::{Cluster, RawAgent};
+use crate::{Cluster, RawAgent, RawIdentity};
 
 /// An enrolled identity's files.
 pub struct Enrolled {
@@ -121,44 +121,8 @@ impl Cluster {
         key: &Path,
         hello: pb::Hello,
     ) -> Result<RawAgent, tonic::Status> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(
-                std::fs::read(self.state.pki().ca_cert()).expect("ca"),
-            ))
-            .identity(tonic::transport::Identity::from_pem(
-                std::fs::read(cert).expect("cert"),
-                std::fs::read(key).expect("key"),
-            ))
-            .domain_name("localhost");
-        let channel = Endpoint::from_shared(self.url())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls")
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
+        self.raw_agent_with(RawIdentity::Files { cert, key }, hello)
             .await
-            .map_err(|e| tonic::Status::unavailable(crate::error_chain(&e)))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(hello)),
-        })
-        .await
-        .expect("queue hello");
-        let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
-            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
-            .await
-            .expect("a welcome within 30s")?;
-        match first.and_then(|m| m.msg) {
-            Some(pb::server_message::Msg::Welcome(welcome)) => Ok(RawAgent {
-                tx,
-                inbound,
-                welcome,
-            }),
-            other => panic!("expected a welcome, got {other:?}"),
-        }
     }
 }
 

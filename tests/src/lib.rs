@@ -4,6 +4,7 @@
 pub mod bench;
 pub mod ec2;
 pub mod faults;
+pub mod iac;
 pub mod identity;
 pub mod moto;
 pub mod sandbox_helpers;
@@ -495,19 +496,37 @@ pull = "never"
         cert_name: &str,
         hello: pb::Hello,
     ) -> Result<RawAgent, tonic::Status> {
+        self.raw_agent_with(RawIdentity::Issued(cert_name), hello)
+            .await
+    }
+
+    /// Opens a scripted agent session with `identity`, sends `hello` and
+    /// waits for the welcome. A connection that cannot be made is
+    /// `Unavailable` with its cause; what the server refuses is its status.
+    pub async fn raw_agent_with(
+        &self,
+        identity: RawIdentity<'_>,
+        hello: pb::Hello,
+    ) -> Result<RawAgent, tonic::Status> {
         let pki = self.state.pki();
-        let paths = pki.issued(outpost::identity::Role::Agent, cert_name);
-        if !paths.cert.exists() {
-            pki.issue(outpost::identity::Role::Agent, cert_name)
-                .expect("issue agent cert");
-        }
+        let (cert, key) = match identity {
+            RawIdentity::Issued(name) => {
+                let paths = pki.issued(outpost::identity::Role::Agent, name);
+                if !paths.cert.exists() {
+                    pki.issue(outpost::identity::Role::Agent, name)
+                        .expect("issue agent cert");
+                }
+                (paths.cert, paths.key)
+            }
+            RawIdentity::Files { cert, key } => (cert.to_path_buf(), key.to_path_buf()),
+        };
         let tls = tonic::transport::ClientTlsConfig::new()
             .ca_certificate(tonic::transport::Certificate::from_pem(
                 std::fs::read(pki.ca_cert()).expect("ca"),
             ))
             .identity(tonic::transport::Identity::from_pem(
-                std::fs::read(&paths.cert).expect("cert"),
-                std::fs::read(&paths.key).expect("key"),
+                std::fs::read(&cert).expect("cert"),
+                std::fs::read(&key).expect("key"),
             ))
             .domain_name("localhost");
         let channel = tonic::transport::Endpoint::from_shared(self.url())
@@ -517,7 +536,7 @@ pull = "never"
             .connect_timeout(Duration::from_secs(10))
             .connect()
             .await
-            .expect("the scripted agent connects");
+            .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
         let (tx, rx) = tokio::sync::mpsc::channel(64);
         tx.send(pb::AgentMessage {
             msg: Some(pb::agent_message::Msg::Hello(hello)),
@@ -540,6 +559,15 @@ pull = "never"
             other => panic!("expected a welcome, got {other:?}"),
         }
     }
+}
+
+/// Whose certificate a scripted agent session presents.
+pub enum RawIdentity<'a> {
+    /// The agent certificate of this name, issued by the cluster's CA if
+    /// missing.
+    Issued(&'a str),
+    /// A certificate and key already on disk (e.g. enrolled).
+    Files { cert: &'a Path, key: &'a Path },
 }
 
 /// A scripted agent session over real mTLS: the test decides every message.

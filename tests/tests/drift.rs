@@ -2,153 +2,163 @@
 //! end to end: a real git repository, real Terraform (1.0.3, null provider)
 //! in the real sandbox, a real webhook receiver on loopback, real mTLS.
 //!
-//! The stacks here keep their recorded state in their repository (the
-//! local backend's `terraform.tfstate`, as applied) and read "the world"
-//! from an upstream state file another team writes by hand: a
-//! `terraform_remote_state` data source on a stack secret file. Writing a
-//! new upstream state version outside any run (re-declaring the secret)
-//! moves the world away from the code: the drift the checks must find.
+//! The stacks here keep their state in the control plane (managed state).
+//! Drift is what an operator running Terraform by hand leaves behind: a
+//! state version written outside any run with `outpost state push` (sealed
+//! on the client), derived from the current one (same lineage, the next
+//! serial) with a resource's triggers changed, an instance removed or one
+//! the code does not declare added. The null provider reads nothing back,
+//! so the refresh-only plan reports no drift of its own here; the normal
+//! plan of the same checkout reports what reverting it takes, and that is
+//! the drift the checks must find.
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use outpost_proto::iac::v1 as iac;
 use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
+use outpost_tests::iac::{
+    NULL_PROVIDER, admin, commit, get_run, git, is_final, repo, stack, wait_run,
+};
 use outpost_tests::webhook::{Receiver, verify};
-use outpost_tests::{Cluster, RUNNER_IMAGE, bin};
+use outpost_tests::{Agent, Cluster, bin};
 use tonic::transport::Channel;
 
-const MAIN_TF: &str = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
-}
-
-data "terraform_remote_state" "world" {
-  backend = "local"
-  config = {
-    path = "/run/secrets/world.tfstate"
-  }
-}
-
+/// Three resources whose triggers are all "1"; the state is managed.
+fn main_tf() -> String {
+    [
+        NULL_PROVIDER,
+        r#"
 resource "null_resource" "a" {
-  triggers = { v = data.terraform_remote_state.world.outputs.a }
+  triggers = { v = "1" }
 }
 
 resource "null_resource" "b" {
-  triggers = { v = data.terraform_remote_state.world.outputs.b }
+  triggers = { v = "1" }
 }
 
 resource "null_resource" "noise" {
-  triggers = { v = data.terraform_remote_state.world.outputs.noise }
+  triggers = { v = "1" }
 }
-"#;
+"#,
+    ]
+    .concat()
+}
 
-/// The stack's own state as last applied: every trigger "1".
-fn own_state() -> String {
-    let res = |name: &str, id: &str| {
+/// The state [`main_tf`] leaves when applied: every trigger "1".
+const APPLIED: &[(&str, &str)] = &[("a", "1"), ("b", "1"), ("noise", "1")];
+
+/// A Terraform state in state format `format` (4 for Terraform 1.0), of
+/// `null_resource`s `(name, trigger v)`.
+fn state(format: u64, serial: u64, lineage: &str, resources: &[(&str, &str)]) -> String {
+    let res = |(i, (name, v)): (usize, &(&str, &str))| {
         serde_json::json!({
             "mode": "managed", "type": "null_resource", "name": name,
             "provider": "provider[\"registry.terraform.io/hashicorp/null\"]",
-            "instances": [{"schema_version": 0, "attributes": {"id": id, "triggers": {"v": "1"}},
+            "instances": [{"schema_version": 0,
+                "attributes": {"id": format!("{}", 1001 + i), "triggers": {"v": v}},
                 "sensitive_attributes": [], "private": "bnVsbA=="}],
         })
     };
     serde_json::json!({
-        "version": 4, "terraform_version": "1.0.3", "serial": 3,
-        "lineage": "5b0c7a54-0000-4000-8000-000000000001", "outputs": {},
-        "resources": [res("a", "1001"), res("b", "1002"), res("noise", "1003")],
+        "version": format, "terraform_version": "1.0.3", "serial": serial,
+        "lineage": lineage, "outputs": {},
+        "resources": resources.iter().enumerate().map(res).collect::<Vec<_>>(),
     })
     .to_string()
 }
 
-/// An upstream state version with these outputs.
-fn world(a: &str, b: &str, noise: &str) -> Vec<u8> {
-    serde_json::json!({
-        "version": 4, "terraform_version": "1.0.3", "serial": 1,
-        "lineage": "5b0c7a54-0000-4000-8000-000000000002",
-        "outputs": {
-            "a": {"value": a, "type": "string"},
-            "b": {"value": b, "type": "string"},
-            "noise": {"value": noise, "type": "string"},
-        },
-        "resources": [],
-    })
-    .to_string()
-    .into_bytes()
+/// Writes a state version of `stack` outside any run, as an operator would
+/// after running Terraform by hand: the current version's lineage and the
+/// next serial (a new lineage for a stack without state), these resources,
+/// pushed with `outpost state push --recipient pool.pub`.
+fn push_state(c: &Cluster, dir: &Path, stack: &str, resources: &[(&str, &str)]) {
+    push_state_in(c, dir, stack, 4, resources);
 }
 
-fn git(repo: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(repo)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+/// [`push_state`] of a state in state format `format`.
+fn push_state_in(c: &Cluster, dir: &Path, stack: &str, format: u64, resources: &[(&str, &str)]) {
+    push_raw(c, dir, stack, |serial, lineage| {
+        state(format, serial, lineage, resources)
+    });
 }
 
-fn commit(repo: &Path, msg: &str) {
-    git(repo, &["add", "-A"]);
-    git(
-        repo,
+/// Pushes the state `make(serial, lineage)` makes for the next serial of
+/// the current lineage (a new lineage for a stack without state).
+fn push_raw(c: &Cluster, dir: &Path, stack: &str, make: impl FnOnce(u64, &str) -> String) {
+    let versions: serde_json::Value =
+        serde_json::from_str(&cli(c, &["state", "versions", stack, "--output", "json"])).unwrap();
+    let (serial, lineage) = match versions.as_array().unwrap().first() {
+        Some(v) => (
+            v["serial"].as_u64().unwrap() + 1,
+            v["lineage"].as_str().unwrap().to_string(),
+        ),
+        None => (1, "5b0c7a54-0000-4000-8000-000000000001".to_string()),
+    };
+    let file = dir.join(format!("{stack}-{serial}.tfstate"));
+    std::fs::write(&file, make(serial, &lineage)).unwrap();
+    let pool_pub = outpost::dev::pool_key_paths(&c.state).1;
+    cli(
+        c,
         &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            msg,
+            "state",
+            "push",
+            stack,
+            file.to_str().unwrap(),
+            "--recipient",
+            pool_pub.to_str().unwrap(),
         ],
     );
+    let versions: serde_json::Value =
+        serde_json::from_str(&cli(c, &["state", "versions", stack, "--output", "json"])).unwrap();
+    assert_eq!(versions[0]["serial"], serial, "{versions}");
+    assert_eq!(versions[0]["lineage"], lineage.as_str(), "{versions}");
+    assert_eq!(versions[0]["written_by"], "admin:admin", "{versions}");
 }
 
-/// A repository with `infra/main.tf` and its applied state on `main`.
-fn repo(dir: &Path, main_tf: &str, state: Option<&str>) -> PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(repo.join("infra")).unwrap();
-    std::fs::write(repo.join("infra/main.tf"), main_tf).unwrap();
-    if let Some(s) = state {
-        std::fs::write(repo.join("infra/terraform.tfstate"), s).unwrap();
-    }
-    git(&repo, &["init", "-q", "-b", "main", "."]);
-    commit(&repo, "first");
-    repo
+/// Syncs `name` (its first fetch queues a tracked run) and waits for the
+/// run to end: the state pushed by hand agrees with the code, so it finds
+/// nothing to do.
+async fn sync_in_sync(a: &mut IacAdminClient<Channel>, name: &str) -> iac::Run {
+    let id = a
+        .sync_stack(iac::SyncStackRequest { name: name.into() })
+        .await
+        .unwrap()
+        .into_inner()
+        .run_id;
+    let r = wait_run(a, &id, PLAN_WAIT, is_final).await;
+    assert_eq!(
+        (r.state.as_str(), r.message.as_str()),
+        ("FINISHED", "no changes"),
+        "{r:#?}"
+    );
+    r
 }
 
-fn stack(name: &str, repo: &Path) -> iac::StackSpec {
-    iac::StackSpec {
-        name: name.into(),
-        repo: format!("file://{}", repo.display()),
-        branch: "main".into(),
-        project_root: "infra".into(),
-        image: RUNNER_IMAGE.into(),
-        ..Default::default()
-    }
+/// `(address, actions)` pairs.
+fn changes(pairs: &[(&str, &[&str])]) -> Vec<(String, Vec<String>)> {
+    pairs
+        .iter()
+        .map(|(a, acts)| (a.to_string(), acts.iter().map(|s| s.to_string()).collect()))
+        .collect()
 }
+
+fn pairs(rs: &[iac::ResourceChange]) -> Vec<(String, Vec<String>)> {
+    rs.iter()
+        .map(|r| (r.address.clone(), r.actions.clone()))
+        .collect()
+}
+
+const REPLACE: &[&str] = &["delete", "create"];
 
 fn secret(name: &str, value: &[u8]) -> iac::SecretFile {
     iac::SecretFile {
         name: name.into(),
         value: value.to_vec(),
     }
-}
-
-async fn admin(c: &Cluster) -> IacAdminClient<Channel> {
-    IacAdminClient::new(c.client_config().channel().await.unwrap())
 }
 
 async fn apply(a: &mut IacAdminClient<Channel>, specs: Vec<iac::StackSpec>) {
@@ -160,39 +170,13 @@ async fn apply(a: &mut IacAdminClient<Channel>, specs: Vec<iac::StackSpec>) {
     .expect("apply stacks");
 }
 
-async fn run(a: &mut IacAdminClient<Channel>, id: &str) -> iac::Run {
-    a.get_run(iac::GetRunRequest { run_id: id.into() })
-        .await
-        .unwrap()
-        .into_inner()
-}
-
-/// Polls `run` until `pred` holds (bounded).
-async fn wait_run(
-    a: &mut IacAdminClient<Channel>,
-    id: &str,
-    limit: Duration,
-    pred: impl Fn(&iac::Run) -> bool,
-) -> iac::Run {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let r = run(a, id).await;
-        if pred(&r) {
-            return r;
-        }
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "run {id} did not get there in {limit:?}: {r:#?}"
-        );
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-}
-
-fn is_final(r: &iac::Run) -> bool {
-    matches!(
-        r.state.as_str(),
-        "FINISHED" | "FAILED" | "CANCELLED" | "DISCARDED" | "STALE"
-    )
+/// A control plane, one agent of capacity 2, a webhook receiver and a
+/// scratch directory.
+async fn cluster() -> (Cluster, Agent, Receiver, tempfile::TempDir) {
+    let c = Cluster::start().await;
+    let agent = c.start_agent(2).await;
+    let hooks = Receiver::start().await;
+    (c, agent, hooks, tempfile::tempdir().unwrap())
 }
 
 async fn drift_runs(a: &mut IacAdminClient<Channel>, stack: &str) -> Vec<iac::Run> {
@@ -249,13 +233,6 @@ fn now_ms() -> i64 {
 const PLAN_WAIT: Duration = Duration::from_secs(180);
 const CHECK_WAIT: Duration = Duration::from_secs(180);
 
-fn addresses(d: &iac::DriftStatus) -> Vec<(String, Vec<String>)> {
-    d.resources
-        .iter()
-        .map(|r| (r.address.clone(), r.actions.clone()))
-        .collect()
-}
-
 fn cli(c: &Cluster, args: &[&str]) -> String {
     let out = Command::new(bin("outpost"))
         .arg("--state-dir")
@@ -275,19 +252,15 @@ const SECRET: &[u8] = b"webhook-shared-secret-4f1";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
+    let (c, agent, hooks, dir) = cluster().await;
     // The global target fails twice, then answers: the event is sent again
     // after each failure, and one success is recorded.
     hooks.script("/flaky", &[500, 500]);
-    let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path(), MAIN_TF, Some(&own_state()));
+    let repo = repo(dir.path(), &main_tf());
     let mut a = admin(&c).await;
-    let declare = |w: Vec<u8>| {
+    let declare = |checked: bool| {
         let mut s = stack("net", &repo);
-        s.secrets = vec![secret("world.tfstate", &w)];
-        s.drift = Some(iac::DriftSpec {
+        s.drift = checked.then(|| iac::DriftSpec {
             schedule: "*/2 * * * * *".into(),
             timezone: "Europe/Paris".into(),
             ignore: vec!["null_resource.noi*".into()],
@@ -301,7 +274,7 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         s
     };
     a.apply_stacks(iac::ApplyStacksRequest {
-        stacks: vec![declare(world("1", "1", "1"))],
+        stacks: vec![declare(false)],
         notify: vec![iac::NotifyTarget {
             url: hooks.url("/flaky"),
             secret: b"global-secret".to_vec(),
@@ -312,46 +285,52 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     })
     .await
     .unwrap();
-    // The applied state agrees with the code and the world: a tracked run
-    // finds nothing to do, and so do the scheduled checks.
-    let first = a
-        .sync_stack(iac::SyncStackRequest { name: "net".into() })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    let r = wait_run(&mut a, &first, PLAN_WAIT, is_final).await;
-    assert_eq!(
-        (r.state.as_str(), r.message.as_str()),
-        ("FINISHED", "no changes"),
-        "{r:#?}"
-    );
+    // The stack was applied by hand before it came here: its state agrees
+    // with the code, a tracked run finds nothing to do, and so do the
+    // scheduled checks once the stack has a schedule.
+    push_state(&c, dir.path(), "net", APPLIED);
+    sync_in_sync(&mut a, "net").await;
     hooks
         .wait(Duration::from_secs(30), "run.finished", |s| {
             s.iter()
                 .any(|r| r.header("x-outpost-event") == "run.finished")
         })
         .await;
-    let (_, d) = next_check(&mut a, "net", 0).await;
+    apply(&mut a, vec![declare(true)]).await;
+    let (check, d) = next_check(&mut a, "net", 0).await;
     assert_eq!(d.status, "in_sync", "{d:#?}");
     assert!(d.next_at_ms > 0, "{d:#?}");
+    assert_eq!(
+        (check.drifted.len(), check.changes.len()),
+        (0, 0),
+        "{check:#?}"
+    );
 
-    // A new upstream state version, written outside any run: drifted, with
-    // the right addresses, and one signed `drift.detected`.
+    // A state version written outside any run, `null_resource.a` changed
+    // by hand: drifted, reverting it replaces `a`; one signed
+    // `drift.detected`.
+    let before = now_ms();
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "2"), ("b", "1"), ("noise", "1")],
+    );
     let changed = now_ms();
-    apply(&mut a, vec![declare(world("2", "1", "1"))]).await;
     let (check, d) = next_check(&mut a, "net", changed).await;
     assert_eq!(d.status, "drifted", "{d:#?}");
     assert_eq!(
-        addresses(&d),
-        [(
-            "null_resource.a".to_string(),
-            vec!["delete".to_string(), "create".to_string()]
-        )]
+        pairs(&d.resources),
+        changes(&[("null_resource.a", REPLACE)])
     );
     assert_eq!(d.fingerprint.len(), 64);
-    assert!(d.since_ms >= changed, "{d:#?}");
-    assert_eq!(check.changes.len(), 1, "{check:#?}");
+    assert!(d.since_ms >= before, "{d:#?}");
+    assert_eq!(pairs(&check.drifted), changes(&[]), "{check:#?}");
+    assert_eq!(
+        pairs(&check.changes),
+        changes(&[("null_resource.a", REPLACE)]),
+        "{check:#?}"
+    );
     hooks
         .wait(Duration::from_secs(30), "drift.detected", |s| {
             s.iter()
@@ -373,10 +352,21 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let body = h.json();
     assert_eq!(body["event"], "drift.detected");
     assert_eq!(body["stack"], "net");
+    // The check that first saw it (it may have started just before `changed`).
+    let first_seen = get_run(&mut a, body["run"].as_str().unwrap()).await;
+    assert_eq!(first_seen.kind, "drift");
+    assert_eq!(
+        pairs(&first_seen.changes),
+        changes(&[("null_resource.a", REPLACE)])
+    );
     assert_eq!(body["fingerprint"], d.fingerprint.as_str());
     assert_eq!(body["states"]["from"], "in_sync");
     assert_eq!(body["states"]["to"], "drifted");
     assert_eq!(body["counts"]["drifted"], 1);
+    assert_eq!(
+        body["resources"],
+        serde_json::json!([{"address": "null_resource.a", "actions": ["delete", "create"]}])
+    );
     assert_eq!(body["delivery"], h.header("x-outpost-delivery"));
     assert_eq!(
         body["timestamp"].to_string(),
@@ -386,29 +376,56 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let ts: i64 = h.header("x-outpost-timestamp").parse().unwrap();
     assert!((ts - now_ms() / 1000).abs() < 600);
 
-    // The next scheduled checks find the same drift (and ignored noise):
-    // nothing is sent.
+    // Another hand-written version: the same drift, and an ignored one
+    // (`noise`). The next scheduled checks send nothing.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "2"), ("b", "1"), ("noise", "7")],
+    );
     let noisy = now_ms();
-    apply(&mut a, vec![declare(world("2", "1", "7"))]).await;
     let (again, d2) = next_check(&mut a, "net", noisy).await;
     assert_eq!(again.triggered_by, "schedule");
+    assert_eq!(
+        pairs(&again.changes),
+        changes(&[
+            ("null_resource.a", REPLACE),
+            ("null_resource.noise", REPLACE)
+        ]),
+        "the plan sees the ignored resource: {again:#?}"
+    );
     let (_, d3) = next_check(&mut a, "net", again.created_at_ms).await;
     assert_eq!(
         (d2.fingerprint.as_str(), d3.fingerprint.as_str()),
         (d.fingerprint.as_str(), d.fingerprint.as_str())
+    );
+    assert_eq!(
+        pairs(&d3.resources),
+        changes(&[("null_resource.a", REPLACE)])
     );
     assert_eq!(d3.since_ms, d.since_ms);
     tokio::time::sleep(Duration::from_secs(1)).await;
     assert_eq!(hooks.of("/hook", "drift.detected").len(), 1);
     assert!(hooks.of("/hook", "drift.changed").is_empty());
 
-    // A different drift: `drift.changed`, once.
+    // A different drift: `b` removed from the state, `old` (which the code
+    // no longer declares) added. `drift.changed`, once.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "2"), ("noise", "7"), ("old", "1")],
+    );
     let other = now_ms();
-    apply(&mut a, vec![declare(world("2", "2", "7"))]).await;
     let (_, d4) = next_check(&mut a, "net", other).await;
     assert_eq!(
-        addresses(&d4).into_iter().map(|x| x.0).collect::<Vec<_>>(),
-        ["null_resource.a", "null_resource.b"]
+        pairs(&d4.resources),
+        changes(&[
+            ("null_resource.a", REPLACE),
+            ("null_resource.b", &["create"]),
+            ("null_resource.old", &["delete"]),
+        ])
     );
     assert_ne!(d4.fingerprint, d.fingerprint);
     hooks
@@ -417,19 +434,63 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
                 .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.changed")
         })
         .await;
+    let changed_body = hooks.of("/hook", "drift.changed")[0].json();
+    assert_eq!(changed_body["fingerprint"], d4.fingerprint.as_str());
+    assert_eq!(changed_body["counts"]["drifted"], 3);
 
-    // Repaired: `drift.resolved`, in sync.
+    // Repaired by hand (the noise left as it is): `drift.resolved`, in sync.
+    push_state(
+        &c,
+        dir.path(),
+        "net",
+        &[("a", "1"), ("b", "1"), ("noise", "7")],
+    );
     let repaired = now_ms();
-    apply(&mut a, vec![declare(world("1", "1", "7"))]).await;
     let (_, d5) = next_check(&mut a, "net", repaired).await;
     assert_eq!(d5.status, "in_sync", "{d5:#?}");
+    assert!(d5.resources.is_empty(), "{d5:#?}");
     hooks
         .wait(Duration::from_secs(30), "drift.resolved", |s| {
             s.iter()
                 .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.resolved")
         })
         .await;
+    assert_eq!(hooks.of("/hook", "drift.detected").len(), 1);
     assert_eq!(hooks.of("/hook", "drift.changed").len(), 1);
+    assert_eq!(hooks.of("/hook", "drift.resolved").len(), 1);
+
+    // A state this Terraform cannot read (a format of a later one): every
+    // check fails, the status is unknown with the reason, and one
+    // `drift.check_failed` is sent however many checks fail in a row.
+    push_state_in(&c, dir.path(), "net", 5, APPLIED);
+    let broken = now_ms();
+    let mut after = broken;
+    for _ in 0..3 {
+        let (failed, d6) = next_check(&mut a, "net", after).await;
+        assert_eq!(failed.state, "FAILED", "{failed:#?}");
+        assert_eq!(d6.status, "unknown", "{d6:#?}");
+        assert!(d6.reason.starts_with("drift check "), "{d6:#?}");
+        assert_eq!(d6.last_run, failed.run_id);
+        after = failed.created_at_ms;
+    }
+    hooks
+        .wait(Duration::from_secs(30), "drift.check_failed", |s| {
+            s.iter()
+                .any(|r| r.path == "/hook" && r.header("x-outpost-event") == "drift.check_failed")
+        })
+        .await;
+    let failed = hooks.of("/hook", "drift.check_failed");
+    assert_eq!(failed.len(), 1, "{failed:#?}");
+    assert_eq!(failed[0].json()["states"]["from"], "in_sync");
+    assert_eq!(failed[0].json()["states"]["to"], "unknown");
+    // Readable again: in sync, and nothing to tell (receivers last heard
+    // of no drift).
+    push_state(&c, dir.path(), "net", APPLIED);
+    let fixed = now_ms();
+    let (_, d7) = next_check(&mut a, "net", fixed).await;
+    assert_eq!((d7.status.as_str(), d7.reason.as_str()), ("in_sync", ""));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(hooks.of("/hook", "drift.check_failed").len(), 1);
     assert_eq!(hooks.of("/hook", "drift.resolved").len(), 1);
 
     // The flaky global target: three attempts of one delivery, the last
@@ -493,7 +554,6 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     let v: serde_json::Value =
         serde_json::from_str(&cli(&c, &["stack", "show", "net", "--output", "json"])).unwrap();
     assert_eq!(v["drift"]["status"], "in_sync");
-    assert_eq!(v["secrets"], serde_json::json!(["world.tfstate"]));
     let metrics = http_get(c.server.as_ref().unwrap().metrics_addr, "/metrics").await;
     assert!(
         metrics.contains("outpost_drifts_detected_total{stack=\"net\"} 2"),
@@ -504,6 +564,13 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
         "{metrics}"
     );
     assert!(!metrics.contains("outpost_drift_runs_total 0"), "{metrics}");
+    let failed_checks: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("outpost_drift_checks_failed_total "))
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(failed_checks >= 3, "{metrics}");
     // The webhook secrets and the world's values are nowhere in the data
     // directory in clear.
     assert_not_in_data_dir(&c, &[SECRET, b"global-secret"]);
@@ -550,11 +617,8 @@ fn assert_not_in_data_dir(c: &Cluster, canaries: &[&[u8]]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconcile_goes_through_policy_and_approval_and_drift_waits_for_the_stack_lock() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let repo = repo(dir.path(), MAIN_TF, Some(&own_state()));
+    let (c, agent, hooks, dir) = cluster().await;
+    let repo = repo(dir.path(), &main_tf());
     let mut a = admin(&c).await;
     // `auto` auto-approves reverting drift: the policy warns on anything
     // but a drift run, autodeploy confirms when nothing warned. `human`
@@ -563,11 +627,10 @@ async fn reconcile_goes_through_policy_and_approval_and_drift_waits_for_the_stac
 warn contains "changes outside drift need a human" if { not input.run.drift }
 "#;
     let human_policy = "package outpost.plan\nwarn contains \"a human decides\" if { true }\n";
-    let declare = |name: &str, policy: &str, w: Vec<u8>| {
+    let declare = |name: &str, policy: &str| {
         let mut s = stack(name, &repo);
         s.autodeploy = true;
         s.plan_policy = policy.into();
-        s.secrets = vec![secret("world.tfstate", &w)];
         s.drift = Some(iac::DriftSpec {
             // Checks run when asked (`stack check`), not on a schedule here.
             schedule: "0 0 1 1 *".into(),
@@ -583,31 +646,23 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     };
     apply(
         &mut a,
-        vec![
-            declare("auto", auto_policy, world("1", "1", "1")),
-            declare("human", human_policy, world("1", "1", "1")),
-        ],
+        vec![declare("auto", auto_policy), declare("human", human_policy)],
     )
     .await;
+    // Both applied by hand before they came here: nothing to do.
     for name in ["auto", "human"] {
-        let id = a
-            .sync_stack(iac::SyncStackRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .run_id;
-        let r = wait_run(&mut a, &id, PLAN_WAIT, is_final).await;
-        assert_eq!(r.state, "FINISHED", "{r:#?}");
+        push_state(&c, dir.path(), name, APPLIED);
+        sync_in_sync(&mut a, name).await;
     }
-    // Drift in both worlds; a check of each.
-    apply(
-        &mut a,
-        vec![
-            declare("auto", auto_policy, world("2", "1", "1")),
-            declare("human", human_policy, world("2", "1", "1")),
-        ],
-    )
-    .await;
+    // `null_resource.a` changed by hand in both; a check of each.
+    for name in ["auto", "human"] {
+        push_state(
+            &c,
+            dir.path(),
+            name,
+            &[("a", "2"), ("b", "1"), ("noise", "1")],
+        );
+    }
     let out = cli(&c, &["stack", "check", "auto", "--output", "json"]);
     let auto_check: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(auto_check["kind"], "drift");
@@ -626,8 +681,18 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
     )
     .await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert_eq!(
+        pairs(&r.changes),
+        changes(&[("null_resource.a", REPLACE)]),
+        "{r:#?}"
+    );
     let r = wait_run(&mut a, &human_check.run_id, CHECK_WAIT, is_final).await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert_eq!(
+        pairs(&r.changes),
+        changes(&[("null_resource.a", REPLACE)]),
+        "{r:#?}"
+    );
 
     // Each drift queued a tracked run with `run.drift = true`: `auto`'s
     // policy let autodeploy confirm it without a human; `human`'s waits.
@@ -702,6 +767,24 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         )
         .await;
 
+    // Reverted: `auto`'s next check finds it in sync again.
+    let out = cli(&c, &["stack", "check", "auto", "--output", "json"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let r = wait_run(&mut a, v["run_id"].as_str().unwrap(), CHECK_WAIT, is_final).await;
+    assert_eq!(
+        (r.state.as_str(), r.changes.len()),
+        ("FINISHED", 0),
+        "{r:#?}"
+    );
+    let s = a
+        .get_stack(iac::GetStackRequest {
+            name: "auto".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(s.drift.unwrap().status, "in_sync");
+
     // The human's run holds the stack lock: a drift check waits (and says
     // so) and gets no job until the lock is released.
     let waiting = a
@@ -712,36 +795,67 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         .unwrap()
         .into_inner();
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let w = run(&mut a, &waiting.run_id).await;
+    let w = get_run(&mut a, &waiting.run_id).await;
     assert_eq!(w.state, "QUEUED", "{w:#?}");
     assert!(w.plan_job.is_empty(), "{w:#?}");
     assert!(w.message.contains("holds the stack lock"), "{w:#?}");
     assert!(w.message.contains(&human_run.run_id), "{w:#?}");
+    // Meanwhile someone repairs `a` by hand, and the run reverting the
+    // drift is approved: its plan was made against a state that has moved,
+    // so it ends STALE with nothing applied, and says so (`run.failed`).
+    push_state(&c, dir.path(), "human", APPLIED);
     let r = a
         .decide_run(iac::DecideRunRequest {
             run_id: human_run.run_id.clone(),
-            decision: "discard".into(),
+            decision: "approve".into(),
             comment: String::new(),
         })
         .await
         .unwrap()
         .into_inner();
-    assert_eq!(r.state, "DISCARDED");
+    assert_eq!(r.triggered_by, "drift");
+    let r = wait_run(&mut a, &human_run.run_id, PLAN_WAIT, is_final).await;
+    assert_eq!(r.state, "STALE", "{r:#?}");
+    assert!(r.message.contains("state moved"), "{r:#?}");
+    hooks
+        .wait(Duration::from_secs(30), "run.failed of human", |s| {
+            s.iter().any(|x| {
+                x.header("x-outpost-event") == "run.failed"
+                    && x.json()["run"] == human_run.run_id.as_str()
+            })
+        })
+        .await;
+    let failed = hooks
+        .seen()
+        .into_iter()
+        .find(|x| x.header("x-outpost-event") == "run.failed")
+        .unwrap();
+    let body = failed.json();
+    assert_eq!(body["states"]["to"], "STALE", "{body}");
+    assert!(
+        body["summary"].as_str().unwrap().contains("stale"),
+        "{body}"
+    );
+    // The lock released, the waiting check runs: in sync, `drift.resolved`.
     let w = wait_run(&mut a, &waiting.run_id, CHECK_WAIT, is_final).await;
     assert_eq!(w.state, "FINISHED", "{w:#?}");
+    assert!(w.changes.is_empty(), "{w:#?}");
     // Started only after the tracked run let go of the lock.
     let planning = w
         .transitions
         .iter()
         .find(|t| t.state == "PLANNING")
         .unwrap();
-    let discarded = r
-        .transitions
-        .iter()
-        .find(|t| t.state == "DISCARDED")
-        .unwrap();
-    assert!(planning.at_ms >= discarded.at_ms, "{w:#?} {r:#?}");
-    // The same drift again: nothing new is sent, no second reconcile.
+    let stale = r.transitions.iter().find(|t| t.state == "STALE").unwrap();
+    assert!(planning.at_ms >= stale.at_ms, "{w:#?} {r:#?}");
+    hooks
+        .wait(Duration::from_secs(30), "drift.resolved of human", |s| {
+            s.iter().any(|x| {
+                x.header("x-outpost-event") == "drift.resolved" && x.json()["stack"] == "human"
+            })
+        })
+        .await;
+    // One drift, one reconciling run, one `drift.detected`.
     let runs = a
         .list_runs(iac::ListRunsRequest {
             stack: "human".into(),
@@ -752,40 +866,136 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         .into_inner()
         .runs;
     assert_eq!(runs.iter().filter(|r| r.drift).count(), 1, "{runs:#?}");
-    assert_eq!(
-        hooks
-            .seen()
-            .iter()
-            .filter(
-                |x| x.header("x-outpost-event") == "drift.detected" && x.json()["stack"] == "human"
-            )
-            .count(),
-        1
+    for event in ["drift.detected", "drift.resolved", "run.needs_approval"] {
+        assert_eq!(
+            hooks
+                .seen()
+                .iter()
+                .filter(|x| x.header("x-outpost-event") == event && x.json()["stack"] == "human")
+                .count(),
+            1,
+            "{event}"
+        );
+    }
+    agent.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_can_refuse_drift_checks_or_run_one_at_a_time() {
+    use outpost_proto::agent::v1::JobState;
+    let c = Cluster::start().await;
+    let mut cfg = c.agent_config(2);
+    cfg.iac.refuse_drift = true;
+    let agent = c.start_agent_with(cfg).await;
+    let dir = tempfile::tempdir().unwrap();
+    let repo = repo(dir.path(), &main_tf());
+    let mut a = admin(&c).await;
+    let declare = |name: &str| {
+        let mut s = stack(name, &repo);
+        s.drift = Some(iac::DriftSpec {
+            schedule: "0 0 1 1 *".into(),
+            ..Default::default()
+        });
+        s
+    };
+    apply(&mut a, vec![declare("one"), declare("two")]).await;
+    // The agent that refuses drift checks still runs tracked runs.
+    for name in ["one", "two"] {
+        push_state(&c, dir.path(), name, APPLIED);
+        sync_in_sync(&mut a, name).await;
+    }
+    // A check finds no agent to take it.
+    let check = |a: &mut IacAdminClient<Channel>, name: &'static str| {
+        let mut a = a.clone();
+        async move {
+            a.check_drift(iac::CheckDriftRequest { stack: name.into() })
+                .await
+                .unwrap()
+                .into_inner()
+                .run_id
+        }
+    };
+    let first = check(&mut a, "one").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let r = get_run(&mut a, &first).await;
+    assert_eq!(r.state, "PLANNING", "{r:#?}");
+    let job = c.job(&r.plan_job).await;
+    assert_eq!(outpost_tests::state(&job), JobState::Queued, "{job:#?}");
+    assert_eq!(job.matching_agents, Some(0), "{job:#?}");
+
+    // An agent that takes one drift check at a time joins: it runs it.
+    let pool_key = outpost::dev::pool_key_paths(&c.state).0;
+    let capped_cfg = c.write_agent_config(
+        "capped",
+        2,
+        &format!(
+            "[iac]\npool_key_file = \"{}\"\nmax_drift_checks = 1\n",
+            pool_key.display()
+        ),
+        "",
     );
+    let _capped = c.spawn_agent("capped", &capped_cfg).await;
+    let r = wait_run(&mut a, &first, CHECK_WAIT, is_final).await;
+    assert_eq!(r.state, "FINISHED", "{r:#?}");
+    assert_eq!(c.job(&r.plan_job).await.agent_id, "capped");
+
+    // Two checks at once: both leased to it (it has two slots), the second
+    // waits for the first to end before it starts.
+    let runs = [check(&mut a, "one").await, check(&mut a, "two").await];
+    let mut waited = false;
+    let deadline = tokio::time::Instant::now() + CHECK_WAIT;
+    let jobs = loop {
+        let mut jobs = Vec::new();
+        for id in &runs {
+            let r = get_run(&mut a, id).await;
+            if !r.plan_job.is_empty() {
+                jobs.push((is_final(&r), c.job(&r.plan_job).await));
+            }
+        }
+        let held = |s: JobState| {
+            jobs.iter()
+                .any(|(_, j)| outpost_tests::state(j) == s && j.agent_id == "capped")
+        };
+        waited |= held(JobState::Running) && held(JobState::Leased);
+        if jobs.len() == 2 && jobs.iter().all(|(done, _)| *done) {
+            break jobs.into_iter().map(|(_, j)| j).collect::<Vec<_>>();
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the checks did not end: {jobs:#?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(
+        waited,
+        "one check was held, not started, while the other ran: {jobs:#?}"
+    );
+    let mut by_start = jobs.clone();
+    by_start.sort_by_key(|j| j.started_at_ms);
+    assert!(
+        by_start[1].started_at_ms >= by_start[0].finished_at_ms,
+        "one at a time: {jobs:#?}"
+    );
+    for j in &jobs {
+        assert_eq!(j.agent_id, "capped", "{j:#?}");
+        assert_eq!(outpost_tests::state(j), JobState::Succeeded, "{j:#?}");
+    }
     agent.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn proposed_runs_plan_beside_the_lock_and_stack_secrets_reach_only_the_job() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let tf = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
-}
-
+    let (c, agent, hooks, dir) = cluster().await;
+    let tf = [
+        NULL_PROVIDER,
+        r#"
 resource "null_resource" "first" {
   triggers = { token = sensitive(file("/run/secrets/token")) }
 }
-"#;
-    let repo = repo(dir.path(), tf, None);
+"#,
+    ]
+    .concat();
+    let repo = repo(dir.path(), &tf);
     let canary = b"stack-secret-canary-9c2";
     let mut a = admin(&c).await;
     // Bad input is refused when the stack is applied, naming the problem.
@@ -946,7 +1156,7 @@ warn contains "the token arrived" if {
     let addrs: Vec<_> = p.changes.iter().map(|c| c.address.as_str()).collect();
     assert_eq!(addrs, ["null_resource.extra", "null_resource.first"]);
     assert_ne!(p.commit, t.commit);
-    assert_eq!(run(&mut a, &tracked).await.state, "UNCONFIRMED");
+    assert_eq!(get_run(&mut a, &tracked).await.state, "UNCONFIRMED");
     // A ref that does not exist, or that git would take for an option:
     // a clear error, nothing queued.
     let before = a
@@ -1014,7 +1224,7 @@ warn contains "the token arrived" if {
         assert!(tokio::time::Instant::now() < deadline, "{list:#?}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    assert_eq!(run(&mut a, &tracked).await.state, "UNCONFIRMED");
+    assert_eq!(get_run(&mut a, &tracked).await.state, "UNCONFIRMED");
     // The secret is nowhere in the data directory once the jobs are done.
     let _ = a
         .decide_run(iac::DecideRunRequest {
@@ -1028,33 +1238,57 @@ warn contains "the token arrived" if {
     agent.stop().await;
 }
 
-/// Not a test: measures drift checks per hour for one agent of capacity 2
-/// (the demo's configuration: one null resource, no state) and the time
-/// from a scheduled instant to the webhook. Run with
-/// `cargo nextest run -p outpost-tests --test drift --run-ignored only -E 'test(measure)' --no-capture`.
+/// Not a test: measures, for the demo's configuration (`outpost dev
+/// --demo`: one null resource from a variable, an output, managed state
+/// applied), how many drift checks one agent of capacity 2 completes per
+/// hour, and the time from a scheduled instant to the webhook it causes.
+/// Run with
+/// `cargo nextest run --workspace -E 'binary(drift) & test(measure)' --run-ignored only --no-capture`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement, not a test"]
 async fn measure_drift_checks_per_hour_and_schedule_to_webhook() {
-    let c = Cluster::start().await;
-    let agent = c.start_agent(2).await;
-    let hooks = Receiver::start().await;
-    let dir = tempfile::tempdir().unwrap();
-    let demo_tf = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
+    let (c, agent, hooks, dir) = cluster().await;
+    eprintln!("MEASURE machine: {}", machine());
+    let demo_tf = [
+        NULL_PROVIDER,
+        r#"
+variable "greeting" {
+  type    = string
+  default = "hello"
 }
 
 resource "null_resource" "hello" {
-  triggers = { greeting = "hello" }
+  triggers = {
+    greeting = var.greeting
+  }
 }
-"#;
-    let repo = repo(dir.path(), demo_tf, None);
+
+output "greeting" {
+  value = null_resource.hello.triggers.greeting
+}
+"#,
+    ]
+    .concat();
+    let repo = repo(dir.path(), &demo_tf);
     let mut a = admin(&c).await;
+    // The state the demo's apply leaves, with `greeting` as given.
+    let demo_state = |greeting: &'static str| {
+        move |serial: u64, lineage: &str| {
+            serde_json::json!({
+                "version": 4, "terraform_version": "1.0.3", "serial": serial,
+                "lineage": lineage,
+                "outputs": {"greeting": {"value": greeting, "type": "string"}},
+                "resources": [{
+                    "mode": "managed", "type": "null_resource", "name": "hello",
+                    "provider": "provider[\"registry.terraform.io/hashicorp/null\"]",
+                    "instances": [{"schema_version": 0,
+                        "attributes": {"id": "4242", "triggers": {"greeting": greeting}},
+                        "sensitive_attributes": [], "private": "bnVsbA=="}],
+                }],
+            })
+            .to_string()
+        }
+    };
     let declare = |name: &str, schedule: &str| {
         let mut s = stack(name, &repo);
         s.drift = Some(iac::DriftSpec {
@@ -1063,62 +1297,91 @@ resource "null_resource" "hello" {
         });
         s.notify = vec![iac::NotifyTarget {
             url: hooks.url("/hook"),
-            events: vec!["drift.detected".into()],
+            events: vec!["drift.detected".into(), "drift.resolved".into()],
             ..Default::default()
         }];
         s
     };
-    // Fetched, but never applied: the first check finds drift (the code
-    // wants a resource the state lacks). The tracked runs are cancelled so
-    // that they hold no lock.
-    async fn fetched(a: &mut IacAdminClient<Channel>, name: &str) {
-        let id = a
-            .sync_stack(iac::SyncStackRequest { name: name.into() })
-            .await
-            .unwrap()
-            .into_inner()
-            .run_id;
-        a.decide_run(iac::DecideRunRequest {
-            run_id: id,
-            decision: "cancel".into(),
-            comment: String::new(),
-        })
-        .await
-        .unwrap();
-    }
-    // 1. An idle agent, one stack every 10s: scheduled instant to webhook.
+    // 1. An otherwise idle agent, one stack checked every 10 s. Its state
+    // is changed by hand, then repaired, in turns: each next check sends
+    // `drift.detected` or `drift.resolved`. Scheduled instant -> received.
+    let every_ms = 10_000;
     apply(&mut a, vec![declare("solo", "*/10 * * * * *")]).await;
-    fetched(&mut a, "solo").await;
-    hooks
-        .wait(Duration::from_secs(120), "drift.detected", |s| {
-            !s.is_empty()
-        })
-        .await;
-    let h = hooks.seen()[0].clone();
-    let r = run(&mut a, h.json()["run"].as_str().unwrap()).await;
-    let scheduled = r.created_at_ms / 10_000 * 10_000;
+    push_raw(&c, dir.path(), "solo", demo_state("hello"));
+    sync_in_sync(&mut a, "solo").await;
+    let samples = 9;
+    let mut latencies = Vec::new();
+    for i in 0..samples {
+        let (greeting, event) = if i % 2 == 0 {
+            ("changed by hand", "drift.detected")
+        } else {
+            ("hello", "drift.resolved")
+        };
+        let pushed = now_ms();
+        push_raw(&c, dir.path(), "solo", demo_state(greeting));
+        let seen = hooks.seen().len();
+        hooks
+            .wait(Duration::from_secs(60), event, |s| {
+                s.len() > seen
+                    && s[seen..]
+                        .iter()
+                        .any(|r| r.header("x-outpost-event") == event)
+            })
+            .await;
+        let h = hooks.seen()[seen..]
+            .iter()
+            .find(|r| r.header("x-outpost-event") == event)
+            .unwrap()
+            .clone();
+        let r = get_run(&mut a, h.json()["run"].as_str().unwrap()).await;
+        assert!(r.created_at_ms >= pushed, "{r:#?}");
+        let scheduled = r.created_at_ms / every_ms * every_ms;
+        let ended = r.transitions.last().unwrap().at_ms;
+        eprintln!(
+            "MEASURE sample {i} {event}: scheduled -> received {} ms (queued +{}, planning +{}, check ended +{})",
+            h.at_ms - scheduled,
+            r.created_at_ms - scheduled,
+            r.transitions
+                .iter()
+                .find(|t| t.state == "PLANNING")
+                .map_or(-1, |t| t.at_ms - scheduled),
+            ended - scheduled,
+        );
+        latencies.push(h.at_ms - scheduled);
+    }
+    latencies.sort();
     eprintln!(
-        "MEASURE scheduled instant -> drift.detected received: {} ms (queued +{} ms, check ended +{} ms)",
-        h.at_ms - scheduled,
-        r.created_at_ms - scheduled,
-        r.transitions.last().unwrap().at_ms - scheduled
+        "MEASURE scheduled instant -> notification received: median {} ms, min {} ms, max {} ms over {samples}",
+        latencies[latencies.len() / 2],
+        latencies[0],
+        latencies[latencies.len() - 1]
     );
-    // 2. Stacks that always have a check due: the agent is never idle.
+    apply(&mut a, vec![declare("solo", "0 0 1 1 *")]).await;
+
+    // 2. Stacks whose check is always due (every second): the agent is
+    // never idle; checks that end within the window are counted.
     let n = 6;
+    let names: Vec<String> = (0..n).map(|i| format!("demo-{i}")).collect();
     apply(
         &mut a,
-        (0..n)
-            .map(|i| declare(&format!("demo-{i}"), "* * * * * *"))
-            .collect(),
+        names.iter().map(|n| declare(n, "0 0 1 1 *")).collect(),
     )
     .await;
-    for i in 0..n {
-        fetched(&mut a, &format!("demo-{i}")).await;
+    for name in &names {
+        push_raw(&c, dir.path(), name, demo_state("hello"));
+        sync_in_sync(&mut a, name).await;
     }
+    apply(
+        &mut a,
+        names.iter().map(|n| declare(n, "* * * * * *")).collect(),
+    )
+    .await;
     tokio::time::sleep(Duration::from_secs(20)).await;
+    let load_before = loadavg();
     let from = now_ms();
-    tokio::time::sleep(Duration::from_secs(120)).await;
+    tokio::time::sleep(Duration::from_secs(180)).await;
     let to = now_ms();
+    let load_after = loadavg();
     let runs = a
         .list_runs(iac::ListRunsRequest {
             stack: String::new(),
@@ -1128,19 +1391,55 @@ resource "null_resource" "hello" {
         .unwrap()
         .into_inner()
         .runs;
-    let done = runs
+    let ended: Vec<&iac::Run> = runs
         .iter()
-        .filter(|r| r.kind == "drift" && r.state == "FINISHED")
+        .filter(|r| r.kind == "drift" && r.stack.starts_with("demo-"))
         .filter(|r| {
             r.transitions
                 .last()
-                .is_some_and(|t| t.at_ms >= from && t.at_ms < to)
+                .is_some_and(|t| is_final(r) && t.at_ms >= from && t.at_ms < to)
         })
-        .count();
-    let per_hour = done as f64 * 3_600_000.0 / (to - from) as f64;
+        .collect();
+    let finished = ended.iter().filter(|r| r.state == "FINISHED").count();
+    assert_eq!(finished, ended.len(), "every check succeeds: {ended:#?}");
+    let mut durations: Vec<i64> = ended
+        .iter()
+        .filter_map(|r| {
+            let start = r.transitions.iter().find(|t| t.state == "PLANNING")?;
+            Some(r.transitions.last()?.at_ms - start.at_ms)
+        })
+        .collect();
+    durations.sort();
+    let per_hour = finished as f64 * 3_600_000.0 / (to - from) as f64;
     eprintln!(
-        "MEASURE drift checks: {done} in {:.0}s on one agent of capacity 2 = {per_hour:.0} checks/hour",
-        (to - from) as f64 / 1000.0
+        "MEASURE drift checks: {finished} in {:.0} s on one agent of capacity 2 = {per_hour:.0} checks/hour; one check (planning to end) median {} ms; load average {load_before} before, {load_after} after",
+        (to - from) as f64 / 1000.0,
+        durations.get(durations.len() / 2).copied().unwrap_or(0),
     );
     agent.stop().await;
+}
+
+/// `nproc` and the CPU model.
+fn machine() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let model = cpuinfo
+        .lines()
+        .find_map(|l| l.strip_prefix("model name"))
+        .map(|m| m.trim_start_matches([' ', '\t', ':']).to_string())
+        .unwrap_or_default();
+    format!(
+        "{} CPUs, {model}; load average {}",
+        std::thread::available_parallelism().map_or(0, |n| n.get()),
+        loadavg()
+    )
+}
+
+/// The 1, 5 and 15 minute load averages.
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }

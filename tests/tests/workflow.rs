@@ -4,7 +4,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use outpost::client::ClientConfig;
 use outpost::identity::Role;
 use outpost_proto::iac::v1 as iac;
 use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
+use outpost_tests::iac::{commit, repo, stack, url};
 use outpost_tests::{Cluster, RUNNER_IMAGE, bin};
 use tonic::transport::Channel;
 
@@ -40,62 +41,6 @@ output "greeting" {
   value = null_resource.first.triggers.greeting
 }
 "#;
-
-/// A git repository with `infra/main.tf` on branch `main`.
-fn repo(dir: &Path, main_tf: &str) -> PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(repo.join("infra")).unwrap();
-    std::fs::write(repo.join("infra/main.tf"), main_tf).unwrap();
-    git(&repo, &["init", "-q", "-b", "main", "."]);
-    commit(&repo, "first");
-    repo
-}
-
-fn git(repo: &Path, args: &[&str]) {
-    let out = Command::new("git")
-        .args(args)
-        .current_dir(repo)
-        .env("GIT_CONFIG_NOSYSTEM", "1")
-        .env("HOME", repo)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "git {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-fn commit(repo: &Path, msg: &str) {
-    git(repo, &["add", "-A"]);
-    git(
-        repo,
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            msg,
-        ],
-    );
-}
-
-fn url(repo: &Path) -> String {
-    format!("file://{}", repo.display())
-}
-
-fn stack(name: &str, repo: &Path) -> iac::StackSpec {
-    iac::StackSpec {
-        name: name.into(),
-        repo: url(repo),
-        branch: "main".into(),
-        project_root: "infra".into(),
-        image: RUNNER_IMAGE.into(),
-        ..Default::default()
-    }
-}
 
 async fn iac_client(cfg: &ClientConfig) -> IacAdminClient<Channel> {
     IacAdminClient::new(cfg.channel().await.expect("admin channel"))

@@ -48,20 +48,25 @@ fn labels(pairs: &[(&str, &str)]) -> BTreeMap<String, String> {
         .collect()
 }
 
+/// A token of pool `tf` with these labels, lifetime, uses and agent name
+/// (empty: any).
+async fn tf_token(
+    r: &Registry,
+    labels_: &[(&str, &str)],
+    ttl: Duration,
+    uses: u32,
+    agent: &str,
+) -> Created {
+    r.create("tf".into(), labels(labels_), ttl, uses, agent.into())
+        .await
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_token_enrols_once_and_its_certificate_names_agent_and_pool() {
     let dir = tempfile::tempdir().unwrap();
     let r = registry(dir.path()).await;
-    let t = r
-        .create(
-            "tf".into(),
-            labels(&[("env", "prod")]),
-            Duration::from_secs(60),
-            1,
-            String::new(),
-        )
-        .await
-        .unwrap();
+    let t = tf_token(&r, &[("env", "prod")], Duration::from_secs(60), 1, "").await;
     let issued = r.enroll(&t.token, "a1", &csr("a1")).await.unwrap();
     assert_eq!(issued.pool, "tf");
     assert_eq!(issued.ttl, Duration::from_secs(10));
@@ -99,16 +104,7 @@ async fn a_token_enrols_once_and_its_certificate_names_agent_and_pool() {
 async fn refused_enrolments_consume_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let r = registry(dir.path()).await;
-    let t = r
-        .create(
-            "tf".into(),
-            BTreeMap::new(),
-            Duration::from_secs(60),
-            1,
-            "a1".into(),
-        )
-        .await
-        .unwrap();
+    let t = tf_token(&r, &[], Duration::from_secs(60), 1, "a1").await;
     // Another name than the token allows.
     let e = r.enroll(&t.token, "a2", &csr("a2")).await.unwrap_err();
     assert!(matches!(e, EnrollError::NameNotAllowed { .. }), "{e}");
@@ -130,16 +126,7 @@ async fn refused_enrolments_consume_nothing() {
 async fn an_expired_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let r = registry(dir.path()).await;
-    let t = r
-        .create(
-            "tf".into(),
-            BTreeMap::new(),
-            Duration::from_millis(1),
-            1,
-            String::new(),
-        )
-        .await
-        .unwrap();
+    let t = tf_token(&r, &[], Duration::from_millis(1), 1, "").await;
     tokio::time::sleep(Duration::from_millis(20)).await;
     let e = r.enroll(&t.token, "a1", &csr("a1")).await.unwrap_err();
     assert!(matches!(e, EnrollError::TokenExpired { .. }), "{e}");
@@ -150,16 +137,7 @@ async fn an_expired_token_is_refused() {
 async fn labels_are_bound_and_revocation_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let r = registry(dir.path()).await;
-    let t = r
-        .create(
-            "tf".into(),
-            labels(&[("env", "prod")]),
-            Duration::from_secs(60),
-            2,
-            String::new(),
-        )
-        .await
-        .unwrap();
+    let t = tf_token(&r, &[("env", "prod")], Duration::from_secs(60), 2, "").await;
     r.enroll(&t.token, "a1", &csr("a1")).await.unwrap();
     let (kept, ignored) = r.bound_labels("a1", labels(&[("env", "prod"), ("gpu", "yes")]));
     assert_eq!(kept, labels(&[("env", "prod")]));

@@ -41,6 +41,8 @@ impl Default for HubMetrics {
 pub struct IacMetrics {
     /// Drift runs queued.
     pub drift_runs: AtomicU64,
+    /// Drift checks that failed (the stack's status became unknown).
+    pub drift_checks_failed: AtomicU64,
     /// New or changed drifts found, per stack.
     pub drifts_detected: parking_lot::Mutex<BTreeMap<String, u64>>,
     /// Webhook attempts that failed (each retry counts).
@@ -66,6 +68,9 @@ impl IacMetrics {
             "# HELP outpost_drift_runs_total Drift checks queued.\n\
              # TYPE outpost_drift_runs_total counter\n\
              outpost_drift_runs_total {}\n\
+             # HELP outpost_drift_checks_failed_total Drift checks that failed.\n\
+             # TYPE outpost_drift_checks_failed_total counter\n\
+             outpost_drift_checks_failed_total {}\n\
              # HELP outpost_notification_attempts_failed_total Webhook attempts that failed (no answer, timeout, not 2xx).\n\
              # TYPE outpost_notification_attempts_failed_total counter\n\
              outpost_notification_attempts_failed_total {}\n\
@@ -78,6 +83,7 @@ impl IacMetrics {
              # HELP outpost_drifts_detected_total New or changed drift found, per stack.\n\
              # TYPE outpost_drifts_detected_total counter\n",
             n(&self.drift_runs),
+            n(&self.drift_checks_failed),
             n(&self.notify_attempts_failed),
             n(&self.notify_given_up),
             n(&self.notify_delivered),

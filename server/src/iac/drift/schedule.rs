@@ -215,6 +215,13 @@ impl Engine {
         outcome: Outcome,
     ) -> Result<DriftState, IacError> {
         let stack = self.stack(name).await?;
+        if matches!(outcome, Outcome::Failed(_)) {
+            self.hub
+                .metrics
+                .iac
+                .drift_checks_failed
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
         let spec = stack.spec.drift.clone().unwrap_or_default();
         let (run_id, now) = (run.to_string(), now_ms());
         let from_spec = spec.clone();
