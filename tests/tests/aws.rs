@@ -824,36 +824,6 @@ echo waiting; i=0; while [ ! -e /workspace/go ] && [ $i -lt 1200 ]; do sleep 0.1
     assert_eq!(host_listeners(), Vec::<String>::new(), "after the job");
 }
 
-/// A git repository with `infra/main.tf` on branch `main`.
-fn stack_repo(dir: &std::path::Path, main_tf: &str) -> std::path::PathBuf {
-    let repo = dir.join("repo");
-    std::fs::create_dir_all(repo.join("infra")).unwrap();
-    std::fs::write(repo.join("infra/main.tf"), main_tf).unwrap();
-    for args in [
-        &["init", "-q", "-b", "main", "."][..],
-        &["add", "-A"],
-        &[
-            "-c",
-            "user.name=t",
-            "-c",
-            "user.email=t@example.com",
-            "commit",
-            "-qm",
-            "first",
-        ],
-    ] {
-        let out = std::process::Command::new("git")
-            .args(args)
-            .current_dir(&repo)
-            .env("GIT_CONFIG_NOSYSTEM", "1")
-            .env("HOME", &repo)
-            .output()
-            .unwrap();
-        assert!(out.status.success(), "git {args:?}: {out:?}");
-    }
-    repo
-}
-
 /// A stack with an AWS role and managed state: the job's credentials
 /// channel and its state endpoint are both set up inside its network
 /// namespace, in turn (the credentials entry releases the script, which then
@@ -862,40 +832,26 @@ fn stack_repo(dir: &std::path::Path, main_tf: &str) -> std::path::PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stack_with_a_role_gets_credentials_and_managed_state() {
     use outpost_proto::iac::v1 as iac;
+    use outpost_tests::iac as fixture;
     let (_moto, c, agent) = setup(|_| {}).await;
     let dir = tempfile::tempdir().unwrap();
     let main_tf = r#"
-terraform {
-  required_providers {
-    null = {
-      source  = "hashicorp/null"
-      version = "~> 2.1"
-    }
-  }
-}
-
 resource "null_resource" "reads_credentials" {
   provisioner "local-exec" {
     command = "wget -q -O - --header \"Authorization: $(cat $AWS_CONTAINER_AUTHORIZATION_TOKEN_FILE)\" \"$AWS_CONTAINER_CREDENTIALS_FULL_URI\" | grep -q AccessKeyId && echo got-credentials"
   }
 }
 "#;
-    let repo = stack_repo(dir.path(), main_tf);
-    let mut a =
-        iac::iac_admin_client::IacAdminClient::new(c.client_config().channel().await.unwrap());
+    let repo = fixture::repo(dir.path(), &format!("{}{main_tf}", fixture::NULL_PROVIDER));
+    let mut a = fixture::admin(&c).await;
     a.apply_stacks(iac::ApplyStacksRequest {
         stacks: vec![iac::StackSpec {
-            name: "with-role".into(),
-            repo: format!("file://{}", repo.display()),
-            branch: "main".into(),
-            project_root: "infra".into(),
-            image: outpost_tests::RUNNER_IMAGE.into(),
             autodeploy: true,
             aws: Some(iac::StackAwsRole {
                 role_arn: moto::role("outpost-terraform"),
                 ..Default::default()
             }),
-            ..Default::default()
+            ..fixture::stack("with-role", &repo)
         }],
         ..Default::default()
     })
@@ -910,24 +866,7 @@ resource "null_resource" "reads_credentials" {
         .into_inner()
         .run_id;
     assert!(!run_id.is_empty());
-    let deadline = Instant::now() + Duration::from_secs(240);
-    let run = loop {
-        let r = a
-            .get_run(iac::GetRunRequest {
-                run_id: run_id.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if matches!(
-            r.state.as_str(),
-            "FINISHED" | "FAILED" | "STALE" | "CANCELLED" | "DISCARDED"
-        ) {
-            break r;
-        }
-        assert!(Instant::now() < deadline, "the run did not end: {r:#?}");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    };
+    let run = fixture::wait_run(&mut a, &run_id, Duration::from_secs(240), fixture::is_final).await;
     let plan_log = log_text(&c, &run.plan_job).await;
     let log = log_text(&c, &run.apply_job).await;
     assert_eq!(run.state, "FINISHED", "{run:#?}\n{plan_log}\n{log}");

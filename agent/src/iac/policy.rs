@@ -12,10 +12,65 @@ pub const PACKAGE: &str = "data.outpost.plan";
 /// Longest one evaluation may take.
 const TIME_LIMIT: Duration = Duration::from_secs(5);
 
+/// A compiled Rego module of one package, evaluated whole: the engine that
+/// plan policies here and the control plane's approval policies share.
+pub struct Rego {
+    package: &'static str,
+    engine: regorus::Engine,
+}
+
+fn error_text(e: &anyhow::Error) -> String {
+    format!("{e:#}").trim_end().to_string()
+}
+
+impl Rego {
+    /// Compiles `text`, which must declare `package` (`data.…`); `kind`
+    /// names the policy in the error.
+    pub fn compile(
+        name: &str,
+        text: &str,
+        package: &'static str,
+        kind: &str,
+    ) -> Result<Rego, String> {
+        let mut engine = regorus::Engine::new();
+        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
+            limit: TIME_LIMIT,
+            check_interval: NonZeroU32::new(256).unwrap_or(NonZeroU32::MIN),
+        });
+        let declared = engine
+            .add_policy(name.to_string(), text.to_string())
+            .map_err(|e| error_text(&e))?;
+        if declared != package {
+            return Err(format!(
+                "it declares {declared}; {kind} declares `package {}`",
+                package.trim_start_matches("data.")
+            ));
+        }
+        Ok(Rego { package, engine })
+    }
+
+    /// The package's value on `input` as JSON (`{}` when no rule is
+    /// defined), or why it could not be evaluated (callers fail closed).
+    pub fn evaluate(&mut self, input: &serde_json::Value) -> Result<serde_json::Value, String> {
+        let input =
+            regorus::Value::from_json_str(&input.to_string()).map_err(|e| error_text(&e))?;
+        self.engine.set_input(input);
+        let results = self
+            .engine
+            .eval_query(self.package.to_string(), false)
+            .map_err(|e| error_text(&e))?;
+        let package = match results.result.first().and_then(|r| r.expressions.first()) {
+            Some(e) => e.value.to_json_str().map_err(|e| error_text(&e))?,
+            None => "{}".to_string(),
+        };
+        serde_json::from_str(&package).map_err(|e| e.to_string())
+    }
+}
+
 /// A compiled plan policy.
 pub struct PlanPolicy {
     name: String,
-    engine: regorus::Engine,
+    rego: Rego,
 }
 
 impl std::fmt::Debug for PlanPolicy {
@@ -33,29 +88,12 @@ pub struct Verdict {
     pub warn: Vec<String>,
 }
 
-fn error_text(e: &anyhow::Error) -> String {
-    format!("{e:#}").trim_end().to_string()
-}
-
 impl PlanPolicy {
     /// Compiles `text`; the error says what is wrong (syntax, package).
     pub fn compile(name: &str, text: &str) -> Result<PlanPolicy, String> {
-        let mut engine = regorus::Engine::new();
-        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
-            limit: TIME_LIMIT,
-            check_interval: NonZeroU32::new(256).unwrap_or(NonZeroU32::MIN),
-        });
-        let package = engine
-            .add_policy(name.to_string(), text.to_string())
-            .map_err(|e| error_text(&e))?;
-        if package != PACKAGE {
-            return Err(format!(
-                "it declares {package}; a plan policy declares `package outpost.plan`"
-            ));
-        }
         let mut p = PlanPolicy {
             name: name.to_string(),
-            engine,
+            rego: Rego::compile(name, text, PACKAGE, "a plan policy")?,
         };
         // An error that shows for every plan is found now, not at the first run.
         p.evaluate(&serde_json::json!({"plan": {}, "run": {}}))
@@ -66,19 +104,7 @@ impl PlanPolicy {
     /// The policy's verdict on `input`, or why it could not be evaluated
     /// (callers fail closed). A rule the policy does not define is empty.
     pub fn evaluate(&mut self, input: &serde_json::Value) -> Result<Verdict, String> {
-        let input =
-            regorus::Value::from_json_str(&input.to_string()).map_err(|e| error_text(&e))?;
-        self.engine.set_input(input);
-        let results = self
-            .engine
-            .eval_query(PACKAGE.to_string(), false)
-            .map_err(|e| error_text(&e))?;
-        let package = match results.result.first().and_then(|r| r.expressions.first()) {
-            Some(e) => e.value.to_json_str().map_err(|e| error_text(&e))?,
-            None => "{}".to_string(),
-        };
-        let package: serde_json::Value =
-            serde_json::from_str(&package).map_err(|e| e.to_string())?;
+        let package = self.rego.evaluate(input)?;
         Ok(Verdict {
             deny: messages(&package, "deny")?,
             warn: messages(&package, "warn")?,

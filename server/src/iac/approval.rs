@@ -12,9 +12,7 @@
 //! confirm, say, a drift revert without a human) and at each approval. An
 //! error leaves the run `UNCONFIRMED` (fail closed) and is reported.
 
-use std::num::NonZeroU32;
-use std::time::Duration;
-
+use outpost_agent::iac::policy::Rego;
 use serde_json::{Value, json};
 
 use super::IacError;
@@ -22,8 +20,6 @@ use super::model::{Run, RunState};
 
 /// The package every approval policy declares.
 pub const PACKAGE: &str = "data.outpost.approval";
-/// Longest one evaluation may take.
-const TIME_LIMIT: Duration = Duration::from_secs(5);
 
 /// What the policy decided.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -34,31 +30,16 @@ pub struct Decision {
 
 /// A compiled approval policy.
 pub struct ApprovalPolicy {
-    engine: regorus::Engine,
-}
-
-fn error_text(e: &anyhow::Error) -> String {
-    format!("{e:#}").trim_end().to_string()
+    rego: Rego,
 }
 
 impl ApprovalPolicy {
     /// Compiles `text`; the error says what is wrong (syntax, package, a
     /// rule of the wrong type).
     pub fn compile(name: &str, text: &str) -> Result<ApprovalPolicy, String> {
-        let mut engine = regorus::Engine::new();
-        engine.set_execution_timer_config(regorus::utils::limits::ExecutionTimerConfig {
-            limit: TIME_LIMIT,
-            check_interval: NonZeroU32::new(256).unwrap_or(NonZeroU32::MIN),
-        });
-        let package = engine
-            .add_policy(name.to_string(), text.to_string())
-            .map_err(|e| error_text(&e))?;
-        if package != PACKAGE {
-            return Err(format!(
-                "it declares {package}; an approval policy declares `package outpost.approval`"
-            ));
-        }
-        let mut p = ApprovalPolicy { engine };
+        let mut p = ApprovalPolicy {
+            rego: Rego::compile(name, text, PACKAGE, "an approval policy")?,
+        };
         p.evaluate(&json!({"run": {}, "plan": {"changes": [], "verdicts": []}, "approvals": []}))
             .map_err(|e| format!("evaluating it on an empty run failed: {e}"))?;
         Ok(p)
@@ -66,18 +47,7 @@ impl ApprovalPolicy {
 
     /// The policy's decision on `input`, or why it could not be evaluated.
     pub fn evaluate(&mut self, input: &Value) -> Result<Decision, String> {
-        let input =
-            regorus::Value::from_json_str(&input.to_string()).map_err(|e| error_text(&e))?;
-        self.engine.set_input(input);
-        let results = self
-            .engine
-            .eval_query(PACKAGE.to_string(), false)
-            .map_err(|e| error_text(&e))?;
-        let package = match results.result.first().and_then(|r| r.expressions.first()) {
-            Some(e) => e.value.to_json_str().map_err(|e| error_text(&e))?,
-            None => "{}".to_string(),
-        };
-        let package: Value = serde_json::from_str(&package).map_err(|e| e.to_string())?;
+        let package = self.rego.evaluate(input)?;
         let approve = match package.get("approve") {
             None | Some(Value::Null) => false,
             Some(Value::Bool(b)) => *b,

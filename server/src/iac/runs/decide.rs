@@ -1,7 +1,7 @@
 //! Human decisions on a run: approve, reject, discard, cancel.
 
-use outpost_proto::agent::v1 as pb;
 use crate::iac::approval;
+use outpost_proto::agent::v1 as pb;
 use tracing::info;
 
 use super::Engine;
