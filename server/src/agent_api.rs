@@ -195,8 +195,16 @@ async fn run_session(
             Some(reply) = pending.next(), if !pending.is_empty() => {
                 match reply {
                     Ok(Some(msg)) => {
+                        let freed = matches!(msg, Out::StatusAck(_));
                         if let Err(e) = out(&tx, msg).await {
                             break Err(e);
+                        }
+                        if freed {
+                            // A final status is stored and its ack queued
+                            // first: the agent has forgotten the job before
+                            // the next lease reaches it.
+                            hub.slot_free(&agent);
+                            hub.kick();
                         }
                     }
                     Ok(None) => {}
@@ -325,7 +333,6 @@ async fn handle(
                 .await
                 .map_err(internal)?;
             let hub = hub.clone();
-            let agent = agent.to_string();
             return Ok(Some(Box::pin(async move {
                 match done.await {
                     Ok(job) => {
@@ -334,8 +341,8 @@ async fn handle(
                         if !is_final {
                             return Ok(None);
                         }
-                        hub.slot_free(&agent);
-                        hub.kick();
+                        // The session loop frees the slot once the ack is
+                        // queued.
                         Ok(Some(Out::StatusAck(pb::StatusAck {
                             job_id: job.id,
                             epoch: job.epoch,
