@@ -25,8 +25,14 @@ use crate::model::Job;
 use crate::store::{Expired, Store, StoreError};
 use crate::wire;
 
+/// One message to an agent's session stream. Boxed: a `ServerMessage` is
+/// ~700 bytes inline (a lease's spec), and the channel's slots are
+/// allocated 32 at a time per session whatever is sent, so inline messages
+/// cost every connected agent ~23 KB that heartbeat acks keep resident.
+pub type Outbound = Result<Box<pb::ServerMessage>, Status>;
+
 /// Messages to one agent's session stream.
-pub type AgentTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+pub type AgentTx = mpsc::Sender<Outbound>;
 
 /// Tasks pushed with the leases of a run's jobs (`crate::iac`): the hub
 /// asks, so that it needs to know nothing about runs.
@@ -93,7 +99,15 @@ impl Agents {
         if c.draining || c.capacity == 0 {
             return false;
         }
-        let g = self.groups.entry(c.labels.clone()).or_default();
+        // Looked up before inserting: every heartbeat with a free slot comes
+        // here, and the label set is cloned only for a new group.
+        let g = match self.groups.get_mut(&c.labels) {
+            Some(g) => g,
+            None => self.groups.entry(c.labels.clone()).or_default(),
+        };
+        if g.queued.contains(id) {
+            return false;
+        }
         if g.queued.insert(id.to_string()) {
             g.ready.push_back(id.to_string());
             true
@@ -355,7 +369,7 @@ impl Hub {
         let tx = self.agents.lock().conns.get(id).map(|c| c.tx.clone());
         match tx {
             Some(tx) => tx
-                .try_send(Ok(pb::ServerMessage { msg: Some(msg) }))
+                .try_send(Ok(Box::new(pb::ServerMessage { msg: Some(msg) })))
                 .is_ok(),
             None => false,
         }
@@ -599,7 +613,7 @@ mod tests {
     }
 
     /// Connects agent `id` with capacity 4; returns its message stream.
-    fn connect(hub: &Hub, id: &str) -> mpsc::Receiver<Result<pb::ServerMessage, Status>> {
+    fn connect(hub: &Hub, id: &str) -> mpsc::Receiver<Outbound> {
         let (tx, rx) = mpsc::channel(16);
         hub.connect(id, tx, BTreeMap::new(), 4, false);
         rx
@@ -625,12 +639,13 @@ mod tests {
             .expect("insert");
     }
 
-    fn leases(rx: &mut mpsc::Receiver<Result<pb::ServerMessage, Status>>) -> Vec<(String, u64)> {
+    fn leases(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
-            if let Ok(pb::ServerMessage {
-                msg: Some(pb::server_message::Msg::Lease(l)),
-            }) = m
+            if let Ok(m) = m
+                && let pb::ServerMessage {
+                    msg: Some(pb::server_message::Msg::Lease(l)),
+                } = *m
             {
                 out.push((l.job_id, l.epoch));
             }

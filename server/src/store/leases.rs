@@ -132,6 +132,11 @@ impl Store {
         leases: Vec<(String, u64)>,
         ttl_ms: u64,
     ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError> {
+        // Most sessions start holding nothing (and a reconnect storm is
+        // thousands of them at once): no store trip then.
+        if leases.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         self.with_held(move |c, held| {
             let tx = c.transaction().map_err(q("begin renew"))?;
             let mut renewed = Vec::new();
