@@ -11,6 +11,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_client(true)
         .build_server(true)
+        // Small first buffers per stream (`codec.rs`).
+        .codec_path("crate::codec::WireCodec")
         .compile_protos(
             &[
                 "outpost/agent/v1/agent.proto",

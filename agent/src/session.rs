@@ -350,7 +350,7 @@ async fn handle(
                     Err(format!("the lease is not valid for this agent: {e}")),
                     true,
                 ),
-                Ok(_) => (rt.accept(l), false),
+                Ok(_) => (accept(rt, l).await, false),
             };
             if let Err(reason) = result {
                 warn!(job = %job_id, epoch, reason = %reason, permanent, "declining a lease");
@@ -416,6 +416,18 @@ async fn handle(
         }
     }
     Ok(())
+}
+
+/// Accepts a lease on the blocking pool: the spool's lease record and the
+/// container's lease file are written and synced to disk, and those writes
+/// must not hold one of the few async worker threads (other jobs' output,
+/// the live loop) meanwhile. Leases are still accepted in the order they
+/// came.
+async fn accept(rt: &Arc<Runtime>, lease: pb::Lease) -> Result<(), String> {
+    let rt = rt.clone();
+    tokio::task::spawn_blocking(move || rt.accept(lease))
+        .await
+        .unwrap_or_else(|e| Err(format!("accepting the lease failed: {e}")))
 }
 
 #[cfg(test)]

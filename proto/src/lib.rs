@@ -2,6 +2,8 @@
 //! layout; `agent` and `server` convert them to their own domain types at
 //! their edges (`agent::wire`, `server::wire`).
 
+pub mod codec;
+
 pub mod agent {
     pub mod v1 {
         tonic::include_proto!("outpost.agent.v1");

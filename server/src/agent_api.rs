@@ -66,14 +66,22 @@ impl pb::agent_service_server::AgentService for AgentApi {
             }
             .instrument(span),
         );
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(
+            ReceiverStream::new(rx).map(|m| m.map(|boxed| *boxed)),
+        )))
     }
 }
 
-async fn out(tx: &AgentTx, msg: Out) -> Result<(), Status> {
-    tx.send(Ok(pb::ServerMessage { msg: Some(msg) }))
-        .await
-        .map_err(|_| Status::cancelled("session closed"))
+/// Queues `msg` for the agent. Boxed before the first await, so a waiting
+/// send holds a pointer, not the message (a lease is ~700 bytes inline),
+/// in the session's long-lived task.
+fn out(tx: &AgentTx, msg: Out) -> impl std::future::Future<Output = Result<(), Status>> + '_ {
+    let msg = Box::new(pb::ServerMessage { msg: Some(msg) });
+    async move {
+        tx.send(Ok(msg))
+            .await
+            .map_err(|_| Status::cancelled("session closed"))
+    }
 }
 
 fn internal(e: StoreError) -> Status {
@@ -88,14 +96,24 @@ const MAX_PENDING: usize = 64;
 /// The reply to a message, once its batch committed.
 type Pending = Pin<Box<dyn std::future::Future<Output = Result<Option<Out>, Status>> + Send>>;
 
-async fn run_session(
-    hub: Arc<Hub>,
-    agent: String,
-    mut inbound: Streaming<pb::AgentMessage>,
-    tx: AgentTx,
-    shutdown: CancellationToken,
-    mut identity: crate::enroll::session::SessionIdentity,
-) -> Result<(), Status> {
+/// What a session's hello told, once it was welcomed.
+struct Hello {
+    labels: std::collections::BTreeMap<String, String>,
+    capacity: u32,
+    draining: bool,
+    version: String,
+    resumed: usize,
+}
+
+/// Reads the hello, reconciles the leases the agent claims and sends the
+/// welcome; `None` if the agent left first.
+async fn welcome(
+    hub: &Hub,
+    agent: &str,
+    inbound: &mut Streaming<pb::AgentMessage>,
+    tx: &AgentTx,
+    identity: &crate::enroll::session::SessionIdentity,
+) -> Result<Option<Hello>, Status> {
     let first = tokio::time::timeout(Duration::from_secs(15), inbound.next())
         .await
         .map_err(|_| Status::deadline_exceeded("no hello within 15s"))?;
@@ -109,12 +127,12 @@ async fn run_session(
             ));
         }
         Some(Err(e)) => return Err(e),
-        None => return Ok(()),
+        None => return Ok(None),
     };
     let (labels, ignored_labels) = identity.bind_labels(hello.labels.into_iter().collect());
     hub.store
         .upsert_agent(AgentInfo {
-            id: agent.clone(),
+            id: agent.to_string(),
             version: hello.version.clone(),
             labels: labels.clone(),
             capacity: hello.capacity,
@@ -133,11 +151,11 @@ async fn run_session(
         .collect();
     let (renewed, revoked) = hub
         .store
-        .renew(agent.clone(), claimed, ttl_ms)
+        .renew(agent.to_string(), claimed, ttl_ms)
         .await
         .map_err(internal)?;
     let kept: HashSet<String> = renewed.iter().map(|j| j.id.clone()).collect();
-    for (id, epoch) in hub.store.held_by(&agent) {
+    for (id, epoch) in hub.store.held_by(agent) {
         if !kept.contains(&id) {
             // A lease it never confirmed (its session broke, e.g. it could
             // not decode it) counts towards the job's undelivered limit.
@@ -146,7 +164,7 @@ async fn run_session(
                 .lease_not_taken(
                     id.clone(),
                     epoch,
-                    agent.clone(),
+                    agent.to_string(),
                     "the agent's session ended before it confirmed the lease".into(),
                 )
                 .await
@@ -156,7 +174,7 @@ async fn run_session(
         }
     }
     let welcome = pb::Welcome {
-        agent_id: agent.clone(),
+        agent_id: agent.to_string(),
         server_version: env!("CARGO_PKG_VERSION").to_string(),
         capabilities: vec!["log-ack".into(), "status-ack".into()],
         resumed: renewed
@@ -168,11 +186,11 @@ async fn run_session(
         labels: labels.clone().into_iter().collect(),
         ignored_labels,
     };
-    out(&tx, Out::Welcome(welcome)).await?;
+    out(tx, Out::Welcome(welcome)).await?;
     for j in &renewed {
         if j.cancel_requested {
             out(
-                &tx,
+                tx,
                 Out::Cancel(pb::Cancel {
                     job_id: j.id.clone(),
                     epoch: j.epoch,
@@ -182,8 +200,36 @@ async fn run_session(
             .await?;
         }
     }
-    let session = hub.connect(&agent, tx.clone(), labels, hello.capacity, hello.draining);
-    info!(version = %hello.version, capacity = hello.capacity, resumed = renewed.len(), "agent connected");
+    Ok(Some(Hello {
+        labels,
+        capacity: hello.capacity,
+        draining: hello.draining,
+        version: hello.version,
+        resumed: renewed.len(),
+    }))
+}
+
+async fn run_session(
+    hub: Arc<Hub>,
+    agent: String,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: AgentTx,
+    shutdown: CancellationToken,
+    mut identity: crate::enroll::session::SessionIdentity,
+) -> Result<(), Status> {
+    // Boxed, like every rarely awaited future below: the session's task
+    // stays small (it lives as long as the agent is connected).
+    let Some(hello) = Box::pin(welcome(&hub, &agent, &mut inbound, &tx, &identity)).await? else {
+        return Ok(());
+    };
+    let session = hub.connect(
+        &agent,
+        tx.clone(),
+        hello.labels,
+        hello.capacity,
+        hello.draining,
+    );
+    info!(version = %hello.version, capacity = hello.capacity, resumed = hello.resumed, "agent connected");
     hub.kick();
     hub.changed();
 
@@ -195,8 +241,16 @@ async fn run_session(
             Some(reply) = pending.next(), if !pending.is_empty() => {
                 match reply {
                     Ok(Some(msg)) => {
+                        let freed = matches!(msg, Out::StatusAck(_));
                         if let Err(e) = out(&tx, msg).await {
                             break Err(e);
+                        }
+                        if freed {
+                            // A final status is stored and its ack queued
+                            // first: the agent has forgotten the job before
+                            // the next lease reaches it.
+                            hub.slot_free(&agent);
+                            hub.kick();
                         }
                     }
                     Ok(None) => {}
@@ -219,12 +273,13 @@ async fn run_session(
             break Err(e);
         }
         if let Some(In::RenewCertificate(r)) = &msg.msg {
-            if let Err(e) = out(&tx, identity.renew(&r.csr_pem).await).await {
+            let renewed = Box::pin(identity.renew(&r.csr_pem)).await;
+            if let Err(e) = out(&tx, renewed).await {
                 break Err(e);
             }
             continue;
         }
-        match handle(&hub, &agent, &tx, msg).await {
+        match Box::pin(handle(&hub, &agent, &tx, msg)).await {
             Ok(Some(p)) => pending.push_back(p),
             Ok(None) => {}
             Err(e) => break Err(e),
@@ -325,7 +380,6 @@ async fn handle(
                 .await
                 .map_err(internal)?;
             let hub = hub.clone();
-            let agent = agent.to_string();
             return Ok(Some(Box::pin(async move {
                 match done.await {
                     Ok(job) => {
@@ -334,8 +388,8 @@ async fn handle(
                         if !is_final {
                             return Ok(None);
                         }
-                        hub.slot_free(&agent);
-                        hub.kick();
+                        // The session loop frees the slot once the ack is
+                        // queued.
                         Ok(Some(Out::StatusAck(pb::StatusAck {
                             job_id: job.id,
                             epoch: job.epoch,

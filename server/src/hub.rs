@@ -25,14 +25,24 @@ use crate::model::Job;
 use crate::store::{Expired, Store, StoreError};
 use crate::wire;
 
+/// One message to an agent's session stream. Boxed: a `ServerMessage` is
+/// ~700 bytes inline (a lease's spec), and the channel's slots are
+/// allocated 32 at a time per session whatever is sent, so inline messages
+/// cost every connected agent ~23 KB that heartbeat acks keep resident.
+pub type Outbound = Result<Box<pb::ServerMessage>, Status>;
+
 /// Messages to one agent's session stream.
-pub type AgentTx = mpsc::Sender<Result<pb::ServerMessage, Status>>;
+pub type AgentTx = mpsc::Sender<Outbound>;
 
 /// Tasks pushed with the leases of a run's jobs (`crate::iac`): the hub
 /// asks, so that it needs to know nothing about runs.
 pub trait LeaseTasks: Send + Sync {
-    /// The IaC task of `job_id`, if the job is a phase of a run.
-    fn task(&self, job_id: &str) -> futures::future::BoxFuture<'_, Option<pb::IacTask>>;
+    /// The IaC tasks of those of `job_ids` that are phases of a run (asked
+    /// once per dispatch pass, for every job it leased).
+    fn tasks(
+        &self,
+        job_ids: Vec<String>,
+    ) -> futures::future::BoxFuture<'_, HashMap<String, pb::IacTask>>;
 }
 
 /// Lease timing.
@@ -89,7 +99,15 @@ impl Agents {
         if c.draining || c.capacity == 0 {
             return false;
         }
-        let g = self.groups.entry(c.labels.clone()).or_default();
+        // Looked up before inserting: every heartbeat with a free slot comes
+        // here, and the label set is cloned only for a new group.
+        let g = match self.groups.get_mut(&c.labels) {
+            Some(g) => g,
+            None => self.groups.entry(c.labels.clone()).or_default(),
+        };
+        if g.queued.contains(id) {
+            return false;
+        }
         if g.queued.insert(id.to_string()) {
             g.ready.push_back(id.to_string());
             true
@@ -351,7 +369,7 @@ impl Hub {
         let tx = self.agents.lock().conns.get(id).map(|c| c.tx.clone());
         match tx {
             Some(tx) => tx
-                .try_send(Ok(pb::ServerMessage { msg: Some(msg) }))
+                .try_send(Ok(Box::new(pb::ServerMessage { msg: Some(msg) })))
                 .is_ok(),
             None => false,
         }
@@ -399,29 +417,7 @@ impl Hub {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(hub.timing.sweep) => {}
                     }
-                    match hub.store.expire_leases().await {
-                        Ok(expired) if !expired.is_empty() => {
-                            for e in &expired {
-                                let j = match e {
-                                    Expired::Requeued(j) => {
-                                        info!(job = %j.id, epoch = j.epoch, "lease expired; job re-queued");
-                                        j
-                                    }
-                                    Expired::Cancelled(j) => {
-                                        info!(job = %j.id, "lease expired on a cancelled job");
-                                        j
-                                    }
-                                };
-                                if let Some(a) = &j.agent_id {
-                                    hub.slot_free(a);
-                                }
-                            }
-                            hub.changed();
-                            hub.kick();
-                        }
-                        Ok(_) => {}
-                        Err(e) => warn!(error = %e, "lease sweep failed"),
-                    }
+                    hub.expire_leases().await;
                     hub.expire_queued().await;
                 }
                 debug!("lease sweeper stopped");
@@ -430,13 +426,48 @@ impl Hub {
         );
     }
 
+    /// Ends the leases past their deadline (re-queued, or cancelled if a
+    /// cancel was pending); each holder's slot is free from then on.
+    async fn expire_leases(&self) {
+        match self.store.expire_leases().await {
+            Ok(expired) if !expired.is_empty() => {
+                for e in &expired {
+                    let agent = match e {
+                        Expired::Requeued { job, agent } => {
+                            info!(job = %job.id, epoch = job.epoch, agent = %agent, "lease expired; job re-queued");
+                            agent
+                        }
+                        Expired::Cancelled { job, agent } => {
+                            info!(job = %job.id, agent = %agent, "lease expired on a cancelled job");
+                            agent
+                        }
+                    };
+                    // The slot it held is free: an agent still here is
+                    // offered work now, not at its next heartbeat.
+                    self.slot_free(agent);
+                }
+                self.changed();
+                self.kick();
+            }
+            Ok(_) => {}
+            Err(e) => warn!(error = %e, "lease sweep failed"),
+        }
+    }
+
     /// Matches queued jobs (FIFO) to connected agents with free slots whose
-    /// labels satisfy the job's selector, and pushes the leases.
+    /// labels satisfy the job's selector, and pushes the leases. The
+    /// matching is in memory; the whole pass's leases are then written in
+    /// one transaction (one commit) and their IaC tasks read in one call,
+    /// so a pass costs the same few store calls for one job or a hundred.
     async fn dispatch_once(&self) -> Result<(), StoreError> {
         let queued = self.store.queued_jobs(1000).await?;
         let mut unplaced = false;
         let mut quiet = Vec::new();
         let fresh = self.timing.heartbeat * 3;
+        // (job, agent) matched in this pass, and the slots they take (the
+        // store counts them only once they are written).
+        let mut placed: Vec<(String, String)> = Vec::new();
+        let mut taken: HashMap<String, u32> = HashMap::new();
         for job in queued {
             // Jobs accepted before the size limits existed may not fit in a
             // lease: they end now instead of breaking agents' sessions.
@@ -454,35 +485,59 @@ impl Hub {
             let pick = self.agents.lock().pick(
                 &job.spec.selector,
                 fresh,
-                |a| self.store.held_count(a),
+                |a| self.store.held_count(a) + taken.get(a).copied().unwrap_or(0),
                 &mut quiet,
             );
             let Some(agent) = pick else {
                 unplaced = true;
                 continue;
             };
-            let ttl_ms = self.timing.ttl.as_millis() as u64;
-            let leased = self
-                .store
-                .lease_job(job.id.clone(), agent.clone(), ttl_ms)
-                .await;
-            let leased = match leased {
-                Ok(Some(l)) => l,
-                Ok(None) => {
-                    self.agents.lock().ready(&agent);
-                    continue;
+            *taken.entry(agent.clone()).or_insert(0) += 1;
+            placed.push((job.id, agent));
+        }
+        let result = self.lease_placed(placed, &mut unplaced).await;
+        let mut agents = self.agents.lock();
+        for id in quiet {
+            agents.ready(&id);
+        }
+        self.waiting.store(unplaced, Ordering::Relaxed);
+        result
+    }
+
+    /// Writes the leases of one pass, then pushes each to its agent.
+    async fn lease_placed(
+        &self,
+        placed: Vec<(String, String)>,
+        unplaced: &mut bool,
+    ) -> Result<(), StoreError> {
+        if placed.is_empty() {
+            return Ok(());
+        }
+        let ttl_ms = self.timing.ttl.as_millis() as u64;
+        let leased = match self.store.lease_jobs(placed.clone(), ttl_ms).await {
+            Ok(l) => l,
+            Err(e) => {
+                let mut agents = self.agents.lock();
+                for (_, agent) in &placed {
+                    agents.ready(agent);
                 }
-                Err(e) => {
-                    self.agents.lock().ready(&agent);
-                    return Err(e);
-                }
-            };
-            let iac = match self.lease_tasks.get() {
-                Some(tasks) => tasks.task(&leased.id).await,
-                None => None,
+                *unplaced = true;
+                return Err(e);
+            }
+        };
+        let ids: Vec<String> = leased.iter().flatten().map(|j| j.id.clone()).collect();
+        let mut tasks = match self.lease_tasks.get() {
+            Some(t) if !ids.is_empty() => t.tasks(ids).await,
+            _ => HashMap::new(),
+        };
+        for ((_, agent), leased) in placed.into_iter().zip(leased) {
+            let Some(leased) = leased else {
+                // Taken or cancelled meanwhile: the slot is still free.
+                self.agents.lock().ready(&agent);
+                continue;
             };
             let lease = pb::Lease {
-                iac,
+                iac: tasks.remove(&leased.id),
                 lease_id: format!("{}-{}", leased.id, leased.epoch),
                 job_id: leased.id.clone(),
                 epoch: leased.epoch,
@@ -503,15 +558,10 @@ impl Hub {
                 self.store
                     .requeue(leased.id.clone(), leased.epoch, agent.clone())
                     .await?;
-                unplaced = true;
+                *unplaced = true;
             }
-            self.changed();
         }
-        let mut agents = self.agents.lock();
-        for id in quiet {
-            agents.ready(&id);
-        }
-        self.waiting.store(unplaced, Ordering::Relaxed);
+        self.changed();
         Ok(())
     }
 }
@@ -563,7 +613,7 @@ mod tests {
     }
 
     /// Connects agent `id` with capacity 4; returns its message stream.
-    fn connect(hub: &Hub, id: &str) -> mpsc::Receiver<Result<pb::ServerMessage, Status>> {
+    fn connect(hub: &Hub, id: &str) -> mpsc::Receiver<Outbound> {
         let (tx, rx) = mpsc::channel(16);
         hub.connect(id, tx, BTreeMap::new(), 4, false);
         rx
@@ -589,12 +639,13 @@ mod tests {
             .expect("insert");
     }
 
-    fn leases(rx: &mut mpsc::Receiver<Result<pb::ServerMessage, Status>>) -> Vec<(String, u64)> {
+    fn leases(rx: &mut mpsc::Receiver<Outbound>) -> Vec<(String, u64)> {
         let mut out = Vec::new();
         while let Ok(m) = rx.try_recv() {
-            if let Ok(pb::ServerMessage {
-                msg: Some(pb::server_message::Msg::Lease(l)),
-            }) = m
+            if let Ok(m) = m
+                && let pb::ServerMessage {
+                    msg: Some(pb::server_message::Msg::Lease(l)),
+                } = *m
             {
                 out.push((l.job_id, l.epoch));
             }
@@ -711,6 +762,57 @@ mod tests {
         submit(&hub, "after").await;
         hub.dispatch_once().await.expect("dispatch");
         assert!(leases(&mut rx_cpu).is_empty());
+    }
+
+    #[tokio::test]
+    async fn an_expired_lease_frees_its_agents_slot_without_a_heartbeat() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("outpost.db")).expect("store");
+        let hub = Hub::new(
+            store,
+            LeaseTiming {
+                ttl: Duration::from_millis(50),
+                heartbeat: Duration::from_secs(60),
+                sweep: Duration::from_secs(1),
+            },
+        );
+        let (tx, mut rx) = mpsc::channel(16);
+        hub.connect("a", tx, BTreeMap::new(), 1, false);
+        submit(&hub, "job-1").await;
+        submit(&hub, "job-2").await;
+        hub.dispatch_once().await.expect("dispatch");
+        assert_eq!(leases(&mut rx), [("job-1".to_string(), 1)]);
+        hub.dispatch_once().await.expect("dispatch");
+        assert!(leases(&mut rx).is_empty(), "its one slot is taken");
+
+        // The agent never renews: once the lease expired, the same agent is
+        // a candidate again at once (no heartbeat in between), and job-1,
+        // re-queued ahead of job-2, goes out with the next epoch.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        hub.expire_leases().await;
+        hub.dispatch_once().await.expect("dispatch");
+        assert_eq!(leases(&mut rx), [("job-1".to_string(), 2)]);
+    }
+
+    #[tokio::test]
+    async fn one_pass_leases_every_job_it_can_place_and_fills_each_agent() {
+        let (_dir, hub) = hub();
+        let mut a = connect(&hub, "a");
+        let mut b = connect(&hub, "b");
+        for i in 0..10 {
+            submit(&hub, &format!("job-{i:02}")).await;
+        }
+        hub.dispatch_once().await.expect("dispatch");
+        let (la, lb) = (leases(&mut a), leases(&mut b));
+        // Four slots each: eight jobs leased in one pass, oldest first.
+        assert_eq!((la.len(), lb.len()), (4, 4), "{la:?} {lb:?}");
+        let mut all: Vec<String> = la.into_iter().chain(lb).map(|(id, _)| id).collect();
+        all.sort();
+        let first: Vec<String> = (0..8).map(|i| format!("job-{i:02}")).collect();
+        assert_eq!(all, first);
+        assert_eq!(hub.store.held_count("a"), 4);
+        assert_eq!(hub.store.held_count("b"), 4);
+        assert!(hub.waiting.load(Ordering::Relaxed), "two jobs wait");
     }
 
     #[test]

@@ -877,3 +877,54 @@ async fn a_refused_write_stops_the_job_and_the_agent_reports_nothing_for_it() {
         "what was accepted before stays"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_final_status_frees_the_slot_at_once_and_is_acknowledged_before_the_next_lease() {
+    use pb::server_message::Msg as In;
+    // Heartbeats far apart: nothing but the final status can free the slot
+    // within the bound below.
+    let c = Cluster::start_with(LeaseTiming {
+        ttl: Duration::from_secs(60),
+        heartbeat: Duration::from_secs(20),
+        sweep: Duration::from_millis(200),
+    })
+    .await;
+    let mut agent = c.raw_agent("a", zone_hello("a", 1)).await.expect("session");
+    let first = c.submit_spec(job_spec(vec!["true".into()])).await;
+    let second = c.submit_spec(job_spec(vec!["true".into()])).await;
+    let lease = agent
+        .recv_until(LIMIT, |m| match m {
+            In::Lease(l) => Some(l.clone()),
+            _ => None,
+        })
+        .await;
+    assert_eq!((lease.job_id.as_str(), lease.epoch), (first.as_str(), 1));
+    let finished = Instant::now();
+    agent
+        .send(pb::agent_message::Msg::Status(pb::JobStatus {
+            job_id: first.clone(),
+            epoch: 1,
+            state: pb::JobState::Succeeded as i32,
+            exit_code: Some(0),
+            ..Default::default()
+        }))
+        .await;
+    // The ack comes first (the agent forgets the job), then the next lease.
+    let mut order = Vec::new();
+    while order.len() < 2 {
+        let m = agent
+            .recv_until(Duration::from_secs(10), |m| match m {
+                In::StatusAck(a) if a.job_id == first => Some("ack"),
+                In::Lease(l) if l.job_id == second => Some("lease"),
+                _ => None,
+            })
+            .await;
+        order.push(m);
+    }
+    assert_eq!(order, ["ack", "lease"]);
+    let took = finished.elapsed();
+    assert!(
+        took < Duration::from_secs(5),
+        "the next lease came {took:?} after the final status"
+    );
+}

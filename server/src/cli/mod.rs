@@ -209,6 +209,10 @@ pub fn main() -> ExitCode {
     outpost_agent::observe::logging::init(cli.log_format, filter);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
+        // The store is one connection: more threads waiting for it than
+        // this only cost memory (each blocked call held a thread of its
+        // own, hundreds in a reconnect storm).
+        .max_blocking_threads(32)
         .enable_all()
         .build()
     {

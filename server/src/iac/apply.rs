@@ -223,11 +223,28 @@ impl Engine {
         Ok(())
     }
 
-    /// The task for a lease of `job_id`; an apply's second lease is `lost`.
-    pub(super) async fn lease_task(&self, job_id: &str) -> Result<Option<Task>, IacError> {
-        let Some(mut task) = self.store.task_of(job_id.to_string()).await? else {
-            return Ok(None);
-        };
+    /// The tasks for the leases of `job_ids` (those that are runs' jobs);
+    /// an apply's second lease is `lost`.
+    pub(super) async fn lease_tasks(
+        &self,
+        job_ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, Task>, IacError> {
+        let mut tasks = self.store.tasks_of(job_ids).await?;
+        let mut failed = Vec::new();
+        for (job_id, task) in tasks.iter_mut() {
+            if let Err(e) = self.lease_task(job_id, task).await {
+                warn!(job = %job_id, error = %e, "reading the run task failed");
+                failed.push(job_id.clone());
+            }
+        }
+        for job_id in failed {
+            tasks.remove(&job_id);
+        }
+        Ok(tasks)
+    }
+
+    /// Marks an apply's second lease `lost`.
+    async fn lease_task(&self, job_id: &str, task: &mut Task) -> Result<(), IacError> {
         if task.phase == "apply" {
             let job = job_id.to_string();
             let run = self
@@ -248,7 +265,7 @@ impl Engine {
                 task.plan_digest.clear();
             }
         }
-        Ok(Some(task))
+        Ok(())
     }
 
     /// The task of `agent`'s current lease of `job_id`.

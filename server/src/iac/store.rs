@@ -488,6 +488,34 @@ impl IacStore {
     }
 
     /// The task of a run's job, if `job_id` is one.
+    /// The tasks of those of `job_ids` that are runs' jobs (one store
+    /// call for a whole dispatch pass).
+    pub async fn tasks_of(
+        &self,
+        job_ids: Vec<String>,
+    ) -> Result<std::collections::HashMap<String, Task>, IacError> {
+        Ok(self
+            .store
+            .with(move |c| {
+                let mut stmt = c
+                    .prepare_cached("SELECT task FROM iac_jobs WHERE job_id = ?1")
+                    .map_err(q("read run job"))?;
+                let mut out = std::collections::HashMap::new();
+                for job_id in job_ids {
+                    let json: Option<String> = stmt
+                        .query_row(params![job_id], |r| r.get(0))
+                        .optional()
+                        .map_err(q("read run job"))?;
+                    if let Some(j) = json {
+                        let task = serde_json::from_str(&j).map_err(|e| corrupt(&job_id, e))?;
+                        out.insert(job_id, task);
+                    }
+                }
+                Ok(out)
+            })
+            .await?)
+    }
+
     pub async fn task_of(&self, job_id: String) -> Result<Option<Task>, IacError> {
         Ok(self
             .store

@@ -7,13 +7,13 @@ use super::schema::{JOB_COLS, current, forget_secrets, get_job, select_jobs};
 use super::{Store, StoreError, q};
 use crate::model::{Job, JobState, StatusReport, now_ms};
 
-/// What happened to an expired lease.
+/// What happened to an expired lease; `agent` held it (its slot is free).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Expired {
     /// Back in the queue; the next lease gets a higher epoch.
-    Requeued(Job),
+    Requeued { job: Job, agent: String },
     /// A cancel was pending: the job ends as cancelled.
-    Cancelled(Job),
+    Cancelled { job: Job, agent: String },
 }
 
 impl Store {
@@ -50,6 +50,46 @@ impl Store {
             }
             held.lock().sync(c, &id)?;
             get_job(c, &id)
+        })
+        .await
+    }
+
+    /// Leases each `(job, agent)` of a dispatch pass with its next epoch in
+    /// one transaction (one commit for the whole pass); per pair, the job
+    /// as leased, or `None` if it is no longer queued.
+    pub async fn lease_jobs(
+        &self,
+        pairs: Vec<(String, String)>,
+        ttl_ms: u64,
+    ) -> Result<Vec<Option<Job>>, StoreError> {
+        self.with_held(move |c, held| {
+            let tx = c.transaction().map_err(q("begin lease jobs"))?;
+            let deadline = now_ms() + ttl_ms as i64;
+            let mut out = Vec::with_capacity(pairs.len());
+            {
+                let mut update = tx
+                    .prepare_cached(
+                        "UPDATE jobs SET state = 'leased', epoch = epoch + 1, agent_id = ?2, lease_deadline_ms = ?3,
+                             log_acked = 0, log_total = NULL
+                         WHERE id = ?1 AND state = 'queued' AND cancel_requested = 0",
+                    )
+                    .map_err(q("lease job"))?;
+                for (id, agent) in &pairs {
+                    let n = update
+                        .execute(params![id, agent, deadline])
+                        .map_err(q("lease job"))?;
+                    out.push(if n == 0 { None } else { get_job(&tx, id)? });
+                }
+            }
+            tx.commit().map_err(q("commit lease jobs"))?;
+            // After the commit: the table mirrors only durable leases.
+            let mut h = held.lock();
+            for ((id, _), job) in pairs.iter().zip(&out) {
+                if job.is_some() {
+                    h.sync(c, id)?;
+                }
+            }
+            Ok(out)
         })
         .await
     }
@@ -92,6 +132,11 @@ impl Store {
         leases: Vec<(String, u64)>,
         ttl_ms: u64,
     ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError> {
+        // Most sessions start holding nothing (and a reconnect storm is
+        // thousands of them at once): no store trip then.
+        if leases.is_empty() {
+            return Ok((Vec::new(), Vec::new()));
+        }
         self.with_held(move |c, held| {
             let tx = c.transaction().map_err(q("begin renew"))?;
             let mut renewed = Vec::new();
@@ -173,6 +218,7 @@ impl Store {
             }
             let mut out = Vec::new();
             for job in expired {
+                let agent = job.agent_id.clone().unwrap_or_default();
                 if job.cancel_requested {
                     tx.execute(
                         "UPDATE jobs SET state = 'cancelled', message = 'cancelled; the agent did not confirm before its lease expired',
@@ -182,7 +228,7 @@ impl Store {
                     .map_err(q("cancel expired job"))?;
                     forget_secrets(&tx, &job.id)?;
                     if let Some(j) = get_job(&tx, &job.id)? {
-                        out.push(Expired::Cancelled(j));
+                        out.push(Expired::Cancelled { job: j, agent });
                     }
                 } else {
                     tx.execute(
@@ -192,7 +238,7 @@ impl Store {
                     )
                     .map_err(q("requeue expired job"))?;
                     if let Some(j) = get_job(&tx, &job.id)? {
-                        out.push(Expired::Requeued(j));
+                        out.push(Expired::Requeued { job: j, agent });
                     }
                 }
             }

@@ -125,7 +125,9 @@ async fn expired_lease_requeues_and_next_lease_has_higher_epoch() {
         .unwrap();
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let exp = s.expire_leases().await.unwrap();
-    assert!(matches!(&exp[..], [Expired::Requeued(j)] if j.state == JobState::Queued));
+    assert!(
+        matches!(&exp[..], [Expired::Requeued { job: j, agent }] if j.state == JobState::Queued && agent == "a")
+    );
     // the old lease is refused
     let r = StatusReport {
         state: JobState::Succeeded,
@@ -379,7 +381,7 @@ async fn renewals_in_memory_keep_every_fence_across_a_restart() {
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let exp = s.expire_leases().await.unwrap();
     assert!(
-        matches!(&exp[..], [Expired::Requeued(j)] if j.id == "j"),
+        matches!(&exp[..], [Expired::Requeued { job: j, .. }] if j.id == "j"),
         "{exp:?}"
     );
     assert_eq!(s.held_count("a"), 0);

@@ -21,6 +21,13 @@ pub fn exe(name: &str) -> PathBuf {
     }
 }
 
+/// The measured control plane's log level: `warn`, or
+/// `OUTPOST_BENCH_SERVER_LOG` (e.g. `info` to see each lease pushed, with
+/// its time, in the fleet's `server.log`).
+fn server_log_level() -> String {
+    std::env::var("OUTPOST_BENCH_SERVER_LOG").unwrap_or_else(|_| "warn".into())
+}
+
 /// `outpost server` in its own process, with its own state directory.
 pub struct ServerProc {
     pub state: StateDir,
@@ -44,7 +51,7 @@ impl ServerProc {
             .arg("--state-dir")
             .arg(&state.root)
             .args(["server", "--listen", listen, "--lease-ttl", "30s"])
-            .env("OUTPOST_LOG", "warn")
+            .env("OUTPOST_LOG", server_log_level())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()?;

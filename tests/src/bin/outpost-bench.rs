@@ -7,6 +7,10 @@
 //! `--only fleet,jobs,credentials` (default: fleet and jobs), `--rounds N`,
 //! `--log-mb N`, `--peak-mb N`, `--rate JOBS_PER_S`, `--jobs N`,
 //! `--idle SECONDS`, `--no-storm`.
+//!
+//! Environment: `OUTPOST_BENCH_DIR` (keep the state and server logs in a
+//! new directory there), `OUTPOST_BENCH_SERVER_LOG` (the control plane's
+//! log level, `warn` by default), `OUTPOST_BENCH_BIN` (binaries measured).
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -117,7 +121,15 @@ fn main() -> ExitCode {
 async fn run(args: &Args, fds: u64) -> anyhow::Result<Report> {
     println!("machine: {}", procs::machine());
     println!("open files limit: {fds}");
-    let dir = tempfile::tempdir()?;
+    // `OUTPOST_BENCH_DIR` keeps the state (server logs, stores) for a look
+    // afterwards; by default it is a temporary directory.
+    let dir = match std::env::var_os("OUTPOST_BENCH_DIR") {
+        Some(d) => tempfile::Builder::new()
+            .prefix("outpost-bench-")
+            .disable_cleanup(true)
+            .tempdir_in(d)?,
+        None => tempfile::tempdir()?,
+    };
     let mut report = Report::default();
     if args.only.iter().any(|o| o == "fleet") {
         for &n in &args.agents {

@@ -150,14 +150,19 @@ impl Engine {
 }
 
 impl LeaseTasks for Engine {
-    fn task(&self, job_id: &str) -> BoxFuture<'_, Option<pb::IacTask>> {
-        let job_id = job_id.to_string();
+    fn tasks(
+        &self,
+        job_ids: Vec<String>,
+    ) -> BoxFuture<'_, std::collections::HashMap<String, pb::IacTask>> {
         async move {
-            match self.lease_task(&job_id).await {
-                Ok(t) => t.map(|t| super::wire::task_to_pb(&t)),
+            match self.lease_tasks(job_ids.clone()).await {
+                Ok(tasks) => tasks
+                    .into_iter()
+                    .map(|(id, t)| (id, super::wire::task_to_pb(&t)))
+                    .collect(),
                 Err(e) => {
-                    warn!(job = %job_id, error = %e, "reading the run task failed");
-                    None
+                    warn!(jobs = ?job_ids, error = %e, "reading the run tasks failed");
+                    Default::default()
                 }
             }
         }
