@@ -898,13 +898,16 @@ async fn an_agent_can_refuse_drift_checks_or_run_one_at_a_time() {
         });
         s
     };
-    apply(&mut a, vec![declare("one"), declare("two")]).await;
+    let mut lonely = declare("lonely");
+    if let Some(d) = lonely.drift.as_mut() {
+        d.queue_timeout_ms = 2_000;
+    }
+    apply(&mut a, vec![declare("one"), declare("two"), lonely]).await;
     // The agent that refuses drift checks still runs tracked runs.
-    for name in ["one", "two"] {
+    for name in ["one", "two", "lonely"] {
         push_state(&c, dir.path(), name, APPLIED);
         sync_in_sync(&mut a, name).await;
     }
-    // A check finds no agent to take it.
     let check = |a: &mut IacAdminClient<Channel>, name: &'static str| {
         let mut a = a.clone();
         async move {
@@ -915,6 +918,27 @@ async fn an_agent_can_refuse_drift_checks_or_run_one_at_a_time() {
                 .run_id
         }
     };
+    // A check no agent takes within its stack's queue timeout fails, and the
+    // stack's drift status says why.
+    let lonely = check(&mut a, "lonely").await;
+    let r = wait_run(&mut a, &lonely, CHECK_WAIT, is_final).await;
+    assert_eq!(r.state, "FAILED", "{r:#?}");
+    let drift = a
+        .get_stack(iac::GetStackRequest {
+            name: "lonely".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .drift
+        .unwrap();
+    assert_eq!(drift.status, "unknown", "{drift:#?}");
+    assert!(
+        drift.reason.contains("no connected agent has the labels"),
+        "{drift:#?}"
+    );
+    // Without a queue timeout of its own, a check waits for an agent (an
+    // hour by default).
     let first = check(&mut a, "one").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let r = get_run(&mut a, &first).await;

@@ -24,6 +24,7 @@
 //! timezone = "Europe/Paris"  # default UTC
 //! min_interval = "1h"
 //! jitter = "5m"
+//! queue_timeout = "1h"       # a check no agent takes by then fails, saying why
 //! ignore = ["null_resource.scratch*"]
 //! reconcile = false
 //! [[stack.notify]]
@@ -85,6 +86,8 @@ struct DriftToml {
     ignore: Vec<String>,
     #[serde(default)]
     reconcile: bool,
+    /// A check no agent takes within this long fails, e.g. `"15m"`. Default 1h.
+    queue_timeout: Option<String>,
 }
 
 /// What a stacks file declares.
@@ -248,6 +251,10 @@ pub fn parse(text: &str, base: &Path) -> Result<Declared, String> {
                     jitter_ms: duration_ms(&format!("stack {n}: drift.jitter"), &d.jitter)?,
                     ignore: d.ignore.clone(),
                     reconcile: d.reconcile,
+                    queue_timeout_ms: duration_ms(
+                        &format!("stack {n}: drift.queue_timeout"),
+                        &d.queue_timeout,
+                    )?,
                 }),
             };
             let notify = s
@@ -349,6 +356,7 @@ schedule = "0 3 * * *"
 timezone = "Europe/Paris"
 min_interval = "1h"
 jitter = "5m"
+queue_timeout = "15m"
 ignore = ["null_resource.x*"]
 reconcile = true
 [[stack.notify]]
@@ -371,8 +379,12 @@ url = "http://127.0.0.1:9/global"
         assert_eq!(s.aws.as_ref().unwrap().duration_s, 1800);
         let drift = s.drift.as_ref().unwrap();
         assert_eq!(
-            (drift.min_interval_ms, drift.jitter_ms),
-            (3_600_000, 300_000)
+            (
+                drift.min_interval_ms,
+                drift.jitter_ms,
+                drift.queue_timeout_ms
+            ),
+            (3_600_000, 300_000, 900_000)
         );
         assert!(drift.reconcile);
         assert_eq!(s.notify[0].secret_value, b"hook-canary");

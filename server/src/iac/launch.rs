@@ -42,6 +42,13 @@ impl Engine {
             ],
             selector,
             timeout_ms: super::runs::PLAN_TIMEOUT.as_millis() as u64,
+            // A check no agent takes fails after a while, saying why (its
+            // stack's drift status becomes unknown), instead of waiting for ever.
+            queue_timeout_ms: match (&spec.drift, drift_check) {
+                (Some(d), true) if d.queue_timeout_ms > 0 => d.queue_timeout_ms,
+                (_, true) => super::drift::QUEUE_TIMEOUT_MS,
+                (_, false) => 0,
+            },
             aws: spec.aws.clone(),
             secrets,
             ..Default::default()

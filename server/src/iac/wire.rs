@@ -65,6 +65,7 @@ pub fn spec_from_pb(s: iac::StackSpec) -> StackSpec {
             jitter_ms: d.jitter_ms,
             ignore: d.ignore,
             reconcile: d.reconcile,
+            queue_timeout_ms: d.queue_timeout_ms,
         }),
         notify: s.notify.into_iter().map(target_from_pb).collect(),
     }
@@ -138,6 +139,7 @@ pub fn spec_to_pb(s: &StackSpec) -> iac::StackSpec {
             jitter_ms: d.jitter_ms,
             ignore: d.ignore.clone(),
             reconcile: d.reconcile,
+            queue_timeout_ms: d.queue_timeout_ms,
         }),
         notify: s.notify.iter().map(target_to_pb).collect(),
     }

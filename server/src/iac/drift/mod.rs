@@ -37,7 +37,12 @@ pub struct DriftSpec {
     pub ignore: Vec<String>,
     /// Drift found: queue a tracked run to revert it.
     pub reconcile: bool,
+    /// A check no agent takes within this long fails; zero: [`QUEUE_TIMEOUT_MS`].
+    pub queue_timeout_ms: u64,
 }
+
+/// How long a drift check waits for an agent by default.
+pub const QUEUE_TIMEOUT_MS: u64 = 3_600_000;
 
 /// Longest jitter.
 const MAX_JITTER_MS: u64 = 3_600_000;
