@@ -363,6 +363,20 @@ async fn drift_is_told_once_per_distinct_drift_with_signed_retried_webhooks() {
     assert_eq!(body["states"]["from"], "in_sync");
     assert_eq!(body["states"]["to"], "drifted");
     assert_eq!(body["counts"]["drifted"], 1);
+    // null_resource.a is to be replaced: one add, one destroy.
+    assert_eq!(
+        (
+            &body["counts"]["add"],
+            &body["counts"]["change"],
+            &body["counts"]["destroy"]
+        ),
+        (
+            &serde_json::json!(1),
+            &serde_json::json!(0),
+            &serde_json::json!(1)
+        ),
+        "{body}"
+    );
     assert_eq!(
         body["resources"],
         serde_json::json!([{"address": "null_resource.a", "actions": ["delete", "create"]}])
@@ -633,7 +647,7 @@ warn contains "changes outside drift need a human" if { not input.run.drift }
         s.plan_policy = policy.into();
         s.drift = Some(iac::DriftSpec {
             // Checks run when asked (`stack check`), not on a schedule here.
-            schedule: "0 0 1 1 *".into(),
+            schedule: "manual".into(),
             reconcile: true,
             ..Default::default()
         });
@@ -893,7 +907,7 @@ async fn an_agent_can_refuse_drift_checks_or_run_one_at_a_time() {
     let declare = |name: &str| {
         let mut s = stack(name, &repo);
         s.drift = Some(iac::DriftSpec {
-            schedule: "0 0 1 1 *".into(),
+            schedule: "manual".into(),
             ..Default::default()
         });
         s

@@ -70,8 +70,15 @@ pub fn print(stacks: &[iac::Stack], as_json: bool) {
         } else {
             "never".into()
         };
+        let manual = s
+            .spec
+            .as_ref()
+            .and_then(|x| x.drift.as_ref())
+            .is_some_and(|x| x.schedule.trim() == crate::iac::drift::MANUAL);
         let next = if d.next_at_ms > 0 {
             format!("in {}", age((d.next_at_ms - now).max(1)))
+        } else if manual {
+            "manual".into()
         } else {
             "-".into()
         };

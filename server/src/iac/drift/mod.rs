@@ -44,13 +44,18 @@ pub struct DriftSpec {
 /// How long a drift check waits for an agent by default.
 pub const QUEUE_TIMEOUT_MS: u64 = 3_600_000;
 
+/// The schedule of a stack checked only on demand.
+pub const MANUAL: &str = "manual";
+
 /// Longest jitter.
 const MAX_JITTER_MS: u64 = 3_600_000;
 
 impl DriftSpec {
     /// Parses the schedule and the time zone; the error says which is wrong.
     pub fn check(&self) -> Result<(), String> {
-        self.cron()?;
+        if !self.is_manual() {
+            self.cron()?;
+        }
         self.tz()?;
         if self.jitter_ms > MAX_JITTER_MS {
             return Err("jitter is longer than 1h".into());
@@ -59,6 +64,12 @@ impl DriftSpec {
             return Err("ignore: at most 1000 non-empty globs of up to 1024 bytes".into());
         }
         Ok(())
+    }
+
+    /// `schedule = "manual"`: no scheduled check; `outpost stack check`
+    /// runs one.
+    pub fn is_manual(&self) -> bool {
+        self.schedule.trim() == MANUAL
     }
 
     fn cron(&self) -> Result<croner::Cron, String> {
@@ -314,6 +325,14 @@ mod tests {
             ..Default::default()
         };
         assert!(bad.check().unwrap_err().contains("Mars/Olympus"));
+        // On demand only: valid, and never scheduled.
+        let manual = DriftSpec {
+            schedule: "manual".into(),
+            ..Default::default()
+        };
+        manual.check().unwrap();
+        assert!(manual.is_manual());
+        assert_eq!(manual.next_after("s", t0, 0), None);
         // Seconds, jitter within bounds, minimum interval after the last check.
         let every5 = DriftSpec {
             schedule: "*/5 * * * * *".into(),

@@ -32,7 +32,7 @@ impl Engine {
         let now = now_ms();
         let states = self.store.drift_states().await?;
         for stack in self.store.list_stacks().await? {
-            let Some(spec) = stack.spec.drift.clone() else {
+            let Some(spec) = stack.spec.drift.clone().filter(|d| !d.is_manual()) else {
                 continue;
             };
             let name = stack.spec.name.clone();
@@ -247,6 +247,7 @@ impl Engine {
         ev.to = state.status.as_str().to_string();
         ev.fingerprint = state.fingerprint.clone();
         ev.resources = state.resources.clone();
+        ev.counts = crate::notify::Event::plan_counts(&state.resources);
         ev.counts
             .insert("drifted".into(), state.resources.len() as u64);
         ev.summary = match change {
