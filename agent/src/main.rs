@@ -33,6 +33,25 @@ struct Args {
     command: Option<Command>,
 }
 
+/// One malloc arena for the whole process, unless the operator set
+/// `MALLOC_ARENA_MAX`. glibc gives threads that allocate at once arenas of
+/// their own (up to 8 per core); the log path allocates and frees 64 KiB
+/// chunks on whichever worker or blocking thread runs it, and what is freed
+/// stays resident in each arena. Measured while a job prints 200 MiB after
+/// three 100 MiB jobs: 76 MB peak with the default, 44 MB with one arena,
+/// the same throughput (`docs/bench.md`).
+fn one_malloc_arena() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        #[allow(unsafe_code)]
+        // SAFETY: called first in `main`, before any other thread exists;
+        // `mallopt` only sets one of the allocator's parameters.
+        unsafe {
+            nix::libc::mallopt(nix::libc::M_ARENA_MAX, 1);
+        }
+    }
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Tell the agent running with this configuration to drain (as SIGTERM
@@ -45,6 +64,7 @@ const EX_CONFIG: u8 = 64;
 const EX_UNAVAILABLE: u8 = 69;
 
 fn main() -> ExitCode {
+    one_malloc_arena();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
