@@ -96,6 +96,35 @@ pub async fn admin(c: &Cluster) -> IacAdminClient<Channel> {
     )
 }
 
+/// Declares `specs`; returns each stack's name and what happened to it.
+pub async fn apply(
+    a: &mut IacAdminClient<Channel>,
+    specs: Vec<iac::StackSpec>,
+) -> Vec<(String, String)> {
+    a.apply_stacks(iac::ApplyStacksRequest {
+        stacks: specs,
+        ..Default::default()
+    })
+    .await
+    .expect("apply stacks")
+    .into_inner()
+    .changes
+    .into_iter()
+    .map(|c| (c.name, c.action))
+    .collect()
+}
+
+/// Syncs `name`; a new commit must queue a run, whose id this returns.
+pub async fn sync(a: &mut IacAdminClient<Channel>, name: &str) -> String {
+    let r = a
+        .sync_stack(iac::SyncStackRequest { name: name.into() })
+        .await
+        .expect("sync")
+        .into_inner();
+    assert!(!r.run_id.is_empty(), "a new commit queues a run: {r:?}");
+    r.run_id
+}
+
 /// The run `id` as the control plane has it now.
 pub async fn get_run(a: &mut IacAdminClient<Channel>, id: &str) -> iac::Run {
     a.get_run(iac::GetRunRequest { run_id: id.into() })

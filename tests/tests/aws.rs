@@ -844,8 +844,9 @@ resource "null_resource" "reads_credentials" {
 "#;
     let repo = fixture::repo(dir.path(), &format!("{}{main_tf}", fixture::NULL_PROVIDER));
     let mut a = fixture::admin(&c).await;
-    a.apply_stacks(iac::ApplyStacksRequest {
-        stacks: vec![iac::StackSpec {
+    fixture::apply(
+        &mut a,
+        vec![iac::StackSpec {
             autodeploy: true,
             aws: Some(iac::StackAwsRole {
                 role_arn: moto::role("outpost-terraform"),
@@ -853,19 +854,9 @@ resource "null_resource" "reads_credentials" {
             }),
             ..fixture::stack("with-role", &repo)
         }],
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let run_id = a
-        .sync_stack(iac::SyncStackRequest {
-            name: "with-role".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .run_id;
-    assert!(!run_id.is_empty());
+    )
+    .await;
+    let run_id = fixture::sync(&mut a, "with-role").await;
     let run = fixture::wait_run(&mut a, &run_id, Duration::from_secs(240), fixture::is_final).await;
     let plan_log = log_text(&c, &run.plan_job).await;
     let log = log_text(&c, &run.apply_job).await;

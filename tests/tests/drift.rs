@@ -21,7 +21,7 @@ use std::time::Duration;
 use outpost_proto::iac::v1 as iac;
 use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
 use outpost_tests::iac::{
-    NULL_PROVIDER, admin, commit, get_run, git, is_final, repo, stack, wait_run,
+    NULL_PROVIDER, admin, apply, commit, get_run, git, is_final, repo, stack, wait_run,
 };
 use outpost_tests::webhook::{Receiver, verify};
 use outpost_tests::{Agent, Cluster, bin};
@@ -159,15 +159,6 @@ fn secret(name: &str, value: &[u8]) -> iac::SecretFile {
         name: name.into(),
         value: value.to_vec(),
     }
-}
-
-async fn apply(a: &mut IacAdminClient<Channel>, specs: Vec<iac::StackSpec>) {
-    a.apply_stacks(iac::ApplyStacksRequest {
-        stacks: specs,
-        ..Default::default()
-    })
-    .await
-    .expect("apply stacks");
 }
 
 /// A control plane, one agent of capacity 2, a webhook receiver and a

@@ -12,7 +12,7 @@ use outpost::client::ClientConfig;
 use outpost::identity::Role;
 use outpost_proto::iac::v1 as iac;
 use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
-use outpost_tests::iac::{commit, repo, stack, url};
+use outpost_tests::iac::{admin, apply, commit, is_final, repo, stack, sync, url, wait_run};
 use outpost_tests::{Cluster, RUNNER_IMAGE, bin};
 use tonic::transport::Channel;
 
@@ -61,57 +61,6 @@ async fn admin_as(c: &Cluster, name: &str) -> IacAdminClient<Channel> {
     iac_client(&cfg).await
 }
 
-async fn apply(
-    c: &mut IacAdminClient<Channel>,
-    specs: Vec<iac::StackSpec>,
-) -> Vec<(String, String)> {
-    c.apply_stacks(iac::ApplyStacksRequest {
-        stacks: specs,
-        ..Default::default()
-    })
-    .await
-    .expect("apply stacks")
-    .into_inner()
-    .changes
-    .into_iter()
-    .map(|c| (c.name, c.action))
-    .collect()
-}
-
-async fn sync(c: &mut IacAdminClient<Channel>, name: &str) -> String {
-    let r = c
-        .sync_stack(iac::SyncStackRequest { name: name.into() })
-        .await
-        .expect("sync")
-        .into_inner();
-    assert!(!r.run_id.is_empty(), "a new commit queues a run: {r:?}");
-    r.run_id
-}
-
-/// Polls the run until `pred` holds (bounded), failing with what it saw.
-async fn wait_run(
-    c: &mut IacAdminClient<Channel>,
-    id: &str,
-    limit: Duration,
-    pred: impl Fn(&iac::Run) -> bool,
-) -> iac::Run {
-    let deadline = tokio::time::Instant::now() + limit;
-    loop {
-        let r = c
-            .get_run(iac::GetRunRequest { run_id: id.into() })
-            .await
-            .expect("get run")
-            .into_inner();
-        if pred(&r) {
-            return r;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("run {id} did not reach the expected state in {limit:?}: {r:#?}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
 fn settled(r: &iac::Run) -> bool {
     !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
 }
@@ -123,7 +72,7 @@ async fn stacks_apply_idempotently_and_bad_input_is_refused_with_nothing_queued(
     let c = Cluster::start().await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path(), MAIN_TF);
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
 
     // Declared from a file with the CLI, twice: created, then unchanged.
     std::fs::write(
@@ -283,7 +232,7 @@ async fn a_tracked_run_plans_in_the_sandbox_and_needs_two_distinct_approvals() {
     let agent = c.start_agent(2).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path(), MAIN_TF);
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
     let mut spec = stack("web", &repo);
     spec.approvals_required = 2;
     spec.variables = [("greeting".to_string(), "bonjour".to_string())].into();
@@ -445,7 +394,7 @@ warn contains msg if {
     assert_eq!(e.code(), tonic::Code::FailedPrecondition);
 
     // The apply of exactly that plan; the state is kept by the control plane.
-    let applied = wait_run(&mut a, &run_id, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let applied = wait_run(&mut a, &run_id, PLAN_WAIT, is_final).await;
     assert_eq!(applied.state, "FINISHED", "{applied:#?}");
     let states: Vec<_> = applied
         .transitions
@@ -579,7 +528,7 @@ warn contains msg if {
         .await
         .unwrap();
     }
-    let r = wait_run(&mut a, &second, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &second, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "STALE", "{r:#?}");
     assert!(r.message.contains("state moved"), "{r:#?}");
     let versions: serde_json::Value =
@@ -589,13 +538,6 @@ warn contains msg if {
     let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
     assert!(!log.contains("Apply complete"), "{log}");
     agent.stop().await;
-}
-
-fn is_final(state: &str) -> bool {
-    matches!(
-        state,
-        "FINISHED" | "FAILED" | "DISCARDED" | "CANCELLED" | "STALE"
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -618,7 +560,7 @@ deny contains msg if {
     let mut cfg = c.agent_config(2);
     cfg.iac.plan_policy = Some(local);
     let agent = c.start_agent_with(cfg).await;
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
 
     let deny_repo = dir.path().join("d");
     let deny_repo = repo(&deny_repo, MAIN_TF);
@@ -681,7 +623,7 @@ deny contains msg if {
     assert_eq!(r.state, "FINISHED", "{r:#?}");
     assert!(!r.has_changes);
     assert_eq!(r.message, "no changes");
-    let r = wait_run(&mut a, &au, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &au, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "FINISHED", "autodeploy applies by itself: {r:#?}");
     let confirmed = r
         .transitions
@@ -735,7 +677,7 @@ async fn tampered_bundles_and_plans_made_against_no_state_are_never_applied() {
     let agent = c.start_agent(2).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path(), MAIN_TF);
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
     apply(&mut a, vec![stack("t", &repo)]).await;
     let mut alice = admin_as(&c, "alice").await;
     let approve = |id: String| iac::DecideRunRequest {
@@ -755,7 +697,7 @@ async fn tampered_bundles_and_plans_made_against_no_state_are_never_applied() {
     bad[mid] ^= 1;
     std::fs::write(blob_path(&c, &r.bundle_digest), &bad).unwrap();
     alice.decide_run(approve(first.clone())).await.unwrap();
-    let r = wait_run(&mut a, &first, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &first, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "FAILED", "{r:#?}");
     assert!(r.message.contains("corrupt"), "{r:#?}");
     let st = a
@@ -794,7 +736,7 @@ async fn tampered_bundles_and_plans_made_against_no_state_are_never_applied() {
         String::from_utf8_lossy(&out.stderr)
     );
     alice.decide_run(approve(second.clone())).await.unwrap();
-    let r = wait_run(&mut a, &second, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &second, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "STALE", "{r:#?}");
     assert!(r.message.contains("planned against no state"), "{r:#?}");
     let v = a
@@ -854,13 +796,13 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
     let mut doomed = c.spawn_agent("doomed", &cfg).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path(), MAIN_TF);
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
     let mut spec = stack("k", &repo);
     spec.autodeploy = true;
     apply(&mut a, vec![spec.clone()]).await;
     // A first apply leaves a state version.
     let first = sync(&mut a, "k").await;
-    let r = wait_run(&mut a, &first, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &first, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
     let kept = a
         .get_stack(iac::GetStackRequest { name: "k".into() })
@@ -883,10 +825,7 @@ async fn an_apply_whose_agent_is_killed_fails_is_never_retried_and_releases_the_
     wait_inside_slow_resource(&c, &r.apply_job).await;
     doomed.signal("KILL");
     doomed.wait_exit(Duration::from_secs(10)).await;
-    let r = wait_run(&mut a, &run_id, Duration::from_secs(60), |r| {
-        is_final(&r.state)
-    })
-    .await;
+    let r = wait_run(&mut a, &run_id, Duration::from_secs(60), is_final).await;
     assert_eq!(r.state, "FAILED", "{r:#?}");
     assert!(r.message.contains("never retried"), "{r:#?}");
     assert!(
@@ -948,7 +887,7 @@ async fn an_apply_whose_agent_restarts_within_the_lease_finishes_with_its_state(
             "{MAIN_TF}\nresource \"null_resource\" \"slow\" {{\n  provisioner \"local-exec\" {{\n    command = \"sleep 12\"\n  }}\n}}\n"
         ),
     );
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
     let mut spec = stack("p", &repo);
     spec.autodeploy = true;
     apply(&mut a, vec![spec]).await;
@@ -958,7 +897,7 @@ async fn an_apply_whose_agent_restarts_within_the_lease_finishes_with_its_state(
     agent.signal("KILL");
     agent.wait_exit(Duration::from_secs(10)).await;
     let agent = c.spawn_agent("phoenix", &cfg).await;
-    let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, is_final).await;
     let log = String::from_utf8_lossy(&c.logs(&r.apply_job).await).into_owned();
     assert_eq!(r.state, "FINISHED", "{r:#?}\n{log}");
     assert!(log.contains("Apply complete! Resources: 2 added"), "{log}");
@@ -989,7 +928,7 @@ async fn an_approval_policy_decides_who_approves_and_rejects_what_it_forbids() {
     let agent = c.start_agent(2).await;
     let dir = tempfile::tempdir().unwrap();
     let repo = repo(dir.path(), MAIN_TF);
-    let mut a = iac_client(&c.client_config()).await;
+    let mut a = admin(&c).await;
     let mut spec = stack("gated", &repo);
     spec.approval_policy = "package outpost.approval\napprove if {\n".into();
     let e = a
@@ -1049,7 +988,7 @@ reject contains msg if {
     let r = decide("sec").await;
     assert_eq!(r.state, "CONFIRMED", "{r:#?}");
     assert!(r.message.contains("approval policy"), "{r:#?}");
-    let r = wait_run(&mut a, &run_id, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &run_id, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "FINISHED", "{r:#?}");
 
     // A commit that deletes the resource: the policy rejects the plan.
@@ -1060,7 +999,7 @@ reject contains msg if {
     .unwrap();
     commit(&repo, "delete");
     let next = sync(&mut a, "gated").await;
-    let r = wait_run(&mut a, &next, PLAN_WAIT, |r| is_final(&r.state)).await;
+    let r = wait_run(&mut a, &next, PLAN_WAIT, is_final).await;
     assert_eq!(r.state, "DISCARDED", "{r:#?}");
     assert!(
         r.message.contains("null_resource.first would be deleted"),
