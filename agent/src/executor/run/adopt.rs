@@ -62,19 +62,8 @@ impl DockerExecutor {
         let span =
             tracing::info_span!("job", job_id = %key.job_id, epoch = key.epoch, adopted = true);
         async move {
-            let (name, workspace) = match (
-                spec::container_name(key),
-                spec::workspace_dir(key, &self.cfg.work_dir),
-            ) {
-                (Ok(name), Ok(workspace)) => (name, workspace),
-                (Err(e), _) | (_, Err(e)) => return failed(ExecError::from(e)),
-            };
-            let mut cleanup = match self.leftovers(key, spec, &name, &workspace) {
-                Ok(leftovers) => Cleanup {
-                    docker: self.docker.clone(),
-                    leftovers,
-                    done: false,
-                },
+            let (name, workspace, mut cleanup) = match self.job_host_paths(key, spec) {
+                Ok(found) => found,
                 Err(e) => return failed(e),
             };
             let ctx = HookContext {

@@ -4,6 +4,24 @@
 use super::*;
 
 impl DockerExecutor {
+    /// A job's container name and workspace, and the clean-up of what it
+    /// leaves on the host (for a run and for an adoption alike).
+    pub(super) fn job_host_paths(
+        &self,
+        key: &LeaseKey,
+        spec: &JobSpec,
+    ) -> Result<(String, PathBuf, Cleanup), ExecError> {
+        let name = spec::container_name(key)?;
+        let workspace = spec::workspace_dir(key, &self.cfg.work_dir)?;
+        let leftovers = self.leftovers(key, spec, &name, &workspace)?;
+        let cleanup = Cleanup {
+            docker: self.docker.clone(),
+            leftovers,
+            done: false,
+        };
+        Ok((name, workspace, cleanup))
+    }
+
     /// What a job leaves on the host until [`remove_job`] removes it.
     pub(super) fn leftovers(
         &self,

@@ -7,7 +7,7 @@ mod output;
 mod prepare;
 mod supervise;
 
-use cleanup::{Cleanup, remove_container};
+use cleanup::remove_container;
 use output::{Forwarded, OutputFilter, forward_output, masker, parse_engine_time, spawn_output};
 
 use std::collections::HashMap;
@@ -286,19 +286,8 @@ impl DockerExecutor {
     ) -> Outcome {
         let span = tracing::info_span!("job", job_id = %key.job_id, epoch = key.epoch);
         async move {
-            let (name, workspace) = match (
-                spec::container_name(key),
-                spec::workspace_dir(key, &self.cfg.work_dir),
-            ) {
-                (Ok(name), Ok(workspace)) => (name, workspace),
-                (Err(e), _) | (_, Err(e)) => return failed(ExecError::from(e)),
-            };
-            let mut cleanup = match self.leftovers(key, spec, &name, &workspace) {
-                Ok(leftovers) => Cleanup {
-                    docker: self.docker.clone(),
-                    leftovers,
-                    done: false,
-                },
+            let (name, workspace, mut cleanup) = match self.job_host_paths(key, spec) {
+                Ok(found) => found,
                 Err(e) => return failed(e),
             };
             let outcome = self
