@@ -124,12 +124,12 @@ impl AwsConfig {
         if self.credentials_port == 0 {
             return Err(invalid("credentials_port", "must not be 0".into()));
         }
-        if self.credentials_port == crate::iac::backend::STATE_PORT {
+        if self.credentials_port == crate::netns::STATE_PORT {
             return Err(invalid(
                 "credentials_port",
                 format!(
                     "{} is the managed state endpoint's port",
-                    crate::iac::backend::STATE_PORT
+                    crate::netns::STATE_PORT
                 ),
             ));
         }

@@ -17,6 +17,11 @@ use nix::sched::{CloneFlags, setns};
 
 pub mod ready;
 
+/// The managed state endpoint's port on a job's loopback (`crate::iac::backend`).
+/// Fixed, because a saved plan records its backend's address and may be
+/// applied by another agent; the credentials endpoint may not take it.
+pub const STATE_PORT: u16 = 9912;
+
 /// Binds `addr` inside the network namespace of process `pid`.
 pub fn bind_in_netns_of(pid: u32, addr: SocketAddr) -> io::Result<TcpListener> {
     let ns = File::open(format!("/proc/{pid}/ns/net"))?;

@@ -39,9 +39,7 @@ use super::plan::StateRef;
 use super::{IacAgent, IacError};
 use crate::job::LeaseKey;
 
-/// The endpoint's port on the job's loopback. Fixed, because a saved plan
-/// records its backend's address and may be applied by another agent.
-pub const STATE_PORT: u16 = 9912;
+pub use crate::netns::STATE_PORT;
 /// The file the agent adds to the root module of a managed-state stack.
 pub const BACKEND_FILE: &str = "outpost_managed_state.tf";
 /// The ready pipe in the workspace on which the job's script waits.
