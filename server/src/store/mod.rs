@@ -1,48 +1,33 @@
-//! The embedded durable store (SQLite, WAL, `synchronous=FULL`): jobs, their
-//! logs and the agents seen.
+//! The control plane's durable store, behind one trait ([`Backend`]) with
+//! two implementations: the embedded SQLite store (`sqlite`, the default:
+//! one file, one process) and PostgreSQL (`postgres`: several replicas
+//! against one database). Callers hold a [`Store`], which derefs to the
+//! backend it was opened with.
 //!
-//! **Invariant:** a log offset is acknowledged to an agent only after the
-//! transaction that wrote it committed, so an acknowledged byte survives a
-//! server crash or restart. Logs are stored contiguously from offset 0; a chunk
-//! that would leave a gap is refused and a chunk that repeats stored bytes is
-//! trimmed, so each byte is stored exactly once.
-//!
-//! **Invariant:** every lease-scoped write checks `(job_id, epoch, agent)`
-//! against the current lease inside the same transaction (fencing).
+//! **Invariants every backend keeps** (and the shared behavioural tests
+//! check on each):
+//! - a log offset is acknowledged only after the transaction that wrote it
+//!   committed; logs are stored contiguously from offset 0, each byte once;
+//! - every lease-scoped write checks `(job_id, epoch, agent)` against the
+//!   current lease inside the same transaction (fencing), and a job's epoch
+//!   only increases: a re-lease gets a higher one;
+//! - secret values of a job are forgotten once it is final.
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
-use rusqlite::Connection;
+use tokio::sync::oneshot;
 
-/// Agents seen: registration, draining, listing.
-mod agents;
-/// Artifact reports (fenced like every lease-scoped write).
-mod artifacts;
-/// Group commit of log chunks and status reports.
-mod batch;
-/// The leases held now, in memory (renewals, counts per agent, expiry).
-mod held;
-/// Jobs: submission, queries, queue timeouts, cancellation.
-mod jobs;
-/// Leases: granting, renewing, expiring, declining (fencing by epoch).
-mod leases;
-/// Job logs: appending (fenced, exactly once) and reading.
-mod logs;
-/// Retention: pruning final jobs and shrinking the file.
-mod prune;
-/// The schema, its migrations and reading job rows.
-mod schema;
+use crate::model::{AgentInfo, Artifact, Job, JobSpec, StatusReport};
 
-pub use batch::Committed;
-use held::Held;
-pub use held::HeldLease;
-pub use jobs::{CancelOutcome, JobFilter, JobPage};
-pub use leases::{Expired, MAX_UNDELIVERED};
-pub use prune::{PruneRule, Pruned, StoreSize};
-pub(crate) use schema::current;
-use schema::{SCHEMA, migrate};
+/// The embedded store (SQLite).
+pub mod sqlite;
+
+pub use sqlite::{
+    CancelOutcome, Expired, HeldLease, JobFilter, JobPage, MAX_UNDELIVERED, PruneRule, Pruned,
+    Renewal, SqliteStore, StoreSize,
+};
 
 /// Errors of the store.
 #[derive(Debug, thiserror::Error)]
@@ -83,138 +68,405 @@ pub enum StoreError {
     Empty { path: PathBuf },
     #[error("the store {path} failed its integrity check: {detail}")]
     Integrity { path: PathBuf, detail: String },
+    #[error("not available with this store: {0}")]
+    Unsupported(&'static str),
     #[error("the store's files are not private")]
     Private(#[source] outpost_agent::statedir::StateDirError),
 }
 
-fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
-    move |source| StoreError::Query { op, source }
+/// Resolves to an operation's result once its batch committed.
+pub struct Committed<T>(oneshot::Receiver<Result<T, StoreError>>);
+
+impl<T> Committed<T> {
+    pub(crate) fn new() -> (oneshot::Sender<Result<T, StoreError>>, Committed<T>) {
+        let (tx, rx) = oneshot::channel();
+        (tx, Committed(rx))
+    }
 }
 
-/// A handle on the store; cheap to clone. Every call that reads or writes
-/// the database runs on the blocking pool; lease renewals and counts are
-/// answered from memory (`held`).
+impl<T> std::future::Future for Committed<T> {
+    type Output = Result<T, StoreError>;
+
+    fn poll(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        std::pin::Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(StoreError::Join)))
+    }
+}
+
+/// Why a queued job timed out, given the job (for `expire_queued`).
+pub type QueueTimeout = Box<dyn Fn(&Job) -> String + Send + Sync + 'static>;
+
+/// What the control plane needs of its store. Every call that writes is
+/// durable when it returns (or, for the `_queued` calls, when the returned
+/// [`Committed`] resolves).
+#[async_trait::async_trait]
+pub trait Backend: Send + Sync + 'static {
+    // Jobs
+    async fn queue_depth(&self) -> Result<BTreeMap<String, u64>, StoreError>;
+    async fn insert_job(&self, id: String, spec: JobSpec) -> Result<Job, StoreError>;
+    async fn get_job(&self, id: String) -> Result<Option<Job>, StoreError>;
+    async fn list_jobs(&self, filter: JobFilter, limit: u32) -> Result<JobPage, StoreError>;
+    async fn expire_queued(&self, why: QueueTimeout) -> Result<Vec<Job>, StoreError>;
+    async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError>;
+    async fn request_cancel(&self, id: String) -> Result<CancelOutcome, StoreError>;
+    async fn fail_queued(&self, id: String, reason: String) -> Result<Option<Job>, StoreError>;
+    // Leases
+    async fn active_jobs(&self) -> Result<Vec<Job>, StoreError>;
+    async fn lease_job(
+        &self,
+        id: String,
+        agent: String,
+        ttl_ms: u64,
+    ) -> Result<Option<Job>, StoreError>;
+    async fn lease_jobs(
+        &self,
+        pairs: Vec<(String, String)>,
+        ttl_ms: u64,
+    ) -> Result<Vec<Option<Job>>, StoreError>;
+    async fn requeue(&self, id: String, epoch: u64, agent: String) -> Result<bool, StoreError>;
+    async fn current_lease(&self, id: String, epoch: u64, agent: String)
+    -> Result<Job, StoreError>;
+    async fn renew(
+        &self,
+        agent: String,
+        leases: Vec<(String, u64)>,
+        ttl_ms: u64,
+    ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError>;
+    async fn report(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        report: StatusReport,
+    ) -> Result<Job, StoreError>;
+    async fn report_queued(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        report: StatusReport,
+    ) -> Result<Committed<Job>, StoreError>;
+    async fn expire_leases(&self) -> Result<Vec<Expired>, StoreError>;
+    async fn extend_active_leases(&self, ttl: std::time::Duration) -> Result<usize, StoreError>;
+    async fn lease_not_taken(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        reason: String,
+    ) -> Result<Option<Job>, StoreError>;
+    async fn active_count(&self, agent: String) -> Result<u32, StoreError>;
+    fn held_count(&self, agent: &str) -> u32;
+    fn held_by(&self, agent: &str) -> Vec<(String, u64)>;
+    fn renew_held(&self, agent: &str, leases: Vec<(String, u64)>, ttl_ms: u64) -> Renewal;
+    // Logs
+    async fn append_log(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<u64, StoreError>;
+    async fn append_log_queued(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<Committed<u64>, StoreError>;
+    async fn read_log(
+        &self,
+        id: String,
+        epoch: u64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError>;
+    // Agents and artifacts
+    async fn upsert_agent(&self, info: AgentInfo) -> Result<(), StoreError>;
+    async fn set_agent_draining(&self, id: String) -> Result<(), StoreError>;
+    async fn list_agents(&self) -> Result<Vec<AgentInfo>, StoreError>;
+    async fn record_artifact(
+        &self,
+        agent: String,
+        artifact: Artifact,
+    ) -> Result<Artifact, StoreError>;
+    async fn list_artifacts(&self, job_id: String) -> Result<Vec<Artifact>, StoreError>;
+    // Retention
+    async fn prunable(&self, rule: PruneRule, limit: u32) -> Result<Vec<String>, StoreError>;
+    async fn delete_final_job(&self, id: String) -> Result<Option<u64>, StoreError>;
+    async fn prune(&self, rule: PruneRule) -> Result<Pruned, StoreError>;
+    async fn vacuum_step(&self, pages: u32) -> Result<u64, StoreError>;
+    async fn vacuum(&self) -> Result<(), StoreError>;
+    async fn size(&self) -> Result<StoreSize, StoreError>;
+    fn latency(&self) -> &crate::metrics::Histogram;
+}
+
+/// Implements [`Backend`] for a store type by calling its inherent methods
+/// of the same names.
+macro_rules! delegate_backend {
+    ($t:ty) => {
+        #[async_trait::async_trait]
+        impl $crate::store::Backend for $t {
+            // Jobs
+            async fn queue_depth(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+                <$t>::queue_depth(self).await
+            }
+            async fn insert_job(&self, id: String, spec: JobSpec) -> Result<Job, StoreError> {
+                <$t>::insert_job(self, id, spec).await
+            }
+            async fn get_job(&self, id: String) -> Result<Option<Job>, StoreError> {
+                <$t>::get_job(self, id).await
+            }
+            async fn list_jobs(
+                &self,
+                filter: JobFilter,
+                limit: u32,
+            ) -> Result<JobPage, StoreError> {
+                <$t>::list_jobs(self, filter, limit).await
+            }
+            async fn expire_queued(&self, why: QueueTimeout) -> Result<Vec<Job>, StoreError> {
+                <$t>::expire_queued(self, why).await
+            }
+            async fn queued_jobs(&self, limit: u32) -> Result<Vec<Job>, StoreError> {
+                <$t>::queued_jobs(self, limit).await
+            }
+            async fn request_cancel(&self, id: String) -> Result<CancelOutcome, StoreError> {
+                <$t>::request_cancel(self, id).await
+            }
+            async fn fail_queued(
+                &self,
+                id: String,
+                reason: String,
+            ) -> Result<Option<Job>, StoreError> {
+                <$t>::fail_queued(self, id, reason).await
+            }
+            // Leases
+            async fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
+                <$t>::active_jobs(self).await
+            }
+            async fn lease_job(
+                &self,
+                id: String,
+                agent: String,
+                ttl_ms: u64,
+            ) -> Result<Option<Job>, StoreError> {
+                <$t>::lease_job(self, id, agent, ttl_ms).await
+            }
+            async fn lease_jobs(
+                &self,
+                pairs: Vec<(String, String)>,
+                ttl_ms: u64,
+            ) -> Result<Vec<Option<Job>>, StoreError> {
+                <$t>::lease_jobs(self, pairs, ttl_ms).await
+            }
+            async fn requeue(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+            ) -> Result<bool, StoreError> {
+                <$t>::requeue(self, id, epoch, agent).await
+            }
+            async fn current_lease(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+            ) -> Result<Job, StoreError> {
+                <$t>::current_lease(self, id, epoch, agent).await
+            }
+            async fn renew(
+                &self,
+                agent: String,
+                leases: Vec<(String, u64)>,
+                ttl_ms: u64,
+            ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError> {
+                <$t>::renew(self, agent, leases, ttl_ms).await
+            }
+            async fn report(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+                report: StatusReport,
+            ) -> Result<Job, StoreError> {
+                <$t>::report(self, id, epoch, agent, report).await
+            }
+            async fn report_queued(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+                report: StatusReport,
+            ) -> Result<Committed<Job>, StoreError> {
+                <$t>::report_queued(self, id, epoch, agent, report).await
+            }
+            async fn expire_leases(&self) -> Result<Vec<Expired>, StoreError> {
+                <$t>::expire_leases(self).await
+            }
+            async fn extend_active_leases(
+                &self,
+                ttl: std::time::Duration,
+            ) -> Result<usize, StoreError> {
+                <$t>::extend_active_leases(self, ttl).await
+            }
+            async fn lease_not_taken(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+                reason: String,
+            ) -> Result<Option<Job>, StoreError> {
+                <$t>::lease_not_taken(self, id, epoch, agent, reason).await
+            }
+            async fn active_count(&self, agent: String) -> Result<u32, StoreError> {
+                <$t>::active_count(self, agent).await
+            }
+            fn held_count(&self, agent: &str) -> u32 {
+                <$t>::held_count(self, agent)
+            }
+            fn held_by(&self, agent: &str) -> Vec<(String, u64)> {
+                <$t>::held_by(self, agent)
+            }
+            fn renew_held(&self, agent: &str, leases: Vec<(String, u64)>, ttl_ms: u64) -> Renewal {
+                <$t>::renew_held(self, agent, leases, ttl_ms)
+            }
+            // Logs
+            async fn append_log(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+                offset: u64,
+                data: bytes::Bytes,
+            ) -> Result<u64, StoreError> {
+                <$t>::append_log(self, id, epoch, agent, offset, data).await
+            }
+            async fn append_log_queued(
+                &self,
+                id: String,
+                epoch: u64,
+                agent: String,
+                offset: u64,
+                data: bytes::Bytes,
+            ) -> Result<Committed<u64>, StoreError> {
+                <$t>::append_log_queued(self, id, epoch, agent, offset, data).await
+            }
+            async fn read_log(
+                &self,
+                id: String,
+                epoch: u64,
+                offset: u64,
+                max: usize,
+            ) -> Result<Vec<u8>, StoreError> {
+                <$t>::read_log(self, id, epoch, offset, max).await
+            }
+            // Agents and artifacts
+            async fn upsert_agent(&self, info: AgentInfo) -> Result<(), StoreError> {
+                <$t>::upsert_agent(self, info).await
+            }
+            async fn set_agent_draining(&self, id: String) -> Result<(), StoreError> {
+                <$t>::set_agent_draining(self, id).await
+            }
+            async fn list_agents(&self) -> Result<Vec<AgentInfo>, StoreError> {
+                <$t>::list_agents(self).await
+            }
+            async fn record_artifact(
+                &self,
+                agent: String,
+                artifact: Artifact,
+            ) -> Result<Artifact, StoreError> {
+                <$t>::record_artifact(self, agent, artifact).await
+            }
+            async fn list_artifacts(&self, job_id: String) -> Result<Vec<Artifact>, StoreError> {
+                <$t>::list_artifacts(self, job_id).await
+            }
+            // Retention
+            async fn prunable(
+                &self,
+                rule: PruneRule,
+                limit: u32,
+            ) -> Result<Vec<String>, StoreError> {
+                <$t>::prunable(self, rule, limit).await
+            }
+            async fn delete_final_job(&self, id: String) -> Result<Option<u64>, StoreError> {
+                <$t>::delete_final_job(self, id).await
+            }
+            async fn prune(&self, rule: PruneRule) -> Result<Pruned, StoreError> {
+                <$t>::prune(self, rule).await
+            }
+            async fn vacuum_step(&self, pages: u32) -> Result<u64, StoreError> {
+                <$t>::vacuum_step(self, pages).await
+            }
+            async fn vacuum(&self) -> Result<(), StoreError> {
+                <$t>::vacuum(self).await
+            }
+            async fn size(&self) -> Result<StoreSize, StoreError> {
+                <$t>::size(self).await
+            }
+            fn latency(&self) -> &crate::metrics::Histogram {
+                <$t>::latency(self)
+            }
+        }
+    };
+}
+
+delegate_backend!(SqliteStore);
+
+/// A handle on the store the control plane was started with; cheap to
+/// clone. It derefs to the [`Backend`].
 #[derive(Clone)]
 pub struct Store {
-    conn: Arc<Mutex<Connection>>,
-    /// The leases held now (taken after `conn` when both are held).
-    held: Arc<Mutex<Held>>,
-    /// The group-commit writer (`batch`).
-    batch: tokio::sync::mpsc::Sender<batch::Op>,
-    /// Duration of every call (`outpost_store_call_seconds`).
-    latency: Arc<crate::metrics::Histogram>,
+    backend: Arc<dyn Backend>,
+    /// The same store as `backend` when it is the embedded one: the tables
+    /// of stacks, state, enrollments and notifications live there only.
+    sqlite: Option<SqliteStore>,
+}
+
+impl std::ops::Deref for Store {
+    type Target = dyn Backend;
+
+    fn deref(&self) -> &Self::Target {
+        &*self.backend
+    }
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `path`. The file and its
-    /// WAL are `0600`; an existing empty file is refused (it is a lost
-    /// store, not a new one), and so is one failing SQLite's quick check.
+    /// Opens (creating if needed) the embedded store at `path`.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        use std::os::unix::fs::OpenOptionsExt;
-        let open_err = |source| StoreError::Open {
-            path: path.to_path_buf(),
-            source,
-        };
-        let io_err = |source: std::io::Error| {
-            StoreError::Private(outpost_agent::statedir::StateDirError::Io {
-                op: "create",
-                path: path.to_path_buf(),
-                source,
-            })
-        };
-        match std::fs::metadata(path) {
-            Ok(m) if m.len() == 0 => {
-                return Err(StoreError::Empty {
-                    path: path.to_path_buf(),
-                });
-            }
-            Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                // Created here with its final mode; SQLite gives the WAL
-                // and shared-memory files the mode of the database file.
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .create_new(true)
-                    .mode(0o600)
-                    .open(path)
-                    .map_err(io_err)?;
-            }
-            Err(e) => return Err(io_err(e)),
-        }
-        for suffix in ["", "-wal", "-shm"] {
-            let mut p = path.as_os_str().to_owned();
-            p.push(suffix);
-            outpost_agent::statedir::private_file(Path::new(&p)).map_err(StoreError::Private)?;
-        }
-        let conn = Connection::open(path).map_err(open_err)?;
-        // `auto_vacuum` takes effect only on a new database (before its
-        // first table): stores created earlier reuse freed pages but do
-        // not shrink.
-        conn.execute_batch(
-            "PRAGMA auto_vacuum=INCREMENTAL; PRAGMA journal_mode=WAL; PRAGMA synchronous=FULL; PRAGMA foreign_keys=ON; PRAGMA busy_timeout=5000; PRAGMA secure_delete=ON;",
-        )
-        .map_err(open_err)?;
-        let check: String = conn
-            .query_row("PRAGMA quick_check(1)", [], |r| r.get(0))
-            .map_err(open_err)?;
-        if check != "ok" {
-            return Err(StoreError::Integrity {
-                path: path.to_path_buf(),
-                detail: check,
-            });
-        }
-        conn.execute_batch(SCHEMA).map_err(open_err)?;
-        migrate(&conn).map_err(open_err)?;
-        let held = Arc::new(Mutex::new(Held::load(&conn)?));
-        let conn = Arc::new(Mutex::new(conn));
-        let latency = Arc::new(crate::metrics::Histogram::new(
-            &crate::metrics::LATENCY_BUCKETS,
-        ));
-        let batch = batch::spawn_writer(Arc::downgrade(&conn), held.clone(), latency.clone())
-            .map_err(StoreError::Writer)?;
+        let s = SqliteStore::open(path)?;
         Ok(Store {
-            conn,
-            held,
-            batch,
-            latency,
+            backend: Arc::new(s.clone()),
+            sqlite: Some(s),
         })
     }
 
-    /// Runs `f` with the connection on the blocking pool (also used by the
-    /// IaC layer's tables, `crate::iac::store`, which share the database).
+    /// Runs `f` with the embedded store's connection on the blocking pool
+    /// (the tables of stacks, state, enrollments and notifications).
     pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
+        F: FnOnce(&mut rusqlite::Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = self.conn.clone();
-        let started = std::time::Instant::now();
-        let result = tokio::task::spawn_blocking(move || {
-            let mut guard = conn.lock();
-            f(&mut guard)
-        })
-        .await
-        .map_err(|_| StoreError::Join)?;
-        self.latency.observe(started.elapsed());
-        result
+        match &self.sqlite {
+            Some(s) => s.with(f).await,
+            None => Err(StoreError::Unsupported(
+                "stacks, state, enrollments and notifications are kept in the embedded store only",
+            )),
+        }
     }
 
-    /// Runs `f` with the connection and the held-lease table on the
-    /// blocking pool, for writes that change leases.
-    pub(super) async fn with_held<T, F>(&self, f: F) -> Result<T, StoreError>
-    where
-        T: Send + 'static,
-        F: FnOnce(&mut Connection, &Mutex<Held>) -> Result<T, StoreError> + Send + 'static,
-    {
-        let held = self.held.clone();
-        self.with(move |c| f(c, &held)).await
-    }
-
-    /// Latency of store calls so far.
-    pub fn latency(&self) -> &crate::metrics::Histogram {
-        &self.latency
+    /// Queued jobs whose queue timeout passed end `failed` with `why(job)`.
+    pub async fn expire_queued(
+        &self,
+        why: impl Fn(&Job) -> String + Send + Sync + 'static,
+    ) -> Result<Vec<Job>, StoreError> {
+        self.backend.expire_queued(Box::new(why)).await
     }
 }
-
-#[cfg(test)]
-mod tests;

@@ -4,9 +4,9 @@
 use rusqlite::{Connection, params};
 
 use super::schema::current;
-use super::{Store, StoreError, q};
+use super::{SqliteStore, StoreError, q};
 
-impl Store {
+impl SqliteStore {
     /// Appends a log chunk of the current lease; returns the new contiguous
     /// acknowledged offset once it is committed (with other chunks and
     /// reports: `batch`). Duplicated bytes are dropped, a gap is refused.
@@ -32,8 +32,8 @@ impl Store {
         agent: String,
         offset: u64,
         data: bytes::Bytes,
-    ) -> Result<super::batch::Committed<u64>, StoreError> {
-        let (reply, done) = super::batch::Committed::new();
+    ) -> Result<crate::store::Committed<u64>, StoreError> {
+        let (reply, done) = crate::store::Committed::new();
         self.batch(super::batch::Op::Append {
             id,
             epoch,

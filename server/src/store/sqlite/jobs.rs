@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use rusqlite::params;
 
 use super::schema::{JOB_COLS, forget_secrets, get_job, row_to_job, select_jobs};
-use super::{Store, StoreError, q};
+use super::{SqliteStore, StoreError, q};
 use crate::model::{Job, JobSpec, JobState, now_ms};
 
 /// Which jobs `list_jobs` returns.
@@ -44,7 +44,7 @@ pub enum CancelOutcome {
     AlreadyFinal(Job),
 }
 
-impl Store {
+impl SqliteStore {
     /// Queued jobs per label set they select (`k=v,k=v`).
     pub async fn queue_depth(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         self.with(move |c| {

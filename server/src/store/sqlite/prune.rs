@@ -8,7 +8,7 @@
 
 use rusqlite::{OptionalExtension, params};
 
-use super::{Store, StoreError, q};
+use super::{SqliteStore, StoreError, q};
 use crate::model::now_ms;
 
 /// Final states, as stored.
@@ -47,7 +47,7 @@ pub struct StoreSize {
     pub incremental_vacuum: bool,
 }
 
-impl Store {
+impl SqliteStore {
     /// Final jobs selected by `rule`, oldest first, at most `limit`.
     pub async fn prunable(&self, rule: PruneRule, limit: u32) -> Result<Vec<String>, StoreError> {
         if rule.older_than_ms.is_none() && rule.keep.is_none() {
@@ -142,7 +142,7 @@ impl Store {
         }
     }
 
-    /// Deletes every final job `rule` selects (see [`Store::delete_final_job`]).
+    /// Deletes every final job `rule` selects (see [`SqliteStore::delete_final_job`]).
     pub async fn prune(&self, rule: PruneRule) -> Result<Pruned, StoreError> {
         let mut out = Pruned::default();
         loop {
@@ -177,7 +177,7 @@ impl Store {
         .await
     }
 
-    /// Runs [`Store::vacuum_step`] until no free page is left (or the store
+    /// Runs [`SqliteStore::vacuum_step`] until no free page is left (or the store
     /// cannot shrink), yielding between steps.
     pub async fn vacuum(&self) -> Result<(), StoreError> {
         let mut last = u64::MAX;
@@ -216,7 +216,7 @@ mod tests {
     use super::*;
     use crate::model::{JobSpec, JobState, StatusReport};
 
-    async fn finished_job(s: &Store, id: &str, log: usize) {
+    async fn finished_job(s: &SqliteStore, id: &str, log: usize) {
         s.insert_job(id.into(), JobSpec::default()).await.unwrap();
         let j = s
             .lease_job(id.into(), "a".into(), 60_000)
@@ -257,7 +257,7 @@ mod tests {
     async fn prune_keeps_active_and_newest_jobs_and_the_file_shrinks() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("db");
-        let s = Store::open(&path).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
         for i in 0..4 {
             finished_job(&s, &format!("old{i}"), 1 << 20).await;
         }
@@ -311,7 +311,7 @@ mod tests {
         assert!(on_disk < 1 << 20, "{on_disk} bytes on disk");
 
         // By age: everything final is older than 0 ms.
-        let s = Store::open(&path).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
         let all = PruneRule {
             older_than_ms: Some(0),
             keep: None,

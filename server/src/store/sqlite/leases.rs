@@ -4,7 +4,7 @@
 use rusqlite::{Connection, params};
 
 use super::schema::{JOB_COLS, current, forget_secrets, get_job, select_jobs};
-use super::{Store, StoreError, q};
+use super::{SqliteStore, StoreError, q};
 use crate::model::{Job, JobState, StatusReport, now_ms};
 
 /// What happened to an expired lease; `agent` held it (its slot is free).
@@ -16,7 +16,7 @@ pub enum Expired {
     Cancelled { job: Job, agent: String },
 }
 
-impl Store {
+impl SqliteStore {
     /// Jobs holding a lease (leased or running).
     pub async fn active_jobs(&self) -> Result<Vec<Job>, StoreError> {
         self.with(move |c| {
@@ -185,8 +185,8 @@ impl Store {
         epoch: u64,
         agent: String,
         report: StatusReport,
-    ) -> Result<super::batch::Committed<Job>, StoreError> {
-        let (reply, done) = super::batch::Committed::new();
+    ) -> Result<crate::store::Committed<Job>, StoreError> {
+        let (reply, done) = crate::store::Committed::new();
         self.batch(super::batch::Op::Report {
             id,
             epoch,

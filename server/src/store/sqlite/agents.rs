@@ -4,14 +4,14 @@ use std::collections::BTreeMap;
 
 use rusqlite::{Connection, params};
 
-use super::{Store, StoreError, q};
+use super::{SqliteStore, StoreError, q};
 use crate::model::AgentInfo;
 
-impl Store {
+impl SqliteStore {
     /// Records an agent that connected (committed with other writes of
     /// its batch: `batch`).
     pub async fn upsert_agent(&self, info: AgentInfo) -> Result<(), StoreError> {
-        let (reply, done) = super::batch::Committed::new();
+        let (reply, done) = crate::store::Committed::new();
         self.batch(super::batch::Op::Agent { info, reply }).await?;
         done.await
     }

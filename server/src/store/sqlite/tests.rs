@@ -15,7 +15,7 @@ fn spec() -> JobSpec {
 async fn secret_values_are_dropped_once_the_job_is_final() {
     use crate::model::{JobSecret, StatusReport};
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     let with_secret = || JobSpec {
         secrets: vec![JobSecret {
             name: "token".into(),
@@ -61,7 +61,7 @@ async fn secret_values_are_dropped_once_the_job_is_final() {
 #[tokio::test]
 async fn log_append_is_exactly_once_and_fenced() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     s.insert_job("j1".into(), spec()).await.unwrap();
     let j = s
         .lease_job("j1".into(), "a".into(), 60_000)
@@ -117,7 +117,7 @@ async fn log_append_is_exactly_once_and_fenced() {
 #[tokio::test]
 async fn expired_lease_requeues_and_next_lease_has_higher_epoch() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     s.insert_job("j1".into(), spec()).await.unwrap();
     s.lease_job("j1".into(), "a".into(), 0)
         .await
@@ -154,7 +154,7 @@ async fn expired_lease_requeues_and_next_lease_has_higher_epoch() {
 #[tokio::test]
 async fn a_lease_never_taken_ends_the_job_failed_after_a_bounded_number_of_tries() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     s.insert_job("j".into(), spec()).await.unwrap();
     for n in 1..=MAX_UNDELIVERED {
         let j = s
@@ -222,10 +222,10 @@ async fn an_empty_store_file_is_refused_and_files_are_private() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     std::fs::write(&path, b"").unwrap();
-    let e = Store::open(&path).err().expect("refused");
+    let e = SqliteStore::open(&path).err().expect("refused");
     assert!(matches!(e, StoreError::Empty { .. }), "{e}");
     std::fs::remove_file(&path).unwrap();
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     s.insert_job("j".into(), spec()).await.unwrap();
     for suffix in ["", "-wal", "-shm"] {
         let p = format!("{}{suffix}", path.display());
@@ -237,7 +237,7 @@ async fn an_empty_store_file_is_refused_and_files_are_private() {
 #[tokio::test]
 async fn list_jobs_filters_by_state_and_label_and_pages_with_a_total() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     for i in 0..7 {
         let team = if i % 2 == 0 { "a" } else { "b" };
         let spec = JobSpec {
@@ -299,7 +299,7 @@ async fn list_jobs_filters_by_state_and_label_and_pages_with_a_total() {
 #[tokio::test]
 async fn queued_jobs_past_their_queue_timeout_end_timed_out() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     let with_timeout = |ms| JobSpec {
         queue_timeout_ms: ms,
         ..spec()
@@ -344,11 +344,11 @@ async fn jobs_survive_reopen() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
     {
-        let s = Store::open(&path).unwrap();
+        let s = SqliteStore::open(&path).unwrap();
         s.insert_job("j1".into(), spec()).await.unwrap();
         s.insert_job("j2".into(), spec()).await.unwrap();
     }
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     let q = s.queued_jobs(10).await.unwrap();
     assert_eq!(
         q.iter().map(|j| j.id.as_str()).collect::<Vec<_>>(),
@@ -360,7 +360,7 @@ async fn jobs_survive_reopen() {
 async fn renewals_in_memory_keep_every_fence_across_a_restart() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("db");
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     s.insert_job("j".into(), spec()).await.unwrap();
     // A lease granted with no time to live, renewed in memory only.
     let j = s
@@ -376,7 +376,7 @@ async fn renewals_in_memory_keep_every_fence_across_a_restart() {
     assert_eq!((renewed.len(), revoked.len()), (0, 2));
     // The control plane stops without a word (the renewal was never written).
     drop(s);
-    let s = Store::open(&path).unwrap();
+    let s = SqliteStore::open(&path).unwrap();
     assert_eq!(s.held_by("a"), [("j".to_string(), 1)]);
     tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     let exp = s.expire_leases().await.unwrap();
@@ -426,7 +426,7 @@ async fn renewals_in_memory_keep_every_fence_across_a_restart() {
 #[tokio::test]
 async fn a_batch_stores_every_good_chunk_and_refuses_only_the_bad_ones() {
     let dir = tempfile::tempdir().unwrap();
-    let s = Store::open(&dir.path().join("db")).unwrap();
+    let s = SqliteStore::open(&dir.path().join("db")).unwrap();
     for id in ["j1", "j2"] {
         s.insert_job(id.into(), spec()).await.unwrap();
         s.lease_job(id.into(), "a".into(), 60_000)
@@ -486,7 +486,7 @@ proptest::proptest! {
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         rt.block_on(async {
             let dir = tempfile::tempdir().unwrap();
-            let s = Store::open(&dir.path().join("db")).unwrap();
+            let s = SqliteStore::open(&dir.path().join("db")).unwrap();
             s.insert_job("j".into(), spec()).await.unwrap();
             s.lease_job("j".into(), "a".into(), 60_000).await.unwrap().unwrap();
             // Split into chunks at arbitrary points.

@@ -7,10 +7,10 @@
 
 use rusqlite::params;
 
-use super::{Store, StoreError, current, q};
+use super::{SqliteStore, StoreError, current, q};
 use crate::model::{Artifact, now_ms};
 
-impl Store {
+impl SqliteStore {
     /// Records an artifact reported by `agent` for its current lease.
     pub async fn record_artifact(
         &self,
@@ -82,7 +82,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use crate::model::{Artifact, JobSpec, JobState, StatusReport};
-    use crate::store::{Store, StoreError};
+    use crate::store::{SqliteStore, StoreError};
 
     fn artifact(epoch: u64, path: &str) -> Artifact {
         Artifact {
@@ -101,7 +101,7 @@ mod tests {
     #[tokio::test]
     async fn only_the_current_leases_artifacts_are_recorded() {
         let dir = tempfile::tempdir().unwrap();
-        let s = Store::open(&dir.path().join("db")).unwrap();
+        let s = SqliteStore::open(&dir.path().join("db")).unwrap();
         s.insert_job(
             "j1".into(),
             JobSpec {

@@ -16,7 +16,7 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::held::Held;
-use super::{Store, StoreError};
+use super::{SqliteStore, StoreError};
 use crate::model::{AgentInfo, Job, StatusReport};
 
 /// Operations queued at most (senders wait beyond it).
@@ -79,30 +79,7 @@ impl Done {
     }
 }
 
-/// Resolves to an operation's result once its batch committed.
-pub struct Committed<T>(oneshot::Receiver<Result<T, StoreError>>);
-
-impl<T> Committed<T> {
-    pub(super) fn new() -> (oneshot::Sender<Result<T, StoreError>>, Committed<T>) {
-        let (tx, rx) = oneshot::channel();
-        (tx, Committed(rx))
-    }
-}
-
-impl<T> std::future::Future for Committed<T> {
-    type Output = Result<T, StoreError>;
-
-    fn poll(
-        mut self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Self::Output> {
-        std::pin::Pin::new(&mut self.0)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(StoreError::Join)))
-    }
-}
-
-impl Store {
+impl SqliteStore {
     /// Queues `op` for the writer.
     pub(super) async fn batch(&self, op: Op) -> Result<(), StoreError> {
         self.batch.send(op).await.map_err(|_| StoreError::Join)
@@ -110,7 +87,7 @@ impl Store {
 }
 
 /// Starts the writer thread; it ends once every sender is gone. It holds
-/// the connection only weakly, so the last `Store` handle dropped closes
+/// the connection only weakly, so the last `SqliteStore` handle dropped closes
 /// the database at once (checkpointing the WAL into the file).
 pub(super) fn spawn_writer(
     conn: std::sync::Weak<Mutex<Connection>>,
