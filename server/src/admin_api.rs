@@ -141,7 +141,7 @@ impl admin::admin_service_server::AdminService for AdminApi {
             CancelOutcome::Dequeued(j) | CancelOutcome::AlreadyFinal(j) => j,
             CancelOutcome::Requested(j) => {
                 if let Some(agent) = &j.agent_id {
-                    let sent = self.hub.send(
+                    let sent = self.hub.send_anywhere(
                         agent,
                         pb::server_message::Msg::Cancel(pb::Cancel {
                             job_id: j.id.clone(),
@@ -280,7 +280,7 @@ impl admin::admin_service_server::AdminService for AdminApi {
             .find(|a| a.id == id)
             .ok_or_else(|| Status::not_found(format!("agent {id} not found")))?;
         self.hub.set_draining(&id);
-        let sent = self.hub.send(
+        let sent = self.hub.send_anywhere(
             &id,
             pb::server_message::Msg::Drain(pb::Drain {
                 reason: format!("drain requested by {}", who.name),

@@ -23,6 +23,7 @@ pub mod model;
 pub mod notify;
 pub mod oidc;
 pub mod pki;
+pub mod replicas;
 pub mod retention;
 pub mod server;
 pub mod store;

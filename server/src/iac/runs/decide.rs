@@ -149,7 +149,7 @@ impl Engine {
         if let CancelOutcome::Requested(j) = self.hub.store.request_cancel(job.to_string()).await?
             && let Some(agent) = &j.agent_id
         {
-            self.hub.send(
+            self.hub.send_anywhere(
                 agent,
                 pb::server_message::Msg::Cancel(pb::Cancel {
                     job_id: j.id.clone(),

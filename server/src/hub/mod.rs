@@ -174,6 +174,10 @@ pub struct Hub {
     lease_tasks: std::sync::OnceLock<Arc<dyn LeaseTasks>>,
     /// Pickup latency (`crate::metrics`).
     pub metrics: crate::metrics::HubMetrics,
+    /// The channel to the other replicas, when there are any (`relay`).
+    bus: std::sync::OnceLock<Arc<crate::replicas::Bus>>,
+    /// A kick from this replica is pending (not one relayed from another).
+    local_kick: AtomicBool,
 }
 
 impl Hub {
@@ -190,6 +194,8 @@ impl Hub {
             issuer: std::sync::OnceLock::new(),
             lease_tasks: std::sync::OnceLock::new(),
             metrics: crate::metrics::HubMetrics::default(),
+            bus: std::sync::OnceLock::new(),
+            local_kick: AtomicBool::new(false),
         })
     }
 
@@ -375,13 +381,22 @@ impl Hub {
         }
     }
 
-    /// Asks the dispatcher to look at the queue.
+    /// Asks the dispatcher to look at the queue (and, if that pass leaves
+    /// jobs it cannot place, the other replicas too).
     pub fn kick(&self) {
+        self.local_kick.store(true, Ordering::Release);
         self.dispatch.notify_one();
     }
 
-    /// Tells log followers and waiters that something changed.
+    /// Tells log followers and waiters, here and on the other replicas,
+    /// that something changed.
     pub fn changed(&self) {
+        self.changed_here();
+        self.publish(crate::replicas::Signal::Changed);
+    }
+
+    /// Tells this replica's log followers and waiters only.
+    fn changed_here(&self) {
         self.changes.send_modify(|v| *v = v.wrapping_add(1));
     }
 
@@ -401,8 +416,15 @@ impl Hub {
                         _ = hub.dispatch.notified() => {}
                         _ = tokio::time::sleep(Duration::from_secs(2)) => {}
                     }
+                    let local = hub.local_kick.swap(false, Ordering::AcqRel);
                     if let Err(e) = hub.dispatch_once().await {
                         warn!(error = %e, "dispatch failed");
+                    }
+                    // Jobs no agent here can take may suit another
+                    // replica's; only a pass this replica asked for says so
+                    // (a relayed kick never bounces back and forth).
+                    if local && hub.waiting.load(Ordering::Relaxed) {
+                        hub.publish(crate::replicas::Signal::Kick);
                     }
                 }
                 debug!("dispatcher stopped");
@@ -590,6 +612,9 @@ fn show_ms(ms: u64) -> String {
         (h, m, s) => format!("{h}h{m}m{s}s"),
     }
 }
+
+/// Signals to and from the other replicas.
+mod relay;
 
 #[cfg(test)]
 mod tests {
