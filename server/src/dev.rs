@@ -173,7 +173,7 @@ pub async fn run(state: &StateDir, args: DevArgs) -> Result<ExitCode> {
     }
     // The store opens before anything starts: a broken one ends here.
     let server_cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
-    let prepared = crate::server::prepare(server_cfg)?;
+    let prepared = crate::server::prepare(server_cfg).await?;
     let store = prepared.store();
     ensure_runner_image().await?;
 

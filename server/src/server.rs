@@ -48,6 +48,8 @@ pub enum ServerError {
     Serve(#[source] tonic::transport::Error),
     #[error("the iac layer failed to start")]
     Iac(#[from] crate::iac::IacError),
+    #[error("the replicas' channel cannot start: {0}")]
+    Replicas(String),
     #[error("the oidc token issuer is not usable")]
     Oidc(#[from] crate::oidc::OidcError),
 }
@@ -68,6 +70,37 @@ pub struct ServerConfig {
     pub metrics: Option<TcpListener>,
     /// Lifetime of enrolled agents' certificates.
     pub identity: crate::enroll::IdentityConfig,
+    /// Where jobs, leases and logs are kept.
+    pub store: StoreLocation,
+}
+
+/// Where the control plane keeps its jobs, leases and logs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum StoreLocation {
+    /// `outpost.db` in the data directory (SQLite): one replica.
+    #[default]
+    Embedded,
+    /// A PostgreSQL database (`postgres://...`) shared by any number of
+    /// replicas. Stacks and agent enrolment need the embedded store.
+    Postgres(String),
+}
+
+impl StoreLocation {
+    /// Parses `--store`: `embedded` (or empty), or a `postgres://` or
+    /// `postgresql://` URL.
+    pub fn parse(text: &str) -> Result<StoreLocation, String> {
+        let t = text.trim();
+        if t.is_empty() || t == "embedded" {
+            return Ok(StoreLocation::Embedded);
+        }
+        if t.starts_with("postgres://") || t.starts_with("postgresql://") {
+            return Ok(StoreLocation::Postgres(t.to_string()));
+        }
+        Err(format!(
+            "--store must be `embedded` or a postgres:// URL, not {:?}",
+            crate::store::redact_url(t)
+        ))
+    }
 }
 
 impl ServerConfig {
@@ -81,6 +114,7 @@ impl ServerConfig {
             retention: crate::retention::Retention::default(),
             metrics: None,
             identity: crate::enroll::IdentityConfig::default(),
+            store: StoreLocation::Embedded,
         }
     }
 }
@@ -104,11 +138,13 @@ pub struct Prepared {
     metrics: Option<TcpListener>,
     pki: PkiDir,
     identity: crate::enroll::IdentityConfig,
+    /// The database of the replicas, when the store is shared.
+    replicas: Option<String>,
 }
 
 /// Reads the TLS identity, opens the store (a private `0700` data
-/// directory, `0600` files) and the token issuer.
-pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
+/// directory, `0600` files; or a PostgreSQL database) and the token issuer.
+pub async fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
     let pki = PkiDir::new(&config.pki_dir);
     let server = pki.server();
     let tls = ServerTlsConfig::new()
@@ -124,7 +160,10 @@ pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
         // every other service.
         .client_auth_optional(true);
     outpost_agent::statedir::private_dir(&config.data_dir).map_err(ServerError::DataDir)?;
-    let store = Store::open(&config.data_dir.join("outpost.db"))?;
+    let (store, replicas) = match &config.store {
+        StoreLocation::Embedded => (Store::open(&config.data_dir.join("outpost.db"))?, None),
+        StoreLocation::Postgres(url) => (Store::postgres(url).await?, Some(url.clone())),
+    };
     let hub = Hub::new(store, config.timing);
     let issuer = crate::oidc::Issuer::load_or_create(config.oidc.clone())?;
     info!(issuer = %config.oidc.issuer, kid = %issuer.kid(), "oidc token issuer ready");
@@ -137,6 +176,7 @@ pub fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
         metrics: config.metrics,
         pki,
         identity: config.identity,
+        replicas,
     })
 }
 
@@ -146,7 +186,7 @@ pub async fn run(
     config: ServerConfig,
     shutdown: CancellationToken,
 ) -> Result<(), ServerError> {
-    prepare(config)?.serve(listener, shutdown).await
+    prepare(config).await?.serve(listener, shutdown).await
 }
 
 impl Prepared {
@@ -169,6 +209,7 @@ impl Prepared {
             metrics,
             pki,
             identity,
+            replicas,
         } = self;
         let registry = crate::enroll::Registry::load(hub.store.clone(), &pki, identity).await?;
         let gate = crate::enroll::gate::Gate {
@@ -181,10 +222,22 @@ impl Prepared {
             Ok(n) => info!(leases = n, "held leases get one lease TTL to be renewed"),
             Err(e) => return Err(ServerError::Store(e)),
         }
-        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir).await?;
         let tasks = shutdown.child_token();
+        let iac = match &replicas {
+            None => Some(crate::iac::runs::Engine::start(hub.clone(), &data_dir).await?),
+            Some(url) => {
+                let id = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
+                let (bus, incoming) = crate::replicas::Bus::start(url, id.clone(), tasks.clone())
+                    .map_err(|e| ServerError::Replicas(e.to_string()))?;
+                hub.join_replicas(bus, incoming, tasks.clone());
+                info!(replica = %id, "replica of a shared PostgreSQL store; stacks are off");
+                None
+            }
+        };
         hub.spawn_tasks(tasks.clone());
-        iac.spawn(tasks.clone());
+        if let Some(iac) = &iac {
+            iac.spawn(tasks.clone());
+        }
         crate::retention::spawn(hub.clone(), retention, tasks.clone());
         if let Some(listener) = metrics {
             info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz");
@@ -215,23 +268,27 @@ impl Prepared {
                 .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES),
                 gate.clone(),
             ))
-            .add_service(InterceptedService::new(
-                IacAdminServer::new(crate::iac::api::IacAdminApi {
-                    engine: iac.clone(),
-                })
-                .max_decoding_message_size(16 << 20),
-                gate.clone(),
-            ))
-            .add_service(InterceptedService::new(
-                IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
-                    .max_encoding_message_size(
-                        crate::iac::source::MAX_SOURCE_BYTES
-                            .max(crate::iac::apply::MAX_SEALED_BYTES)
-                            + (1 << 20),
-                    )
-                    .max_decoding_message_size(crate::iac::apply::MAX_SEALED_BYTES + (1 << 20)),
-                gate.clone(),
-            ))
+            .add_optional_service(iac.clone().map(|engine| {
+                InterceptedService::new(
+                    IacAdminServer::new(crate::iac::api::IacAdminApi { engine })
+                        .max_decoding_message_size(16 << 20),
+                    gate.clone(),
+                )
+            }))
+            .add_optional_service(iac.map(|engine| {
+                InterceptedService::new(
+                    IacAgentServer::new(crate::iac::api::IacAgentApi { engine })
+                        .max_encoding_message_size(
+                            crate::iac::source::MAX_SOURCE_BYTES
+                                .max(crate::iac::apply::MAX_SEALED_BYTES)
+                                + (1 << 20),
+                        )
+                        .max_decoding_message_size(
+                            crate::iac::apply::MAX_SEALED_BYTES + (1 << 20),
+                        ),
+                    gate.clone(),
+                )
+            }))
             .add_service(InterceptedService::new(
                 IdentityAdminServer::new(crate::enroll::api::IdentityAdminApi {
                     registry: registry.clone(),
@@ -251,4 +308,13 @@ impl Prepared {
         info!("control plane stopped");
         result
     }
+}
+
+/// This machine's name, for naming a replica in logs.
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|h| h.trim().to_string())
+        .ok()
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "replica".into())
 }

@@ -16,6 +16,7 @@ use crate::identity::Role;
 pub async fn server(
     state: &StateDir,
     listen: &str,
+    store: crate::server::StoreLocation,
     lease_ttl: Duration,
     agent_cert_ttl: Duration,
     metrics_listen: Option<&str>,
@@ -32,6 +33,7 @@ pub async fn server(
     };
     let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
     cfg.oidc = oidc.config(&state.data_dir());
+    cfg.store = store;
     cfg.metrics = metrics;
     cfg.timing.ttl = lease_ttl;
     cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));
@@ -40,7 +42,7 @@ pub async fn server(
         anyhow::bail!("--agent-cert-ttl must be at least 2s");
     }
     cfg.identity.agent_cert_ttl = agent_cert_ttl;
-    let prepared = crate::server::prepare(cfg)?;
+    let prepared = crate::server::prepare(cfg).await?;
     let listener = tokio::net::TcpListener::bind(listen)
         .await
         .with_context(|| format!("failed to listen on {listen}"))?;

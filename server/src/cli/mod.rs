@@ -80,6 +80,12 @@ pub enum Command {
         /// address, e.g. 127.0.0.1:9465. Off unless set.
         #[arg(long)]
         metrics_listen: Option<String>,
+        /// Where jobs, leases and logs are kept: `embedded` (SQLite in the
+        /// data directory) or `postgres://user@host/db` (shared by several
+        /// replicas; stacks and agent enrolment need the embedded store).
+        /// Also read from OUTPOST_STORE.
+        #[arg(long, env = "OUTPOST_STORE", default_value = "embedded", value_parser = crate::server::StoreLocation::parse, hide_env_values = true)]
+        store: crate::server::StoreLocation,
         #[command(flatten)]
         oidc: OidcArgs,
         #[command(flatten)]
@@ -244,12 +250,14 @@ async fn dispatch(cli: Cli) -> Result<ExitCode> {
             lease_ttl,
             agent_cert_ttl,
             metrics_listen,
+            store,
             oidc,
             retention,
         } => {
             control::server(
                 &state,
                 &listen,
+                store,
                 lease_ttl,
                 agent_cert_ttl,
                 metrics_listen.as_deref(),

@@ -155,6 +155,21 @@ impl Registry {
         pki: &PkiDir,
         config: IdentityConfig,
     ) -> Result<Arc<Registry>, StoreError> {
+        if !store.is_embedded() {
+            // Enrolment records live in the embedded store only: replicas
+            // on a shared store accept certificates the CA issued.
+            tracing::warn!(
+                "agent enrolment, renewal and revocation are off: they need the embedded store"
+            );
+            let (revocations, _) = watch::channel(0);
+            return Ok(Arc::new(Registry {
+                store,
+                ca: None,
+                config,
+                records: RwLock::new(Default::default()),
+                revocations,
+            }));
+        }
         let ca = match csr::Ca::load(pki) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(e) => {

@@ -418,6 +418,21 @@ macro_rules! delegate_backend {
 }
 
 delegate_backend!(SqliteStore);
+delegate_backend!(postgres::PgStore);
+
+/// `url` without its password, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(scheme), Some(at)) if at > scheme => {
+            let user = &url[scheme + 3..at];
+            match user.find(':') {
+                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &user[..colon], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
 
 /// A handle on the store the control plane was started with; cheap to
 /// clone. It derefs to the [`Backend`].
@@ -445,6 +460,22 @@ impl Store {
             backend: Arc::new(s.clone()),
             sqlite: Some(s),
         })
+    }
+
+    /// Connects to the PostgreSQL database at `url` (migrating its schema
+    /// to this version's first).
+    pub async fn postgres(url: &str) -> Result<Store, StoreError> {
+        let s = postgres::PgStore::connect(url).await?;
+        Ok(Store {
+            backend: Arc::new(s),
+            sqlite: None,
+        })
+    }
+
+    /// Whether this is the embedded store (which alone keeps stacks,
+    /// state, enrollments and notifications).
+    pub fn is_embedded(&self) -> bool {
+        self.sqlite.is_some()
     }
 
     /// Runs `f` with the embedded store's connection on the blocking pool
