@@ -30,6 +30,8 @@ mod jobs;
 mod leases;
 /// Job logs: appending (fenced, exactly once) and reading.
 mod logs;
+/// The same store on PostgreSQL, for several control-plane replicas.
+pub mod postgres;
 /// Retention: pruning final jobs and shrinking the file.
 mod prune;
 /// The schema, its migrations and reading job rows.
@@ -85,6 +87,18 @@ pub enum StoreError {
     Integrity { path: PathBuf, detail: String },
     #[error("the store's files are not private")]
     Private(#[source] outpost_agent::statedir::StateDirError),
+    #[error("PostgreSQL query failed: {op}")]
+    Pg {
+        op: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("no PostgreSQL connection: {op}")]
+    PgPool {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 fn q(op: &'static str) -> impl FnOnce(rusqlite::Error) -> StoreError {
