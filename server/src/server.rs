@@ -283,9 +283,7 @@ impl Prepared {
                                 .max(crate::iac::apply::MAX_SEALED_BYTES)
                                 + (1 << 20),
                         )
-                        .max_decoding_message_size(
-                            crate::iac::apply::MAX_SEALED_BYTES + (1 << 20),
-                        ),
+                        .max_decoding_message_size(crate::iac::apply::MAX_SEALED_BYTES + (1 << 20)),
                     gate.clone(),
                 )
             }))

@@ -13,27 +13,56 @@ use super::{IssueRole, OidcArgs, PkiCommand};
 use crate::client::StateDir;
 use crate::identity::Role;
 
-pub async fn server(
-    state: &StateDir,
-    listen: &str,
-    store: crate::server::StoreLocation,
-    lease_ttl: Duration,
-    agent_cert_ttl: Duration,
-    metrics_listen: Option<&str>,
-    oidc: &OidcArgs,
-    retention: &crate::retention::RetentionArgs,
-) -> Result<ExitCode> {
+/// `outpost server`'s options.
+#[derive(clap::Args, Debug)]
+pub struct ServerArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:7443")]
+    pub listen: String,
+    /// Lease time-to-live (renewed by heartbeats).
+    #[arg(long, default_value = "30s", value_parser = super::parse_duration)]
+    pub lease_ttl: Duration,
+    /// Lifetime of an enrolled agent's certificate (renewed at half of it).
+    #[arg(long, default_value = "1h", value_parser = super::parse_duration)]
+    pub agent_cert_ttl: Duration,
+    /// Serve Prometheus `/metrics` and `/healthz` (plain HTTP) on this
+    /// address, e.g. 127.0.0.1:9465. Off unless set.
+    #[arg(long)]
+    pub metrics_listen: Option<String>,
+    /// Where jobs, leases and logs are kept: `embedded` (SQLite in the
+    /// data directory) or `postgres://user@host/db` (shared by several
+    /// replicas; stacks and agent enrolment need the embedded store).
+    /// Also read from OUTPOST_STORE.
+    #[arg(long, env = "OUTPOST_STORE", default_value = "embedded", value_parser = crate::server::StoreLocation::parse, hide_env_values = true)]
+    pub store: crate::server::StoreLocation,
+    #[command(flatten)]
+    pub oidc: OidcArgs,
+    #[command(flatten)]
+    pub retention: crate::retention::RetentionArgs,
+}
+
+pub async fn server(state: &StateDir, args: &ServerArgs) -> Result<ExitCode> {
+    let ServerArgs {
+        listen,
+        lease_ttl,
+        agent_cert_ttl,
+        metrics_listen,
+        store,
+        oidc,
+        retention,
+    } = args;
+    let (lease_ttl, agent_cert_ttl) = (*lease_ttl, *agent_cert_ttl);
     // Private (0700) and ours alone; the store opens before the port does,
     // so a broken store ends here with its error.
     let _lock = outpost_agent::statedir::lock(&state.root)?;
     // A taken metrics address fails before the control plane starts.
-    let metrics = match metrics_listen {
+    let metrics = match metrics_listen.as_deref() {
         Some(addr) => Some(crate::metrics::bind(addr).await?),
         None => None,
     };
     let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
     cfg.oidc = oidc.config(&state.data_dir());
-    cfg.store = store;
+    cfg.store = store.clone();
     cfg.metrics = metrics;
     cfg.timing.ttl = lease_ttl;
     cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));

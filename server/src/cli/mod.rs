@@ -66,31 +66,7 @@ pub struct Cli {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the control plane.
-    Server {
-        /// Address to listen on.
-        #[arg(long, default_value = "127.0.0.1:7443")]
-        listen: String,
-        /// Lease time-to-live (renewed by heartbeats).
-        #[arg(long, default_value = "30s", value_parser = parse_duration)]
-        lease_ttl: Duration,
-        /// Lifetime of an enrolled agent's certificate (renewed at half of it).
-        #[arg(long, default_value = "1h", value_parser = parse_duration)]
-        agent_cert_ttl: Duration,
-        /// Serve Prometheus `/metrics` and `/healthz` (plain HTTP) on this
-        /// address, e.g. 127.0.0.1:9465. Off unless set.
-        #[arg(long)]
-        metrics_listen: Option<String>,
-        /// Where jobs, leases and logs are kept: `embedded` (SQLite in the
-        /// data directory) or `postgres://user@host/db` (shared by several
-        /// replicas; stacks and agent enrolment need the embedded store).
-        /// Also read from OUTPOST_STORE.
-        #[arg(long, env = "OUTPOST_STORE", default_value = "embedded", value_parser = crate::server::StoreLocation::parse, hide_env_values = true)]
-        store: crate::server::StoreLocation,
-        #[command(flatten)]
-        oidc: OidcArgs,
-        #[command(flatten)]
-        retention: crate::retention::RetentionArgs,
-    },
+    Server(control::ServerArgs),
     /// Show the control plane's store size and retention.
     Status,
     /// Manage the local certificate authority.
@@ -206,7 +182,7 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("OUTPOST_LOG").unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(match cli.command {
-            Command::Server { .. } => "info",
+            Command::Server(_) => "info",
             _ => "warn",
         })
     });
@@ -245,27 +221,7 @@ pub fn main() -> ExitCode {
 async fn dispatch(cli: Cli) -> Result<ExitCode> {
     let state = StateDir::new(cli.state_dir.clone().unwrap_or_else(StateDir::default_root));
     match cli.command {
-        Command::Server {
-            listen,
-            lease_ttl,
-            agent_cert_ttl,
-            metrics_listen,
-            store,
-            oidc,
-            retention,
-        } => {
-            control::server(
-                &state,
-                &listen,
-                store,
-                lease_ttl,
-                agent_cert_ttl,
-                metrics_listen.as_deref(),
-                &oidc,
-                &retention,
-            )
-            .await
-        }
+        Command::Server(args) => control::server(&state, &args).await,
         Command::Pki {
             command: PkiCommand::Show,
         } => identity::pki_show(&state),

@@ -21,6 +21,8 @@ use tokio::sync::oneshot;
 
 use crate::model::{AgentInfo, Artifact, Job, JobSpec, StatusReport};
 
+/// The same store on PostgreSQL, for several control-plane replicas.
+pub mod postgres;
 /// The embedded store (SQLite).
 pub mod sqlite;
 
@@ -72,6 +74,18 @@ pub enum StoreError {
     Unsupported(&'static str),
     #[error("the store's files are not private")]
     Private(#[source] outpost_agent::statedir::StateDirError),
+    #[error("PostgreSQL query failed: {op}")]
+    Pg {
+        op: &'static str,
+        #[source]
+        source: tokio_postgres::Error,
+    },
+    #[error("no PostgreSQL connection: {op}")]
+    PgPool {
+        op: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 /// Resolves to an operation's result once its batch committed.
@@ -426,7 +440,9 @@ pub fn redact_url(url: &str) -> String {
         (Some(scheme), Some(at)) if at > scheme => {
             let user = &url[scheme + 3..at];
             match user.find(':') {
-                Some(colon) => format!("{}{}:***{}", &url[..scheme + 3], &user[..colon], &url[at..]),
+                Some(colon) => {
+                    format!("{}{}:***{}", &url[..scheme + 3], &user[..colon], &url[at..])
+                }
                 None => url.to_string(),
             }
         }

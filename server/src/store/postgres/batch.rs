@@ -1,0 +1,230 @@
+//! Group commit: log chunks, status reports and agent records go through one
+//! writer task that runs as many as are waiting (up to a bound) in one
+//! transaction, each in a savepoint of its own (so one refused chunk does
+//! not undo the others), and commits once.
+//!
+//! **Invariant:** a caller hears its result only after the batch's `COMMIT`
+//! succeeded, and operations run in the order they were queued (one queue,
+//! one writer), so a session that queues its chunks in order gets them
+//! stored in order. There is no batching window: a batch is whatever queued
+//! while the previous one committed.
+
+use std::sync::Arc;
+
+use deadpool_postgres::Pool;
+use parking_lot::Mutex;
+use tokio::sync::{mpsc, oneshot};
+
+use super::local::Local;
+use super::{PgStore, pool_err};
+use crate::model::{AgentInfo, Job, StatusReport};
+use crate::store::StoreError;
+
+/// Operations queued at most (senders wait beyond it).
+const QUEUE: usize = 512;
+/// Operations per transaction at most.
+const MAX_OPS: usize = 256;
+/// Log bytes per transaction at most.
+const MAX_BYTES: usize = 8 << 20;
+
+// Queued by value and moved once: the size of the largest variant does
+// not matter.
+#[allow(clippy::large_enum_variant)]
+pub(super) enum Op {
+    Append {
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+        reply: oneshot::Sender<Result<u64, StoreError>>,
+    },
+    Report {
+        id: String,
+        epoch: u64,
+        agent: String,
+        report: StatusReport,
+        reply: oneshot::Sender<Result<Job, StoreError>>,
+    },
+    Agent {
+        info: AgentInfo,
+        reply: oneshot::Sender<Result<(), StoreError>>,
+    },
+}
+
+impl Op {
+    fn bytes(&self) -> usize {
+        match self {
+            Op::Append { data, .. } => data.len(),
+            Op::Report { .. } | Op::Agent { .. } => 256,
+        }
+    }
+
+    /// Answers with the batch's failure.
+    fn fail(self, why: &str) {
+        let err = || StoreError::Batch(why.to_string());
+        match self {
+            Op::Append { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+            Op::Report { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+            Op::Agent { reply, .. } => {
+                let _ = reply.send(Err(err()));
+            }
+        }
+    }
+}
+
+// One per queued operation, short-lived: the size of the largest variant
+// does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Done {
+    Appended(Result<u64, StoreError>),
+    Reported(Result<Job, StoreError>),
+    Recorded(Result<(), StoreError>),
+}
+
+impl Done {
+    fn is_ok(&self) -> bool {
+        match self {
+            Done::Appended(r) => r.is_ok(),
+            Done::Reported(r) => r.is_ok(),
+            Done::Recorded(r) => r.is_ok(),
+        }
+    }
+}
+
+impl PgStore {
+    /// Queues `op` for the writer.
+    pub(super) async fn queue(&self, op: Op) -> Result<(), StoreError> {
+        self.batch.send(op).await.map_err(|_| StoreError::Join)
+    }
+}
+
+/// Starts the writer task; it ends once every sender is gone.
+pub(super) fn spawn_writer(
+    pool: Pool,
+    local: Arc<Mutex<Local>>,
+    latency: Arc<crate::metrics::Histogram>,
+) -> mpsc::Sender<Op> {
+    let (tx, mut rx) = mpsc::channel::<Op>(QUEUE);
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let started = std::time::Instant::now();
+            let mut bytes = first.bytes();
+            let mut ops = vec![first];
+            while ops.len() < MAX_OPS && bytes < MAX_BYTES {
+                match rx.try_recv() {
+                    Ok(op) => {
+                        bytes += op.bytes();
+                        ops.push(op);
+                    }
+                    Err(_) => break,
+                }
+            }
+            match run(&pool, &ops).await {
+                Ok(done) => answer(&local, ops, done),
+                Err(e) => {
+                    let why = error_chain(&e);
+                    tracing::warn!(error = %why, ops = ops.len(), "a store batch failed");
+                    for op in ops {
+                        op.fail(&why);
+                    }
+                }
+            }
+            latency.observe(started.elapsed());
+        }
+    });
+    tx
+}
+
+/// The error and its causes, on one line.
+fn error_chain(e: &StoreError) -> String {
+    let mut out = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Runs `ops` in one transaction; each result, once committed.
+async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
+    let mut o = pool.get().await.map_err(pool_err("store batch"))?;
+    let client: &mut tokio_postgres::Client = &mut o;
+    let mut tx = client
+        .transaction()
+        .await
+        .map_err(super::pg("begin batch"))?;
+    let mut done = Vec::with_capacity(ops.len());
+    for op in ops {
+        let sp = tx
+            .savepoint("op")
+            .await
+            .map_err(super::pg("begin savepoint"))?;
+        let d = match op {
+            Op::Append {
+                id,
+                epoch,
+                agent,
+                offset,
+                data,
+                ..
+            } => {
+                Done::Appended(super::logs::append_in(&sp, id, *epoch, agent, *offset, data).await)
+            }
+            Op::Report {
+                id,
+                epoch,
+                agent,
+                report,
+                ..
+            } => Done::Reported(super::reports::report_in(&sp, id, *epoch, agent, report).await),
+            Op::Agent { info, .. } => Done::Recorded(super::agents::upsert_in(&sp, info).await),
+        };
+        if d.is_ok() {
+            sp.commit().await.map_err(super::pg("release savepoint"))?;
+        } else {
+            sp.rollback()
+                .await
+                .map_err(super::pg("roll back to savepoint"))?;
+        }
+        done.push(d);
+    }
+    tx.commit().await.map_err(super::pg("commit batch"))?;
+    Ok(done)
+}
+
+/// After the commit: updates the local table, then answers every caller.
+fn answer(local: &Mutex<Local>, ops: Vec<Op>, done: Vec<Done>) {
+    {
+        let mut l = local.lock();
+        for (op, d) in ops.iter().zip(&done) {
+            match (op, d) {
+                (Op::Append { id, epoch, .. }, Done::Appended(Ok(end))) => {
+                    l.set_acked(id, *epoch, *end)
+                }
+                (Op::Report { .. }, Done::Reported(Ok(job))) => l.apply(job),
+                _ => {}
+            }
+        }
+    }
+    for (op, d) in ops.into_iter().zip(done) {
+        match (op, d) {
+            (Op::Append { reply, .. }, Done::Appended(r)) => {
+                let _ = reply.send(r);
+            }
+            (Op::Report { reply, .. }, Done::Reported(r)) => {
+                let _ = reply.send(r);
+            }
+            (Op::Agent { reply, .. }, Done::Recorded(r)) => {
+                let _ = reply.send(r);
+            }
+            (op, _) => op.fail("the store batch lost an answer"),
+        }
+    }
+}

@@ -1,0 +1,151 @@
+//! Job logs: appended contiguously from offset 0, each byte exactly once,
+//! fenced by the current lease on the job's locked row (so two writers,
+//! on one replica or two, never interleave); read back from any offset.
+
+use tokio_postgres::GenericClient;
+
+use super::leases::pgc;
+use super::schema::{big, current};
+use super::{PgStore, pg};
+use crate::store::Committed;
+use crate::store::StoreError;
+
+/// Log rows read per query.
+const READ_ROWS: i64 = 256;
+
+impl PgStore {
+    /// Appends a log chunk of the current lease; returns the new contiguous
+    /// acknowledged offset once it is committed (with other chunks and
+    /// reports: `batch`). Duplicated bytes are dropped, a gap is refused.
+    pub async fn append_log(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<u64, StoreError> {
+        self.append_log_queued(id, epoch, agent, offset, data)
+            .await?
+            .await
+    }
+
+    /// Queues a log chunk for the next batch (in the order of the calls)
+    /// and returns what resolves once its batch is committed.
+    pub async fn append_log_queued(
+        &self,
+        id: String,
+        epoch: u64,
+        agent: String,
+        offset: u64,
+        data: bytes::Bytes,
+    ) -> Result<Committed<u64>, StoreError> {
+        let (reply, done) = Committed::new();
+        self.queue(super::batch::Op::Append {
+            id,
+            epoch,
+            agent,
+            offset,
+            data,
+            reply,
+        })
+        .await?;
+        Ok(done)
+    }
+
+    /// Reads stored log bytes of attempt `epoch` from `offset`, at most about `max` bytes.
+    pub async fn read_log(
+        &self,
+        id: String,
+        epoch: u64,
+        offset: u64,
+        max: usize,
+    ) -> Result<Vec<u8>, StoreError> {
+        self.timed(async {
+            let o = self.client().await?;
+            let c = pgc(&o);
+            // The chunk containing `offset` starts at the greatest offset <= it.
+            let first = c
+                .query_one(
+                    "SELECT COALESCE(MAX(off), 0) FROM logs
+                     WHERE job_id = $1 AND epoch = $2 AND off <= $3",
+                    &[&id, &big(epoch), &big(offset)],
+                )
+                .await
+                .map_err(pg("find log chunk"))?
+                .try_get::<_, i64>(0)
+                .map_err(pg("find log chunk"))?;
+            let mut from = first;
+            let mut out = Vec::new();
+            loop {
+                let rows = c
+                    .query(
+                        "SELECT off, data FROM logs WHERE job_id = $1 AND epoch = $2 AND off >= $3
+                         ORDER BY off LIMIT $4",
+                        &[&id, &big(epoch), &from, &READ_ROWS],
+                    )
+                    .await
+                    .map_err(pg("read log"))?;
+                let last_page = (rows.len() as i64) < READ_ROWS;
+                for row in &rows {
+                    let start: i64 = row.try_get(0).map_err(pg("read log offset"))?;
+                    let data: &[u8] = row.try_get(1).map_err(pg("read log data"))?;
+                    let start = start.max(0) as u64;
+                    let end = start + data.len() as u64;
+                    from = i64::try_from(end).unwrap_or(i64::MAX);
+                    if end <= offset {
+                        continue;
+                    }
+                    let skip = offset.saturating_sub(start) as usize;
+                    out.extend_from_slice(&data[skip..]);
+                    if out.len() >= max {
+                        return Ok(out);
+                    }
+                }
+                if last_page {
+                    return Ok(out);
+                }
+            }
+        })
+        .await
+    }
+}
+
+/// Appends a chunk inside the caller's transaction; returns the new
+/// acknowledged offset.
+pub(super) async fn append_in<C: GenericClient + Sync>(
+    c: &C,
+    id: &str,
+    epoch: u64,
+    agent: &str,
+    offset: u64,
+    data: &[u8],
+) -> Result<u64, StoreError> {
+    let job = current(c, id, epoch, agent, true).await?;
+    let acked = job.log_acked;
+    let end = offset.saturating_add(data.len() as u64);
+    if offset > acked {
+        return Err(StoreError::Gap {
+            job_id: id.to_string(),
+            offset,
+            acked,
+        });
+    }
+    if end <= acked {
+        return Ok(acked);
+    }
+    let fresh = &data[(acked - offset) as usize..];
+    c.execute(
+        "INSERT INTO logs (job_id, epoch, off, data) VALUES ($1, $2, $3, $4)",
+        &[&id, &big(epoch), &big(acked), &fresh],
+    )
+    .await
+    .map_err(pg("insert log chunk"))?;
+    c.execute(
+        "UPDATE jobs SET log_acked = $2 WHERE id = $1",
+        &[&id, &big(end)],
+    )
+    .await
+    .map_err(pg("advance log offset"))?;
+    Ok(end)
+}
