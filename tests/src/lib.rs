@@ -7,6 +7,7 @@ pub mod faults;
 pub mod iac;
 pub mod identity;
 pub mod moto;
+pub mod replicas;
 pub mod sandbox_helpers;
 pub mod webhook;
 
@@ -406,45 +407,15 @@ impl Cluster {
         extra: &str,
         sandbox_extra: &str,
     ) -> PathBuf {
-        let pki = self.state.pki();
-        let paths = pki.issued(outpost::identity::Role::Agent, name);
-        if !paths.cert.exists() {
-            pki.issue(outpost::identity::Role::Agent, name)
-                .expect("issue agent cert");
-        }
-        let dir = self.dir.path().join("agents").join(name);
-        std::fs::create_dir_all(&dir).expect("agent dir");
-        let text = format!(
-            r#"server = "{url}"
-server_name = "localhost"
-agent_id = "{name}"
-capacity = {capacity}
-state_dir = "{state}"
-max_backoff = "500ms"
-{extra}
-[labels]
-zone = "test"
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[sandbox]
-work_dir = "{work}"
-stop_grace = "2s"
-pull = "never"
-{sandbox_extra}
-"#,
-            sandbox_extra = with_runner_allowed(sandbox_extra),
-            url = self.url(),
-            state = dir.join("state").display(),
-            ca = pki.ca_cert().display(),
-            cert = paths.cert.display(),
-            key = paths.key.display(),
-            work = dir.join("work").display(),
-        );
-        let path = dir.join("agent.toml");
-        std::fs::write(&path, text).expect("write agent config");
-        path
+        write_agent_config_at(
+            &self.state,
+            self.dir.path(),
+            &self.url(),
+            name,
+            capacity,
+            extra,
+            sandbox_extra,
+        )
     }
 
     /// Starts `outpost-agent` with `config`; returns once the control plane
@@ -611,6 +582,59 @@ impl RawAgent {
             }
         }
     }
+}
+
+/// Writes the config of agent `name` of the installation whose state is
+/// `state` (certificate issued if missing) under `dir/agents/name`, dialing
+/// `url`, and returns its path. `extra` is appended to the top-level table.
+pub fn write_agent_config_at(
+    state: &StateDir,
+    dir: &Path,
+    url: &str,
+    name: &str,
+    capacity: u32,
+    extra: &str,
+    sandbox_extra: &str,
+) -> PathBuf {
+    let pki = state.pki();
+    let paths = pki.issued(outpost::identity::Role::Agent, name);
+    if !paths.cert.exists() {
+        pki.issue(outpost::identity::Role::Agent, name)
+            .expect("issue agent cert");
+    }
+    let dir = dir.join("agents").join(name);
+    std::fs::create_dir_all(&dir).expect("agent dir");
+    let text = format!(
+        r#"server = "{url}"
+server_name = "localhost"
+agent_id = "{name}"
+capacity = {capacity}
+state_dir = "{state}"
+max_backoff = "500ms"
+{extra}
+[labels]
+zone = "test"
+[tls]
+ca = "{ca}"
+cert = "{cert}"
+key = "{key}"
+[sandbox]
+work_dir = "{work}"
+stop_grace = "2s"
+pull = "never"
+{sandbox_extra}
+"#,
+        sandbox_extra = with_runner_allowed(sandbox_extra),
+        url = url,
+        state = dir.join("state").display(),
+        ca = pki.ca_cert().display(),
+        cert = paths.cert.display(),
+        key = paths.key.display(),
+        work = dir.join("work").display(),
+    );
+    let path = dir.join("agent.toml");
+    std::fs::write(&path, text).expect("write agent config");
+    path
 }
 
 /// Starts `outpost-agent --config CONFIG` (log in `CONFIG.log`) without
