@@ -1,0 +1,174 @@
+//! Several control-plane replicas over one real PostgreSQL server: every
+//! job leased once whichever replica it was submitted through, dispatch
+//! and cancels across replicas, failover of an agent when its replica is
+//! killed, and a database restart under a running job. Needs PostgreSQL
+//! (`scripts/setup.sh` installs it; without it these tests say `SKIPPED`,
+//! or fail under `OUTPOST_REQUIRE_PG=1`).
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use outpost_proto::admin::v1 as admin;
+use outpost_proto::agent::v1 as pb;
+use outpost_tests::replicas::Replicas;
+use outpost_tests::{numbered_job, pg, require_pg, spec, state};
+
+/// Waits (bounded) until replica `i` reports the job running.
+async fn wait_running(r: &Replicas, i: usize, id: &str) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let j = r
+            .client(i)
+            .await
+            .get_job(admin::GetJobRequest { job_id: id.into() })
+            .await
+            .expect("get job")
+            .into_inner();
+        if state(&j) == pb::JobState::Running {
+            return;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "job {id} not running in 60s: {j:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_lease_each_of_200_jobs_once_wherever_they_were_submitted() {
+    let db = require_pg!(pg::database().await);
+    let r = Replicas::start(2, db.url(), "20s").await;
+    // The only agent is on replica 1: a job submitted through replica 0
+    // reaches it.
+    let b = r.spawn_agent(1, "b", &r.agent_config("b", 8, &[1])).await;
+    let first = r.submit(0, spec(&["true"])).await;
+    let j = r.wait_final(0, &first, Duration::from_secs(60)).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+    assert_eq!((j.agent_id.as_str(), j.epoch), ("b", 1));
+
+    // An agent on each replica; 200 jobs through both at once.
+    let a = r.spawn_agent(0, "a", &r.agent_config("a", 8, &[0])).await;
+    let submit = |i: usize| {
+        let r = &r;
+        async move {
+            let mut ids = Vec::new();
+            for _ in 0..100 {
+                ids.push(r.submit(i, spec(&["true"])).await);
+            }
+            ids
+        }
+    };
+    let (x, y) = tokio::join!(submit(0), submit(1));
+    let mut per_agent: HashMap<String, u32> = HashMap::new();
+    for (n, id) in x.iter().chain(&y).enumerate() {
+        let j = r.wait_final(n % 2, id, Duration::from_secs(300)).await;
+        assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}");
+        assert_eq!(j.epoch, 1, "leased more than once: {j:?}");
+        *per_agent.entry(j.agent_id.clone()).or_default() += 1;
+    }
+    assert_eq!(per_agent.values().sum::<u32>(), 200);
+    assert!(
+        per_agent.len() == 2,
+        "both replicas' agents ran jobs: {per_agent:?}"
+    );
+    // The database agrees: no job leased twice.
+    let c = db.connect().await.expect("connect");
+    let twice: i64 = c
+        .query_one("SELECT count(*) FROM jobs WHERE epoch <> 1", &[])
+        .await
+        .expect("query")
+        .get(0);
+    assert_eq!(twice, 0);
+    drop((a, b));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cancel_through_one_replica_reaches_an_agent_on_another() {
+    let db = require_pg!(pg::database().await);
+    let r = Replicas::start(2, db.url(), "30s").await;
+    let _b = r.spawn_agent(1, "b", &r.agent_config("b", 1, &[1])).await;
+    let id = r.submit(0, spec(&["sleep", "120"])).await;
+    wait_running(&r, 0, &id).await;
+    let asked = Instant::now();
+    r.client(0)
+        .await
+        .cancel_job(admin::CancelJobRequest {
+            job_id: id.clone(),
+        })
+        .await
+        .expect("cancel");
+    let j = r.wait_final(0, &id, Duration::from_secs(60)).await;
+    assert_eq!(state(&j), pb::JobState::Cancelled, "{j:?}");
+    // Delivered through the other replica's session, not left to the
+    // lease's expiry (30 s).
+    assert!(
+        asked.elapsed() < Duration::from_secs(20),
+        "cancel took {:?}",
+        asked.elapsed()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_fails_over_when_its_replica_is_killed_and_the_log_stays_exact() {
+    let db = require_pg!(pg::database().await);
+    let mut r = Replicas::start(2, db.url(), "10s").await;
+    let a = r
+        .spawn_agent(0, "a", &r.agent_config("a", 2, &[0, 1]))
+        .await;
+    let (command, expected) = numbered_job(50, "0.1");
+    let mut s = spec(&[]);
+    s.command = command;
+    // Submitted through replica 1; dispatched by replica 0, which holds
+    // the agent's session.
+    let id = r.submit(1, s).await;
+    wait_running(&r, 1, &id).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed = Instant::now();
+    r.kill(0);
+    r.wait_agent_connected(1, "a", Duration::from_secs(30)).await;
+    eprintln!(
+        "failover: agent connected to the other replica {:?} after the kill",
+        killed.elapsed()
+    );
+    let j = r.wait_final(1, &id, Duration::from_secs(120)).await;
+    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}\n{}", r.log_text(1));
+    assert_eq!(j.epoch, 1, "the job ran once, under its first lease: {j:?}");
+    let log = r.logs(1, &id, 1).await;
+    assert_eq!(
+        String::from_utf8_lossy(&log),
+        String::from_utf8_lossy(&expected),
+        "agent log:\n{}",
+        a.log_text()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_ride_through_a_database_restart_under_a_running_job() {
+    let mut db = require_pg!(pg::dedicated().await);
+    let r = Replicas::start(2, &db.url(), "20s").await;
+    let a = r.spawn_agent(0, "a", &r.agent_config("a", 1, &[0, 1])).await;
+    let (command, expected) = numbered_job(60, "0.1");
+    let mut s = spec(&[]);
+    s.command = command;
+    let id = r.submit(1, s).await;
+    wait_running(&r, 0, &id).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    db.stop().await.expect("stop the database");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    db.start().await.expect("start the database");
+    let j = r.wait_final(1, &id, Duration::from_secs(120)).await;
+    assert_eq!(
+        state(&j),
+        pb::JobState::Succeeded,
+        "{j:?}\nreplica 0:\n{}\nagent:\n{}",
+        r.log_text(0),
+        a.log_text()
+    );
+    assert_eq!(j.epoch, 1, "no second lease: {j:?}");
+    let log = r.logs(0, &id, 1).await;
+    assert_eq!(
+        String::from_utf8_lossy(&log),
+        String::from_utf8_lossy(&expected)
+    );
+}
