@@ -147,6 +147,12 @@ async fn client(cfg: &ClientConfig) -> Result<IacAdminClient<Channel>> {
 }
 
 fn status(e: tonic::Status) -> anyhow::Error {
+    if e.code() == tonic::Code::Unimplemented {
+        // A replica over a shared PostgreSQL store does not serve stacks.
+        return anyhow::anyhow!(
+            "this control plane does not serve stacks: they need the embedded store (`outpost server --store embedded`)"
+        );
+    }
     anyhow::anyhow!("{}", e.message())
 }
 
