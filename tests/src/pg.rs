@@ -5,13 +5,14 @@
 //! from loopback only, and keeps `fsync` on, like a real deployment.
 //!
 //! - [`database`]: a fresh, uniquely named database on the *shared* cluster
-//!   (kept after the test, see [`Database`]). nextest runs every test in a process of its
-//!   own and `initdb` plus a start take over a second, so one cluster serves
-//!   every test process of a workspace: it lives in a directory keyed by
-//!   user and workspace under the temporary directory ([`shared_dir`]), the
-//!   first test that needs it creates and starts it under a `flock`, later
-//!   ones find it running. It stays up after the tests (the next run reuses
-//!   it) until `outpost-test-pg stop` stops it and deletes its directory;
+//!   (kept after the test, see [`Database`]). nextest runs every test in a
+//!   process of its own and `initdb` plus a start take about a second, so
+//!   one cluster serves every test process of a workspace: it lives in a
+//!   directory keyed by user and workspace under the temporary directory
+//!   ([`shared_dir`]), the first test that needs it creates and starts it
+//!   (in a process group of its own) under a `flock`, later ones find it
+//!   running. It stays up after the tests (the next run reuses it) until
+//!   `outpost-test-pg stop` stops it and deletes its directory;
 //!   `scripts/test.sh` runs that before and after the suite, so every run of
 //!   the suite starts from a fresh cluster. A cluster found stopped is
 //!   recreated, never restarted.
