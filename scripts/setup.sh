@@ -29,6 +29,19 @@ if [ ${#missing[@]} -gt 0 ]; then
 fi
 command -v docker >/dev/null || { echo "docker CLI not found" >>"$LOG"; exit 1; }
 
+step "PostgreSQL server binaries (the store tests start their own throwaway clusters)"
+if ! dpkg-query -W -f='${Status}' postgresql 2>/dev/null | grep -q 'install ok installed'; then
+  # Only the binaries: no system-wide cluster, so no server the package would start.
+  mkdir -p /etc/postgresql-common/createcluster.d
+  echo "create_main_cluster = false" >/etc/postgresql-common/createcluster.d/outpost-tests.conf
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update >>"$LOG" 2>&1
+  apt-get install -y --no-install-recommends postgresql >>"$LOG" 2>&1
+fi
+ls /usr/lib/postgresql/*/bin/initdb >>"$LOG" 2>&1 || { echo "PostgreSQL's initdb not found" >>"$LOG"; exit 1; }
+# initdb and postgres refuse root: as root the tests run them as this user.
+[ "$(id -u)" != 0 ] || getent passwd postgres >/dev/null || { echo "no postgres user" >>"$LOG"; exit 1; }
+
 step "python venv (.cache/venv) with moto[server]"
 [ -x .cache/venv/bin/python ] || python3 -m venv .cache/venv >>"$LOG" 2>&1
 if ! .cache/venv/bin/python -c 'import moto, flask, flask_cors' 2>/dev/null; then

@@ -7,6 +7,7 @@ pub mod faults;
 pub mod iac;
 pub mod identity;
 pub mod moto;
+pub mod pg;
 pub mod replicas;
 pub mod sandbox_helpers;
 pub mod webhook;
