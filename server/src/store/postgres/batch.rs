@@ -174,7 +174,9 @@ async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
                 offset,
                 data,
                 ..
-            } => Done::Appended(super::logs::append_in(&sp, id, *epoch, agent, *offset, data).await),
+            } => {
+                Done::Appended(super::logs::append_in(&sp, id, *epoch, agent, *offset, data).await)
+            }
             Op::Report {
                 id,
                 epoch,

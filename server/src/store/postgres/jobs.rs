@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 use tokio_postgres::types::ToSql;
 
 use super::leases::pgc;
-use super::schema::{JOB_COLS, forget_secrets, get_job, lock_job, one_job, row_to_job, select_jobs};
+use super::schema::{
+    JOB_COLS, forget_secrets, get_job, lock_job, one_job, row_to_job, select_jobs,
+};
 use super::{PgStore, pg};
 use crate::model::{Job, JobSpec, JobState, now_ms};
 use crate::store::{CancelOutcome, JobFilter, JobPage, StoreError};
@@ -86,8 +88,11 @@ impl PgStore {
             };
             let mut conds = Vec::new();
             if !filter.states.is_empty() {
-                let states: Vec<String> =
-                    filter.states.iter().map(|s| s.as_str().to_string()).collect();
+                let states: Vec<String> = filter
+                    .states
+                    .iter()
+                    .map(|s| s.as_str().to_string())
+                    .collect();
                 conds.push(format!("state = ANY({}::text[])", arg(Box::new(states))));
             }
             for (k, v) in &filter.labels {
@@ -155,7 +160,8 @@ impl PgStore {
         &self,
         why: impl Fn(&Job) -> String + Send + 'static,
     ) -> Result<Vec<Job>, StoreError> {
-        self.timed(async {
+        // Moved in: a borrow of `why` across an await would need it `Sync`.
+        self.timed(async move {
             let mut o = self.client().await?;
             let client: &mut tokio_postgres::Client = &mut o;
             let tx = client
@@ -241,12 +247,16 @@ impl PgStore {
         self.timed(async {
             let mut o = self.client().await?;
             let client: &mut tokio_postgres::Client = &mut o;
-            let tx = client.transaction().await.map_err(pg("begin fail queued"))?;
+            let tx = client
+                .transaction()
+                .await
+                .map_err(pg("begin fail queued"))?;
             let sql = format!(
                 "UPDATE jobs SET state = 'failed', finished_ms = $2, log_total = 0, message = $3
                  WHERE id = $1 AND state = 'queued' RETURNING {JOB_COLS}"
             );
-            let Some(job) = one_job(&tx, "fail queued job", &sql, &[&id, &now_ms(), &reason]).await?
+            let Some(job) =
+                one_job(&tx, "fail queued job", &sql, &[&id, &now_ms(), &reason]).await?
             else {
                 return Ok(None);
             };

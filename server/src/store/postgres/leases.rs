@@ -64,7 +64,13 @@ impl PgStore {
         self.timed(async {
             let o = self.client().await?;
             let deadline = now_ms().saturating_add(big(ttl_ms));
-            let job = one_job(pgc(&o), "lease job", &lease_sql(), &[&id, &agent, &deadline]).await?;
+            let job = one_job(
+                pgc(&o),
+                "lease job",
+                &lease_sql(),
+                &[&id, &agent, &deadline],
+            )
+            .await?;
             if let Some(j) = &job {
                 self.local.lock().apply(j);
             }
@@ -324,9 +330,15 @@ impl PgStore {
                          lease_deadline_ms = 0, log_total = 0, message = $4
                      WHERE id = $1 RETURNING {JOB_COLS}"
                 );
-                let why = format!("no agent could take the job's lease ({n} tries); last: {reason}");
-                let j = one_job(&tx, "fail undelivered job", &sql, &[&id, &n, &now_ms(), &why])
-                    .await?;
+                let why =
+                    format!("no agent could take the job's lease ({n} tries); last: {reason}");
+                let j = one_job(
+                    &tx,
+                    "fail undelivered job",
+                    &sql,
+                    &[&id, &n, &now_ms(), &why],
+                )
+                .await?;
                 match j {
                     Some(j) => Some(forget_secrets(&tx, j).await?),
                     None => None,
@@ -384,7 +396,10 @@ async fn lease_pass(
     let client: &mut tokio_postgres::Client = o;
     let tx = client.transaction().await.map_err(pg("begin lease jobs"))?;
     let deadline = now_ms().saturating_add(big(ttl_ms));
-    let stmt = tx.prepare(&lease_sql()).await.map_err(pg("prepare lease job"))?;
+    let stmt = tx
+        .prepare(&lease_sql())
+        .await
+        .map_err(pg("prepare lease job"))?;
     let mut out = vec![None; pairs.len()];
     for &i in order {
         let (id, agent) = &pairs[i];

@@ -112,7 +112,8 @@ impl PgStore {
     /// group-commit writer and the renewal flusher (so it needs a Tokio
     /// runtime).
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config = url.parse().map_err(pg("parse the database URL"))?;
+        let mut config: tokio_postgres::Config =
+            url.parse().map_err(pg("parse the database URL"))?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }

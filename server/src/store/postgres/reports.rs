@@ -3,8 +3,8 @@
 
 use tokio_postgres::GenericClient;
 
-use super::schema::{JOB_COLS, big, current, forget_secrets, one_job};
 use super::PgStore;
+use super::schema::{JOB_COLS, big, current, forget_secrets, one_job};
 use crate::model::{Job, JobState, StatusReport, now_ms};
 use crate::store::StoreError;
 use crate::store::batch::Committed;

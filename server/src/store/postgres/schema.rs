@@ -12,7 +12,7 @@ use crate::model::{Job, JobSpec, JobState, now_ms};
 use crate::store::StoreError;
 
 /// The advisory lock key serializing migrations ("outpost" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_74;
+const MIGRATION_LOCK: i64 = 0x006f_7574_706f_7374;
 
 /// The migrations, in order. Never edit one that shipped: add another.
 pub(super) const MIGRATIONS: &[(i32, &str)] = &[(
@@ -81,10 +81,7 @@ pub(super) const ACTIVE: &str = "state IN ('leased','running')";
 /// Applies every migration not yet recorded, each once.
 pub(super) async fn migrate(client: &mut tokio_postgres::Client) -> Result<(), StoreError> {
     for &(version, sql) in MIGRATIONS {
-        let tx = client
-            .transaction()
-            .await
-            .map_err(pg("begin migration"))?;
+        let tx = client.transaction().await.map_err(pg("begin migration"))?;
         tx.execute("SELECT pg_advisory_xact_lock($1)", &[&MIGRATION_LOCK])
             .await
             .map_err(pg("lock migrations"))?;
@@ -125,7 +122,10 @@ pub(super) async fn get_job<C: GenericClient + Sync>(
     id: &str,
 ) -> Result<Option<Job>, StoreError> {
     let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1");
-    let row = c.query_opt(sql.as_str(), &[&id]).await.map_err(pg("get job"))?;
+    let row = c
+        .query_opt(sql.as_str(), &[&id])
+        .await
+        .map_err(pg("get job"))?;
     row.as_ref().map(row_to_job).transpose()
 }
 
@@ -135,7 +135,10 @@ pub(super) async fn lock_job<C: GenericClient + Sync>(
     id: &str,
 ) -> Result<Option<Job>, StoreError> {
     let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1 FOR UPDATE");
-    let row = c.query_opt(sql.as_str(), &[&id]).await.map_err(pg("lock job"))?;
+    let row = c
+        .query_opt(sql.as_str(), &[&id])
+        .await
+        .map_err(pg("lock job"))?;
     row.as_ref().map(row_to_job).transpose()
 }
 

@@ -79,7 +79,11 @@ async fn pg_log_append_is_exactly_once_and_fenced() {
     assert_eq!(read(0, 1 << 20).await.unwrap(), b"hello world");
     assert_eq!(read(4, 1 << 20).await.unwrap(), b"o world");
     assert_eq!(read(11, 1 << 20).await.unwrap(), b"");
-    assert_eq!(read(0, 1).await.unwrap(), b"hello ", "whole chunks up to max");
+    assert_eq!(
+        read(0, 1).await.unwrap(),
+        b"hello ",
+        "whole chunks up to max"
+    );
     assert_eq!(s.read_log("j1".into(), 2, 0, 1 << 20).await.unwrap(), b"");
     assert_eq!(s.get_job("j1".into()).await.unwrap().unwrap().log_acked, 11);
 }
@@ -272,7 +276,10 @@ async fn pg_cancel_dequeues_asks_the_agent_or_ends_at_expiry_and_secrets_go() {
         .await
         .unwrap()
         .unwrap();
-    let f = s.report("f".into(), f.epoch, "a".into(), done()).await.unwrap();
+    let f = s
+        .report("f".into(), f.epoch, "a".into(), done())
+        .await
+        .unwrap();
     assert!(!f.spec.holds_secret_values());
     let stored = s.get_job("f".into()).await.unwrap().unwrap();
     assert!(!stored.spec.holds_secret_values());
@@ -307,7 +314,10 @@ async fn pg_list_jobs_filters_by_state_and_label_and_pages_with_a_total() {
     s.request_cancel("j5".into()).await.unwrap();
     let ids = |p: &JobPage| p.jobs.iter().map(|j| j.id.clone()).collect::<Vec<_>>();
     let all = s.list_jobs(JobFilter::default(), 3).await.unwrap();
-    assert_eq!((ids(&all), all.total), (vec!["j6".into(), "j5".into(), "j4".into()], 7));
+    assert_eq!(
+        (ids(&all), all.total),
+        (vec!["j6".into(), "j5".into(), "j4".into()], 7)
+    );
     let next = JobFilter {
         before: all.next,
         ..Default::default()
@@ -331,7 +341,10 @@ async fn pg_list_jobs_filters_by_state_and_label_and_pages_with_a_total() {
         before: None,
     };
     let p = s.list_jobs(queued_a, 10).await.unwrap();
-    assert_eq!((ids(&p), p.total), (vec!["j4".into(), "j2".into(), "j0".into()], 3));
+    assert_eq!(
+        (ids(&p), p.total),
+        (vec!["j4".into(), "j2".into(), "j0".into()], 3)
+    );
     let cancelled = JobFilter {
         states: vec![JobState::Cancelled, JobState::Failed],
         ..Default::default()
@@ -359,7 +372,9 @@ async fn pg_queued_jobs_past_their_queue_timeout_end_timed_out() {
         .await
         .unwrap();
     s.insert_job("none".into(), spec()).await.unwrap();
-    s.insert_job("leased".into(), with_timeout(1)).await.unwrap();
+    s.insert_job("leased".into(), with_timeout(1))
+        .await
+        .unwrap();
     s.lease_job("leased".into(), "a".into(), 60_000)
         .await
         .unwrap()
@@ -388,7 +403,9 @@ async fn pg_queued_jobs_past_their_queue_timeout_end_timed_out() {
 
 #[tokio::test]
 async fn pg_renewals_are_flushed_and_fenced_across_replicas() {
-    let Some((a, url)) = store().await else { return };
+    let Some((a, url)) = store().await else {
+        return;
+    };
     let b = PgStore::connect(&url).await.unwrap();
     a.insert_job("j".into(), spec()).await.unwrap();
     // Leased on replica a with no time to live, renewed there in memory.
@@ -422,7 +439,11 @@ async fn pg_renewals_are_flushed_and_fenced_across_replicas() {
     a.renew_held("x", vec![("j".into(), 1)], 60_000);
     a.expire_leases().await.unwrap();
     let (renewed, revoked) = a.renew_held("x", vec![("j".into(), 1)], 60_000);
-    assert_eq!((renewed.len(), revoked.len()), (0, 1), "a revoked lease stops renewing");
+    assert_eq!(
+        (renewed.len(), revoked.len()),
+        (0, 1),
+        "a revoked lease stops renewing"
+    );
     let j = b
         .lease_job("j".into(), "y".into(), 60_000)
         .await
@@ -433,7 +454,8 @@ async fn pg_renewals_are_flushed_and_fenced_across_replicas() {
     let stored = b.get_job("j".into()).await.unwrap().unwrap();
     assert_eq!(stored.agent_id.as_deref(), Some("y"));
     assert!(matches!(
-        a.append_log("j".into(), 1, "x".into(), 0, b("x")).await,
+        a.append_log("j".into(), 1, "x".into(), 0, self::b("x"))
+            .await,
         Err(StoreError::Stale { .. })
     ));
     // A replica's start gives every active lease at least one ttl.
@@ -448,7 +470,9 @@ async fn pg_renewals_are_flushed_and_fenced_across_replicas() {
 
 #[tokio::test]
 async fn pg_an_abandoned_lease_expires_once_with_every_replica_sweeping() {
-    let Some((a, url)) = store().await else { return };
+    let Some((a, url)) = store().await else {
+        return;
+    };
     let b = PgStore::connect(&url).await.unwrap();
     for i in 0..20 {
         a.insert_job(format!("j{i}"), spec()).await.unwrap();
@@ -470,7 +494,9 @@ async fn pg_an_abandoned_lease_expires_once_with_every_replica_sweeping() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pg_two_replicas_lease_every_job_exactly_once() {
-    let Some((a, url)) = store().await else { return };
+    let Some((a, url)) = store().await else {
+        return;
+    };
     let b = PgStore::connect(&url).await.unwrap();
     for i in 0..200 {
         a.insert_job(format!("j{i:03}"), spec()).await.unwrap();
@@ -479,13 +505,25 @@ async fn pg_two_replicas_lease_every_job_exactly_once() {
         let mut got = Vec::new();
         let started = std::time::Instant::now();
         for _ in 0..500 {
-            assert!(started.elapsed() < Duration::from_secs(60), "bounded in time");
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "bounded in time"
+            );
             let queued = s.queued_jobs(16).await.unwrap();
             if queued.is_empty() {
                 break;
             }
-            let pairs = queued.into_iter().map(|j| (j.id, agent.to_string())).collect();
-            got.extend(s.lease_jobs(pairs, 60_000).await.unwrap().into_iter().flatten());
+            let pairs = queued
+                .into_iter()
+                .map(|j| (j.id, agent.to_string()))
+                .collect();
+            got.extend(
+                s.lease_jobs(pairs, 60_000)
+                    .await
+                    .unwrap()
+                    .into_iter()
+                    .flatten(),
+            );
         }
         got
     }
@@ -499,7 +537,11 @@ async fn pg_two_replicas_lease_every_job_exactly_once() {
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 200, "no job leased twice");
-    assert!(ga.iter().chain(&gb).all(|j| j.epoch == 1 && j.state == JobState::Leased));
+    assert!(
+        ga.iter()
+            .chain(&gb)
+            .all(|j| j.epoch == 1 && j.state == JobState::Leased)
+    );
     let active = a.active_jobs().await.unwrap();
     assert_eq!(active.len(), 200);
     assert!(active.iter().all(|j| j.epoch == 1));
@@ -603,7 +645,9 @@ async fn pg_prune_keeps_active_and_newest_jobs() {
             log_total: log as u64,
             ..done()
         };
-        s.report(id.into(), j.epoch, "a".into(), report).await.unwrap();
+        s.report(id.into(), j.epoch, "a".into(), report)
+            .await
+            .unwrap();
     }
     for i in 0..3 {
         finished(&s, &format!("old{i}"), 3 << 20).await;
@@ -616,7 +660,10 @@ async fn pg_prune_keeps_active_and_newest_jobs() {
         .unwrap();
     finished(&s, "new", 10).await;
     assert_eq!(s.size().await.unwrap().jobs, 6);
-    assert_eq!(s.prune(PruneRule::default()).await.unwrap(), Pruned::default());
+    assert_eq!(
+        s.prune(PruneRule::default()).await.unwrap(),
+        Pruned::default()
+    );
     let young = PruneRule {
         older_than_ms: Some(3_600_000),
         keep: None,
