@@ -33,7 +33,7 @@ pub(super) fn is_retryable(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-fn retryable(e: &StoreError) -> bool {
+pub(super) fn retryable(e: &StoreError) -> bool {
     matches!(e, StoreError::Pg { source, .. } if is_retryable(source))
 }
 
