@@ -279,3 +279,40 @@ async fn pg_two_replicas_appending_the_same_log_store_each_byte_once() {
         Err(StoreError::Stale { .. })
     ));
 }
+
+#[tokio::test]
+async fn pg_a_flush_never_waits_on_a_locked_row_and_keeps_its_renewal() {
+    let Some((s, url)) = store().await else {
+        return;
+    };
+    s.insert_job("j".into(), spec()).await.unwrap();
+    s.lease_job("j".into(), "x".into(), 0)
+        .await
+        .unwrap()
+        .unwrap();
+    s.renew_held("x", vec![("j".into(), 1)], 60_000);
+    // Another writer holds the job's row.
+    let (mut other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let tx = other.transaction().await.unwrap();
+    tx.execute("SELECT 1 FROM jobs WHERE id = 'j' FOR UPDATE", &[])
+        .await
+        .unwrap();
+    let swept = tokio::time::timeout(Duration::from_secs(5), s.expire_leases())
+        .await
+        .expect("the sweep does not wait for the lock")
+        .unwrap();
+    assert!(swept.is_empty(), "a locked lease is left to the next sweep");
+    let (renewed, _) = s.renew_held("x", vec![("j".into(), 1)], 60_000);
+    assert_eq!(
+        renewed.len(),
+        1,
+        "the renewal is still pending, not dropped"
+    );
+    tx.commit().await.unwrap();
+    assert!(s.expire_leases().await.unwrap().is_empty());
+    let stored = s.get_job("j".into()).await.unwrap().unwrap();
+    assert!(stored.lease_deadline_ms > crate::model::now_ms() + 50_000);
+}
