@@ -72,7 +72,13 @@ impl Replicas {
         let child = Command::new(bin("outpost"))
             .arg("--state-dir")
             .arg(&state.root)
-            .args(["server", "--listen", "127.0.0.1:0", "--lease-ttl", self.lease_ttl])
+            .args([
+                "server",
+                "--listen",
+                "127.0.0.1:0",
+                "--lease-ttl",
+                self.lease_ttl,
+            ])
             .env("OUTPOST_STORE", &self.db_url)
             .env("OUTPOST_LOG", "info")
             .stdout(Stdio::null())
@@ -150,7 +156,10 @@ impl Replicas {
     }
 
     pub async fn client(&self, i: usize) -> AdminServiceClient<Channel> {
-        self.client_config(i).connect().await.expect("admin connects")
+        self.client_config(i)
+            .connect()
+            .await
+            .expect("admin connects")
     }
 
     /// Submits `spec` through replica `i`.
@@ -233,8 +242,7 @@ impl Replicas {
         loop {
             if let Ok(mut c) = self.client_config(i).connect().await
                 && let Ok(r) = c.list_agents(admin::ListAgentsRequest {}).await
-                && r
-                    .into_inner()
+                && r.into_inner()
                     .agents
                     .iter()
                     .any(|a| a.agent_id == name && a.connected)

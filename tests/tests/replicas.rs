@@ -93,9 +93,7 @@ async fn a_cancel_through_one_replica_reaches_an_agent_on_another() {
     let asked = Instant::now();
     r.client(0)
         .await
-        .cancel_job(admin::CancelJobRequest {
-            job_id: id.clone(),
-        })
+        .cancel_job(admin::CancelJobRequest { job_id: id.clone() })
         .await
         .expect("cancel");
     let j = r.wait_final(0, &id, Duration::from_secs(60)).await;
@@ -126,13 +124,19 @@ async fn an_agent_fails_over_when_its_replica_is_killed_and_the_log_stays_exact(
     tokio::time::sleep(Duration::from_secs(1)).await;
     let killed = Instant::now();
     r.kill(0);
-    r.wait_agent_connected(1, "a", Duration::from_secs(30)).await;
+    r.wait_agent_connected(1, "a", Duration::from_secs(30))
+        .await;
     eprintln!(
         "failover: agent connected to the other replica {:?} after the kill",
         killed.elapsed()
     );
     let j = r.wait_final(1, &id, Duration::from_secs(120)).await;
-    assert_eq!(state(&j), pb::JobState::Succeeded, "{j:?}\n{}", r.log_text(1));
+    assert_eq!(
+        state(&j),
+        pb::JobState::Succeeded,
+        "{j:?}\n{}",
+        r.log_text(1)
+    );
     assert_eq!(j.epoch, 1, "the job ran once, under its first lease: {j:?}");
     let log = r.logs(1, &id, 1).await;
     assert_eq!(
@@ -147,7 +151,9 @@ async fn an_agent_fails_over_when_its_replica_is_killed_and_the_log_stays_exact(
 async fn replicas_ride_through_a_database_restart_under_a_running_job() {
     let mut db = require_pg!(pg::dedicated().await);
     let r = Replicas::start(2, &db.url(), "20s").await;
-    let a = r.spawn_agent(0, "a", &r.agent_config("a", 1, &[0, 1])).await;
+    let a = r
+        .spawn_agent(0, "a", &r.agent_config("a", 1, &[0, 1]))
+        .await;
     let (command, expected) = numbered_job(60, "0.1");
     let mut s = spec(&[]);
     s.command = command;

@@ -26,6 +26,8 @@ const QUEUE: usize = 512;
 const MAX_OPS: usize = 256;
 /// Log bytes per transaction at most.
 const MAX_BYTES: usize = 8 << 20;
+/// Runs of one batch at most.
+const TRIES: u32 = 3;
 
 // Queued by value and moved once: the size of the largest variant does
 // not matter.
@@ -87,6 +89,18 @@ enum Done {
 }
 
 impl Done {
+    /// The operation's error if it aborted the transaction (a deadlock).
+    fn retryable(&mut self) -> Option<StoreError> {
+        let failed = |r: &StoreError| super::leases::retryable(r);
+        let take = |e: &mut StoreError| std::mem::replace(e, StoreError::Join);
+        match self {
+            Done::Appended(Err(e)) if failed(e) => Some(take(e)),
+            Done::Reported(Err(e)) if failed(e) => Some(take(e)),
+            Done::Recorded(Err(e)) if failed(e) => Some(take(e)),
+            _ => None,
+        }
+    }
+
     fn is_ok(&self) -> bool {
         match self {
             Done::Appended(r) => r.is_ok(),
@@ -124,7 +138,17 @@ pub(super) fn spawn_writer(
                     Err(_) => break,
                 }
             }
-            match run(&pool, &ops).await {
+            let mut tries = 0;
+            let result = loop {
+                tries += 1;
+                match run(&pool, &ops).await {
+                    // Rolled back whole (a deadlock with another replica's
+                    // writes): nothing of it is stored, so it runs again.
+                    Err(e) if tries < TRIES && super::leases::retryable(&e) => continue,
+                    r => break r,
+                }
+            };
+            match result {
                 Ok(done) => answer(&local, ops, done),
                 Err(e) => {
                     let why = error_chain(&e);
@@ -166,7 +190,7 @@ async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
             .savepoint("op")
             .await
             .map_err(super::pg("begin savepoint"))?;
-        let d = match op {
+        let mut d = match op {
             Op::Append {
                 id,
                 epoch,
@@ -186,6 +210,10 @@ async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
             } => Done::Reported(super::reports::report_in(&sp, id, *epoch, agent, report).await),
             Op::Agent { info, .. } => Done::Recorded(super::agents::upsert_in(&sp, info).await),
         };
+        if let Some(e) = d.retryable() {
+            // The whole transaction must go: the caller runs it again.
+            return Err(e);
+        }
         if d.is_ok() {
             sp.commit().await.map_err(super::pg("release savepoint"))?;
         } else {

@@ -160,7 +160,8 @@ impl PgStore {
         &self,
         why: impl Fn(&Job) -> String + Send + 'static,
     ) -> Result<Vec<Job>, StoreError> {
-        self.timed(async {
+        // Moved in: a borrow of `why` across an await would need it `Sync`.
+        self.timed(async move {
             let mut o = self.client().await?;
             let client: &mut tokio_postgres::Client = &mut o;
             let tx = client

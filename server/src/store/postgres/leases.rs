@@ -7,7 +7,6 @@ use tokio_postgres::error::SqlState;
 use super::schema::{ACTIVE, JOB_COLS, big, current, forget_secrets, one_job, select_jobs};
 use super::{PgStore, pg};
 use crate::model::{Job, JobState, now_ms};
-use crate::store::Renewal;
 use crate::store::{Expired, MAX_UNDELIVERED, StoreError};
 
 /// Leases ended per expiry sweep at most (the next sweep ends the rest).
@@ -15,7 +14,7 @@ const EXPIRE_PER_SWEEP: i64 = 1000;
 
 /// Whole transactions retried at most when PostgreSQL aborts one to break
 /// a deadlock.
-const TRIES: u32 = 3;
+pub(super) const TRIES: u32 = 3;
 
 fn lease_sql() -> String {
     format!(
@@ -33,7 +32,7 @@ pub(super) fn is_retryable(e: &tokio_postgres::Error) -> bool {
     })
 }
 
-fn retryable(e: &StoreError) -> bool {
+pub(super) fn retryable(e: &StoreError) -> bool {
     matches!(e, StoreError::Pg { source, .. } if is_retryable(source))
 }
 
@@ -157,49 +156,6 @@ impl PgStore {
         .await
     }
 
-    /// Renews the listed leases held by `agent` durably (a session's
-    /// start) and loads every durable lease of `agent` into this replica's
-    /// table (its session is here now); returns (renewed, revoked).
-    pub async fn renew(
-        &self,
-        agent: String,
-        leases: Vec<(String, u64)>,
-        ttl_ms: u64,
-    ) -> Result<(Vec<Job>, Vec<(String, u64)>), StoreError> {
-        self.timed(async {
-            let mut o = self.client().await?;
-            let deadline = now_ms().saturating_add(big(ttl_ms));
-            let mut renewed = Vec::new();
-            let mut revoked = Vec::new();
-            if !leases.is_empty() {
-                let client: &mut tokio_postgres::Client = &mut o;
-                let tx = client.transaction().await.map_err(pg("begin renew"))?;
-                let sql = format!(
-                    "UPDATE jobs SET lease_deadline_ms = GREATEST(lease_deadline_ms, $4)
-                     WHERE id = $1 AND epoch = $2 AND agent_id = $3 AND {ACTIVE}
-                     RETURNING {JOB_COLS}"
-                );
-                for (id, epoch) in leases {
-                    let params: [&(dyn tokio_postgres::types::ToSql + Sync); 4] =
-                        [&id, &big(epoch), &agent, &deadline];
-                    match one_job(&tx, "renew lease", &sql, &params).await? {
-                        Some(j) => renewed.push(j),
-                        None => revoked.push((id, epoch)),
-                    }
-                }
-                tx.commit().await.map_err(pg("commit renew"))?;
-            }
-            let sql = format!("SELECT {JOB_COLS} FROM jobs WHERE agent_id = $1 AND {ACTIVE}");
-            let held = select_jobs(pgc(&o), "load an agent's leases", &sql, &[&agent]).await?;
-            let mut local = self.local.lock();
-            for j in renewed.iter().chain(&held) {
-                local.apply(j);
-            }
-            Ok((renewed, revoked))
-        })
-        .await
-    }
-
     /// Ends or re-queues every lease whose durable deadline passed, after
     /// writing this replica's pending renewals. Safe on every replica at
     /// once: each lease is ended by one sweep (`SKIP LOCKED`).
@@ -269,10 +225,14 @@ impl PgStore {
             let sql = format!(
                 "UPDATE jobs SET lease_deadline_ms = GREATEST(lease_deadline_ms, $1) WHERE {ACTIVE}"
             );
-            let n = pgc(&o)
-                .execute(sql.as_str(), &[&deadline])
-                .await
-                .map_err(pg("extend leases"))?;
+            let mut tries = 0;
+            let n = loop {
+                tries += 1;
+                match pgc(&o).execute(sql.as_str(), &[&deadline]).await {
+                    Err(e) if tries < TRIES && is_retryable(&e) => continue,
+                    r => break r.map_err(pg("extend leases"))?,
+                }
+            };
             self.local.lock().extend_all(deadline);
             Ok(n as usize)
         })
@@ -357,32 +317,6 @@ impl PgStore {
             Ok(after)
         })
         .await
-    }
-
-    /// Number of leases `agent` holds on this replica (from memory).
-    pub async fn active_count(&self, agent: String) -> Result<u32, StoreError> {
-        Ok(self.held_count(&agent))
-    }
-
-    /// Number of leases `agent` holds on this replica (from memory).
-    pub fn held_count(&self, agent: &str) -> u32 {
-        self.local.lock().count(agent)
-    }
-
-    /// Jobs `agent` holds a lease of on this replica: (job, epoch), from
-    /// memory.
-    pub fn held_by(&self, agent: &str) -> Vec<(String, u64)> {
-        self.local.lock().held_by(agent)
-    }
-
-    /// Renews the listed leases held by `agent` in memory (a heartbeat):
-    /// (renewed with their stored log offsets, revoked). The deadlines are
-    /// written within [`super::FLUSH_EVERY`]; a lease this replica does not
-    /// hold is answered revoked.
-    pub fn renew_held(&self, agent: &str, leases: Vec<(String, u64)>, ttl_ms: u64) -> Renewal {
-        self.local
-            .lock()
-            .renew(agent, leases, now_ms().saturating_add(big(ttl_ms)))
     }
 }
 

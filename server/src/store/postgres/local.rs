@@ -167,9 +167,15 @@ impl Local {
             .collect()
     }
 
-    /// After `sent` was written: those in `kept` are durable up to their
-    /// deadline, the others are no longer current leases and are dropped.
-    pub(super) fn flushed(&mut self, sent: &[Pending], kept: &HashSet<(String, u64)>) {
+    /// After `sent` was flushed: those in `kept` are durable up to their
+    /// deadline, those in `revoked` are no longer current leases and are
+    /// dropped, the others stay pending.
+    pub(super) fn flushed(
+        &mut self,
+        sent: &[Pending],
+        kept: &HashSet<(String, u64)>,
+        revoked: &HashSet<(String, u64)>,
+    ) {
         for (id, epoch, agent, deadline) in sent {
             let Some(l) = self.leases.get_mut(id) else {
                 continue;
@@ -177,9 +183,10 @@ impl Local {
             if l.epoch != *epoch || l.agent != *agent {
                 continue;
             }
-            if kept.contains(&(id.clone(), *epoch)) {
+            let lease = (id.clone(), *epoch);
+            if kept.contains(&lease) {
                 l.durable_ms = l.durable_ms.max(*deadline);
-            } else {
+            } else if revoked.contains(&lease) {
                 self.remove(id);
             }
         }
@@ -200,6 +207,32 @@ impl Local {
     }
 }
 
+/// Writes renewals `(ids, epochs, agents, deadlines)` where they are still
+/// the current lease; per lease, 1 (written), 0 (its row is locked by
+/// another transaction: left pending, never waited for, so a flush is in
+/// no lock cycle) or -1 (no longer the current lease).
+const FLUSH: &str = "
+WITH d AS (
+    SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])
+        AS d(id, epoch, agent, deadline)
+), locked AS (
+    SELECT jobs.id FROM jobs JOIN d ON jobs.id = d.id
+    WHERE jobs.epoch = d.epoch AND jobs.agent_id = d.agent AND jobs.state IN ('leased','running')
+    FOR UPDATE OF jobs SKIP LOCKED
+), written AS (
+    UPDATE jobs SET lease_deadline_ms = GREATEST(jobs.lease_deadline_ms, d.deadline)
+    FROM d
+    WHERE jobs.id = d.id AND jobs.id IN (SELECT id FROM locked)
+        AND jobs.epoch = d.epoch AND jobs.agent_id = d.agent AND jobs.state IN ('leased','running')
+    RETURNING jobs.id
+)
+SELECT d.id, d.epoch, CASE
+    WHEN d.id IN (SELECT id FROM written) THEN 1
+    WHEN EXISTS (SELECT 1 FROM jobs WHERE jobs.id = d.id AND jobs.epoch = d.epoch
+        AND jobs.agent_id = d.agent AND jobs.state IN ('leased','running')) THEN 0
+    ELSE -1 END
+FROM d";
+
 /// Writes every pending renewal in one fenced statement.
 pub(super) async fn flush(pool: &Pool, local: &Mutex<Local>) -> Result<(), StoreError> {
     let sent = local.lock().pending();
@@ -215,28 +248,27 @@ pub(super) async fn flush(pool: &Pool, local: &Mutex<Local>) -> Result<(), Store
     let rows = loop {
         tries += 1;
         let r = client
-            .query(
-                "UPDATE jobs SET lease_deadline_ms = GREATEST(jobs.lease_deadline_ms, d.deadline)
-                 FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])
-                     AS d(id, epoch, agent, deadline)
-                 WHERE jobs.id = d.id AND jobs.epoch = d.epoch AND jobs.agent_id = d.agent
-                     AND jobs.state IN ('leased','running')
-                 RETURNING jobs.id, jobs.epoch",
-                &[&ids, &epochs, &agents, &deadlines],
-            )
+            .query(FLUSH, &[&ids, &epochs, &agents, &deadlines])
             .await;
         match r {
             Err(e) if tries < 3 && super::leases::is_retryable(&e) => continue,
             r => break r.map_err(pg("flush renewals"))?,
         }
     };
-    let mut kept = HashSet::with_capacity(rows.len());
+    let mut kept = HashSet::new();
+    let mut revoked = HashSet::new();
     for row in &rows {
         let id: String = row.try_get(0).map_err(pg("read flushed lease"))?;
         let epoch: i64 = row.try_get(1).map_err(pg("read flushed lease"))?;
-        kept.insert((id, epoch.max(0) as u64));
+        let outcome: i32 = row.try_get(2).map_err(pg("read flushed lease"))?;
+        let lease = (id, epoch.max(0) as u64);
+        match outcome {
+            1 => kept.insert(lease),
+            -1 => revoked.insert(lease),
+            _ => false,
+        };
     }
-    local.lock().flushed(&sent, &kept);
+    local.lock().flushed(&sent, &kept, &revoked);
     Ok(())
 }
 
@@ -297,8 +329,13 @@ mod tests {
         sent.sort();
         assert_eq!(sent.len(), 2);
         // j2 was revoked elsewhere: the flush drops it, j1 is durable.
-        let kept = [("j1".to_string(), 1)].into_iter().collect();
-        l.flushed(&sent, &kept);
+        let none = HashSet::new();
+        let j1: HashSet<_> = [("j1".to_string(), 1)].into_iter().collect();
+        let j2: HashSet<_> = [("j2".to_string(), 1)].into_iter().collect();
+        // A busy row leaves both pending.
+        l.flushed(&sent, &none, &none);
+        assert_eq!(l.pending().len(), 2);
+        l.flushed(&sent, &j1, &j2);
         assert!(l.pending().is_empty());
         assert_eq!(l.held_by("a"), [("j1".to_string(), 1)]);
         let (_, revoked) = l.renew("a", vec![("j2".into(), 1)], 900);

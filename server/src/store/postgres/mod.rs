@@ -76,6 +76,8 @@ mod local;
 mod logs;
 /// Retention: pruning final jobs; the database's size.
 mod prune;
+/// Renewals: at a session's start, by heartbeats; counts per agent.
+mod renewals;
 /// Status reports (fenced, group-committed).
 mod reports;
 /// The schema, its versioned migrations and reading job rows.
@@ -185,6 +187,8 @@ fn pool_err(op: &'static str) -> impl FnOnce(deadpool_postgres::PoolError) -> St
     }
 }
 
+#[cfg(test)]
+mod replica_tests;
 #[cfg(test)]
 mod testdb;
 #[cfg(test)]

@@ -12,7 +12,7 @@ use crate::model::{Job, JobSpec, JobState, now_ms};
 use crate::store::StoreError;
 
 /// The advisory lock key serializing migrations ("outpost" in ASCII).
-const MIGRATION_LOCK: i64 = 0x6f75_7470_6f73_74;
+const MIGRATION_LOCK: i64 = 0x006f_7574_706f_7374;
 
 /// The migrations, in order. Never edit one that shipped: add another.
 pub(super) const MIGRATIONS: &[(i32, &str)] = &[(

@@ -3,8 +3,10 @@
 //! a fresh database per test. A watcher process stops the cluster and
 //! removes its directory once the test process is gone.
 //!
-//! Without PostgreSQL the tests print `SKIPPED: <reason>` and pass, unless
-//! `OUTPOST_REQUIRE_PG=1`, where they fail.
+//! The server binaries are `OUTPOST_PG_BIN`, else the newest
+//! `/usr/lib/postgresql/<version>/bin`. Without PostgreSQL the tests print
+//! `SKIPPED: <reason>` and pass, unless `OUTPOST_REQUIRE_PG=1`, where they
+//! fail.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -81,11 +83,12 @@ fn free_port() -> Result<u16, String> {
 fn start() -> Result<Cluster, String> {
     let bin = bin_dir().ok_or("no PostgreSQL server binaries (initdb) found")?;
     let root = is_root();
-    let dir = tempfile::Builder::new()
+    // Removed on failure; kept (for the watcher to remove) once started.
+    let tmp = tempfile::Builder::new()
         .prefix("outpost-pg-")
         .tempdir()
-        .map_err(|e| format!("temporary directory: {e}"))?
-        .keep();
+        .map_err(|e| format!("temporary directory: {e}"))?;
+    let dir = tmp.path().to_path_buf();
     if root {
         let mut chown = Command::new("chown");
         chown.arg("postgres:postgres").arg(&dir);
@@ -112,6 +115,7 @@ fn start() -> Result<Cluster, String> {
         ))
         .arg("start");
     run(pg_ctl, "pg_ctl start")?;
+    let _ = tmp.keep();
     // Stops the cluster and removes it once this process is gone.
     let stop = format!(
         "{}{} -D {} -m immediate stop",
