@@ -146,19 +146,7 @@ impl Identity {
             path: self.cfg.tls.ca.clone(),
             source,
         })?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(self.cfg.server_name());
-        let channel = Endpoint::from_shared(self.cfg.server.clone())
-            .and_then(|e| e.tls_config(tls))
-            .map_err(|e| IdentityError::Connect(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .map_err(|e| {
-                IdentityError::Connect(format!("{e}: {:?}", std::error::Error::source(&e)))
-            })?;
+        let channel = self.dial(&ca).await?;
         let resp = EnrollmentClient::new(channel)
             .enroll(pb::EnrollRequest {
                 token: token.to_string(),
@@ -193,6 +181,35 @@ impl Identity {
             debug!(error = %e, "the used bootstrap token file stays");
         }
         Ok(())
+    }
+
+    /// Connects to the first control plane address that answers, in the
+    /// configured order (server authentication only: no certificate yet).
+    async fn dial(&self, ca: &[u8]) -> Result<Channel, IdentityError> {
+        let mut failures = Vec::new();
+        for url in self.cfg.addresses() {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(self.cfg.server_name_for(&url));
+            let connected = match Endpoint::from_shared(url.clone()).and_then(|e| e.tls_config(tls))
+            {
+                Ok(ep) => ep
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(30))
+                    .connect()
+                    .await
+                    .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))),
+                Err(e) => Err(e.to_string()),
+            };
+            match connected {
+                Ok(channel) => return Ok(channel),
+                Err(e) => {
+                    debug!(server = %url, error = %e, "cannot reach the control plane to enrol");
+                    failures.push(format!("{url}: {e}"));
+                }
+            }
+        }
+        Err(IdentityError::Connect(failures.join("; ")))
     }
 
     /// A CSR for the next certificate, with the agent's key.
