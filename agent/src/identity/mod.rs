@@ -17,8 +17,6 @@ use std::time::{Duration, SystemTime};
 
 use outpost_proto::identity::v1 as pb;
 use outpost_proto::identity::v1::enrollment_client::EnrollmentClient;
-use parking_lot::Mutex;
-use tonic::transport::channel::Change;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -59,14 +57,6 @@ pub enum IdentityError {
 pub struct Identity {
     cfg: Arc<AgentConfig>,
     token_file: PathBuf,
-    /// The IaC calls' channel: a balanced channel whose one endpoint is
-    /// replaced by one with the new certificate after each renewal.
-    iac: Mutex<Option<IacEndpoints>>,
-}
-
-struct IacEndpoints {
-    changes: tokio::sync::mpsc::Sender<Change<u64, Endpoint>>,
-    key: u64,
 }
 
 impl Identity {
@@ -76,7 +66,6 @@ impl Identity {
         Some(Arc::new(Identity {
             cfg: cfg.clone(),
             token_file,
-            iac: Mutex::new(None),
         }))
     }
 
@@ -224,28 +213,10 @@ impl Identity {
         files::csr(&key, &self.name())
     }
 
-    /// Keeps a renewed certificate for the next connections.
+    /// Keeps a renewed certificate for the next connections (the session's
+    /// and, through `crate::session::IacRoute`, the IaC calls').
     pub fn renewed(&self, certificate_pem: &str) -> Result<(), IdentityError> {
-        files::write_public(&self.cfg.tls.cert, certificate_pem.as_bytes())?;
-        let mut iac = self.iac.lock();
-        if let Some(e) = iac.as_mut()
-            && let Ok(ep) = crate::session::endpoint(&self.cfg)
-        {
-            let next = e.key + 1;
-            if e.changes.try_send(Change::Insert(next, ep)).is_ok() {
-                let _ = e.changes.try_send(Change::Remove(e.key));
-                e.key = next;
-            }
-        }
-        Ok(())
-    }
-
-    /// The IaC calls' channel, which follows renewals.
-    pub fn iac_channel(&self, first: Endpoint) -> Channel {
-        let (channel, changes) = Channel::balance_channel::<u64>(4);
-        let _ = changes.try_send(Change::Insert(0, first));
-        *self.iac.lock() = Some(IacEndpoints { changes, key: 0 });
-        channel
+        files::write_public(&self.cfg.tls.cert, certificate_pem.as_bytes())
     }
 }
 

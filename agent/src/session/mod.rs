@@ -9,6 +9,7 @@
 //! endpoint (`crate::observe::http`, `metrics_listen`).
 
 mod addresses;
+mod route;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -31,6 +32,17 @@ use crate::runtime::Runtime;
 use crate::wire;
 
 use addresses::Addresses;
+pub use route::IacRoute;
+
+/// What a session works with.
+pub struct Link {
+    pub cfg: Arc<AgentConfig>,
+    pub rt: Arc<Runtime>,
+    /// Set when the agent enrols (`bootstrap_token_file`).
+    pub ident: Option<Arc<Identity>>,
+    /// The IaC calls' channel: follows the session's address and renewals.
+    pub iac: Arc<IacRoute>,
+}
 
 /// Errors of one session.
 #[derive(Debug, thiserror::Error)]
@@ -103,24 +115,19 @@ pub fn endpoint_at(cfg: &AgentConfig, url: &str) -> Result<Endpoint, SessionErro
 
 /// Keeps a session open until `stop` is cancelled: connects to the control
 /// plane's addresses in turn, with jittered exponential backoff.
-pub async fn maintain(
-    cfg: Arc<AgentConfig>,
-    rt: Arc<Runtime>,
-    ident: Option<Arc<Identity>>,
-    drain: CancellationToken,
-    stop: CancellationToken,
-) {
+pub async fn maintain(link: Link, drain: CancellationToken, stop: CancellationToken) {
+    let Link { cfg, rt, ident, .. } = &link;
     let mut addrs = Addresses::new(cfg.addresses(), cfg.max_backoff);
     loop {
         if stop.is_cancelled() {
             return;
         }
         let url = addrs.current().to_string();
-        match connect(&cfg, ident.as_deref(), &url).await {
+        match connect(cfg, ident.as_deref(), &url).await {
             Ok(channel) => {
                 addrs.established(Instant::now());
-                let ended =
-                    session(&cfg, &rt, ident.as_deref(), &url, channel, &drain, &stop).await;
+                link.iac.follow(&url);
+                let ended = session(&link, &url, channel, &drain, &stop).await;
                 rt.metrics.session_down();
                 match ended {
                     Ok(()) => debug!(server = %url, "session ended"),
@@ -168,14 +175,13 @@ fn msg(m: Out) -> pb::AgentMessage {
 }
 
 async fn session(
-    cfg: &AgentConfig,
-    rt: &Arc<Runtime>,
-    ident: Option<&Identity>,
+    link: &Link,
     url: &str,
     channel: Channel,
     drain: &CancellationToken,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
+    let (cfg, rt, ident) = (&link.cfg, &link.rt, link.ident.as_deref());
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(outpost_proto::MAX_MESSAGE_BYTES);
@@ -277,7 +283,7 @@ async fn session(
                 if let Some(id) = ident
                     && about_identity
                 {
-                    renewed(id, &mut renewal, m);
+                    renewed(id, &link.iac, &mut renewal, m);
                     continue;
                 }
                 handle(rt, &tx, m).await?;
@@ -308,10 +314,11 @@ async fn renew(
 }
 
 /// The control plane's answer to a renewal.
-fn renewed(id: &Identity, renewal: &mut Renewal, m: pb::ServerMessage) {
+fn renewed(id: &Identity, iac: &IacRoute, renewal: &mut Renewal, m: pb::ServerMessage) {
     match m.msg {
         Some(In::CertificateRenewed(c)) => match id.renewed(&c.certificate_pem) {
             Ok(()) => {
+                iac.refresh();
                 let took = renewal.done(Duration::from_millis(c.ttl_ms));
                 info!(
                     ttl_ms = c.ttl_ms,
