@@ -47,7 +47,13 @@ pub struct TlsConfig {
 pub struct AgentConfig {
     /// Control plane URL, e.g. `https://outpost.internal:7443`. The agent only dials out.
     pub server: String,
-    /// Name expected in the control plane's certificate (default: the URL's host).
+    /// Further URLs of the same control plane (its other replicas), tried in
+    /// turn after `server` when a connection fails or a session ends.
+    #[serde(default)]
+    pub servers: Vec<String>,
+    /// Name verified in the control plane's certificate on every address
+    /// (default: each address's own host, so every replica's certificate
+    /// must carry the host it is dialled by).
     #[serde(default)]
     pub server_name: Option<String>,
     /// Informational agent name sent in the hello (the certificate is authoritative).
@@ -163,7 +169,8 @@ impl AgentConfig {
         toml::from_str(text).map_err(|e| e.to_string().trim_end().to_string())
     }
 
-    /// Applies `OUTPOST_AGENT_SERVER`, `OUTPOST_AGENT_ID`, `OUTPOST_AGENT_CAPACITY`,
+    /// Applies `OUTPOST_AGENT_SERVER`, `OUTPOST_AGENT_SERVERS` (`url,url`,
+    /// replaces `servers`), `OUTPOST_AGENT_ID`, `OUTPOST_AGENT_CAPACITY`,
     /// `OUTPOST_AGENT_LABELS` (`k=v,k=v`, merged) and `OUTPOST_AGENT_STATE_DIR`.
     pub fn apply_env(
         &mut self,
@@ -172,6 +179,14 @@ impl AgentConfig {
         for (k, v) in env {
             match k.as_str() {
                 "OUTPOST_AGENT_SERVER" => self.server = v,
+                "OUTPOST_AGENT_SERVERS" => {
+                    self.servers = v
+                        .split(',')
+                        .map(str::trim)
+                        .filter(|u| !u.is_empty())
+                        .map(str::to_string)
+                        .collect()
+                }
                 "OUTPOST_AGENT_ID" => self.agent_id = Some(v),
                 "OUTPOST_AGENT_STATE_DIR" => self.state_dir = PathBuf::from(v),
                 "OUTPOST_AGENT_CAPACITY" => {
@@ -198,11 +213,9 @@ impl AgentConfig {
 
     /// Checks values that parse but make no sense.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if !(self.server.starts_with("https://")) {
-            return Err(ConfigError::Invalid(format!(
-                "server {:?} must be an https:// URL (the agent only speaks mTLS)",
-                self.server
-            )));
+        check_url("server", &self.server)?;
+        for (i, url) in self.servers.iter().enumerate() {
+            check_url(&format!("servers[{i}]"), url)?;
         }
         if self.capacity == 0 || self.capacity > 256 {
             return Err(ConfigError::Invalid(format!(
@@ -259,12 +272,30 @@ impl AgentConfig {
         Ok(())
     }
 
-    /// TLS name of the control plane.
+    /// Every address of the control plane in the order they are tried:
+    /// `server` first, then `servers` (a repeated address only once).
+    pub fn addresses(&self) -> Vec<String> {
+        let mut all: Vec<String> = Vec::with_capacity(1 + self.servers.len());
+        for url in std::iter::once(&self.server).chain(&self.servers) {
+            if !all.contains(url) {
+                all.push(url.clone());
+            }
+        }
+        all
+    }
+
+    /// TLS name of the control plane at `server`.
     pub fn server_name(&self) -> String {
+        self.server_name_for(&self.server)
+    }
+
+    /// TLS name verified when dialling `url`: `server_name` if set, else
+    /// the URL's host.
+    pub fn server_name_for(&self, url: &str) -> String {
         if let Some(n) = &self.server_name {
             return n.clone();
         }
-        let rest = self.server.trim_start_matches("https://");
+        let rest = url.trim_start_matches("https://");
         let host = rest.split('/').next().unwrap_or(rest);
         let host = if let Some(h) = host.strip_prefix('[') {
             h.split(']').next().unwrap_or(h)
@@ -273,6 +304,17 @@ impl AgentConfig {
         };
         host.to_string()
     }
+}
+
+/// A control plane address must be an https:// URL with a host.
+fn check_url(key: &str, url: &str) -> Result<(), ConfigError> {
+    let host = url.strip_prefix("https://").unwrap_or_default();
+    if !url.starts_with("https://") || host.is_empty() || host.starts_with('/') {
+        return Err(ConfigError::Invalid(format!(
+            "{key} {url:?} must be an https:// URL with a host, e.g. https://outpost.internal:7443 (the agent only speaks mTLS)"
+        )));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -350,5 +392,76 @@ key = "/agent.key"
         let mut c = AgentConfig::parse(MIN).unwrap();
         c.server = "http://x".into();
         assert!(c.validate().unwrap_err().to_string().contains("https"));
+    }
+
+    /// `MIN` with TLS files that exist, so `validate` reaches its end.
+    fn valid(dir: &Path, extra: &str) -> AgentConfig {
+        for f in ["ca.pem", "agent.pem", "agent.key"] {
+            std::fs::write(dir.join(f), "x").unwrap();
+        }
+        let text = MIN.replace("/ca.pem", &dir.join("ca.pem").display().to_string());
+        let text = text.replace("/agent.", &format!("{}/agent.", dir.display()));
+        AgentConfig::parse(&format!("{extra}\n{text}")).unwrap()
+    }
+
+    #[test]
+    fn further_servers_are_tried_after_server_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = valid(dir.path(), "");
+        assert!(c.servers.is_empty());
+        assert_eq!(c.addresses(), ["https://127.0.0.1:7443"]);
+        let c = valid(
+            dir.path(),
+            r#"servers = ["https://b.internal:7443", "https://[::1]:7443", "https://127.0.0.1:7443"]"#,
+        );
+        c.validate().unwrap();
+        assert_eq!(
+            c.addresses(),
+            [
+                "https://127.0.0.1:7443",
+                "https://b.internal:7443",
+                "https://[::1]:7443"
+            ]
+        );
+        // Each address's own host is verified unless server_name is set.
+        assert_eq!(c.server_name_for("https://b.internal:7443"), "b.internal");
+        assert_eq!(c.server_name_for("https://[::1]:7443"), "::1");
+        let mut named = c.clone();
+        named.server_name = Some("outpost.internal".into());
+        assert_eq!(
+            named.server_name_for("https://b.internal:7443"),
+            "outpost.internal"
+        );
+    }
+
+    #[test]
+    fn a_bad_further_server_is_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in ["http://b.internal:7443", "b.internal:7443", "https://", ""] {
+            let mut c = valid(dir.path(), "");
+            c.servers = vec!["https://a.internal".into(), bad.into()];
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains(&format!("servers[1] {bad:?}")), "{e}");
+            assert!(e.contains("https://"), "{e}");
+        }
+        let e = AgentConfig::parse(&format!("servers = \"https://b\"\n{MIN}")).unwrap_err();
+        assert!(e.contains("servers"), "{e}");
+    }
+
+    #[test]
+    fn servers_come_from_the_environment_as_a_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = valid(dir.path(), r#"servers = ["https://old:7443"]"#);
+        let var = |v: &str| [("OUTPOST_AGENT_SERVERS".to_string(), v.to_string())];
+        c.apply_env(var(" https://b:7443, https://c:7443 ,"))
+            .unwrap();
+        assert_eq!(c.servers, ["https://b:7443", "https://c:7443"]);
+        c.validate().unwrap();
+        c.apply_env(var("https://b:7443,http://c:7443")).unwrap();
+        let e = c.validate().unwrap_err().to_string();
+        assert!(e.contains("servers[1] \"http://c:7443\""), "{e}");
+        c.apply_env(var("")).unwrap();
+        assert!(c.servers.is_empty());
+        assert_eq!(c.addresses(), ["https://127.0.0.1:7443"]);
     }
 }

@@ -166,11 +166,9 @@ pub async fn run(
     if let Some(id) = &ident {
         id.ensure().await.map_err(AgentError::Identity)?;
     }
-    let iac_endpoint = session::endpoint(&cfg).map_err(AgentError::Endpoint)?;
-    let iac_channel = match &ident {
-        Some(id) => id.iac_channel(iac_endpoint),
-        None => iac_endpoint.connect_lazy(),
-    };
+    // The IaC calls follow the session to whichever control plane replica
+    // it is on, and each renewed certificate.
+    let (iac_route, iac_channel) = session::IacRoute::new(&cfg).map_err(AgentError::Endpoint)?;
     let iac_agent = iac::IacAgent::new(&cfg.iac, iac_channel).map_err(AgentError::Iac)?;
     let _ = rt.iac.set(Arc::new(iac_agent));
     let adopted = rt.restore(recovered).await;
@@ -202,9 +200,12 @@ pub async fn run(
     });
     let session = tokio::spawn(
         session::maintain(
-            cfg.clone(),
-            rt.clone(),
-            ident,
+            session::Link {
+                cfg: cfg.clone(),
+                rt: rt.clone(),
+                ident,
+                iac: iac_route,
+            },
             shutdown.drain.clone(),
             stop.clone(),
         )

@@ -72,6 +72,7 @@ pub fn local_agent_config(state: &StateDir, server: &str, capacity: u32) -> Agen
     };
     AgentConfig {
         server: server.to_string(),
+        servers: Vec::new(),
         server_name: Some("localhost".into()),
         agent_id: Some("local".into()),
         capacity,

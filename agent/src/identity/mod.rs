@@ -17,8 +17,6 @@ use std::time::{Duration, SystemTime};
 
 use outpost_proto::identity::v1 as pb;
 use outpost_proto::identity::v1::enrollment_client::EnrollmentClient;
-use parking_lot::Mutex;
-use tonic::transport::channel::Change;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use tracing::{debug, info, warn};
 
@@ -59,14 +57,6 @@ pub enum IdentityError {
 pub struct Identity {
     cfg: Arc<AgentConfig>,
     token_file: PathBuf,
-    /// The IaC calls' channel: a balanced channel whose one endpoint is
-    /// replaced by one with the new certificate after each renewal.
-    iac: Mutex<Option<IacEndpoints>>,
-}
-
-struct IacEndpoints {
-    changes: tokio::sync::mpsc::Sender<Change<u64, Endpoint>>,
-    key: u64,
 }
 
 impl Identity {
@@ -76,7 +66,6 @@ impl Identity {
         Some(Arc::new(Identity {
             cfg: cfg.clone(),
             token_file,
-            iac: Mutex::new(None),
         }))
     }
 
@@ -146,19 +135,7 @@ impl Identity {
             path: self.cfg.tls.ca.clone(),
             source,
         })?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .domain_name(self.cfg.server_name());
-        let channel = Endpoint::from_shared(self.cfg.server.clone())
-            .and_then(|e| e.tls_config(tls))
-            .map_err(|e| IdentityError::Connect(e.to_string()))?
-            .connect_timeout(Duration::from_secs(5))
-            .timeout(Duration::from_secs(30))
-            .connect()
-            .await
-            .map_err(|e| {
-                IdentityError::Connect(format!("{e}: {:?}", std::error::Error::source(&e)))
-            })?;
+        let channel = self.dial(&ca).await?;
         let resp = EnrollmentClient::new(channel)
             .enroll(pb::EnrollRequest {
                 token: token.to_string(),
@@ -195,6 +172,35 @@ impl Identity {
         Ok(())
     }
 
+    /// Connects to the first control plane address that answers, in the
+    /// configured order (server authentication only: no certificate yet).
+    async fn dial(&self, ca: &[u8]) -> Result<Channel, IdentityError> {
+        let mut failures = Vec::new();
+        for url in self.cfg.addresses() {
+            let tls = ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name(self.cfg.server_name_for(&url));
+            let connected = match Endpoint::from_shared(url.clone()).and_then(|e| e.tls_config(tls))
+            {
+                Ok(ep) => ep
+                    .connect_timeout(Duration::from_secs(5))
+                    .timeout(Duration::from_secs(30))
+                    .connect()
+                    .await
+                    .map_err(|e| format!("{e}: {:?}", std::error::Error::source(&e))),
+                Err(e) => Err(e.to_string()),
+            };
+            match connected {
+                Ok(channel) => return Ok(channel),
+                Err(e) => {
+                    debug!(server = %url, error = %e, "cannot reach the control plane to enrol");
+                    failures.push(format!("{url}: {e}"));
+                }
+            }
+        }
+        Err(IdentityError::Connect(failures.join("; ")))
+    }
+
     /// A CSR for the next certificate, with the agent's key.
     pub fn renewal_csr(&self) -> Result<String, IdentityError> {
         let pem =
@@ -207,28 +213,10 @@ impl Identity {
         files::csr(&key, &self.name())
     }
 
-    /// Keeps a renewed certificate for the next connections.
+    /// Keeps a renewed certificate for the next connections (the session's
+    /// and, through `crate::session::IacRoute`, the IaC calls').
     pub fn renewed(&self, certificate_pem: &str) -> Result<(), IdentityError> {
-        files::write_public(&self.cfg.tls.cert, certificate_pem.as_bytes())?;
-        let mut iac = self.iac.lock();
-        if let Some(e) = iac.as_mut()
-            && let Ok(ep) = crate::session::endpoint(&self.cfg)
-        {
-            let next = e.key + 1;
-            if e.changes.try_send(Change::Insert(next, ep)).is_ok() {
-                let _ = e.changes.try_send(Change::Remove(e.key));
-                e.key = next;
-            }
-        }
-        Ok(())
-    }
-
-    /// The IaC calls' channel, which follows renewals.
-    pub fn iac_channel(&self, first: Endpoint) -> Channel {
-        let (channel, changes) = Channel::balance_channel::<u64>(4);
-        let _ = changes.try_send(Change::Insert(0, first));
-        *self.iac.lock() = Some(IacEndpoints { changes, key: 0 });
-        channel
+        files::write_public(&self.cfg.tls.cert, certificate_pem.as_bytes())
     }
 }
 

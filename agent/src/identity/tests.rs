@@ -73,3 +73,33 @@ async fn renewal_is_scheduled_at_half_of_what_is_left() {
     assert!(due >= Duration::from_millis(900), "a retry waits: {due:?}");
     assert!(Renewal::start(None).next.is_none());
 }
+
+#[tokio::test]
+async fn enrolment_tries_every_address_in_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let dead = || {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("https://{}", l.local_addr().unwrap())
+    };
+    let (first, second) = (dead(), dead());
+    let mut cfg = (*config(dir.path())).clone();
+    cfg.server = first.clone();
+    cfg.servers = vec![second.clone()];
+    let cfg = Arc::new(cfg);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let ca = rcgen::CertificateParams::new(vec!["localhost".to_string()])
+        .unwrap()
+        .self_signed(&key)
+        .unwrap();
+    std::fs::write(&cfg.tls.ca, ca.pem()).unwrap();
+    std::fs::write(dir.path().join("token"), "t").unwrap();
+    let e = Identity::new(&cfg).unwrap().ensure().await.unwrap_err();
+    assert!(matches!(e, IdentityError::Connect(_)), "{e}");
+    let e = e.to_string();
+    assert_eq!(e.matches("Connection refused").count(), 2, "{e}");
+    let (at_first, at_second) = (e.find(&first), e.find(&second));
+    assert!(
+        at_first.is_some() && at_second.is_some() && at_first < at_second,
+        "both addresses, in order: {e}"
+    );
+}

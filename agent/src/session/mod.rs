@@ -1,12 +1,18 @@
 //! The agent's one outbound connection: mTLS gRPC to the control plane, one
 //! bidirectional session stream, reconnects with jittered exponential backoff.
+//! With several control plane addresses (replicas), each reconnect goes to
+//! the next one (`addresses`); the hello re-presents the leases this agent
+//! holds wherever it lands, so any replica resumes them.
 //!
 //! **Invariant:** every connection to the control plane is initiated here;
 //! the agent's only listening socket is the operator's opt-in metrics
 //! endpoint (`crate::observe::http`, `metrics_listen`).
 
+mod addresses;
+mod route;
+
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use outpost_proto::agent::v1 as pb;
 use outpost_proto::agent::v1::agent_message::Msg as Out;
@@ -25,6 +31,19 @@ use crate::identity::{Identity, Renewal};
 use crate::runtime::Runtime;
 use crate::wire;
 
+use addresses::Addresses;
+pub use route::IacRoute;
+
+/// What a session works with.
+pub struct Link {
+    pub cfg: Arc<AgentConfig>,
+    pub rt: Arc<Runtime>,
+    /// Set when the agent enrols (`bootstrap_token_file`).
+    pub ident: Option<Arc<Identity>>,
+    /// The IaC calls' channel: follows the session's address and renewals.
+    pub iac: Arc<IacRoute>,
+}
+
 /// Errors of one session.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
@@ -41,6 +60,8 @@ pub enum SessionError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
     #[error("failed to connect to the control plane")]
     Connect(#[source] tonic::transport::Error),
     #[error("the control plane refused the session: {0}")]
@@ -57,8 +78,14 @@ pub enum SessionError {
     Closed,
 }
 
-/// Builds the mTLS channel endpoint from the configuration.
+/// Builds the mTLS channel endpoint to the control plane at `server`.
 pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
+    endpoint_at(cfg, &cfg.server)
+}
+
+/// Builds the mTLS channel endpoint to the control plane at `url` (one of
+/// [`AgentConfig::addresses`]).
+pub fn endpoint_at(cfg: &AgentConfig, url: &str) -> Result<Endpoint, SessionError> {
     let read = |what, path: &std::path::Path| {
         std::fs::read(path).map_err(|source| SessionError::ReadTls {
             what,
@@ -72,11 +99,11 @@ pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
             read("agent certificate", &cfg.tls.cert)?,
             read("agent key", &cfg.tls.key)?,
         ))
-        .domain_name(cfg.server_name());
-    let ep = Endpoint::from_shared(cfg.server.clone())
+        .domain_name(cfg.server_name_for(url));
+    let ep = Endpoint::from_shared(url.to_string())
         .and_then(|e| e.tls_config(tls))
         .map_err(|source| SessionError::Endpoint {
-            url: cfg.server.clone(),
+            url: url.to_string(),
             source,
         })?
         .connect_timeout(Duration::from_secs(5))
@@ -86,68 +113,61 @@ pub fn endpoint(cfg: &AgentConfig) -> Result<Endpoint, SessionError> {
     Ok(ep)
 }
 
-/// Keeps a session open until `stop` is cancelled, reconnecting with
-/// jittered exponential backoff.
-pub async fn maintain(
-    cfg: Arc<AgentConfig>,
-    rt: Arc<Runtime>,
-    ident: Option<Arc<Identity>>,
-    drain: CancellationToken,
-    stop: CancellationToken,
-) {
-    let mut backoff = Duration::from_millis(200);
+/// Keeps a session open until `stop` is cancelled: connects to the control
+/// plane's addresses in turn, with jittered exponential backoff.
+pub async fn maintain(link: Link, drain: CancellationToken, stop: CancellationToken) {
+    let Link { cfg, rt, ident, .. } = &link;
+    let mut addrs = Addresses::new(cfg.addresses(), cfg.max_backoff);
     loop {
         if stop.is_cancelled() {
             return;
         }
-        let started = std::time::Instant::now();
-        // Read for every connection: an enrolled agent's certificate is
-        // replaced by each renewal (and by a new enrolment once expired).
-        let ep = match &ident {
-            Some(id) => id.ensure().await.map_err(|e| e.to_string()),
-            None => Ok(()),
-        }
-        .and_then(|()| endpoint(&cfg).map_err(|e| e.to_string()));
-        let ep = match ep {
-            Ok(ep) => ep,
-            Err(e) => {
-                // Running jobs carry on until their leases end them.
-                error!(error = %e, "cannot connect to the control plane");
-                backoff = (backoff * 2).min(cfg.max_backoff);
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(backoff) => {}
-                }
-                continue;
-            }
-        };
-        match ep.connect().await {
+        let url = addrs.current().to_string();
+        match connect(cfg, ident.as_deref(), &url).await {
             Ok(channel) => {
-                let ended = session(&cfg, &rt, ident.as_deref(), channel, &drain, &stop).await;
+                addrs.established(Instant::now());
+                link.iac.follow(&url);
+                let ended = session(&link, &url, channel, &drain, &stop).await;
                 rt.metrics.session_down();
                 match ended {
-                    Ok(()) => debug!("session ended"),
-                    Err(e) => warn!(error = %e, "session ended"),
+                    Ok(()) => debug!(server = %url, "session ended"),
+                    Err(e) => warn!(server = %url, error = %e, "session ended"),
                 }
             }
-            Err(e) => {
-                warn!(error = %e, source = ?std::error::Error::source(&e), "cannot reach the control plane")
+            Err(SessionError::Connect(e)) => {
+                warn!(server = %url, error = %e, source = ?std::error::Error::source(&e), "cannot reach the control plane")
             }
+            // Running jobs carry on until their leases end them.
+            Err(e) => error!(server = %url, error = %e, "cannot connect to the control plane"),
         }
         if stop.is_cancelled() {
             return;
         }
-        if started.elapsed() > Duration::from_secs(30) {
-            backoff = Duration::from_millis(200);
-        }
-        let jittered = rand::rng().random_range(backoff / 2..=backoff);
-        debug!(delay_ms = jittered.as_millis() as u64, "reconnecting");
+        let wait = addrs.failed(Instant::now());
+        let jittered = rand::rng().random_range(wait / 2..=wait);
+        debug!(delay_ms = jittered.as_millis() as u64, next = %addrs.current(), "reconnecting");
         tokio::select! {
             _ = stop.cancelled() => return,
             _ = tokio::time::sleep(jittered) => {}
         }
-        backoff = (backoff * 2).min(cfg.max_backoff);
     }
+}
+
+/// Dials `url` with the agent's current certificate.
+async fn connect(
+    cfg: &AgentConfig,
+    ident: Option<&Identity>,
+    url: &str,
+) -> Result<Channel, SessionError> {
+    // Read for every connection: an enrolled agent's certificate is
+    // replaced by each renewal (and by a new enrolment once expired).
+    if let Some(id) = ident {
+        id.ensure().await?;
+    }
+    endpoint_at(cfg, url)?
+        .connect()
+        .await
+        .map_err(SessionError::Connect)
 }
 
 fn msg(m: Out) -> pb::AgentMessage {
@@ -155,13 +175,13 @@ fn msg(m: Out) -> pb::AgentMessage {
 }
 
 async fn session(
-    cfg: &AgentConfig,
-    rt: &Arc<Runtime>,
-    ident: Option<&Identity>,
+    link: &Link,
+    url: &str,
     channel: Channel,
     drain: &CancellationToken,
     stop: &CancellationToken,
 ) -> Result<(), SessionError> {
+    let (cfg, rt, ident) = (&link.cfg, &link.rt, link.ident.as_deref());
     let mut client = AgentServiceClient::new(channel)
         .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(outpost_proto::MAX_MESSAGE_BYTES);
@@ -206,7 +226,7 @@ async fn session(
     }
     let mut renewal = Renewal::start(ident);
     let heartbeat = Duration::from_millis(welcome.heartbeat_interval_ms.clamp(200, 60_000));
-    info!(agent = %welcome.agent_id, resumed = welcome.resumed.len(), "connected to the control plane");
+    info!(server = %url, agent = %welcome.agent_id, resumed = welcome.resumed.len(), "connected to the control plane");
     rt.metrics.session_up();
     let mut ticker = tokio::time::interval(heartbeat);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -263,7 +283,7 @@ async fn session(
                 if let Some(id) = ident
                     && about_identity
                 {
-                    renewed(id, &mut renewal, m);
+                    renewed(id, &link.iac, &mut renewal, m);
                     continue;
                 }
                 handle(rt, &tx, m).await?;
@@ -294,10 +314,11 @@ async fn renew(
 }
 
 /// The control plane's answer to a renewal.
-fn renewed(id: &Identity, renewal: &mut Renewal, m: pb::ServerMessage) {
+fn renewed(id: &Identity, iac: &IacRoute, renewal: &mut Renewal, m: pb::ServerMessage) {
     match m.msg {
         Some(In::CertificateRenewed(c)) => match id.renewed(&c.certificate_pem) {
             Ok(()) => {
+                iac.refresh();
                 let took = renewal.done(Duration::from_millis(c.ttl_ms));
                 info!(
                     ttl_ms = c.ttl_ms,
