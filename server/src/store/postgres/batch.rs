@@ -179,6 +179,7 @@ fn error_chain(e: &StoreError) -> String {
 /// Runs `ops` in one transaction; each result, once committed.
 async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
     let mut o = pool.get().await.map_err(pool_err("store batch"))?;
+    let append = super::logs::AppendStmts::prepare(&o).await?;
     let client: &mut tokio_postgres::Client = &mut o;
     let mut tx = client
         .transaction()
@@ -198,9 +199,9 @@ async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
                 offset,
                 data,
                 ..
-            } => {
-                Done::Appended(super::logs::append_in(&sp, id, *epoch, agent, *offset, data).await)
-            }
+            } => Done::Appended(
+                super::logs::append_in(&sp, &append, id, *epoch, agent, *offset, data).await,
+            ),
             Op::Report {
                 id,
                 epoch,

@@ -209,8 +209,9 @@ impl Local {
 
 /// Writes renewals `(ids, epochs, agents, deadlines)` where they are still
 /// the current lease; per lease, 1 (written), 0 (its row is locked by
-/// another transaction: left pending, never waited for, so a flush is in
-/// no lock cycle) or -1 (no longer the current lease).
+/// another transaction: skipped, never waited for, so this statement, which
+/// locks many rows, is in no lock cycle) or -1 (no longer the current
+/// lease).
 const FLUSH: &str = "
 WITH d AS (
     SELECT * FROM unnest($1::text[], $2::bigint[], $3::text[], $4::bigint[])
@@ -257,6 +258,7 @@ pub(super) async fn flush(pool: &Pool, local: &Mutex<Local>) -> Result<(), Store
     };
     let mut kept = HashSet::new();
     let mut revoked = HashSet::new();
+    let mut busy = Vec::new();
     for row in &rows {
         let id: String = row.try_get(0).map_err(pg("read flushed lease"))?;
         let epoch: i64 = row.try_get(1).map_err(pg("read flushed lease"))?;
@@ -265,8 +267,32 @@ pub(super) async fn flush(pool: &Pool, local: &Mutex<Local>) -> Result<(), Store
         match outcome {
             1 => kept.insert(lease),
             -1 => revoked.insert(lease),
-            _ => false,
+            _ => {
+                busy.push(lease);
+                false
+            }
         };
+    }
+    // A row another transaction holds: written alone, waiting for it (one
+    // statement holding no other lock is in no lock cycle), so a job whose
+    // row is written all the time still has its renewals written.
+    for (id, epoch) in busy {
+        let Some((_, _, agent, deadline)) = sent.iter().find(|p| p.0 == id && p.1 == epoch) else {
+            continue;
+        };
+        let n = client
+            .execute(
+                "UPDATE jobs SET lease_deadline_ms = GREATEST(lease_deadline_ms, $4)
+                 WHERE id = $1 AND epoch = $2 AND agent_id = $3 AND state IN ('leased','running')",
+                &[&id, &super::schema::big(epoch), &agent, &deadline],
+            )
+            .await
+            .map_err(pg("flush a renewal"))?;
+        if n > 0 {
+            kept.insert((id, epoch));
+        } else {
+            revoked.insert((id, epoch));
+        }
     }
     local.lock().flushed(&sent, &kept, &revoked);
     Ok(())

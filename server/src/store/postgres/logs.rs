@@ -2,10 +2,10 @@
 //! fenced by the current lease on the job's locked row (so two writers,
 //! on one replica or two, never interleave); read back from any offset.
 
-use tokio_postgres::GenericClient;
+use tokio_postgres::{GenericClient, Statement};
 
 use super::leases::pgc;
-use super::schema::{big, current};
+use super::schema::{JOB_COLS, big, fenced, row_to_job};
 use super::{PgStore, pg};
 use crate::store::Committed;
 use crate::store::StoreError;
@@ -111,17 +111,52 @@ impl PgStore {
     }
 }
 
-/// Appends a chunk inside the caller's transaction; returns the new
-/// acknowledged offset.
+/// The statements of a log append, prepared once per connection (a chunk
+/// costs three statements, each one round trip).
+pub(super) struct AppendStmts {
+    lock: Statement,
+    insert: Statement,
+    advance: Statement,
+}
+
+impl AppendStmts {
+    pub(super) async fn prepare(o: &deadpool_postgres::Object) -> Result<Self, StoreError> {
+        let lock = format!("SELECT {JOB_COLS} FROM jobs WHERE id = $1 FOR UPDATE");
+        Ok(AppendStmts {
+            lock: o
+                .prepare_cached(&lock)
+                .await
+                .map_err(pg("prepare lock job"))?,
+            insert: o
+                .prepare_cached(
+                    "INSERT INTO logs (job_id, epoch, off, data) VALUES ($1, $2, $3, $4)",
+                )
+                .await
+                .map_err(pg("prepare insert log chunk"))?,
+            advance: o
+                .prepare_cached("UPDATE jobs SET log_acked = $2 WHERE id = $1")
+                .await
+                .map_err(pg("prepare advance log offset"))?,
+        })
+    }
+}
+
+/// Appends a chunk inside the caller's transaction, on the job's locked
+/// row; returns the new acknowledged offset.
 pub(super) async fn append_in<C: GenericClient + Sync>(
     c: &C,
+    stmts: &AppendStmts,
     id: &str,
     epoch: u64,
     agent: &str,
     offset: u64,
     data: &[u8],
 ) -> Result<u64, StoreError> {
-    let job = current(c, id, epoch, agent, true).await?;
+    let row = c
+        .query_opt(&stmts.lock, &[&id])
+        .await
+        .map_err(pg("lock job"))?;
+    let job = fenced(row.as_ref().map(row_to_job).transpose()?, id, epoch, agent)?;
     let acked = job.log_acked;
     let end = offset.saturating_add(data.len() as u64);
     if offset > acked {
@@ -135,17 +170,11 @@ pub(super) async fn append_in<C: GenericClient + Sync>(
         return Ok(acked);
     }
     let fresh = &data[(acked - offset) as usize..];
-    c.execute(
-        "INSERT INTO logs (job_id, epoch, off, data) VALUES ($1, $2, $3, $4)",
-        &[&id, &big(epoch), &big(acked), &fresh],
-    )
-    .await
-    .map_err(pg("insert log chunk"))?;
-    c.execute(
-        "UPDATE jobs SET log_acked = $2 WHERE id = $1",
-        &[&id, &big(end)],
-    )
-    .await
-    .map_err(pg("advance log offset"))?;
+    c.execute(&stmts.insert, &[&id, &big(epoch), &big(acked), &fresh])
+        .await
+        .map_err(pg("insert log chunk"))?;
+    c.execute(&stmts.advance, &[&id, &big(end)])
+        .await
+        .map_err(pg("advance log offset"))?;
     Ok(end)
 }

@@ -15,16 +15,22 @@
 //! replicas leasing the same job from the same queue listing lease it
 //! once: the second update finds the row no longer queued. A dispatch
 //! pass updates its rows in the order of their ids, so two passes never
-//! wait on each other in a cycle.
+//! wait on each other in a cycle; a transaction PostgreSQL aborts anyway
+//! to break a deadlock (a dispatch pass, a session's renewals, a group
+//! commit batch) had no effect and runs again, up to three times.
 //!
 //! **Renewals (heartbeats).** Each replica keeps a local table of the
 //! leases of the agents whose sessions it serves (`local`): filled by its
-//! own lease writes and by `renew` at a session's start (which loads every
-//! durable lease of the agent). `renew_held` answers from it at once and
-//! the renewed deadlines are written by a background task at most every
-//! [`FLUSH_EVERY`], in one fenced `UPDATE` (`GREATEST` of the stored and
-//! the renewed deadline, only where `(id, epoch, agent)` still holds an
-//! active lease). The rules:
+//! own lease writes and by `renew` at a session's start, which also loads
+//! every durable lease of the agent (so `held_by` and `held_count` answer
+//! for the agents connected here, and only for them). `renew_held`
+//! answers from it at once; the renewed deadlines are written by a
+//! background task at most every [`FLUSH_EVERY`] in one fenced `UPDATE`
+//! (`GREATEST` of the stored and the renewed deadline, only where `(id,
+//! epoch, agent)` still holds an active lease; rows another transaction
+//! holds are skipped by it and then written one statement each, waiting
+//! for the row, so a job whose row is busy all the time keeps its lease).
+//! The rules:
 //! - a lease enters the table only after the write that made it durable
 //!   committed, so "renewed" is never answered for a lease that never was
 //!   durable; a lease the table does not know is answered "revoked";
@@ -32,17 +38,20 @@
 //!   any replica) drops it from the table, so a revoked lease is answered
 //!   "renewed" at most until the next flush (one [`FLUSH_EVERY`]); such an
 //!   answer grants nothing: every write of that lease is fenced in the
-//!   database and refused;
-//! - a lease whose renewal was never flushed (a replica that died) simply
-//!   expires at its durable deadline, on whichever replica sweeps first.
+//!   database and refused, and its deadline is not written;
+//! - a renewal never flushed (a replica that died) is lost: the lease
+//!   expires at its durable deadline, on whichever replica sweeps first,
+//!   unless the agent's next session (on any replica) renews it with
+//!   `renew`, which writes at once.
 //!
-//! **Expiry.** `expire_leases` first flushes this replica's pending
-//! renewals (a lease its agents renewed is never expired by its own
-//! sweep), then ends, in one transaction, the active leases whose
-//! *durable* deadline passed, selected `FOR UPDATE SKIP LOCKED`: every
-//! replica may sweep at once, each lease is ended by one of them. Local
-//! leases whose local deadline passed are then dropped from the table
-//! (their agent stopped renewing them here).
+//! **Expiry.** `expire_leases` first writes this replica's pending
+//! renewals (so a lease its agents renewed is never expired by its own
+//! sweep, nor by another replica's after that), then ends, in one
+//! transaction, the active leases whose *durable* deadline passed,
+//! selected `FOR UPDATE SKIP LOCKED`: every replica may sweep at once, and
+//! each lease is ended by one of them. Leases whose deadline in this
+//! replica's table passed are then dropped from it (their agent stopped
+//! renewing them here: expired, or renewed through another replica).
 //!
 //! **Start of a replica.** `extend_active_leases` gives every active lease
 //! at least one time-to-live from now, as the SQLite store does after a

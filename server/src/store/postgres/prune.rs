@@ -147,9 +147,11 @@ impl PgStore {
         Ok(())
     }
 
-    /// Size of the database and its number of jobs. `free_bytes` is 0 and
-    /// `incremental_vacuum` false: the space of deleted rows is reused by
-    /// PostgreSQL (after autovacuum), not given back by this store.
+    /// Size of the database (`pg_database_size`) and its number of jobs.
+    /// `free_bytes` is 0 (PostgreSQL does not report its free space cheaply)
+    /// and `incremental_vacuum` true: the database reclaims the space of
+    /// deleted rows itself (autovacuum), nothing waits for this store to
+    /// give it back.
     pub async fn size(&self) -> Result<StoreSize, StoreError> {
         self.timed(async {
             let o = self.client().await?;
@@ -166,7 +168,7 @@ impl PgStore {
                 bytes: bytes.max(0) as u64,
                 free_bytes: 0,
                 jobs: jobs.max(0) as u64,
-                incremental_vacuum: false,
+                incremental_vacuum: true,
             })
         })
         .await

@@ -280,8 +280,8 @@ async fn pg_two_replicas_appending_the_same_log_store_each_byte_once() {
     ));
 }
 
-#[tokio::test]
-async fn pg_a_flush_never_waits_on_a_locked_row_and_keeps_its_renewal() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pg_a_renewal_of_a_locked_row_is_written_before_the_sweep_expires_it() {
     let Some((s, url)) = store().await else {
         return;
     };
@@ -290,8 +290,7 @@ async fn pg_a_flush_never_waits_on_a_locked_row_and_keeps_its_renewal() {
         .await
         .unwrap()
         .unwrap();
-    s.renew_held("x", vec![("j".into(), 1)], 60_000);
-    // Another writer holds the job's row.
+    // Another writer holds the job's row; then the agent renews.
     let (mut other, conn) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -300,19 +299,25 @@ async fn pg_a_flush_never_waits_on_a_locked_row_and_keeps_its_renewal() {
     tx.execute("SELECT 1 FROM jobs WHERE id = 'j' FOR UPDATE", &[])
         .await
         .unwrap();
-    let swept = tokio::time::timeout(Duration::from_secs(5), s.expire_leases())
-        .await
-        .expect("the sweep does not wait for the lock")
-        .unwrap();
-    assert!(swept.is_empty(), "a locked lease is left to the next sweep");
-    let (renewed, _) = s.renew_held("x", vec![("j".into(), 1)], 60_000);
-    assert_eq!(
-        renewed.len(),
-        1,
-        "the renewal is still pending, not dropped"
-    );
+    s.renew_held("x", vec![("j".into(), 1)], 60_000);
+    let sweep = tokio::spawn({
+        let s = s.clone();
+        async move { s.expire_leases().await }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!sweep.is_finished(), "the renewal waits for the row");
     tx.commit().await.unwrap();
-    assert!(s.expire_leases().await.unwrap().is_empty());
+    let swept = tokio::time::timeout(Duration::from_secs(10), sweep)
+        .await
+        .expect("the sweep ends once the row is free")
+        .unwrap()
+        .unwrap();
+    assert!(
+        swept.is_empty(),
+        "a renewed lease is not expired: {swept:?}"
+    );
     let stored = s.get_job("j".into()).await.unwrap().unwrap();
     assert!(stored.lease_deadline_ms > crate::model::now_ms() + 50_000);
+    let (renewed, _) = s.renew_held("x", vec![("j".into(), 1)], 60_000);
+    assert_eq!(renewed.len(), 1);
 }

@@ -156,6 +156,16 @@ pub(super) async fn current<C: GenericClient + Sync>(
     } else {
         get_job(c, id).await?
     };
+    fenced(job, id, epoch, agent)
+}
+
+/// `job` (as read) if `(epoch, agent)` is its current lease.
+pub(super) fn fenced(
+    job: Option<Job>,
+    id: &str,
+    epoch: u64,
+    agent: &str,
+) -> Result<Job, StoreError> {
     let job = job.ok_or_else(|| StoreError::NotFound(id.to_string()))?;
     if job.epoch != epoch || !job.state.is_active() || job.agent_id.as_deref() != Some(agent) {
         return Err(StoreError::Stale {
