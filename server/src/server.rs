@@ -316,3 +316,23 @@ fn hostname() -> String {
         .filter(|h| !h.is_empty())
         .unwrap_or_else(|| "replica".into())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::StoreLocation;
+
+    #[test]
+    fn store_locations_parse_and_a_bad_one_is_named_without_its_password() {
+        assert_eq!(StoreLocation::parse(""), Ok(StoreLocation::Embedded));
+        assert_eq!(
+            StoreLocation::parse("embedded"),
+            Ok(StoreLocation::Embedded)
+        );
+        assert_eq!(
+            StoreLocation::parse("postgresql://o@db/outpost"),
+            Ok(StoreLocation::Postgres("postgresql://o@db/outpost".into()))
+        );
+        let e = StoreLocation::parse("mysql://bob:pw@db/x").unwrap_err();
+        assert!(e.contains("postgres://") && !e.contains("pw"), "{e}");
+    }
+}

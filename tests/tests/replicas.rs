@@ -178,3 +178,44 @@ async fn replicas_ride_through_a_database_restart_under_a_running_job() {
         String::from_utf8_lossy(&expected)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_database_stops_the_server_before_it_listens_without_leaking_the_password() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let st = outpost::client::StateDir::new(dir.path().join("state"));
+    std::fs::create_dir_all(&st.root).expect("state dir");
+    outpost::dev::ensure_pki(&st).expect("pki");
+    // A loopback port where nothing listens.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(outpost_tests::bin("outpost"))
+            .arg("--state-dir")
+            .arg(&st.root)
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .env(
+                "OUTPOST_STORE",
+                format!("postgres://bob:s3cret-pw@127.0.0.1:{port}/outpost"),
+            )
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the server gives up within 60 s")
+    .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "failed to connect to PostgreSQL at postgres://bob:***@127.0.0.1:{port}/outpost"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains("s3cret-pw"), "{err}");
+    assert!(!st.addr_file().exists(), "it never listened");
+}

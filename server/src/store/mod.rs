@@ -70,6 +70,13 @@ pub enum StoreError {
     Empty { path: PathBuf },
     #[error("the store {path} failed its integrity check: {detail}")]
     Integrity { path: PathBuf, detail: String },
+    #[error("failed to connect to PostgreSQL at {url}")]
+    Connect {
+        /// Without its password.
+        url: String,
+        #[source]
+        source: Box<StoreError>,
+    },
     #[error("not available with this store: {0}")]
     Unsupported(&'static str),
     #[error("the store's files are not private")]
@@ -481,7 +488,12 @@ impl Store {
     /// Connects to the PostgreSQL database at `url` (migrating its schema
     /// to this version's first).
     pub async fn postgres(url: &str) -> Result<Store, StoreError> {
-        let s = postgres::PgStore::connect(url).await?;
+        let s = postgres::PgStore::connect(url)
+            .await
+            .map_err(|e| StoreError::Connect {
+                url: redact_url(url),
+                source: Box::new(e),
+            })?;
         Ok(Store {
             backend: Arc::new(s),
             sqlite: None,
@@ -515,5 +527,23 @@ impl Store {
         why: impl Fn(&Job) -> String + Send + Sync + 'static,
     ) -> Result<Vec<Job>, StoreError> {
         self.backend.expire_queued(Box::new(why)).await
+    }
+}
+
+#[cfg(test)]
+mod location_tests {
+    use super::redact_url;
+
+    #[test]
+    fn a_url_loses_its_password_only() {
+        assert_eq!(
+            redact_url("postgres://bob:s3cret@db:5432/outpost"),
+            "postgres://bob:***@db:5432/outpost"
+        );
+        assert_eq!(
+            redact_url("postgres://bob@db/outpost"),
+            "postgres://bob@db/outpost"
+        );
+        assert_eq!(redact_url("postgres://db/outpost"), "postgres://db/outpost");
     }
 }
