@@ -21,6 +21,9 @@ use tokio::sync::oneshot;
 
 use crate::model::{AgentInfo, Artifact, Job, JobSpec, StatusReport};
 
+/// The behavioural tests every backend must pass, run on each.
+#[cfg(test)]
+mod conformance;
 /// The same store on PostgreSQL, for several control-plane replicas.
 pub mod postgres;
 /// The embedded store (SQLite).
