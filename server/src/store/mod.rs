@@ -4,8 +4,9 @@
 //! against one database). Callers hold a [`Store`], which derefs to the
 //! backend it was opened with.
 //!
-//! **Invariants every backend keeps** (and the shared behavioural tests
-//! check on each):
+//! **Invariants every backend keeps** (and the shared behavioural tests,
+//! `conformance`, check on each: every case runs once on SQLite and once
+//! on PostgreSQL):
 //! - a log offset is acknowledged only after the transaction that wrote it
 //!   committed; logs are stored contiguously from offset 0, each byte once;
 //! - every lease-scoped write checks `(job_id, epoch, agent)` against the
