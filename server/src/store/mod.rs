@@ -4,8 +4,9 @@
 //! against one database). Callers hold a [`Store`], which derefs to the
 //! backend it was opened with.
 //!
-//! **Invariants every backend keeps** (and the shared behavioural tests
-//! check on each):
+//! **Invariants every backend keeps** (and the shared behavioural tests,
+//! `conformance`, check on each: every case runs once on SQLite and once
+//! on PostgreSQL):
 //! - a log offset is acknowledged only after the transaction that wrote it
 //!   committed; logs are stored contiguously from offset 0, each byte once;
 //! - every lease-scoped write checks `(job_id, epoch, agent)` against the
@@ -21,6 +22,9 @@ use tokio::sync::oneshot;
 
 use crate::model::{AgentInfo, Artifact, Job, JobSpec, StatusReport};
 
+/// The behavioural tests every backend must pass, run on each.
+#[cfg(test)]
+mod conformance;
 /// The same store on PostgreSQL, for several control-plane replicas.
 pub mod postgres;
 /// The embedded store (SQLite).

@@ -199,6 +199,4 @@ fn pool_err(op: &'static str) -> impl FnOnce(deadpool_postgres::PoolError) -> St
 #[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
-mod testdb;
-#[cfg(test)]
-mod tests;
+pub(in crate::store) mod testdb;

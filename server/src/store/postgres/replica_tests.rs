@@ -5,9 +5,17 @@ use std::time::Duration;
 
 use super::PgStore;
 use super::testdb::fresh_db;
-use super::tests::{b, spec, store};
 use crate::model::JobState;
 use crate::store::StoreError;
+use crate::store::conformance::{b, spec};
+
+/// A store on a fresh database, and its URL (for more replicas), or
+/// `None` (skipped).
+async fn store() -> Option<(PgStore, String)> {
+    let url = fresh_db().await?;
+    let s = PgStore::connect(&url).await.expect("connect");
+    Some((s, url))
+}
 
 #[tokio::test]
 async fn pg_renewals_are_flushed_and_fenced_across_replicas() {

@@ -1,4 +1,4 @@
-//! A throwaway PostgreSQL cluster for this module's tests: one per test
+//! A throwaway PostgreSQL cluster for the store's tests: one per test
 //! process (started on first use, on loopback, in a temporary directory),
 //! a fresh database per test. A watcher process stops the cluster and
 //! removes its directory once the test process is gone.
@@ -140,7 +140,7 @@ fn start() -> Result<Cluster, String> {
 
 /// The URL of a new, empty database; `None` (after printing why) if
 /// PostgreSQL cannot run here and it is not required.
-pub(super) async fn fresh_db() -> Option<String> {
+pub(in crate::store) async fn fresh_db() -> Option<String> {
     let cluster = CLUSTER.get_or_init(start);
     let port = match cluster {
         Ok(c) => c.port,
