@@ -108,7 +108,10 @@ async fn run(
                 // Whatever happened while the channel was down.
                 let _ = incoming.try_send(Signal::Kick);
                 let _ = incoming.try_send(Signal::Changed);
-                if serve(&bus, &client, ended, &mut outgoing, &shutdown).await {
+                // `ended` is a child of `shutdown`: a stop ends both.
+                if serve(&bus, &client, ended, &mut outgoing, &shutdown).await
+                    || shutdown.is_cancelled()
+                {
                     return;
                 }
                 warn!("replica channel lost; reconnecting");
