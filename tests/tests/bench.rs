@@ -67,4 +67,36 @@ fn the_benchmark_harness_measures_and_prints_every_figure() {
         .find(|l| l.starts_with("pickup never leased @50"))
         .and_then(|l| l.split_whitespace().nth(5)?.parse::<f64>().ok());
     assert_eq!(lost, Some(0.0), "{out}");
+    // The stores section: SQLite always; PostgreSQL's set-ups, each against
+    // SQLite as its baseline, where PostgreSQL is required (scripts/test.sh).
+    let mut setups = vec!["sqlite"];
+    if std::env::var(outpost_tests::pg::REQUIRE_ENV).is_ok_and(|v| v == "1") {
+        setups.extend(["pg 1 replica", "pg 2 replicas"]);
+    }
+    for setup in setups {
+        for figure in ["pickup p50 ms @50", "pickup p99 ms @50", "submit jobs/s"] {
+            let key = format!("stores {setup}: {figure}");
+            let row = out.lines().find(|l| l.starts_with(&key));
+            assert!(row.is_some(), "no {key:?} in:\n{out}");
+            let now = row
+                .and_then(|l| {
+                    l[key.len()..]
+                        .split_whitespace()
+                        .nth(1)?
+                        .parse::<f64>()
+                        .ok()
+                })
+                .unwrap_or(0.0);
+            assert!(now > 0.0, "{key}: no measurement in:\n{out}");
+        }
+        let key = format!("stores {setup}: never leased @50");
+        let lost = out.lines().find(|l| l.starts_with(&key)).and_then(|l| {
+            l[key.len()..]
+                .split_whitespace()
+                .nth(1)?
+                .parse::<f64>()
+                .ok()
+        });
+        assert_eq!(lost, Some(0.0), "{key} in:\n{out}");
+    }
 }

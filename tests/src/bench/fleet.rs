@@ -55,10 +55,47 @@ pub struct FleetPlan {
 }
 
 /// Shared by the simulated agents.
-struct Shared {
-    connected: AtomicUsize,
+pub(super) struct Shared {
+    pub(super) connected: AtomicUsize,
     /// Job → when its lease reached an agent.
     arrivals: Mutex<HashMap<String, Instant>>,
+}
+
+impl Shared {
+    pub(super) fn new() -> Arc<Shared> {
+        Arc::new(Shared {
+            connected: AtomicUsize::new(0),
+            arrivals: Mutex::new(HashMap::new()),
+        })
+    }
+}
+
+/// Starts one simulated agent per `names` entry; agent `i` dials
+/// `urls[i % urls.len()]` (so a fleet splits evenly between replicas) until
+/// `stop`.
+pub(super) fn spawn_agents(
+    names: &[(String, Identity)],
+    ca: &Arc<Certificate>,
+    urls: &[Arc<Mutex<String>>],
+    shared: &Arc<Shared>,
+    stop: &CancellationToken,
+) -> anyhow::Result<()> {
+    anyhow::ensure!(!urls.is_empty(), "no control plane to dial");
+    // Dial in waves so the listen backlog is not the thing measured.
+    let dial = Arc::new(tokio::sync::Semaphore::new(256));
+    for (i, (name, identity)) in names.iter().enumerate() {
+        let a = SimAgent {
+            name: name.clone(),
+            identity: identity.clone(),
+            ca: ca.clone(),
+            url: urls[i % urls.len()].clone(),
+            shared: shared.clone(),
+            stop: stop.clone(),
+            dial: dial.clone(),
+        };
+        tokio::spawn(a.run());
+    }
+    Ok(())
 }
 
 pub async fn run(plan: &FleetPlan, root: &std::path::Path) -> anyhow::Result<FleetFigures> {
@@ -67,27 +104,11 @@ pub async fn run(plan: &FleetPlan, root: &std::path::Path) -> anyhow::Result<Fle
     let idle_kb = status_field(server.pid(), "VmRSS").unwrap_or(0);
     let names = issue(&state, plan.agents).await?;
     let tls = Arc::new(tls_base(&state)?);
-    let shared = Arc::new(Shared {
-        connected: AtomicUsize::new(0),
-        arrivals: Mutex::new(HashMap::new()),
-    });
+    let shared = Shared::new();
     let stop = CancellationToken::new();
     let addr = Arc::new(Mutex::new(server.url()));
     let started = Instant::now();
-    // Dial in waves so the listen backlog is not the thing measured.
-    let dial = Arc::new(tokio::sync::Semaphore::new(256));
-    for (name, identity) in names {
-        let a = SimAgent {
-            name,
-            identity,
-            ca: tls.clone(),
-            url: addr.clone(),
-            shared: shared.clone(),
-            stop: stop.clone(),
-            dial: dial.clone(),
-        };
-        tokio::spawn(a.run());
-    }
+    spawn_agents(&names, &tls, &[addr], &shared, &stop)?;
     let limit = Duration::from_secs(120 + plan.agents as u64 / 50);
     wait_connected(&shared, plan.agents, limit).await?;
     let connect = started.elapsed();
@@ -95,7 +116,7 @@ pub async fn run(plan: &FleetPlan, root: &std::path::Path) -> anyhow::Result<Fle
     tokio::time::sleep(Duration::from_secs(6).min(plan.idle)).await;
 
     let cfg = server.client_config()?;
-    let (p50, p99, lost) = pickup(&cfg, &shared, plan.rate, plan.jobs).await?;
+    let (p50, p99, lost) = pickup(&[cfg], &shared, plan.rate, plan.jobs).await?;
 
     // Idle: only heartbeats.
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -133,7 +154,7 @@ pub async fn run(plan: &FleetPlan, root: &std::path::Path) -> anyhow::Result<Fle
         wait_connected(&shared, plan.agents, limit).await?;
         figures.storm = restarted.elapsed();
         let (_, p99, _) = pickup(
-            &server.client_config()?,
+            &[server.client_config()?],
             &shared,
             plan.rate,
             plan.jobs.min(100),
@@ -151,7 +172,7 @@ pub async fn run(plan: &FleetPlan, root: &std::path::Path) -> anyhow::Result<Fle
 
 /// Issues `n` agent certificates (in threads: each is a key pair and a
 /// signature); returns each agent's name and TLS identity.
-async fn issue(state: &StateDir, n: usize) -> anyhow::Result<Vec<(String, Identity)>> {
+pub(super) async fn issue(state: &StateDir, n: usize) -> anyhow::Result<Vec<(String, Identity)>> {
     let pki = state.pki();
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     let chunks: Vec<Vec<usize>> = (0..threads)
@@ -187,11 +208,15 @@ async fn issue(state: &StateDir, n: usize) -> anyhow::Result<Vec<(String, Identi
     Ok(all)
 }
 
-fn tls_base(state: &StateDir) -> anyhow::Result<Certificate> {
+pub(super) fn tls_base(state: &StateDir) -> anyhow::Result<Certificate> {
     Ok(Certificate::from_pem(std::fs::read(state.pki().ca_cert())?))
 }
 
-async fn wait_connected(shared: &Shared, n: usize, limit: Duration) -> anyhow::Result<()> {
+pub(super) async fn wait_connected(
+    shared: &Shared,
+    n: usize,
+    limit: Duration,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     while shared.connected.load(Ordering::Relaxed) < n {
         anyhow::ensure!(
@@ -204,32 +229,43 @@ async fn wait_connected(shared: &Shared, n: usize, limit: Duration) -> anyhow::R
     Ok(())
 }
 
-/// Submits `jobs` jobs at `rate` per second; returns pickup p50, p99 and
-/// how many were not leased within 60 s of the last submission (counted at
-/// the worst latency).
-async fn pickup(
-    cfg: &outpost::client::ClientConfig,
+/// A trivial job (the simulated agents only lease it).
+pub(super) fn job_spec() -> pb::JobSpec {
+    pb::JobSpec {
+        image: crate::RUNNER_IMAGE.into(),
+        command: vec!["true".into()],
+        ..Default::default()
+    }
+}
+
+/// Submits `jobs` jobs at `rate` per second, in turn through each control
+/// plane of `cfgs` (replicas of one installation); returns pickup p50, p99
+/// and how many were not leased within 60 s of the last submission
+/// (counted at the worst latency).
+pub(super) async fn pickup(
+    cfgs: &[outpost::client::ClientConfig],
     shared: &Arc<Shared>,
     rate: u32,
     jobs: usize,
 ) -> anyhow::Result<(Duration, Duration, usize)> {
-    let client = cfg.connect().await?;
+    let mut clients = Vec::new();
+    for cfg in cfgs {
+        clients.push(cfg.connect().await?);
+    }
+    anyhow::ensure!(!clients.is_empty(), "no control plane to submit to");
     let submitted: Arc<Mutex<Vec<(String, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
     let mut tick = tokio::time::interval(Duration::from_secs(1) / rate.max(1));
     let mut tasks = Vec::new();
-    for _ in 0..jobs {
+    for i in 0..jobs {
         tick.tick().await;
-        let mut c = client.clone();
+        let mut c = clients[i % clients.len()].clone();
         let submitted = submitted.clone();
         tasks.push(tokio::spawn(async move {
             let t0 = Instant::now();
-            let spec = outpost_proto::agent::v1::JobSpec {
-                image: crate::RUNNER_IMAGE.into(),
-                command: vec!["true".into()],
-                ..Default::default()
-            };
             let r = c
-                .submit_job(admin::SubmitJobRequest { spec: Some(spec) })
+                .submit_job(admin::SubmitJobRequest {
+                    spec: Some(job_spec()),
+                })
                 .await;
             if let Ok(r) = r {
                 submitted.lock().push((r.into_inner().job_id, t0));

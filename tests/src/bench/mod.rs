@@ -8,12 +8,16 @@
 //! - `jobs`: real jobs on a real `outpost-agent` and Docker engine: output
 //!   through `submit --follow` beside `docker run`, the agent's peak memory
 //!   while a job prints, a trivial job beside the engine's own API floor;
-//! - `credentials`: the pickup cost of the AWS credentials channel (moto).
+//! - `credentials`: the pickup cost of the AWS credentials channel (moto);
+//! - `stores`: pickup and `SubmitJob` throughput of the embedded SQLite
+//!   store beside one and two replicas over PostgreSQL (SQLite, measured in
+//!   the same run, is the baseline of those rows).
 
 pub mod credentials;
 pub mod fleet;
 pub mod jobs;
 pub mod procs;
+pub mod stores;
 
 use std::fmt::Write as _;
 
@@ -47,19 +51,25 @@ fn lookup(table: &[(&str, f64)], key: &str) -> Option<f64> {
     table.iter().find(|(k, _)| *k == key).map(|(_, v)| *v)
 }
 
-/// The report: one row per figure.
+/// The report: one row per figure, with the baseline measured in the same
+/// run if any (else the one of [`BASELINE`]).
 #[derive(Default)]
 pub struct Report {
-    rows: Vec<(String, f64)>,
+    rows: Vec<(String, f64, Option<f64>)>,
 }
 
 impl Report {
     pub fn add(&mut self, key: impl Into<String>, value: f64) {
-        self.rows.push((key.into(), value));
+        self.rows.push((key.into(), value, None));
+    }
+
+    /// A row whose baseline was measured in this run.
+    pub fn add_vs(&mut self, key: impl Into<String>, value: f64, baseline: f64) {
+        self.rows.push((key.into(), value, Some(baseline)));
     }
 
     pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.rows.iter().map(|(k, _)| k.as_str())
+        self.rows.iter().map(|(k, _, _)| k.as_str())
     }
 
     pub fn render(&self) -> String {
@@ -69,8 +79,8 @@ impl Report {
             "{:<42} {:>10} {:>10} {:>8} {:>8}",
             "figure", "baseline", "now", "ratio", "goal"
         );
-        for (key, v) in &self.rows {
-            let base = lookup(BASELINE, key);
+        for (key, v, measured) in &self.rows {
+            let base = measured.or_else(|| lookup(BASELINE, key));
             let goal = lookup(GOALS, key);
             let show = |x: Option<f64>| x.map_or("—".to_string(), num);
             let ratio = base
@@ -160,4 +170,43 @@ pub fn job_rows(r: &mut Report, j: &jobs::JobFigures) {
         "trivial job / docker run --rm",
         j.outpost_trivial.as_secs_f64() / j.docker_run.as_secs_f64().max(1e-9),
     );
+}
+
+/// Adds the rows of a stores run: each PostgreSQL figure against SQLite's
+/// (the first set-up) as its baseline. Throughput is higher-is-better: its
+/// ratio above 1 is a gain, the latencies' a loss.
+pub fn store_rows(r: &mut Report, agents: usize, setups: &[stores::SetupFigures]) {
+    let Some(sqlite) = setups.first() else {
+        return;
+    };
+    for s in setups {
+        let name = s.name;
+        let mut row = |key: String, v: f64, base: f64| {
+            if std::ptr::eq(s, sqlite) {
+                r.add(key, v)
+            } else {
+                r.add_vs(key, v, base)
+            }
+        };
+        row(
+            format!("stores {name}: pickup p50 ms @{agents}"),
+            ms(s.pickup_p50),
+            ms(sqlite.pickup_p50),
+        );
+        row(
+            format!("stores {name}: pickup p99 ms @{agents}"),
+            ms(s.pickup_p99),
+            ms(sqlite.pickup_p99),
+        );
+        row(
+            format!("stores {name}: never leased @{agents}"),
+            s.pickup_lost as f64,
+            sqlite.pickup_lost as f64,
+        );
+        row(
+            format!("stores {name}: submit jobs/s"),
+            s.submit_rate,
+            sqlite.submit_rate,
+        );
+    }
 }

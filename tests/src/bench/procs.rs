@@ -38,8 +38,21 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts a control plane in `state` (its PKI made if missing) on
     /// `listen` (`127.0.0.1:0`: any port) with the default lease timing
-    /// (30 s leases, 5 s heartbeats); returns once it listens.
+    /// (30 s leases, 5 s heartbeats) and its embedded store; returns once
+    /// it listens.
     pub fn start(state: &StateDir, listen: &str) -> anyhow::Result<ServerProc> {
+        Self::start_with(state, listen, None)
+    }
+
+    /// [`ServerProc::start`] with the store at `store` (`OUTPOST_STORE`, a
+    /// `postgres://` URL) instead of the embedded one. Replicas of one
+    /// installation each get a state directory of their own holding a copy
+    /// of one PKI ([`copy_pki`]).
+    pub fn start_with(
+        state: &StateDir,
+        listen: &str,
+        store: Option<&str>,
+    ) -> anyhow::Result<ServerProc> {
         std::fs::create_dir_all(&state.root)?;
         outpost::dev::ensure_pki(state)?;
         let _ = std::fs::remove_file(state.addr_file());
@@ -47,14 +60,18 @@ impl ServerProc {
             .create(true)
             .append(true)
             .open(state.root.join("server.log"))?;
-        let child = Command::new(exe("outpost"))
-            .arg("--state-dir")
+        let mut cmd = Command::new(exe("outpost"));
+        cmd.arg("--state-dir")
             .arg(&state.root)
             .args(["server", "--listen", listen, "--lease-ttl", "30s"])
             .env("OUTPOST_LOG", server_log_level())
             .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()?;
+            .stderr(log);
+        match store {
+            Some(url) => cmd.env("OUTPOST_STORE", url),
+            None => cmd.env_remove("OUTPOST_STORE"),
+        };
+        let child = cmd.spawn()?;
         let mut server = ServerProc {
             state: state.clone(),
             addr: "127.0.0.1:0".parse()?,
@@ -120,6 +137,26 @@ fn stop_child(child: &mut Child) -> anyhow::Result<()> {
             break;
         }
         std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// Copies the PKI of `from` (CA, server and admin certificates, issued
+/// agents) into `to`'s, for a replica of the same installation.
+pub fn copy_pki(from: &StateDir, to: &StateDir) -> anyhow::Result<()> {
+    copy_dir(&from.pki().dir, &to.pki().dir)
+}
+
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let dst = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &dst)?;
+        } else {
+            std::fs::copy(e.path(), &dst)?;
+        }
     }
     Ok(())
 }
