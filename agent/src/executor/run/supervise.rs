@@ -160,10 +160,10 @@ impl DockerExecutor {
     }
 
     /// Whether the engine recorded an `oom` event for the container since it
-    /// started (waiting up to three seconds for a late one: on a loaded
-    /// machine the cgroup's notification can trail the exit by more than one).
+    /// started (waiting up to six seconds for a late one: on a loaded
+    /// machine the cgroup's notification can trail the exit by several).
     pub(super) async fn oom_event_seen(&self, name: &str, started_at: Option<&str>) -> bool {
-        let until = SystemTime::now() + Duration::from_secs(3);
+        let until = SystemTime::now() + Duration::from_secs(6);
         let until = until
             .duration_since(SystemTime::UNIX_EPOCH)
             .unwrap_or_default();
@@ -184,7 +184,7 @@ impl DockerExecutor {
             ),
         };
         let mut events = Box::pin(self.docker.events(Some(options)));
-        let first = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        let first = tokio::time::timeout(Duration::from_secs(8), events.next()).await;
         matches!(first, Ok(Some(Ok(_))))
     }
 
