@@ -9,7 +9,7 @@
 //! place), never a store trip per agent. The lease itself is written
 //! durably before it is sent.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
@@ -24,6 +24,7 @@ use tracing::{Instrument, debug, info, info_span, warn};
 use crate::model::Job;
 use crate::store::{Expired, Store, StoreError};
 use crate::wire;
+use agents::{Agents, Conn};
 
 /// One message to an agent's session stream. Boxed: a `ServerMessage` is
 /// ~700 bytes inline (a lease's spec), and the channel's slots are
@@ -60,101 +61,6 @@ impl Default for LeaseTiming {
             heartbeat: Duration::from_secs(5),
             sweep: Duration::from_millis(500),
         }
-    }
-}
-
-struct Conn {
-    session: u64,
-    tx: AgentTx,
-    labels: BTreeMap<String, String>,
-    capacity: u32,
-    draining: bool,
-    /// Last message from the agent: one that stopped talking (frozen,
-    /// partitioned) gets no new lease even while its connection looks open.
-    last_seen: std::time::Instant,
-}
-
-/// Agents of one label set that may have a free slot, oldest first; an
-/// entry is checked when taken (it may have gone, filled up or gone quiet).
-#[derive(Default)]
-struct Group {
-    ready: VecDeque<String>,
-    queued: HashSet<String>,
-}
-
-/// The connected agents and the dispatch index.
-#[derive(Default)]
-struct Agents {
-    conns: HashMap<String, Conn>,
-    groups: HashMap<BTreeMap<String, String>, Group>,
-}
-
-impl Agents {
-    /// Puts `id` at the back of its group's FIFO unless it is there;
-    /// whether it was added.
-    fn ready(&mut self, id: &str) -> bool {
-        let Some(c) = self.conns.get(id) else {
-            return false;
-        };
-        if c.draining || c.capacity == 0 {
-            return false;
-        }
-        // Looked up before inserting: every heartbeat with a free slot comes
-        // here, and the label set is cloned only for a new group.
-        let g = match self.groups.get_mut(&c.labels) {
-            Some(g) => g,
-            None => self.groups.entry(c.labels.clone()).or_default(),
-        };
-        if g.queued.contains(id) {
-            return false;
-        }
-        if g.queued.insert(id.to_string()) {
-            g.ready.push_back(id.to_string());
-            true
-        } else {
-            false
-        }
-    }
-
-    /// The next agent with a free slot among those whose labels satisfy
-    /// `selector`; agents quiet for `fresh` are set aside in `quiet`.
-    fn pick(
-        &mut self,
-        selector: &BTreeMap<String, String>,
-        fresh: Duration,
-        held: impl Fn(&str) -> u32,
-        quiet: &mut Vec<String>,
-    ) -> Option<String> {
-        let Agents { conns, groups } = self;
-        for (labels, g) in groups.iter_mut() {
-            if !selector.iter().all(|(k, v)| labels.get(k) == Some(v)) {
-                continue;
-            }
-            while let Some(id) = g.ready.pop_front() {
-                if !g.queued.remove(&id) {
-                    continue;
-                }
-                let Some(c) = conns.get(&id) else { continue };
-                if c.draining || c.capacity == 0 || &c.labels != labels {
-                    continue;
-                }
-                if c.last_seen.elapsed() >= fresh {
-                    quiet.push(id);
-                    continue;
-                }
-                let busy = held(&id);
-                if busy >= c.capacity {
-                    // Back once a slot frees (a final status, a heartbeat).
-                    continue;
-                }
-                if busy + 1 < c.capacity {
-                    g.queued.insert(id.clone());
-                    g.ready.push_back(id.clone());
-                }
-                return Some(id);
-            }
-        }
-        None
     }
 }
 
@@ -613,6 +519,8 @@ fn show_ms(ms: u64) -> String {
     }
 }
 
+/// The connected agents and the dispatch index.
+mod agents;
 /// Signals to and from the other replicas.
 mod relay;
 
