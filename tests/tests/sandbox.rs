@@ -135,7 +135,11 @@ async fn a_fork_bomb_stops_at_the_pids_limit_and_a_memory_hog_is_reported_as_oom
     });
     bomb.timeout_ms = 20_000;
     let bomb = c.submit_spec(bomb).await;
-    let mut hog = script("exec dd if=/dev/zero of=/dev/null bs=64M count=1");
+    // The engine (20.10, cgroup v1) watches a container's OOM events only
+    // once it has started it: a process killed in its first milliseconds,
+    // while a fork bomb loads the machine, can exit 137 with no OOM event
+    // recorded at all. A hog that grows after the start is what jobs do.
+    let mut hog = script("sleep 1; exec dd if=/dev/zero of=/dev/null bs=64M count=1");
     hog.resources = Some(pb::Resources {
         memory_bytes: 16 << 20,
         ..Default::default()
