@@ -24,7 +24,7 @@ use crate::model::{AgentInfo, Artifact, Job, JobSpec, StatusReport};
 
 /// The behavioural tests every backend must pass, run on each.
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 /// The same store on PostgreSQL, for several control-plane replicas.
 pub mod postgres;
 /// The embedded store (SQLite).
@@ -466,9 +466,10 @@ pub fn redact_url(url: &str) -> String {
 #[derive(Clone)]
 pub struct Store {
     backend: Arc<dyn Backend>,
-    /// The same store as `backend` when it is the embedded one: the tables
-    /// of stacks, state, enrollments and notifications live there only.
+    /// The same store as `backend` when it is the embedded one.
     sqlite: Option<SqliteStore>,
+    /// The same store as `backend` when it is PostgreSQL.
+    pg: Option<postgres::PgStore>,
 }
 
 impl std::ops::Deref for Store {
@@ -486,6 +487,7 @@ impl Store {
         Ok(Store {
             backend: Arc::new(s.clone()),
             sqlite: Some(s),
+            pg: None,
         })
     }
 
@@ -499,8 +501,9 @@ impl Store {
                 source: Box::new(e),
             })?;
         Ok(Store {
-            backend: Arc::new(s),
+            backend: Arc::new(s.clone()),
             sqlite: None,
+            pg: Some(s),
         })
     }
 
@@ -508,6 +511,14 @@ impl Store {
     /// state, enrollments and notifications).
     pub fn is_embedded(&self) -> bool {
         self.sqlite.is_some()
+    }
+
+    /// The connection pool, when this store is PostgreSQL: the control
+    /// plane's other tables (stacks, runs, state, blobs, enrollments,
+    /// notifications) are kept in the same database, each module with its
+    /// own queries (see `postgres::schema` for their migrations).
+    pub(crate) fn pg(&self) -> Option<&deadpool_postgres::Pool> {
+        self.pg.as_ref().map(|p| p.pool())
     }
 
     /// Runs `f` with the embedded store's connection on the blocking pool

@@ -23,7 +23,7 @@ mod logs;
 mod retention;
 
 /// Whether two strings are equal, at compile time.
-pub(super) const fn same(a: &str, b: &str) -> bool {
+pub(crate) const fn same(a: &str, b: &str) -> bool {
     let (a, b) = (a.as_bytes(), b.as_bytes());
     if a.len() != b.len() {
         return false;
@@ -74,7 +74,7 @@ macro_rules! conformance {
         )+
     };
 }
-pub(super) use conformance;
+pub(crate) use conformance;
 
 /// A job that runs `true` in `img`.
 pub(super) fn spec() -> JobSpec {

@@ -101,7 +101,8 @@ pub const FLUSH_EVERY: Duration = Duration::from_secs(1);
 /// Connections in the pool at most.
 const POOL_SIZE: usize = 16;
 
-fn pg(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
+/// Maps a query's error to [`StoreError::Pg`] naming `op`.
+pub(crate) fn pg(op: &'static str) -> impl FnOnce(tokio_postgres::Error) -> StoreError {
     move |source| StoreError::Pg { op, source }
 }
 
@@ -164,6 +165,11 @@ impl PgStore {
         })
     }
 
+    /// The connection pool.
+    pub(crate) fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
     /// A pooled connection.
     async fn client(&self) -> Result<deadpool_postgres::Object, StoreError> {
         self.pool.get().await.map_err(pool_err("take a connection"))
@@ -186,7 +192,8 @@ impl PgStore {
     }
 }
 
-fn pool_err(op: &'static str) -> impl FnOnce(deadpool_postgres::PoolError) -> StoreError {
+/// Maps a pool's error to [`StoreError::Pg`] or [`StoreError::PgPool`].
+pub(crate) fn pool_err(op: &'static str) -> impl FnOnce(deadpool_postgres::PoolError) -> StoreError {
     move |e| match e {
         deadpool_postgres::PoolError::Backend(source) => StoreError::Pg { op, source },
         e => StoreError::PgPool {
@@ -199,4 +206,4 @@ fn pool_err(op: &'static str) -> impl FnOnce(deadpool_postgres::PoolError) -> St
 #[cfg(test)]
 mod replica_tests;
 #[cfg(test)]
-pub(in crate::store) mod testdb;
+pub(crate) mod testdb;

@@ -140,7 +140,7 @@ fn start() -> Result<Cluster, String> {
 
 /// The URL of a new, empty database; `None` (after printing why) if
 /// PostgreSQL cannot run here and it is not required.
-pub(in crate::store) async fn fresh_db() -> Option<String> {
+pub(crate) async fn fresh_db() -> Option<String> {
     let cluster = CLUSTER.get_or_init(start);
     let port = match cluster {
         Ok(c) => c.port,
