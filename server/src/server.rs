@@ -81,7 +81,7 @@ pub enum StoreLocation {
     #[default]
     Embedded,
     /// A PostgreSQL database (`postgres://...`) shared by any number of
-    /// replicas. Stacks and agent enrolment need the embedded store.
+    /// replicas.
     Postgres(String),
 }
 
@@ -223,21 +223,21 @@ impl Prepared {
             Err(e) => return Err(ServerError::Store(e)),
         }
         let tasks = shutdown.child_token();
-        let iac = match &replicas {
-            None => Some(crate::iac::runs::Engine::start(hub.clone(), &data_dir).await?),
+        let leader = match &replicas {
+            None => crate::replicas::Leadership::always(),
             Some(url) => {
                 let id = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
                 let (bus, incoming) = crate::replicas::Bus::start(url, id.clone(), tasks.clone())
                     .map_err(|e| ServerError::Replicas(e.to_string()))?;
                 hub.join_replicas(bus, incoming, tasks.clone());
-                info!(replica = %id, "replica of a shared PostgreSQL store; stacks are off");
-                None
+                info!(replica = %id, "replica of a shared PostgreSQL store");
+                crate::replicas::Leadership::elect(url, tasks.clone())
+                    .map_err(|e| ServerError::Replicas(e.to_string()))?
             }
         };
+        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir).await?;
         hub.spawn_tasks(tasks.clone());
-        if let Some(iac) = &iac {
-            iac.spawn(tasks.clone());
-        }
+        iac.spawn(leader, tasks.clone());
         crate::retention::spawn(hub.clone(), retention, tasks.clone());
         if let Some(listener) = metrics {
             info!(addr = ?listener.local_addr().ok(), "serving /metrics and /healthz");
@@ -268,25 +268,23 @@ impl Prepared {
                 .max_decoding_message_size(outpost_proto::MAX_MESSAGE_BYTES),
                 gate.clone(),
             ))
-            .add_optional_service(iac.clone().map(|engine| {
-                InterceptedService::new(
-                    IacAdminServer::new(crate::iac::api::IacAdminApi { engine })
-                        .max_decoding_message_size(16 << 20),
-                    gate.clone(),
-                )
-            }))
-            .add_optional_service(iac.map(|engine| {
-                InterceptedService::new(
-                    IacAgentServer::new(crate::iac::api::IacAgentApi { engine })
-                        .max_encoding_message_size(
-                            crate::iac::source::MAX_SOURCE_BYTES
-                                .max(crate::iac::apply::MAX_SEALED_BYTES)
-                                + (1 << 20),
-                        )
-                        .max_decoding_message_size(crate::iac::apply::MAX_SEALED_BYTES + (1 << 20)),
-                    gate.clone(),
-                )
-            }))
+            .add_service(InterceptedService::new(
+                IacAdminServer::new(crate::iac::api::IacAdminApi {
+                    engine: iac.clone(),
+                })
+                .max_decoding_message_size(16 << 20),
+                gate.clone(),
+            ))
+            .add_service(InterceptedService::new(
+                IacAgentServer::new(crate::iac::api::IacAgentApi { engine: iac })
+                    .max_encoding_message_size(
+                        crate::iac::source::MAX_SOURCE_BYTES
+                            .max(crate::iac::apply::MAX_SEALED_BYTES)
+                            + (1 << 20),
+                    )
+                    .max_decoding_message_size(crate::iac::apply::MAX_SEALED_BYTES + (1 << 20)),
+                gate.clone(),
+            ))
             .add_service(InterceptedService::new(
                 IdentityAdminServer::new(crate::enroll::api::IdentityAdminApi {
                     registry: registry.clone(),

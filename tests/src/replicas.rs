@@ -8,12 +8,18 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use outpost::client::{ClientConfig, StateDir};
+use outpost::identity::Role;
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::admin::v1::admin_service_client::AdminServiceClient;
 use outpost_proto::agent::v1 as pb;
+use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
 use tonic::transport::Channel;
 
 use crate::{AgentProc, bin, is_final, spawn_agent_process, write_agent_config_at};
+
+/// The key files, under a replica's data directory, that every replica of
+/// an installation must share (README: "Several control-plane replicas").
+pub const REPLICA_KEYS: [&str; 2] = ["oidc-signing-key.p8", "iac/secrets.key"];
 
 /// One replica process.
 pub struct Replica {
@@ -68,6 +74,18 @@ impl Replicas {
         std::fs::create_dir_all(&state.root).expect("replica dir");
         let _ = std::fs::remove_file(state.addr_file());
         copy_dir(&self.base.pki().dir, &state.pki().dir);
+        // Every replica of one installation holds the same keys: those the
+        // first replica created, copied as an operator would.
+        if i > 0 {
+            let first = StateDir::new(self.dir.path().join("r0")).data_dir();
+            for key in REPLICA_KEYS {
+                let (from, to) = (first.join(key), state.data_dir().join(key));
+                if from.exists() && !to.exists() {
+                    std::fs::create_dir_all(to.parent().expect("key dir")).expect("key dir");
+                    std::fs::copy(&from, &to).expect("copy a replica key");
+                }
+            }
+        }
         let log = state.root.join("server.log");
         let child = Command::new(bin("outpost"))
             .arg("--state-dir")
@@ -214,6 +232,17 @@ impl Replicas {
 
     /// Writes agent `name`'s config: it dials the replicas `order` in turn.
     pub fn agent_config(&self, name: &str, capacity: u32, order: &[usize]) -> PathBuf {
+        self.agent_config_with(name, capacity, order, "")
+    }
+
+    /// [`Replicas::agent_config`] with `extra` TOML (tables such as `[iac]`).
+    pub fn agent_config_with(
+        &self,
+        name: &str,
+        capacity: u32,
+        order: &[usize],
+        extra: &str,
+    ) -> PathBuf {
         let urls: Vec<String> = order.iter().map(|&i| self.url(i)).collect();
         let rest: Vec<String> = urls[1..].iter().map(|u| format!("{u:?}")).collect();
         write_agent_config_at(
@@ -222,9 +251,25 @@ impl Replicas {
             &urls[0],
             name,
             capacity,
-            &format!("servers = [{}]", rest.join(", ")),
+            &format!("servers = [{}]\n{extra}", rest.join(", ")),
             "",
         )
+    }
+
+    /// A client of the stacks' API on replica `i`, with the admin
+    /// certificate of `name` (issued by the installation's CA on first use).
+    pub async fn iac(&self, i: usize, name: &str) -> IacAdminClient<Channel> {
+        let pki = self.base.pki();
+        let paths = pki.issued(Role::Admin, name);
+        if !paths.cert.exists() {
+            pki.issue(Role::Admin, name).expect("issue admin cert");
+        }
+        let cfg = ClientConfig {
+            cert: paths.cert,
+            key: paths.key,
+            ..self.client_config(i)
+        };
+        IacAdminClient::new(cfg.channel().await.expect("the admin channel"))
     }
 
     /// Starts agent `name` with `config`; returns once replica `i` lists it

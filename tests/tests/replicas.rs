@@ -219,3 +219,82 @@ async fn an_unreachable_database_stops_the_server_before_it_listens_without_leak
     assert!(!err.contains("s3cret-pw"), "{err}");
     assert!(!st.addr_file().exists(), "it never listened");
 }
+
+/// Stacks on replicas: a stack declared through replica 0 plans on an
+/// agent whose session is on replica 1, is approved through replica 1 by
+/// another identity, and applies; the run, its state version and the
+/// apply's log read the same through both replicas.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stack_declared_through_one_replica_plans_and_applies_through_the_other() {
+    use outpost_proto::iac::v1 as iac;
+    use outpost_tests::iac::{NULL_PROVIDER, apply, is_final, repo, stack, sync, wait_run};
+
+    let db = require_pg!(pg::database().await);
+    let r = Replicas::start(2, db.url(), "20s").await;
+    let pool_key = outpost::dev::pool_key_paths(&r.base).0;
+    let cfg = r.agent_config_with(
+        "tf",
+        2,
+        &[1],
+        &format!(
+            "[iac]\npool_key_file = {:?}\n",
+            pool_key.display().to_string()
+        ),
+    );
+    let _agent = r.spawn_agent(1, "tf", &cfg).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let repo = repo(
+        dir.path(),
+        &format!("{NULL_PROVIDER}\nresource \"null_resource\" \"one\" {{}}\n"),
+    );
+    let mut on0 = r.iac(0, "admin").await;
+    let mut on1 = r.iac(1, "alice").await;
+    apply(&mut on0, vec![stack("shared", &repo)]).await;
+    let run_id = sync(&mut on0, "shared").await;
+    let limit = Duration::from_secs(180);
+    let run = wait_run(&mut on1, &run_id, limit, |r| {
+        !matches!(r.state.as_str(), "QUEUED" | "PLANNING")
+    })
+    .await;
+    assert_eq!(run.state, "UNCONFIRMED", "{run:#?}");
+    let changed: Vec<_> = run.changes.iter().map(|c| c.address.as_str()).collect();
+    assert_eq!(changed, ["null_resource.one"], "{run:#?}");
+    on1.decide_run(iac::DecideRunRequest {
+        run_id: run_id.clone(),
+        decision: "approve".into(),
+        comment: String::new(),
+    })
+    .await
+    .expect("approve through replica 1");
+    let run = wait_run(&mut on0, &run_id, limit, is_final).await;
+    assert_eq!(run.state, "FINISHED", "{run:#?}");
+    for (i, c) in [&mut on0, &mut on1].into_iter().enumerate() {
+        let seen = outpost_tests::iac::get_run(c, &run_id).await;
+        assert_eq!(seen.state, "FINISHED", "through replica {i}");
+        let v = c
+            .list_state_versions(iac::ListStateVersionsRequest {
+                stack: "shared".into(),
+                limit: 10,
+            })
+            .await
+            .expect("state versions")
+            .into_inner()
+            .versions;
+        assert_eq!(v.len(), 1, "through replica {i}: {v:#?}");
+        assert_eq!(v[0].written_by, format!("job:{}", run.apply_job));
+    }
+    for (job, phase) in [(&run.plan_job, "plan"), (&run.apply_job, "apply")] {
+        let j = r
+            .client(0)
+            .await
+            .get_job(admin::GetJobRequest {
+                job_id: job.clone(),
+            })
+            .await
+            .expect("get job")
+            .into_inner();
+        assert_eq!((j.agent_id.as_str(), j.epoch), ("tf", 1), "{phase}: {j:?}");
+    }
+    let log = String::from_utf8_lossy(&r.logs(0, &run.apply_job, 1).await).into_owned();
+    assert!(log.contains("Apply complete! Resources: 1 added"), "{log}");
+}

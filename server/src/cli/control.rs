@@ -29,9 +29,9 @@ pub struct ServerArgs {
     /// address, e.g. 127.0.0.1:9465. Off unless set.
     #[arg(long)]
     pub metrics_listen: Option<String>,
-    /// Where jobs, leases and logs are kept: `embedded` (SQLite in the
-    /// data directory) or `postgres://user@host/db` (shared by several
-    /// replicas; stacks and agent enrolment need the embedded store).
+    /// Where the control plane keeps everything: `embedded` (SQLite in
+    /// the data directory) or `postgres://user@host/db` (shared by
+    /// several replicas).
     /// Also read from OUTPOST_STORE.
     #[arg(long, env = "OUTPOST_STORE", default_value = "embedded", value_parser = crate::server::StoreLocation::parse, hide_env_values = true)]
     pub store: crate::server::StoreLocation,

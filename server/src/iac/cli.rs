@@ -148,9 +148,9 @@ async fn client(cfg: &ClientConfig) -> Result<IacAdminClient<Channel>> {
 
 fn status(e: tonic::Status) -> anyhow::Error {
     if e.code() == tonic::Code::Unimplemented {
-        // A replica over a shared PostgreSQL store does not serve stacks.
+        // A control plane older than stacks.
         return anyhow::anyhow!(
-            "this control plane does not serve stacks: they need the embedded store (`outpost server --store embedded`)"
+            "this control plane does not serve stacks: upgrade it to this version"
         );
     }
     anyhow::anyhow!("{}", e.message())

@@ -13,13 +13,19 @@
 //! - **A message for an agent** (cancel, drain) whose session is on another
 //!   replica: the replica holding the session delivers it.
 //!
+//! - **Background work of stacks** (run steps, source polling, drift
+//!   scheduling) runs on one replica at a time, elected through an
+//!   advisory lock (`leader`); any replica serves the stacks' API.
+//!
 //! **Invariant:** nothing depends on a signal arriving. Signals only make
 //! things happen sooner: the dispatcher passes every 2 s and followers poll
 //! every second anyway, fencing is checked in the database, and after the
 //! bus reconnects a replica looks at everything once.
 
 mod bus;
+mod leader;
 mod signal;
 
 pub use bus::{Bus, BusError};
+pub use leader::Leadership;
 pub use signal::Signal;

@@ -77,11 +77,18 @@ impl Engine {
     }
 
     /// Spawns the engine loop, the source poller and drift scheduler, and
-    /// the notifier; all stop on `shutdown`.
-    pub fn spawn(self: &Arc<Self>, shutdown: CancellationToken) {
+    /// the notifier; all stop on `shutdown`. The engine loop, the poller
+    /// and the scheduler do their work only while `leader` says this
+    /// replica leads (always, on the embedded store).
+    pub fn spawn(
+        self: &Arc<Self>,
+        leader: crate::replicas::Leadership,
+        shutdown: CancellationToken,
+    ) {
         self.notifier.spawn(shutdown.clone());
         let me = self.clone();
         let sd = shutdown.clone();
+        let mut lead = leader.clone();
         tokio::spawn(
             async move {
                 let mut changes = me.hub.subscribe();
@@ -90,7 +97,11 @@ impl Engine {
                         _ = sd.cancelled() => break,
                         _ = changes.changed() => {}
                         _ = me.wake.notified() => {}
+                        _ = lead.changed() => {}
                         _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    }
+                    if !lead.is_leader() {
+                        continue;
                     }
                     if let Err(e) = me.tick().await {
                         warn!(error = %e, "run engine step failed");
@@ -106,6 +117,9 @@ impl Engine {
                     tokio::select! {
                         _ = shutdown.cancelled() => break,
                         _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
+                    if !leader.is_leader() {
+                        continue;
                     }
                     if let Err(e) = me.poll_due().await {
                         warn!(error = %e, "source polling failed");
