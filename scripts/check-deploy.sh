@@ -55,6 +55,16 @@ for f in files:
     with open(f) as fh:
         hcl2.load(fh)
 '
+# The pool's agent.toml template renders to TOML naming every replica.
+run "agent.toml template" sh -c "cd '$tmp' && echo 'templatefile(\"$PWD/terraform/modules/aws-agent-pool/agent.toml.tftpl\", {server=\"https://a:7443\", servers=[\"https://b:7443\", \"https://c:7443\"], capacity=2, drain_grace=30, labels={zone=\"a\"}, group_name=\"g\", hook_name=\"h\", region=\"r\", heartbeat_secs=60})' | TF_CLI_CONFIG_FILE=/dev/null '$tf' console >agent.toml.out"
+run "agent.toml template parses" "$V/python" -c '
+import sys, tomllib
+text = open(sys.argv[1]).read().strip()
+assert text.startswith("<<EOT") and text.endswith("EOT"), text[:200]
+cfg = tomllib.loads(text[len("<<EOT"):-len("EOT")])
+assert cfg["server"] == "https://a:7443", cfg
+assert cfg["servers"] == ["https://b:7443", "https://c:7443"], cfg
+' "$tmp/agent.toml.out"
 run "checkov (terraform)" "$V/checkov" --skip-download --quiet --compact --framework terraform -d terraform
 
 [ $fail -eq 0 ] || exit 1

@@ -126,6 +126,7 @@ resource "aws_launch_template" "agent" {
     region               = data.aws_region.current.name
     agent_toml = templatefile("${path.module}/agent.toml.tftpl", {
       server         = var.control_plane_url
+      servers        = var.control_plane_replicas
       capacity       = var.capacity
       drain_grace    = var.drain_grace_seconds
       labels         = var.labels

@@ -53,6 +53,17 @@ variable "control_plane_url" {
   type        = string
 }
 
+variable "control_plane_replicas" {
+  description = "https:// URLs of other replicas of the same control plane, tried in turn after control_plane_url."
+  type        = list(string)
+  default     = []
+
+  validation {
+    condition     = alltrue([for u in var.control_plane_replicas : can(regex("^https://", u))])
+    error_message = "Every replica URL must start with https://."
+  }
+}
+
 variable "control_plane_cidrs" {
   description = "Where the agents may connect to (control plane, VPC endpoints for STS/S3/Secrets Manager/Auto Scaling)."
   type        = list(string)
