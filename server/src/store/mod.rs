@@ -22,6 +22,8 @@ use tokio::sync::oneshot;
 
 use crate::model::{AgentInfo, Artifact, Job, JobSpec, StatusReport};
 
+/// What both backends' group commit shares.
+mod batch;
 /// The behavioural tests every backend must pass, run on each.
 #[cfg(test)]
 pub(crate) mod conformance;

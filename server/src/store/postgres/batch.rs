@@ -13,107 +13,26 @@ use std::sync::Arc;
 
 use deadpool_postgres::Pool;
 use parking_lot::Mutex;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::local::Local;
-use super::{PgStore, pool_err};
-use crate::model::{AgentInfo, Job, StatusReport};
+use super::pool_err;
 use crate::store::StoreError;
+use crate::store::batch::Op;
+use crate::store::batch::{Done, QUEUE, Writer, gather, reply};
 
-/// Operations queued at most (senders wait beyond it).
-const QUEUE: usize = 512;
-/// Operations per transaction at most.
-const MAX_OPS: usize = 256;
-/// Log bytes per transaction at most.
-const MAX_BYTES: usize = 8 << 20;
 /// Runs of one batch at most.
 const TRIES: u32 = 3;
 
-// Queued by value and moved once: the size of the largest variant does
-// not matter.
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Op {
-    Append {
-        id: String,
-        epoch: u64,
-        agent: String,
-        offset: u64,
-        data: bytes::Bytes,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
-    },
-    Report {
-        id: String,
-        epoch: u64,
-        agent: String,
-        report: StatusReport,
-        reply: oneshot::Sender<Result<Job, StoreError>>,
-    },
-    Agent {
-        info: AgentInfo,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
-impl Op {
-    fn bytes(&self) -> usize {
-        match self {
-            Op::Append { data, .. } => data.len(),
-            Op::Report { .. } | Op::Agent { .. } => 256,
-        }
+/// The error of `d` if it aborted the transaction (a deadlock).
+fn retryable(d: &mut Done) -> Option<StoreError> {
+    if !d.error().is_some_and(super::leases::retryable) {
+        return None;
     }
-
-    /// Answers with the batch's failure.
-    fn fail(self, why: &str) {
-        let err = || StoreError::Batch(why.to_string());
-        match self {
-            Op::Append { reply, .. } => {
-                let _ = reply.send(Err(err()));
-            }
-            Op::Report { reply, .. } => {
-                let _ = reply.send(Err(err()));
-            }
-            Op::Agent { reply, .. } => {
-                let _ = reply.send(Err(err()));
-            }
-        }
-    }
-}
-
-// One per queued operation, short-lived: the size of the largest variant
-// does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Done {
-    Appended(Result<u64, StoreError>),
-    Reported(Result<Job, StoreError>),
-    Recorded(Result<(), StoreError>),
-}
-
-impl Done {
-    /// The operation's error if it aborted the transaction (a deadlock).
-    fn retryable(&mut self) -> Option<StoreError> {
-        let failed = |r: &StoreError| super::leases::retryable(r);
-        let take = |e: &mut StoreError| std::mem::replace(e, StoreError::Join);
-        match self {
-            Done::Appended(Err(e)) if failed(e) => Some(take(e)),
-            Done::Reported(Err(e)) if failed(e) => Some(take(e)),
-            Done::Recorded(Err(e)) if failed(e) => Some(take(e)),
-            _ => None,
-        }
-    }
-
-    fn is_ok(&self) -> bool {
-        match self {
-            Done::Appended(r) => r.is_ok(),
-            Done::Reported(r) => r.is_ok(),
-            Done::Recorded(r) => r.is_ok(),
-        }
-    }
-}
-
-impl PgStore {
-    /// Queues `op` for the writer.
-    pub(super) async fn queue(&self, op: Op) -> Result<(), StoreError> {
-        self.batch.send(op).await.map_err(|_| StoreError::Join)
+    let take = |e: &mut StoreError| std::mem::replace(e, StoreError::Join);
+    match d {
+        Done::Appended(Err(e)) | Done::Reported(Err(e)) | Done::Recorded(Err(e)) => Some(take(e)),
+        _ => None,
     }
 }
 
@@ -122,22 +41,12 @@ pub(super) fn spawn_writer(
     pool: Pool,
     local: Arc<Mutex<Local>>,
     latency: Arc<crate::metrics::Histogram>,
-) -> mpsc::Sender<Op> {
+) -> Writer {
     let (tx, mut rx) = mpsc::channel::<Op>(QUEUE);
     tokio::spawn(async move {
         while let Some(first) = rx.recv().await {
             let started = std::time::Instant::now();
-            let mut bytes = first.bytes();
-            let mut ops = vec![first];
-            while ops.len() < MAX_OPS && bytes < MAX_BYTES {
-                match rx.try_recv() {
-                    Ok(op) => {
-                        bytes += op.bytes();
-                        ops.push(op);
-                    }
-                    Err(_) => break,
-                }
-            }
+            let ops = gather(first, &mut rx);
             let mut tries = 0;
             let result = loop {
                 tries += 1;
@@ -161,7 +70,7 @@ pub(super) fn spawn_writer(
             latency.observe(started.elapsed());
         }
     });
-    tx
+    Writer(tx)
 }
 
 /// The error and its causes, on one line.
@@ -211,7 +120,7 @@ async fn run(pool: &Pool, ops: &[Op]) -> Result<Vec<Done>, StoreError> {
             } => Done::Reported(super::reports::report_in(&sp, id, *epoch, agent, report).await),
             Op::Agent { info, .. } => Done::Recorded(super::agents::upsert_in(&sp, info).await),
         };
-        if let Some(e) = d.retryable() {
+        if let Some(e) = retryable(&mut d) {
             // The whole transaction must go: the caller runs it again.
             return Err(e);
         }
@@ -242,18 +151,5 @@ fn answer(local: &Mutex<Local>, ops: Vec<Op>, done: Vec<Done>) {
             }
         }
     }
-    for (op, d) in ops.into_iter().zip(done) {
-        match (op, d) {
-            (Op::Append { reply, .. }, Done::Appended(r)) => {
-                let _ = reply.send(r);
-            }
-            (Op::Report { reply, .. }, Done::Reported(r)) => {
-                let _ = reply.send(r);
-            }
-            (Op::Agent { reply, .. }, Done::Recorded(r)) => {
-                let _ = reply.send(r);
-            }
-            (op, _) => op.fail("the store batch lost an answer"),
-        }
-    }
+    reply(ops, done);
 }

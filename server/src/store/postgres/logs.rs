@@ -40,17 +40,7 @@ impl PgStore {
         offset: u64,
         data: bytes::Bytes,
     ) -> Result<Committed<u64>, StoreError> {
-        let (reply, done) = Committed::new();
-        self.queue(super::batch::Op::Append {
-            id,
-            epoch,
-            agent,
-            offset,
-            data,
-            reply,
-        })
-        .await?;
-        Ok(done)
+        self.batch.append(id, epoch, agent, offset, data).await
     }
 
     /// Reads stored log bytes of attempt `epoch` from `offset`, at most about `max` bytes.

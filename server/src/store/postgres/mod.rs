@@ -113,7 +113,7 @@ pub struct PgStore {
     /// The leases of this replica's agents.
     local: Arc<Mutex<Local>>,
     /// The group-commit writer (`batch`).
-    batch: tokio::sync::mpsc::Sender<batch::Op>,
+    batch: crate::store::batch::Writer,
     /// Duration of every call (`outpost_store_call_seconds`).
     latency: Arc<crate::metrics::Histogram>,
 }

@@ -32,16 +32,7 @@ impl PgStore {
         agent: String,
         report: StatusReport,
     ) -> Result<Committed<Job>, StoreError> {
-        let (reply, done) = Committed::new();
-        self.queue(super::batch::Op::Report {
-            id,
-            epoch,
-            agent,
-            report,
-            reply,
-        })
-        .await?;
-        Ok(done)
+        self.batch.report(id, epoch, agent, report).await
     }
 }
 

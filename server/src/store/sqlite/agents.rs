@@ -11,9 +11,7 @@ impl SqliteStore {
     /// Records an agent that connected (committed with other writes of
     /// its batch: `batch`).
     pub async fn upsert_agent(&self, info: AgentInfo) -> Result<(), StoreError> {
-        let (reply, done) = crate::store::Committed::new();
-        self.batch(super::batch::Op::Agent { info, reply }).await?;
-        done.await
+        self.batch.agent(info).await?.await
     }
 
     /// Records that `id` drains (it said so itself).

@@ -13,78 +13,11 @@ use std::sync::Arc;
 
 use parking_lot::Mutex;
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 use super::held::Held;
-use super::{SqliteStore, StoreError};
-use crate::model::{AgentInfo, Job, StatusReport};
-
-/// Operations queued at most (senders wait beyond it).
-pub(super) const QUEUE: usize = 512;
-/// Operations per transaction at most.
-const MAX_OPS: usize = 256;
-/// Log bytes per transaction at most.
-const MAX_BYTES: usize = 8 << 20;
-
-// Queued by value and moved once: the size of the largest variant does
-// not matter.
-#[allow(clippy::large_enum_variant)]
-pub(super) enum Op {
-    Append {
-        id: String,
-        epoch: u64,
-        agent: String,
-        offset: u64,
-        data: bytes::Bytes,
-        reply: oneshot::Sender<Result<u64, StoreError>>,
-    },
-    Report {
-        id: String,
-        epoch: u64,
-        agent: String,
-        report: StatusReport,
-        reply: oneshot::Sender<Result<Job, StoreError>>,
-    },
-    Agent {
-        info: AgentInfo,
-        reply: oneshot::Sender<Result<(), StoreError>>,
-    },
-}
-
-impl Op {
-    fn bytes(&self) -> usize {
-        match self {
-            Op::Append { data, .. } => data.len(),
-            Op::Report { .. } | Op::Agent { .. } => 256,
-        }
-    }
-}
-
-// One per queued operation, short-lived: the size of the largest variant
-// does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Done {
-    Appended(Result<u64, StoreError>),
-    Reported(Result<Job, StoreError>),
-    Recorded(Result<(), StoreError>),
-}
-
-impl Done {
-    fn is_ok(&self) -> bool {
-        match self {
-            Done::Appended(r) => r.is_ok(),
-            Done::Reported(r) => r.is_ok(),
-            Done::Recorded(r) => r.is_ok(),
-        }
-    }
-}
-
-impl SqliteStore {
-    /// Queues `op` for the writer.
-    pub(super) async fn batch(&self, op: Op) -> Result<(), StoreError> {
-        self.batch.send(op).await.map_err(|_| StoreError::Join)
-    }
-}
+use crate::store::batch::Op;
+use crate::store::batch::{Done, QUEUE, Writer, gather, reply};
 
 /// Starts the writer thread; it ends once every sender is gone. It holds
 /// the connection only weakly, so the last `SqliteStore` handle dropped closes
@@ -93,24 +26,14 @@ pub(super) fn spawn_writer(
     conn: std::sync::Weak<Mutex<Connection>>,
     held: Arc<Mutex<Held>>,
     latency: Arc<crate::metrics::Histogram>,
-) -> std::io::Result<mpsc::Sender<Op>> {
+) -> std::io::Result<Writer> {
     let (tx, mut rx) = mpsc::channel::<Op>(QUEUE);
     std::thread::Builder::new()
         .name("outpost-store-writer".into())
         .spawn(move || {
             while let Some(first) = rx.blocking_recv() {
                 let started = std::time::Instant::now();
-                let mut bytes = first.bytes();
-                let mut ops = vec![first];
-                while ops.len() < MAX_OPS && bytes < MAX_BYTES {
-                    match rx.try_recv() {
-                        Ok(op) => {
-                            bytes += op.bytes();
-                            ops.push(op);
-                        }
-                        Err(_) => break,
-                    }
-                }
+                let ops = gather(first, &mut rx);
                 // Gone only when every handle is: the ops' waiters are gone too.
                 let Some(conn) = conn.upgrade() else { break };
                 run(&conn, &held, ops);
@@ -118,7 +41,7 @@ pub(super) fn spawn_writer(
                 latency.observe(started.elapsed());
             }
         })?;
-    Ok(tx)
+    Ok(Writer(tx))
 }
 
 fn run(conn: &Mutex<Connection>, held: &Mutex<Held>, ops: Vec<Op>) {
@@ -174,37 +97,13 @@ fn run(conn: &Mutex<Connection>, held: &Mutex<Held>, ops: Vec<Op>) {
                 }
             }
             drop(c);
-            for (op, d) in ops.into_iter().zip(done) {
-                match (op, d) {
-                    (Op::Append { reply, .. }, Done::Appended(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Op::Report { reply, .. }, Done::Reported(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    (Op::Agent { reply, .. }, Done::Recorded(r)) => {
-                        let _ = reply.send(r);
-                    }
-                    _ => {}
-                }
-            }
+            reply(ops, done);
         }
         Err(e) => {
             drop(c);
             let why = e.to_string();
             for op in ops {
-                let err = || StoreError::Batch(why.clone());
-                match op {
-                    Op::Append { reply, .. } => {
-                        let _ = reply.send(Err(err()));
-                    }
-                    Op::Report { reply, .. } => {
-                        let _ = reply.send(Err(err()));
-                    }
-                    Op::Agent { reply, .. } => {
-                        let _ = reply.send(Err(err()));
-                    }
-                }
+                op.fail(&why);
             }
         }
     }

@@ -186,16 +186,7 @@ impl SqliteStore {
         agent: String,
         report: StatusReport,
     ) -> Result<crate::store::Committed<Job>, StoreError> {
-        let (reply, done) = crate::store::Committed::new();
-        self.batch(super::batch::Op::Report {
-            id,
-            epoch,
-            agent,
-            report,
-            reply,
-        })
-        .await?;
-        Ok(done)
+        self.batch.report(id, epoch, agent, report).await
     }
 
     /// Ends or re-queues every lease whose deadline passed (deadlines as

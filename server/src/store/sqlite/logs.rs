@@ -33,17 +33,7 @@ impl SqliteStore {
         offset: u64,
         data: bytes::Bytes,
     ) -> Result<crate::store::Committed<u64>, StoreError> {
-        let (reply, done) = crate::store::Committed::new();
-        self.batch(super::batch::Op::Append {
-            id,
-            epoch,
-            agent,
-            offset,
-            data,
-            reply,
-        })
-        .await?;
-        Ok(done)
+        self.batch.append(id, epoch, agent, offset, data).await
     }
 
     /// Reads stored log bytes of attempt `epoch` from `offset`, at most about `max` bytes.

@@ -58,7 +58,7 @@ pub struct SqliteStore {
     /// The leases held now (taken after `conn` when both are held).
     held: Arc<Mutex<Held>>,
     /// The group-commit writer (`batch`).
-    batch: tokio::sync::mpsc::Sender<batch::Op>,
+    batch: crate::store::batch::Writer,
     /// Duration of every call (`outpost_store_call_seconds`).
     latency: Arc<crate::metrics::Histogram>,
 }
