@@ -29,6 +29,8 @@ mod batch;
 pub(crate) mod conformance;
 /// The same store on PostgreSQL, for several control-plane replicas.
 pub mod postgres;
+/// Decoding a job row's text columns, for both backends.
+mod rows;
 /// The embedded store (SQLite).
 pub mod sqlite;
 

@@ -8,7 +8,7 @@
 use tokio_postgres::{GenericClient, Row};
 
 use super::pg;
-use crate::model::{Job, JobSpec, JobState, now_ms};
+use crate::model::{Job, now_ms};
 use crate::store::StoreError;
 
 /// The advisory lock key serializing migrations ("outpost" in ASCII).
@@ -185,11 +185,7 @@ pub(super) async fn forget_secrets<C: GenericClient + Sync>(
     if !job.spec.holds_secret_values() {
         return Ok(job);
     }
-    let spec = job.spec.clone().without_secret_values();
-    let json = serde_json::to_string(&spec).map_err(|e| StoreError::Corrupt {
-        id: job.id.clone(),
-        what: e.to_string(),
-    })?;
+    let (spec, json) = crate::store::rows::spec_without_secrets(&job.id, &job.spec)?;
     c.execute("UPDATE jobs SET spec = $2 WHERE id = $1", &[&job.id, &json])
         .await
         .map_err(pg("forget secrets"))?;
@@ -222,14 +218,7 @@ pub(super) fn row_to_job(r: &Row) -> Result<Job, StoreError> {
     let id: String = r.try_get(0).map_err(pg("read job id"))?;
     let spec: String = r.try_get(1).map_err(pg("read job spec"))?;
     let state: String = r.try_get(2).map_err(pg("read job state"))?;
-    let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
-        id: id.clone(),
-        what: format!("spec: {e}"),
-    })?;
-    let state = JobState::parse(&state).ok_or_else(|| StoreError::Corrupt {
-        id: id.clone(),
-        what: format!("state {state:?}"),
-    })?;
+    let (spec, state) = crate::store::rows::spec_and_state(&id, &spec, &state)?;
     let read = || -> Result<Job, tokio_postgres::Error> {
         Ok(Job {
             id: id.clone(),

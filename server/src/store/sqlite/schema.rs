@@ -3,7 +3,7 @@
 use rusqlite::{Connection, params};
 
 use super::{StoreError, q};
-use crate::model::{Job, JobSpec, JobState};
+use crate::model::Job;
 
 pub(super) const SCHEMA: &str = r#"
 CREATE TABLE IF NOT EXISTS jobs (
@@ -96,12 +96,7 @@ pub(super) fn forget_secrets(c: &Connection, id: &str) -> Result<(), StoreError>
     if !job.spec.holds_secret_values() {
         return Ok(());
     }
-    let json = serde_json::to_string(&job.spec.without_secret_values()).map_err(|e| {
-        StoreError::Corrupt {
-            id: id.to_string(),
-            what: e.to_string(),
-        }
-    })?;
+    let (_, json) = crate::store::rows::spec_without_secrets(id, &job.spec)?;
     c.execute("UPDATE jobs SET spec = ?2 WHERE id = ?1", params![id, json])
         .map_err(q("forget secrets"))?;
     Ok(())
@@ -131,14 +126,7 @@ pub(super) fn row_to_job(r: &rusqlite::Row<'_>) -> Result<Job, StoreError> {
     let id: String = r.get(0).map_err(q("read job id"))?;
     let spec: String = r.get(1).map_err(q("read job spec"))?;
     let state: String = r.get(2).map_err(q("read job state"))?;
-    let spec: JobSpec = serde_json::from_str(&spec).map_err(|e| StoreError::Corrupt {
-        id: id.clone(),
-        what: format!("spec: {e}"),
-    })?;
-    let state = JobState::parse(&state).ok_or_else(|| StoreError::Corrupt {
-        id: id.clone(),
-        what: format!("state {state:?}"),
-    })?;
+    let (spec, state) = crate::store::rows::spec_and_state(&id, &spec, &state)?;
     let read = || -> rusqlite::Result<Job> {
         Ok(Job {
             id: id.clone(),
