@@ -6,7 +6,9 @@
 //!
 //! **Fencing:** a run writes state only through the current lease of its
 //! apply job, while the run is `APPLYING` with that job (checked in the
-//! transaction that records the version); a revoked or expired lease's
+//! transaction that records the version, with the run's row locked and
+//! the stack's lock held, so replicas sharing a PostgreSQL database record
+//! a stack's versions one at a time); a revoked or expired lease's
 //! epoch is refused by `current_lease` before anything is stored. The
 //! stack's lock is its one tracked run at a time, and it is released when
 //! that run ends, however it ends.

@@ -679,3 +679,74 @@ async fn replicas_serialize_changes_of_one_run_and_one_drift_state() {
         "no change of the drift state was lost"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_create_a_stack_once_and_record_its_versions_in_turn() {
+    let Some(stores) = replicas(2).await else {
+        return;
+    };
+    let puts = (0..8).map(|i| {
+        let iac = stores[i % 2].clone();
+        tokio::spawn(async move { bounded(iac.put_stack(stack("a", "main"))).await.unwrap() })
+    });
+    let mut answers: Vec<&str> = futures::future::join_all(puts)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap())
+        .collect();
+    answers.sort();
+    assert_eq!(
+        answers,
+        [
+            "created",
+            "unchanged",
+            "unchanged",
+            "unchanged",
+            "unchanged",
+            "unchanged",
+            "unchanged",
+            "unchanged"
+        ]
+    );
+
+    // Versions of one lineage written at once by two replicas: each serial
+    // is checked against the version committed before it.
+    let writes = (1..=10u64).map(|serial| {
+        let iac = stores[(serial % 2) as usize].clone();
+        tokio::spawn(async move {
+            bounded(iac.record_state(
+                "a".into(),
+                serial,
+                "lin".into(),
+                format!("sha-{serial}"),
+                Writer::Admin("admin:alice".into()),
+            ))
+            .await
+        })
+    });
+    let mut kept = Vec::new();
+    for w in futures::future::join_all(writes).await {
+        match w.unwrap() {
+            Ok(v) => kept.push(v.serial),
+            Err(IacError::Conflict(_)) => {}
+            Err(e) => panic!("{e}"),
+        }
+    }
+    let stored: Vec<u64> = stores[0]
+        .state_versions("a".into(), 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .rev()
+        .map(|v| v.serial)
+        .collect();
+    assert!(!stored.is_empty());
+    assert!(
+        stored.windows(2).all(|w| w[0] <= w[1]),
+        "no version older than the one before it: {stored:?}"
+    );
+    kept.sort();
+    let mut sorted = stored.clone();
+    sorted.sort();
+    assert_eq!(kept, sorted);
+}
