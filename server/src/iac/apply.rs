@@ -12,14 +12,13 @@
 //!   state (`super::state`) and report the apply, each call fenced by the
 //!   caller's current lease.
 
-use rusqlite::params;
 use tracing::{info, warn};
 
 use super::IacError;
 use super::model::{ApplyResult, Run, RunState};
 use super::runs::Engine;
 use super::state::{StateVersion, Writer};
-use super::store::{IacStore, Task, corrupt, get_run, q, write_run};
+use super::store::{IacStore, Task, transact};
 use crate::model::JobState;
 
 /// Longest an apply job may take.
@@ -37,32 +36,22 @@ impl IacStore {
         job_id: String,
         task: Task,
     ) -> Result<Option<Run>, IacError> {
-        Ok(self
-            .store
-            .with(move |c| {
-                let tx = c.transaction().map_err(q("begin start apply"))?;
-                let Some(mut run) = get_run(&tx, &run_id)? else {
-                    return Ok(None);
-                };
-                if run.state != RunState::Confirmed || run.apply_job.is_some() {
-                    return Ok(None);
-                }
-                if run.go(RunState::Applying, "").is_err() {
-                    return Ok(None);
-                }
-                run.apply_job = Some(job_id.clone());
-                run.apply = Some(ApplyResult::default());
-                let json = serde_json::to_string(&task).map_err(|e| corrupt(&run_id, e))?;
-                tx.execute(
-                    "INSERT INTO iac_jobs (job_id, run_id, phase, task) VALUES (?1, ?2, 'apply', ?3)",
-                    params![job_id, run_id, json],
-                )
-                .map_err(q("record apply job"))?;
-                write_run(&tx, &run)?;
-                tx.commit().map_err(q("commit start apply"))?;
-                Ok(Some(run))
-            })
-            .await?)
+        Ok(transact!(&self.db, |tx| {
+            let Some(mut run) = tx.lock_run(&run_id).await? else {
+                return Ok(None);
+            };
+            if run.state != RunState::Confirmed || run.apply_job.is_some() {
+                return Ok(None);
+            }
+            if run.go(RunState::Applying, "").is_err() {
+                return Ok(None);
+            }
+            run.apply_job = Some(job_id.clone());
+            run.apply = Some(ApplyResult::default());
+            tx.insert_job(&job_id, &task).await?;
+            tx.write_run(&run).await?;
+            Ok(Some(run))
+        })?)
     }
 }
 

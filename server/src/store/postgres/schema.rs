@@ -15,9 +15,10 @@ use crate::store::StoreError;
 const MIGRATION_LOCK: i64 = 0x006f_7574_706f_7374;
 
 /// The migrations, in order. Never edit one that shipped: add another.
-pub(super) const MIGRATIONS: &[(i32, &str)] = &[(
-    1,
-    r#"
+pub(super) const MIGRATIONS: &[(i32, &str)] = &[
+    (
+        1,
+        r#"
 CREATE TABLE jobs (
     seq BIGSERIAL PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
@@ -70,7 +71,9 @@ CREATE TABLE artifacts (
     PRIMARY KEY (job_id, epoch, path)
 );
 "#,
-)];
+    ),
+    (2, crate::iac::store::postgres::SCHEMA),
+];
 
 /// The columns `row_to_job` reads, in its order.
 pub(super) const JOB_COLS: &str = "id, spec, state, epoch, agent_id, exit_code, message, oom_killed, created_ms, started_ms, finished_ms, lease_deadline_ms, cancel_requested, log_acked, log_total";
