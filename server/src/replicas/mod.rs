@@ -13,12 +13,18 @@
 //! - **A message for an agent** (cancel, drain) whose session is on another
 //!   replica: the replica holding the session delivers it.
 //!
+//! Keys that sign or seal what another replica must verify or open (the
+//! OIDC signing key, the secrets key) are files of each replica's data
+//! directory: `keys` checks at start that every replica holds the same.
+//!
 //! **Invariant:** nothing depends on a signal arriving. Signals only make
 //! things happen sooner: the dispatcher passes every 2 s and followers poll
 //! every second anyway, fencing is checked in the database, and after the
 //! bus reconnects a replica looks at everything once.
 
 mod bus;
+/// Keys every replica must share, checked at start against the database.
+pub mod keys;
 mod signal;
 
 pub use bus::{Bus, BusError};

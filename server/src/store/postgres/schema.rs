@@ -79,13 +79,18 @@ CREATE TABLE artifacts (
 ];
 
 /// Migration 4: content-addressed blobs shared by the replicas
-/// (`iac::blobs`).
+/// (`iac::blobs`); the fingerprints of the keys every replica must share
+/// (`replicas::keys`).
 const MIGRATION_4: &str = r#"
 CREATE TABLE iac_blobs (
     digest TEXT PRIMARY KEY,
     data BYTEA NOT NULL,
     size BIGINT NOT NULL,
     created_ms BIGINT NOT NULL
+);
+CREATE TABLE replica_keys (
+    name TEXT PRIMARY KEY,
+    fingerprint TEXT NOT NULL
 );
 "#;
 
