@@ -117,6 +117,8 @@ pub struct Issuer {
     key: EcdsaKeyPair,
     kid: String,
     rng: SystemRandom,
+    /// Hex SHA-256 of the public key (the uncompressed point).
+    fingerprint: String,
 }
 
 impl std::fmt::Debug for Issuer {
@@ -149,7 +151,24 @@ impl Issuer {
             EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_FIXED_SIGNING, &pkcs8, &rng)
                 .map_err(|_| OidcError::BadKey { path: path.clone() })?;
         let kid = thumbprint(&jwk_of(key.public_key().as_ref()));
-        Ok(Issuer { cfg, key, kid, rng })
+        let fingerprint = ring::digest::digest(&ring::digest::SHA256, key.public_key().as_ref())
+            .as_ref()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        Ok(Issuer {
+            cfg,
+            key,
+            kid,
+            rng,
+            fingerprint,
+        })
+    }
+
+    /// Hex SHA-256 of the signing key's public key: the same on every
+    /// control plane that signs with this key.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     pub fn config(&self) -> &OidcConfig {

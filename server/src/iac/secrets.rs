@@ -72,7 +72,12 @@ pub struct Sealer {
     key: LessSafeKey,
     mac: ring::hmac::Key,
     rng: SystemRandom,
+    /// HMAC-SHA256 of [`FINGERPRINT_INPUT`] under the whole key file (hex).
+    fingerprint: String,
 }
+
+/// What the key's fingerprint is the keyed digest of.
+const FINGERPRINT_INPUT: &[u8] = b"outpost key fingerprint";
 
 impl Sealer {
     /// Reads the key file, or creates it (`0600`, 64 random bytes).
@@ -109,11 +114,22 @@ impl Sealer {
         }
         let key =
             UnboundKey::new(&AES_256_GCM, &bytes[..32]).map_err(|_| fail("bad key".into()))?;
+        let whole = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes);
+        let fingerprint =
+            outpost_agent::iac::plan::hex(ring::hmac::sign(&whole, FINGERPRINT_INPUT).as_ref());
         Ok(Sealer {
             key: LessSafeKey::new(key),
             mac: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &bytes[32..]),
             rng,
+            fingerprint,
         })
+    }
+
+    /// Names the key without revealing anything about it (a keyed digest
+    /// of a constant under the whole key file): equal on every control
+    /// plane that shares the key, different otherwise.
+    pub fn fingerprint(&self) -> &str {
+        &self.fingerprint
     }
 
     /// The keyed digest of a value (hex).

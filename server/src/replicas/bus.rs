@@ -2,7 +2,8 @@
 //! that `LISTEN`s, and sends this replica's signals with `pg_notify`.
 //! It reconnects by itself (a database restart, a failover) and, once
 //! back, hands the replica a `Kick` and a `Changed` to catch up on what it
-//! may have missed.
+//! may have missed. It connects as the store does (TLS as the URL's
+//! `sslmode` says: `store::postgres::tls`).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::Signal;
+use crate::store::postgres::tls::Target;
 
 /// The `LISTEN/NOTIFY` channel's name.
 const CHANNEL: &str = "outpost_replicas";
@@ -24,8 +26,8 @@ const QUEUE: usize = 1024;
 /// Errors of the channel.
 #[derive(Debug, thiserror::Error)]
 pub enum BusError {
-    #[error("the database URL is not valid")]
-    Url(#[source] tokio_postgres::Error),
+    #[error("the database connection settings are not usable")]
+    Settings(#[source] crate::store::postgres::tls::TlsSetupError),
 }
 
 /// This replica's end of the channel; cheap to share.
@@ -46,7 +48,7 @@ impl Bus {
         id: String,
         shutdown: CancellationToken,
     ) -> Result<(Arc<Bus>, mpsc::Receiver<Signal>), BusError> {
-        let config: tokio_postgres::Config = url.parse().map_err(BusError::Url)?;
+        let target = crate::store::postgres::tls::target(url).map_err(BusError::Settings)?;
         let (deliver, outgoing) = mpsc::channel(QUEUE);
         let (incoming, rx) = mpsc::channel(QUEUE);
         let bus = Arc::new(Bus {
@@ -56,7 +58,7 @@ impl Bus {
             wake: Notify::new(),
             deliver,
         });
-        tokio::spawn(run(bus.clone(), config, outgoing, incoming, shutdown));
+        tokio::spawn(run(bus.clone(), target, outgoing, incoming, shutdown));
         Ok((bus, rx))
     }
 
@@ -89,7 +91,7 @@ impl Bus {
 
 async fn run(
     bus: Arc<Bus>,
-    config: tokio_postgres::Config,
+    target: Target,
     mut outgoing: mpsc::Receiver<Signal>,
     incoming: mpsc::Sender<Signal>,
     shutdown: CancellationToken,
@@ -97,7 +99,7 @@ async fn run(
     let mut backoff = Duration::from_millis(100);
     let mut first = true;
     loop {
-        let session = connect(&bus, &config, &incoming, &shutdown);
+        let session = connect(&bus, &target, &incoming, &shutdown);
         match session.await {
             Ok((client, ended)) => {
                 if !first {
@@ -130,11 +132,11 @@ async fn run(
 /// returned token is cancelled when the connection ends.
 async fn connect(
     bus: &Arc<Bus>,
-    config: &tokio_postgres::Config,
+    target: &Target,
     incoming: &mpsc::Sender<Signal>,
     shutdown: &CancellationToken,
 ) -> Result<(tokio_postgres::Client, CancellationToken), tokio_postgres::Error> {
-    let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
+    let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
     let ended = shutdown.child_token();
     let (me, tx, done) = (bus.id.clone(), incoming.clone(), ended.clone());
     tokio::spawn(async move {

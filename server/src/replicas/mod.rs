@@ -16,6 +16,10 @@
 //! - **Background work of stacks** (run steps, source polling, drift
 //!   scheduling) runs on one replica at a time, elected through an
 //!   advisory lock (`leader`); any replica serves the stacks' API.
+//! - **Keys** that sign or seal what another replica must verify or open
+//!   (the OIDC signing key, the secrets key) are files of each replica's
+//!   data directory: `keys` checks at start that every replica holds the
+//!   same.
 //!
 //! **Invariant:** nothing depends on a signal arriving. Signals only make
 //! things happen sooner: the dispatcher passes every 2 s and followers poll
@@ -24,6 +28,8 @@
 
 mod bus;
 mod leader;
+/// Keys every replica must share, checked at start against the database.
+pub mod keys;
 mod signal;
 
 pub use bus::{Bus, BusError};

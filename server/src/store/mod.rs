@@ -95,6 +95,8 @@ pub enum StoreError {
         #[source]
         source: tokio_postgres::Error,
     },
+    #[error("the PostgreSQL connection settings are not usable")]
+    PgTls(#[source] postgres::tls::TlsSetupError),
     #[error("no PostgreSQL connection: {op}")]
     PgPool {
         op: &'static str,

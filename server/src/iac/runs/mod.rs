@@ -65,7 +65,7 @@ impl Engine {
         let engine = Arc::new(Engine {
             store,
             hub: hub.clone(),
-            blobs: Blobs::new(data_dir.join("iac").join("blobs")),
+            blobs: Blobs::for_store(&hub.store, data_dir.join("iac").join("blobs")),
             git_dir: data_dir.join("iac").join("git"),
             fetching: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),

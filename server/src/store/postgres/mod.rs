@@ -91,6 +91,8 @@ mod renewals;
 mod reports;
 /// The schema, its versioned migrations and reading job rows.
 mod schema;
+/// TLS to the database (`sslmode`, `sslrootcert`), with rustls.
+pub mod tls;
 
 use local::Local;
 
@@ -120,18 +122,23 @@ pub struct PgStore {
 
 impl PgStore {
     /// Connects to the database at `url` (`postgres://user:pass@host/db`
-    /// or `host=… dbname=…`), brings its schema up to date and starts the
+    /// or `host=… dbname=…`; TLS as its `sslmode` says, see `tls`), brings its schema up to date and starts the
     /// group-commit writer and the renewal flusher (so it needs a Tokio
     /// runtime).
     pub async fn connect(url: &str) -> Result<PgStore, StoreError> {
-        let mut config: tokio_postgres::Config =
-            url.parse().map_err(pg("parse the database URL"))?;
+        let tls::Target { mut config, tls } = tls::target(url).map_err(|e| match e {
+            tls::TlsSetupError::Url(source) => StoreError::Pg {
+                op: "parse the database URL",
+                source,
+            },
+            e => StoreError::PgTls(e),
+        })?;
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(Duration::from_secs(10));
         }
         let manager = Manager::from_config(
             config,
-            tokio_postgres::NoTls,
+            tls,
             ManagerConfig {
                 recycling_method: RecyclingMethod::Fast,
             },

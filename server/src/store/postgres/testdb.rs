@@ -7,6 +7,9 @@
 //! `/usr/lib/postgresql/<version>/bin`. Without PostgreSQL the tests print
 //! `SKIPPED: <reason>` and pass, unless `OUTPOST_REQUIRE_PG=1`, where they
 //! fail.
+//!
+//! [`tls_cluster`] starts a cluster of its own, serving TLS with a given
+//! certificate, for the tests of `tls` (the shared one stays plain).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -80,7 +83,40 @@ fn free_port() -> Result<u16, String> {
         .map_err(|e| format!("free port: {e}"))
 }
 
-fn start() -> Result<Cluster, String> {
+/// A server certificate and its key (PEM) for a cluster serving TLS.
+pub(crate) struct ServerTls<'a> {
+    pub(crate) cert_pem: &'a [u8],
+    pub(crate) key_pem: &'a [u8],
+}
+
+/// Starts a new cluster with `ssl=on` and `tls`'s certificate; its port.
+/// It stops once the test process is gone, like the shared one.
+pub(crate) fn tls_cluster(tls: &ServerTls<'_>) -> Result<u16, String> {
+    start(Some(tls)).map(|c| c.port)
+}
+
+/// Writes the server's certificate and key into the cluster's data
+/// directory (the server's default file names), owned by the server's user.
+fn install_tls(root: bool, data: &Path, tls: &ServerTls<'_>) -> Result<(), String> {
+    use std::os::unix::fs::PermissionsExt;
+    for (name, pem, mode) in [
+        ("server.crt", tls.cert_pem, 0o644),
+        ("server.key", tls.key_pem, 0o600),
+    ] {
+        let path = data.join(name);
+        std::fs::write(&path, pem).map_err(|e| format!("write {name}: {e}"))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode))
+            .map_err(|e| format!("chmod {name}: {e}"))?;
+        if root {
+            let mut chown = Command::new("chown");
+            chown.arg("postgres:postgres").arg(&path);
+            run(chown, "chown the server's TLS files to postgres")?;
+        }
+    }
+    Ok(())
+}
+
+fn start(tls: Option<&ServerTls<'_>>) -> Result<Cluster, String> {
     let bin = bin_dir().ok_or("no PostgreSQL server binaries (initdb) found")?;
     let root = is_root();
     // Removed on failure; kept (for the watcher to remove) once started.
@@ -101,6 +137,13 @@ fn start() -> Result<Cluster, String> {
         .arg(&data)
         .args(["-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-sync"]);
     run(initdb, "initdb")?;
+    let ssl = match tls {
+        Some(tls) => {
+            install_tls(root, &data, tls)?;
+            " -c ssl=on"
+        }
+        None => "",
+    };
     let port = free_port()?;
     let mut pg_ctl = server_cmd(root, &bin.join("pg_ctl"), &dir);
     pg_ctl
@@ -110,7 +153,7 @@ fn start() -> Result<Cluster, String> {
         .arg(dir.join("log"))
         .args(["-w", "-t", "30", "-o"])
         .arg(format!(
-            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=300",
+            "-c listen_addresses=127.0.0.1 -p {port} -k {} -c fsync=off -c max_connections=300{ssl}",
             dir.display()
         ))
         .arg("start");
@@ -141,7 +184,7 @@ fn start() -> Result<Cluster, String> {
 /// The URL of a new, empty database; `None` (after printing why) if
 /// PostgreSQL cannot run here and it is not required.
 pub(crate) async fn fresh_db() -> Option<String> {
-    let cluster = CLUSTER.get_or_init(start);
+    let cluster = CLUSTER.get_or_init(|| start(None));
     let port = match cluster {
         Ok(c) => c.port,
         Err(why) => {
