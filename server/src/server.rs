@@ -52,6 +52,10 @@ pub enum ServerError {
     Replicas(String),
     #[error("the oidc token issuer is not usable")]
     Oidc(#[from] crate::oidc::OidcError),
+    #[error("this replica's keys cannot be used")]
+    Keys(#[from] crate::replicas::keys::KeysError),
+    #[error("the secrets key is not usable")]
+    Secrets(#[from] crate::iac::secrets::SecretsError),
 }
 
 /// Everything the control plane needs to start.
@@ -167,6 +171,19 @@ pub async fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
     let hub = Hub::new(store, config.timing);
     let issuer = crate::oidc::Issuer::load_or_create(config.oidc.clone())?;
     info!(issuer = %config.oidc.issuer, kid = %issuer.kid(), "oidc token issuer ready");
+    if replicas.is_some() {
+        // Every replica must sign and seal with the same keys as the first.
+        let file = crate::iac::runs::secrets_key_file(&config.data_dir);
+        let sealer = crate::iac::secrets::Sealer::load_or_create(&file)?;
+        crate::replicas::keys::check_keys(
+            &hub.store,
+            &[
+                crate::replicas::keys::ReplicaKey::oidc(&issuer),
+                crate::replicas::keys::ReplicaKey::secrets(&sealer, file),
+            ],
+        )
+        .await?;
+    }
     hub.set_issuer(Arc::new(issuer));
     Ok(Prepared {
         tls,

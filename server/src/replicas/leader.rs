@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use super::BusError;
+use crate::store::postgres::tls::Target;
 
 /// The advisory lock's key ("outplead" in ASCII).
 const LOCK: i64 = 0x6f75_7470_6c65_6164;
@@ -52,9 +53,9 @@ impl Leadership {
     /// Takes part in the election on the database at `url` until
     /// `shutdown`.
     pub fn elect(url: &str, shutdown: CancellationToken) -> Result<Leadership, BusError> {
-        let config: tokio_postgres::Config = url.parse().map_err(BusError::Url)?;
+        let target = crate::store::postgres::tls::target(url).map_err(BusError::Settings)?;
         let (tx, rx) = watch::channel(false);
-        tokio::spawn(run(config, tx, shutdown));
+        tokio::spawn(run(target, tx, shutdown));
         Ok(Leadership { rx, _fixed: None })
     }
 
@@ -72,9 +73,10 @@ impl Leadership {
     }
 }
 
-async fn run(config: tokio_postgres::Config, tx: watch::Sender<bool>, shutdown: CancellationToken) {
+async fn run(target: Target, tx: watch::Sender<bool>, shutdown: CancellationToken) {
     loop {
-        match tokio::time::timeout(TIMEOUT, config.connect(tokio_postgres::NoTls)).await {
+        let connect = target.config.connect(target.tls.clone());
+        match tokio::time::timeout(TIMEOUT, connect).await {
             Ok(Ok((client, connection))) => {
                 let ended = CancellationToken::new();
                 let done = ended.clone();

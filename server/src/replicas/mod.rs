@@ -27,9 +27,9 @@
 //! bus reconnects a replica looks at everything once.
 
 mod bus;
-mod leader;
 /// Keys every replica must share, checked at start against the database.
 pub mod keys;
+mod leader;
 mod signal;
 
 pub use bus::{Bus, BusError};

@@ -34,6 +34,11 @@ mod stacks;
 /// Longest a run's plan job may take.
 pub(crate) const PLAN_TIMEOUT: Duration = Duration::from_secs(3600);
 
+/// Where the key that seals stack and webhook secrets is kept.
+pub fn secrets_key_file(data_dir: &std::path::Path) -> PathBuf {
+    data_dir.join("iac").join("secrets.key")
+}
+
 /// The IaC engine; shared by the API and the background tasks.
 pub struct Engine {
     pub store: IacStore,
@@ -54,7 +59,7 @@ impl Engine {
     pub async fn start(hub: Arc<Hub>, data_dir: &std::path::Path) -> Result<Arc<Engine>, IacError> {
         let store = IacStore::open(hub.store.clone()).await?;
         store.open_state().await?;
-        let key = data_dir.join("iac").join("secrets.key");
+        let key = secrets_key_file(data_dir);
         let sealer = tokio::task::spawn_blocking(move || Sealer::load_or_create(&key))
             .await
             .map_err(|_| IacError::Join)?
