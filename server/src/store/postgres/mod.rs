@@ -193,7 +193,9 @@ impl PgStore {
 }
 
 /// Maps a pool's error to [`StoreError::Pg`] or [`StoreError::PgPool`].
-pub(crate) fn pool_err(op: &'static str) -> impl FnOnce(deadpool_postgres::PoolError) -> StoreError {
+pub(crate) fn pool_err(
+    op: &'static str,
+) -> impl FnOnce(deadpool_postgres::PoolError) -> StoreError {
     move |e| match e {
         deadpool_postgres::PoolError::Backend(source) => StoreError::Pg { op, source },
         e => StoreError::PgPool {
