@@ -81,7 +81,7 @@ pub enum StoreLocation {
     #[default]
     Embedded,
     /// A PostgreSQL database (`postgres://...`) shared by any number of
-    /// replicas. Stacks and agent enrolment need the embedded store.
+    /// replicas. Stacks need the embedded store.
     Postgres(String),
 }
 
@@ -229,6 +229,7 @@ impl Prepared {
                 let id = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
                 let (bus, incoming) = crate::replicas::Bus::start(url, id.clone(), tasks.clone())
                     .map_err(|e| ServerError::Replicas(e.to_string()))?;
+                registry.join_replicas(bus.clone(), tasks.clone());
                 hub.join_replicas(bus, incoming, tasks.clone());
                 info!(replica = %id, "replica of a shared PostgreSQL store; stacks are off");
                 None

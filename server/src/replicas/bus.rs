@@ -2,14 +2,16 @@
 //! that `LISTEN`s, and sends this replica's signals with `pg_notify`.
 //! It reconnects by itself (a database restart, a failover) and, once
 //! back, hands the replica a `Kick` and a `Changed` to catch up on what it
-//! may have missed.
+//! may have missed, and tells the enrolment registry to reload.
+//! `Identities` does not go to the hub: it bumps [`Bus::identities`],
+//! which the enrolment registry watches.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -33,8 +35,12 @@ pub struct Bus {
     id: String,
     kick: AtomicBool,
     changed: AtomicBool,
+    identities: AtomicBool,
     wake: Notify,
     deliver: mpsc::Sender<Signal>,
+    /// Bumped when another replica changed enrolment records (and after
+    /// the channel reconnected).
+    identities_changed: watch::Sender<u64>,
 }
 
 impl Bus {
@@ -53,8 +59,10 @@ impl Bus {
             id,
             kick: AtomicBool::new(false),
             changed: AtomicBool::new(false),
+            identities: AtomicBool::new(false),
             wake: Notify::new(),
             deliver,
+            identities_changed: watch::channel(0).0,
         });
         tokio::spawn(run(bus.clone(), config, outgoing, incoming, shutdown));
         Ok((bus, rx))
@@ -65,9 +73,20 @@ impl Bus {
         &self.id
     }
 
-    /// Sends `signal` to the other replicas. `Kick` and `Changed` are
-    /// coalesced (one pending of each at most); a message for an agent is
-    /// queued.
+    /// Changes whenever another replica says enrolment records changed,
+    /// and after the channel was lost and is back.
+    pub fn identities(&self) -> watch::Receiver<u64> {
+        self.identities_changed.subscribe()
+    }
+
+    fn identities_changed(&self) {
+        self.identities_changed
+            .send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Sends `signal` to the other replicas. `Kick`, `Changed` and
+    /// `Identities` are coalesced (one pending of each at most); a message
+    /// for an agent is queued.
     pub fn publish(&self, signal: Signal) {
         match signal {
             Signal::Kick => {
@@ -76,6 +95,10 @@ impl Bus {
             }
             Signal::Changed => {
                 self.changed.store(true, Ordering::Release);
+                self.wake.notify_one();
+            }
+            Signal::Identities => {
+                self.identities.store(true, Ordering::Release);
                 self.wake.notify_one();
             }
             deliver @ Signal::Deliver { .. } => {
@@ -108,6 +131,7 @@ async fn run(
                 // Whatever happened while the channel was down.
                 let _ = incoming.try_send(Signal::Kick);
                 let _ = incoming.try_send(Signal::Changed);
+                bus.identities_changed();
                 // `ended` is a child of `shutdown`: a stop ends both.
                 if serve(&bus, &client, ended, &mut outgoing, &shutdown).await
                     || shutdown.is_cancelled()
@@ -137,6 +161,7 @@ async fn connect(
     let (client, mut connection) = config.connect(tokio_postgres::NoTls).await?;
     let ended = shutdown.child_token();
     let (me, tx, done) = (bus.id.clone(), incoming.clone(), ended.clone());
+    let bus = bus.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         loop {
@@ -148,6 +173,7 @@ async fn connect(
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                     match Signal::decode(n.payload()) {
                         Some((from, _)) if from == me => {}
+                        Some((_, Signal::Identities)) => bus.identities_changed(),
                         Some((_, signal)) => {
                             if tx.send(signal).await.is_err() {
                                 break;
@@ -206,12 +232,15 @@ async fn serve(
                 None => return true,
             },
         };
-        let mut batch = Vec::with_capacity(3);
+        let mut batch = Vec::with_capacity(4);
         if bus.kick.swap(false, Ordering::AcqRel) {
             batch.push(Signal::Kick);
         }
         if bus.changed.swap(false, Ordering::AcqRel) {
             batch.push(Signal::Changed);
+        }
+        if bus.identities.swap(false, Ordering::AcqRel) {
+            batch.push(Signal::Identities);
         }
         batch.extend(signal);
         for s in batch {

@@ -507,8 +507,8 @@ impl Store {
         })
     }
 
-    /// Whether this is the embedded store (which alone keeps stacks,
-    /// state, enrollments and notifications).
+    /// Whether this is the embedded store (which alone keeps stacks and
+    /// state).
     pub fn is_embedded(&self) -> bool {
         self.sqlite.is_some()
     }
@@ -522,7 +522,8 @@ impl Store {
     }
 
     /// Runs `f` with the embedded store's connection on the blocking pool
-    /// (the tables of stacks, state, enrollments and notifications).
+    /// (the tables of stacks and state; enrollments and notifications
+    /// when the store is embedded).
     pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -531,7 +532,7 @@ impl Store {
         match &self.sqlite {
             Some(s) => s.with(f).await,
             None => Err(StoreError::Unsupported(
-                "stacks, state, enrollments and notifications are kept in the embedded store only",
+                "stacks and state are kept in the embedded store only",
             )),
         }
     }
