@@ -31,7 +31,7 @@ pub struct ServerArgs {
     pub metrics_listen: Option<String>,
     /// Where jobs, leases and logs are kept: `embedded` (SQLite in the
     /// data directory) or `postgres://user@host/db` (shared by several
-    /// replicas; stacks and agent enrolment need the embedded store).
+    /// replicas; stacks need the embedded store).
     /// Also read from OUTPOST_STORE.
     #[arg(long, env = "OUTPOST_STORE", default_value = "embedded", value_parser = crate::server::StoreLocation::parse, hide_env_values = true)]
     pub store: crate::server::StoreLocation,
