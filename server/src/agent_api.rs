@@ -129,7 +129,9 @@ async fn welcome(
         Some(Err(e)) => return Err(e),
         None => return Ok(None),
     };
-    let (labels, ignored_labels) = identity.bind_labels(hello.labels.into_iter().collect());
+    let (labels, ignored_labels) = identity
+        .bind_labels(hello.labels.into_iter().collect())
+        .await?;
     hub.store
         .upsert_agent(AgentInfo {
             id: agent.to_string(),

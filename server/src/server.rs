@@ -246,6 +246,7 @@ impl Prepared {
                 let id = format!("{}-{}", hostname(), uuid::Uuid::new_v4().simple());
                 let (bus, incoming) = crate::replicas::Bus::start(url, id.clone(), tasks.clone())
                     .map_err(|e| ServerError::Replicas(e.to_string()))?;
+                registry.join_replicas(bus.clone(), tasks.clone());
                 hub.join_replicas(bus, incoming, tasks.clone());
                 info!(replica = %id, "replica of a shared PostgreSQL store");
                 crate::replicas::Leadership::elect(url, tasks.clone())

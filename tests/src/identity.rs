@@ -49,42 +49,14 @@ impl Cluster {
 
     /// A TLS channel that presents no client certificate.
     pub async fn anonymous_channel(&self) -> Channel {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(
-                std::fs::read(self.state.pki().ca_cert()).expect("ca"),
-            ))
-            .domain_name("localhost");
-        Endpoint::from_shared(self.url())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls")
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .expect("a TLS connection without a client certificate")
+        anonymous_channel(&self.url(), &self.state.pki().ca_cert()).await
     }
 
     /// Enrols `name` with `token` as an agent would (key made here),
     /// writing its key and certificate under the test directory.
     pub async fn enroll(&self, token: &str, name: &str) -> Result<Enrolled, tonic::Status> {
-        let key = rcgen::KeyPair::generate().expect("key");
-        let resp = idpb::enrollment_client::EnrollmentClient::new(self.anonymous_channel().await)
-            .enroll(idpb::EnrollRequest {
-                token: token.into(),
-                agent_name: name.into(),
-                csr_pem: csr(&key, name),
-            })
-            .await?
-            .into_inner();
         let dir = self.dir.path().join("enrolled").join(name);
-        std::fs::create_dir_all(&dir).expect("dir");
-        let out = Enrolled {
-            cert: dir.join("agent.pem"),
-            key: dir.join("agent.key"),
-        };
-        std::fs::write(&out.cert, resp.certificate_pem).expect("cert");
-        std::fs::write(&out.key, key.serialize_pem()).expect("key");
-        Ok(out)
+        enroll_at(&self.url(), &self.state.pki().ca_cert(), token, name, &dir).await
     }
 
     /// The config of an in-process agent `name` that enrols with `token`
@@ -124,6 +96,51 @@ impl Cluster {
         self.raw_agent_with(RawIdentity::Files { cert, key }, hello)
             .await
     }
+}
+
+/// A TLS channel to the control plane at `url` (its CA in `ca`) that
+/// presents no client certificate.
+pub async fn anonymous_channel(url: &str, ca: &Path) -> Channel {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(std::fs::read(ca).expect("ca")))
+        .domain_name("localhost");
+    Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
+        .await
+        .expect("a TLS connection without a client certificate")
+}
+
+/// Enrols `name` with `token` at the control plane at `url` (its CA in
+/// `ca`) as an agent would (key made here), writing its key and
+/// certificate in `dir`.
+pub async fn enroll_at(
+    url: &str,
+    ca: &Path,
+    token: &str,
+    name: &str,
+    dir: &Path,
+) -> Result<Enrolled, tonic::Status> {
+    let key = rcgen::KeyPair::generate().expect("key");
+    let resp = idpb::enrollment_client::EnrollmentClient::new(anonymous_channel(url, ca).await)
+        .enroll(idpb::EnrollRequest {
+            token: token.into(),
+            agent_name: name.into(),
+            csr_pem: csr(&key, name),
+        })
+        .await?
+        .into_inner();
+    std::fs::create_dir_all(dir).expect("dir");
+    let out = Enrolled {
+        cert: dir.join("agent.pem"),
+        key: dir.join("agent.key"),
+    };
+    std::fs::write(&out.cert, resp.certificate_pem).expect("cert");
+    std::fs::write(&out.key, key.serialize_pem()).expect("key");
+    Ok(out)
 }
 
 /// A PKCS#10 request for `name` signed with `key`.

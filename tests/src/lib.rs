@@ -492,44 +492,58 @@ impl Cluster {
             }
             RawIdentity::Files { cert, key } => (cert.to_path_buf(), key.to_path_buf()),
         };
-        let tls = tonic::transport::ClientTlsConfig::new()
-            .ca_certificate(tonic::transport::Certificate::from_pem(
-                std::fs::read(pki.ca_cert()).expect("ca"),
-            ))
-            .identity(tonic::transport::Identity::from_pem(
-                std::fs::read(&cert).expect("cert"),
-                std::fs::read(&key).expect("key"),
-            ))
-            .domain_name("localhost");
-        let channel = tonic::transport::Endpoint::from_shared(self.url())
-            .expect("url")
-            .tls_config(tls)
-            .expect("tls")
-            .connect_timeout(Duration::from_secs(10))
-            .connect()
-            .await
-            .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
-        let (tx, rx) = tokio::sync::mpsc::channel(64);
-        tx.send(pb::AgentMessage {
-            msg: Some(pb::agent_message::Msg::Hello(hello)),
-        })
+        raw_session(&self.url(), &pki.ca_cert(), &cert, &key, hello).await
+    }
+}
+
+/// Opens a scripted agent session to the control plane at `url` (its CA
+/// in `ca`) with the certificate in `cert` and `key`, sends `hello` and
+/// waits for the welcome. A connection that cannot be made is
+/// `Unavailable` with its cause; what the server refuses is its status.
+pub async fn raw_session(
+    url: &str,
+    ca: &Path,
+    cert: &Path,
+    key: &Path,
+    hello: pb::Hello,
+) -> Result<RawAgent, tonic::Status> {
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(
+            std::fs::read(ca).expect("ca"),
+        ))
+        .identity(tonic::transport::Identity::from_pem(
+            std::fs::read(cert).expect("cert"),
+            std::fs::read(key).expect("key"),
+        ))
+        .domain_name("localhost");
+    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
+        .expect("url")
+        .tls_config(tls)
+        .expect("tls")
+        .connect_timeout(Duration::from_secs(10))
+        .connect()
         .await
-        .expect("queue hello");
-        let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
-            .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
-            .await
-            .expect("a welcome within 30s")?;
-        match first.and_then(|m| m.msg) {
-            Some(pb::server_message::Msg::Welcome(welcome)) => Ok(RawAgent {
-                tx,
-                inbound,
-                welcome,
-            }),
-            other => panic!("expected a welcome, got {other:?}"),
-        }
+        .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(hello)),
+    })
+    .await
+    .expect("queue hello");
+    let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
+        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await?
+        .into_inner();
+    let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
+        .await
+        .expect("a welcome within 30s")?;
+    match first.and_then(|m| m.msg) {
+        Some(pb::server_message::Msg::Welcome(welcome)) => Ok(RawAgent {
+            tx,
+            inbound,
+            welcome,
+        }),
+        other => panic!("expected a welcome, got {other:?}"),
     }
 }
 

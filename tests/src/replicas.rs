@@ -13,6 +13,7 @@ use outpost_proto::admin::v1 as admin;
 use outpost_proto::admin::v1::admin_service_client::AdminServiceClient;
 use outpost_proto::agent::v1 as pb;
 use outpost_proto::iac::v1::iac_admin_client::IacAdminClient;
+use outpost_proto::identity::v1 as idpb;
 use tonic::transport::Channel;
 
 use crate::{AgentProc, bin, is_final, spawn_agent_process, write_agent_config_at};
@@ -178,6 +179,43 @@ impl Replicas {
             .connect()
             .await
             .expect("admin connects")
+    }
+
+    /// The operator's identity API on replica `i`.
+    pub async fn identity_admin(
+        &self,
+        i: usize,
+    ) -> idpb::identity_admin_client::IdentityAdminClient<Channel> {
+        idpb::identity_admin_client::IdentityAdminClient::new(
+            self.client_config(i)
+                .channel()
+                .await
+                .expect("admin channel"),
+        )
+    }
+
+    /// Enrols `name` with `token` through replica `i`, as an agent would.
+    pub async fn enroll(
+        &self,
+        i: usize,
+        token: &str,
+        name: &str,
+    ) -> Result<crate::identity::Enrolled, tonic::Status> {
+        let dir = self.dir.path().join("enrolled").join(name);
+        crate::identity::enroll_at(&self.url(i), &self.base.pki().ca_cert(), token, name, &dir)
+            .await
+    }
+
+    /// A scripted session on replica `i` with the certificate in `cert`
+    /// and `key`.
+    pub async fn raw_agent_as(
+        &self,
+        i: usize,
+        cert: &Path,
+        key: &Path,
+        hello: pb::Hello,
+    ) -> Result<crate::RawAgent, tonic::Status> {
+        crate::raw_session(&self.url(i), &self.base.pki().ca_cert(), cert, key, hello).await
     }
 
     /// Submits `spec` through replica `i`.

@@ -1,7 +1,8 @@
 //! Several control-plane replicas over one real PostgreSQL server: every
 //! job leased once whichever replica it was submitted through, dispatch
 //! and cancels across replicas, failover of an agent when its replica is
-//! killed, and a database restart under a running job. Needs PostgreSQL
+//! killed, a database restart under a running job, and an agent enrolled
+//! through one replica and revoked through another. Needs PostgreSQL
 //! (`scripts/setup.sh` installs it; without it these tests say `SKIPPED`,
 //! or fail under `OUTPOST_REQUIRE_PG=1`).
 
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
+use outpost_proto::identity::v1 as idpb;
 use outpost_tests::replicas::Replicas;
 use outpost_tests::{numbered_job, pg, require_pg, spec, state};
 
@@ -297,4 +299,111 @@ async fn a_stack_declared_through_one_replica_plans_and_applies_through_the_othe
     }
     let log = String::from_utf8_lossy(&r.logs(0, &run.apply_job, 1).await).into_owned();
     assert!(log.contains("Apply complete! Resources: 1 added"), "{log}");
+}
+
+/// Enrolment on replicas: a token created through replica 0 enrols an
+/// agent whose session is on replica 1; revoked through replica 0, its
+/// session on replica 1 ends and both refuse its certificate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_enrolled_through_one_replica_is_revoked_through_another() {
+    let db = require_pg!(pg::database().await);
+    let r = Replicas::start(2, db.url(), "30s").await;
+    let token = r
+        .identity_admin(0)
+        .await
+        .create_enrollment(idpb::CreateEnrollmentRequest {
+            pool: "tf".into(),
+            labels: [("env".to_string(), "prod".to_string())].into(),
+            ttl_ms: 600_000,
+            uses: 1,
+            agent_name: String::new(),
+        })
+        .await
+        .expect("create enrolment")
+        .into_inner()
+        .token;
+    let e = r
+        .enroll(1, &token, "e1")
+        .await
+        .expect("enrolled through replica 1");
+    // The one-time token is used up on every replica.
+    let again = r.enroll(0, &token, "e2").await.err().expect("refused");
+    assert_eq!(again.code(), tonic::Code::Unauthenticated, "{again:?}");
+    assert!(again.message().contains("already used"), "{again:?}");
+    // Its session on replica 0 at once: bound to its enrolment's labels.
+    let mut raw = r
+        .raw_agent_as(
+            0,
+            &e.cert,
+            &e.key,
+            pb::Hello {
+                agent_id: "e1".into(),
+                capacity: 0,
+                labels: [
+                    ("env".to_string(), "prod".to_string()),
+                    ("gpu".to_string(), "yes".to_string()),
+                ]
+                .into(),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("session on replica 0");
+    assert_eq!(
+        raw.welcome.labels,
+        [("env".to_string(), "prod".to_string())].into()
+    );
+    assert_eq!(raw.welcome.ignored_labels, ["gpu=yes"]);
+    // Revoked through replica 1: its session on replica 0 ends, well within
+    // the registry's periodic reload (5 s) plus a margin.
+    let revoked = r
+        .identity_admin(1)
+        .await
+        .revoke_agent(idpb::RevokeAgentRequest {
+            agent_name: "e1".into(),
+        })
+        .await
+        .expect("revoke through replica 1")
+        .into_inner();
+    let asked = Instant::now();
+    assert!(revoked.revoked_ms > 0);
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match raw.inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return None,
+                Err(s) => return Some(s),
+            }
+        }
+    })
+    .await
+    .expect("the session on replica 0 ends within 10s")
+    .expect("with a status");
+    assert_eq!(ended.code(), tonic::Code::PermissionDenied, "{ended:?}");
+    assert!(ended.message().contains("revoked"), "{ended:?}");
+    eprintln!(
+        "revocation reached the other replica after {:?}",
+        asked.elapsed()
+    );
+    // Every replica refuses its certificate from then on.
+    for i in 0..2 {
+        let e = r
+            .raw_agent_as(
+                i,
+                &e.cert,
+                &e.key,
+                pb::Hello {
+                    agent_id: "e1".into(),
+                    ..Default::default()
+                },
+            )
+            .await
+            .err()
+            .expect("refused");
+        assert_eq!(
+            e.code(),
+            tonic::Code::PermissionDenied,
+            "replica {i}: {e:?}"
+        );
+    }
 }

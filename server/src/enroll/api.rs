@@ -107,6 +107,11 @@ impl pb::identity_admin_server::IdentityAdmin for IdentityAdminApi {
         request: Request<pb::ListIdentitiesRequest>,
     ) -> Result<Response<pb::ListIdentitiesResponse>, Status> {
         Identity::require(&request, Role::Admin)?;
+        // What every replica changed, not only this one.
+        self.registry
+            .reload()
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?;
         let identities = self
             .registry
             .records()

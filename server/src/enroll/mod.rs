@@ -14,6 +14,16 @@
 //!
 //! **Invariant:** the labels an enrolled agent is matched on are the ones of
 //! its hello that its enrolment allows ([`Registry::bound_labels`]).
+//!
+//! **Several replicas** (a shared PostgreSQL store): any replica enrols,
+//! renews and revokes; the store serializes enrolments of one name and
+//! uses of one token (`store`). Each replica keeps its records in memory
+//! for the gate and the sessions, and reads them again when another
+//! replica signals a change (`Signal::Identities`) and every
+//! [`RELOAD_EVERY`]: a revocation made anywhere refuses the agent and ends
+//! its sessions on every replica within that time. A session's start and
+//! a renewal read the agent's record from the store first, so an agent
+//! enrolled a moment ago through another replica is bound to its labels.
 
 pub mod api;
 pub mod csr;
@@ -23,15 +33,21 @@ pub mod session;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use parking_lot::RwLock;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument as _;
 
 use crate::model::now_ms;
 use crate::pki::PkiDir;
+use crate::replicas::{Bus, Signal};
 use crate::store::{Store, StoreError};
+
+/// On a shared store, the records are read again at least this often.
+pub const RELOAD_EVERY: Duration = Duration::from_secs(5);
 
 /// Lifetimes of what enrolment issues.
 #[derive(Debug, Clone, Copy)]
@@ -138,7 +154,9 @@ pub struct Issued {
 }
 
 /// Enrolment, renewal and revocation; revoked names and the labels each
-/// enrolled agent may claim are kept in memory (loaded at start).
+/// enrolled agent may claim are kept in memory (loaded at start; on a
+/// shared store, reloaded when another replica changes them and every
+/// [`RELOAD_EVERY`]).
 pub struct Registry {
     store: Store,
     /// `None` when the CA key is not on this host: enrolment is off.
@@ -146,6 +164,8 @@ pub struct Registry {
     config: IdentityConfig,
     records: RwLock<HashMap<String, IdentityRecord>>,
     revocations: watch::Sender<u64>,
+    /// The replicas' channel, when the store is shared.
+    bus: OnceLock<Arc<Bus>>,
 }
 
 impl Registry {
@@ -155,21 +175,6 @@ impl Registry {
         pki: &PkiDir,
         config: IdentityConfig,
     ) -> Result<Arc<Registry>, StoreError> {
-        if !store.is_embedded() {
-            // Enrolment records live in the embedded store only: replicas
-            // on a shared store accept certificates the CA issued.
-            tracing::warn!(
-                "agent enrolment, renewal and revocation are off: they need the embedded store"
-            );
-            let (revocations, _) = watch::channel(0);
-            return Ok(Arc::new(Registry {
-                store,
-                ca: None,
-                config,
-                records: RwLock::new(Default::default()),
-                revocations,
-            }));
-        }
         let ca = match csr::Ca::load(pki) {
             Ok(ca) => Some(Arc::new(ca)),
             Err(e) => {
@@ -185,7 +190,94 @@ impl Registry {
             config,
             records: RwLock::new(records.into_iter().map(|r| (r.name.clone(), r)).collect()),
             revocations,
+            bus: OnceLock::new(),
         }))
+    }
+
+    /// Joins the other replicas of a shared store: tells them through
+    /// `bus` after every enrolment, renewal and revocation made here, and
+    /// reloads the records when one of them says so, and every
+    /// [`RELOAD_EVERY`] in any case (so a lost signal delays a revocation
+    /// made elsewhere by that much at most). Stops on `shutdown`.
+    pub fn join_replicas(self: &Arc<Self>, bus: Arc<Bus>, shutdown: CancellationToken) {
+        let mut signals = bus.identities();
+        let _ = self.bus.set(bus);
+        let me = Arc::downgrade(self);
+        tokio::spawn(
+            async move {
+                let mut listening = true;
+                loop {
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        changed = signals.changed(), if listening => {
+                            listening = changed.is_ok();
+                        }
+                        _ = tokio::time::sleep(RELOAD_EVERY) => {}
+                    }
+                    let Some(registry) = me.upgrade() else { break };
+                    if let Err(e) = registry.reload().await {
+                        tracing::warn!(error = %e, "reloading agent identities failed");
+                    }
+                }
+            }
+            .instrument(tracing::info_span!("identities_follow")),
+        );
+    }
+
+    /// Reads every record again from the store. A revocation is never
+    /// undone (one made here after the read stays); sessions are told of
+    /// every agent revoked since the last read.
+    pub async fn reload(&self) -> Result<(), StoreError> {
+        let loaded = store::list(&self.store).await?;
+        let revoked = {
+            let mut records = self.records.write();
+            let mut revoked = false;
+            for mut r in loaded {
+                match records.get(&r.name) {
+                    Some(old) if old.revoked_ms > 0 && r.revoked_ms == 0 => {
+                        r.revoked_ms = old.revoked_ms;
+                    }
+                    Some(old) if old.revoked_ms == 0 && r.revoked_ms > 0 => revoked = true,
+                    None if r.revoked_ms > 0 => revoked = true,
+                    _ => {}
+                }
+                records.insert(r.name.clone(), r);
+            }
+            revoked
+        };
+        if revoked {
+            tracing::info!("an agent was revoked on another replica");
+            self.revocations.send_modify(|v| *v = v.wrapping_add(1));
+        }
+        Ok(())
+    }
+
+    /// Reads agent `name`'s record again when the store is shared (it may
+    /// have enrolled through another replica moments ago).
+    pub async fn refresh(&self, name: &str) -> Result<(), StoreError> {
+        if self.store.pg().is_none() {
+            return Ok(());
+        }
+        if let Some(r) = store::get(&self.store, name.to_string()).await? {
+            let revoked = r.revoked_ms > 0;
+            let mut records = self.records.write();
+            let was = records.get(name).is_some_and(|old| old.revoked_ms > 0);
+            if !was {
+                records.insert(name.to_string(), r);
+            }
+            drop(records);
+            if revoked && !was {
+                self.revocations.send_modify(|v| *v = v.wrapping_add(1));
+            }
+        }
+        Ok(())
+    }
+
+    /// Tells the other replicas that enrolment records changed.
+    fn publish(&self) {
+        if let Some(bus) = self.bus.get() {
+            bus.publish(Signal::Identities);
+        }
     }
 
     pub fn config(&self) -> IdentityConfig {
@@ -336,6 +428,7 @@ impl Registry {
                 revoked_ms: 0,
             },
         );
+        self.publish();
         Ok(Issued {
             certificate_pem: signed.pem,
             ttl,
@@ -346,6 +439,10 @@ impl Registry {
 
     /// Signs the next certificate of enrolled agent `name`.
     pub async fn renew(&self, name: &str, csr_pem: &str) -> Result<Issued, EnrollError> {
+        // On a shared store the record may have changed on another replica.
+        self.refresh(name)
+            .await
+            .map_err(|e| EnrollError::Internal(e.to_string()))?;
         let record = self.records.read().get(name).cloned();
         let record = match record {
             Some(r) if r.revoked_ms > 0 => {
@@ -366,6 +463,7 @@ impl Registry {
         if let Some(r) = self.records.write().get_mut(name) {
             r.cert_not_after_ms = signed.not_after_ms;
         }
+        self.publish();
         Ok(Issued {
             certificate_pem: signed.pem,
             ttl,
@@ -401,6 +499,7 @@ impl Registry {
             .write()
             .insert(name.to_string(), record.clone());
         self.revocations.send_modify(|v| *v = v.wrapping_add(1));
+        self.publish();
         Ok(record)
     }
 }

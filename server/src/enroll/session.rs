@@ -55,16 +55,23 @@ impl SessionIdentity {
         self.expiry = Some(tokio::time::Instant::now() + left);
     }
 
-    /// The labels the agent is matched on, and the claimed ones ignored.
-    pub fn bind_labels(
+    /// The labels the agent is matched on, and the claimed ones ignored
+    /// (its record read again first on a shared store: it may have enrolled
+    /// through another replica moments ago).
+    pub async fn bind_labels(
         &self,
         claimed: BTreeMap<String, String>,
-    ) -> (BTreeMap<String, String>, Vec<String>) {
+    ) -> Result<(BTreeMap<String, String>, Vec<String>), Status> {
+        self.registry
+            .refresh(&self.name)
+            .await
+            .map_err(|e| Status::unavailable(format!("agent identities: {e}")))?;
+        self.check()?;
         let (kept, ignored) = self.registry.bound_labels(&self.name, claimed);
         if !ignored.is_empty() {
             warn!(ignored = %ignored.join(","), "the agent claims labels its enrolment does not allow; ignored");
         }
-        (kept, ignored)
+        Ok((kept, ignored))
     }
 
     /// Refuses everything from a revoked agent.

@@ -43,6 +43,8 @@ impl Hub {
             // Not `kick`: a relayed kick is never relayed again.
             Signal::Kick => self.dispatch.notify_one(),
             Signal::Changed => self.changed_here(),
+            // The bus hands it to the enrolment registry, not here.
+            Signal::Identities => {}
             Signal::Deliver { agent, msg } => {
                 if !self.is_connected(&agent) {
                     return;

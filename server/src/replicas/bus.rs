@@ -2,15 +2,17 @@
 //! that `LISTEN`s, and sends this replica's signals with `pg_notify`.
 //! It reconnects by itself (a database restart, a failover) and, once
 //! back, hands the replica a `Kick` and a `Changed` to catch up on what it
-//! may have missed. It connects as the store does (TLS as the URL's
-//! `sslmode` says: `store::postgres::tls`).
+//! may have missed, and tells the enrolment registry to reload. It connects
+//! as the store does (TLS as the URL's `sslmode` says:
+//! `store::postgres::tls`). `Identities` does not go to the hub: it bumps
+//! [`Bus::identities`], which the enrolment registry watches.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures::StreamExt as _;
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
@@ -35,8 +37,12 @@ pub struct Bus {
     id: String,
     kick: AtomicBool,
     changed: AtomicBool,
+    identities: AtomicBool,
     wake: Notify,
     deliver: mpsc::Sender<Signal>,
+    /// Bumped when another replica changed enrolment records (and after
+    /// the channel reconnected).
+    identities_changed: watch::Sender<u64>,
 }
 
 impl Bus {
@@ -55,8 +61,10 @@ impl Bus {
             id,
             kick: AtomicBool::new(false),
             changed: AtomicBool::new(false),
+            identities: AtomicBool::new(false),
             wake: Notify::new(),
             deliver,
+            identities_changed: watch::channel(0).0,
         });
         tokio::spawn(run(bus.clone(), target, outgoing, incoming, shutdown));
         Ok((bus, rx))
@@ -67,9 +75,20 @@ impl Bus {
         &self.id
     }
 
-    /// Sends `signal` to the other replicas. `Kick` and `Changed` are
-    /// coalesced (one pending of each at most); a message for an agent is
-    /// queued.
+    /// Changes whenever another replica says enrolment records changed,
+    /// and after the channel was lost and is back.
+    pub fn identities(&self) -> watch::Receiver<u64> {
+        self.identities_changed.subscribe()
+    }
+
+    fn identities_changed(&self) {
+        self.identities_changed
+            .send_modify(|v| *v = v.wrapping_add(1));
+    }
+
+    /// Sends `signal` to the other replicas. `Kick`, `Changed` and
+    /// `Identities` are coalesced (one pending of each at most); a message
+    /// for an agent is queued.
     pub fn publish(&self, signal: Signal) {
         match signal {
             Signal::Kick => {
@@ -78,6 +97,10 @@ impl Bus {
             }
             Signal::Changed => {
                 self.changed.store(true, Ordering::Release);
+                self.wake.notify_one();
+            }
+            Signal::Identities => {
+                self.identities.store(true, Ordering::Release);
                 self.wake.notify_one();
             }
             deliver @ Signal::Deliver { .. } => {
@@ -110,6 +133,7 @@ async fn run(
                 // Whatever happened while the channel was down.
                 let _ = incoming.try_send(Signal::Kick);
                 let _ = incoming.try_send(Signal::Changed);
+                bus.identities_changed();
                 // `ended` is a child of `shutdown`: a stop ends both.
                 if serve(&bus, &client, ended, &mut outgoing, &shutdown).await
                     || shutdown.is_cancelled()
@@ -139,6 +163,7 @@ async fn connect(
     let (client, mut connection) = target.config.connect(target.tls.clone()).await?;
     let ended = shutdown.child_token();
     let (me, tx, done) = (bus.id.clone(), incoming.clone(), ended.clone());
+    let bus = bus.clone();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         loop {
@@ -150,6 +175,7 @@ async fn connect(
                 Some(Ok(tokio_postgres::AsyncMessage::Notification(n))) => {
                     match Signal::decode(n.payload()) {
                         Some((from, _)) if from == me => {}
+                        Some((_, Signal::Identities)) => bus.identities_changed(),
                         Some((_, signal)) => {
                             if tx.send(signal).await.is_err() {
                                 break;
@@ -208,12 +234,15 @@ async fn serve(
                 None => return true,
             },
         };
-        let mut batch = Vec::with_capacity(3);
+        let mut batch = Vec::with_capacity(4);
         if bus.kick.swap(false, Ordering::AcqRel) {
             batch.push(Signal::Kick);
         }
         if bus.changed.swap(false, Ordering::AcqRel) {
             batch.push(Signal::Changed);
+        }
+        if bus.identities.swap(false, Ordering::AcqRel) {
+            batch.push(Signal::Identities);
         }
         batch.extend(signal);
         for s in batch {

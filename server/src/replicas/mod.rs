@@ -12,6 +12,10 @@
 //!   waiters on every replica look again.
 //! - **A message for an agent** (cancel, drain) whose session is on another
 //!   replica: the replica holding the session delivers it.
+//! - **Enrolment records changed** (an enrolment, a renewal, a revocation):
+//!   every replica's enrolment registry reads them again, so a revoked
+//!   agent's sessions end wherever they are (the registry also reads them
+//!   every 5 s).
 //!
 //! - **Background work of stacks** (run steps, source polling, drift
 //!   scheduling) runs on one replica at a time, elected through an

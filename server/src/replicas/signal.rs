@@ -16,6 +16,9 @@ pub enum Signal {
     Kick,
     /// A job, a log or an agent changed: wake followers and waiters.
     Changed,
+    /// Enrolment records changed (an enrolment, a renewal, a revocation):
+    /// reload them (`crate::enroll::Registry`).
+    Identities,
     /// A message for `agent`'s session, wherever it is held.
     Deliver {
         agent: String,
@@ -41,6 +44,7 @@ impl Signal {
         let (kind, agent, msg) = match self {
             Signal::Kick => ("kick", String::new(), String::new()),
             Signal::Changed => ("changed", String::new(), String::new()),
+            Signal::Identities => ("identities", String::new(), String::new()),
             Signal::Deliver { agent, msg } => {
                 let bytes = pb::ServerMessage {
                     msg: Some((**msg).clone()),
@@ -70,6 +74,7 @@ impl Signal {
         let signal = match w.kind.as_str() {
             "kick" => Signal::Kick,
             "changed" => Signal::Changed,
+            "identities" => Signal::Identities,
             "deliver" => {
                 let bytes = base64::engine::general_purpose::STANDARD
                     .decode(w.msg)
@@ -100,7 +105,7 @@ mod tests {
                 reason: "cancelled by admin".into(),
             })),
         };
-        for s in [Signal::Kick, Signal::Changed, cancel] {
+        for s in [Signal::Kick, Signal::Changed, Signal::Identities, cancel] {
             let text = s.encode("r1").expect("fits");
             assert_eq!(Signal::decode(&text), Some(("r1".to_string(), s)));
         }

@@ -513,8 +513,8 @@ impl Store {
         })
     }
 
-    /// Whether this is the embedded store (which alone keeps stacks,
-    /// state, enrollments and notifications).
+    /// Whether this is the embedded store (which alone keeps stacks and
+    /// state).
     pub fn is_embedded(&self) -> bool {
         self.sqlite.is_some()
     }
@@ -528,7 +528,8 @@ impl Store {
     }
 
     /// Runs `f` with the embedded store's connection on the blocking pool
-    /// (the tables of stacks, state, enrollments and notifications).
+    /// (the tables of stacks and state; enrollments and notifications
+    /// when the store is embedded).
     pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -537,7 +538,7 @@ impl Store {
         match &self.sqlite {
             Some(s) => s.with(f).await,
             None => Err(StoreError::Unsupported(
-                "stacks, state, enrollments and notifications are kept in the embedded store only",
+                "stacks and state are kept in the embedded store only",
             )),
         }
     }

@@ -3,10 +3,10 @@
 //! Migrations are an ordered list of `(version, sql)`; each is applied once,
 //! in a transaction of its own that first takes a transaction-scoped
 //! advisory lock, so replicas starting at once apply each exactly once
-//! (the others wait, then find it recorded in `schema_migrations`). Each
-//! version is looked up on its own, so the list may have gaps (versions are
-//! set aside for work in progress): a version listed below one that a
-//! database already applied is applied at the next start, in list order.
+//! (the others wait, then find it recorded in `schema_migrations`).
+//! Versions increase along the list but need not be contiguous: each is
+//! looked up on its own, so a version added later below a recorded one is
+//! still applied.
 
 use tokio_postgres::{GenericClient, Row};
 
@@ -76,6 +76,7 @@ CREATE TABLE artifacts (
 "#,
     ),
     (2, crate::iac::store::postgres::SCHEMA),
+    (3, IDENTITIES_AND_NOTIFICATIONS),
     (4, MIGRATION_4),
 ];
 
@@ -92,6 +93,44 @@ CREATE TABLE iac_blobs (
 CREATE TABLE replica_keys (
     name TEXT PRIMARY KEY,
     fingerprint TEXT NOT NULL
+);
+"#;
+
+/// Migration 3: agent enrolment (`crate::enroll::store`) and webhook
+/// deliveries (`crate::notify::store`), as in the embedded store.
+const IDENTITIES_AND_NOTIFICATIONS: &str = r#"
+CREATE TABLE enrollments (
+    id TEXT PRIMARY KEY,
+    token_hash TEXT NOT NULL UNIQUE,
+    pool TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    agent_name TEXT NOT NULL DEFAULT '',
+    uses_left BIGINT NOT NULL,
+    expires_ms BIGINT NOT NULL,
+    created_ms BIGINT NOT NULL
+);
+CREATE TABLE agent_identities (
+    name TEXT PRIMARY KEY,
+    pool TEXT NOT NULL,
+    labels TEXT NOT NULL,
+    enrollment_id TEXT NOT NULL,
+    enrolled_ms BIGINT NOT NULL,
+    cert_not_after_ms BIGINT NOT NULL DEFAULT 0,
+    revoked_ms BIGINT NOT NULL DEFAULT 0
+);
+CREATE TABLE notify_deliveries (
+    seq BIGSERIAL PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    stack TEXT NOT NULL,
+    state TEXT NOT NULL,
+    next_at_ms BIGINT NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX notify_due ON notify_deliveries (next_at_ms) WHERE state = 'pending';
+CREATE INDEX notify_stack ON notify_deliveries (stack, seq);
+CREATE TABLE notify_global (
+    id INT PRIMARY KEY CHECK (id = 1),
+    body TEXT NOT NULL
 );
 "#;
 
@@ -267,4 +306,14 @@ pub(super) fn row_to_job(r: &Row) -> Result<Job, StoreError> {
 /// A non-negative count or offset as stored (BIGINT).
 pub(super) fn big(v: u64) -> i64 {
     v.min(i64::MAX as u64) as i64
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn migration_versions_increase_and_may_leave_gaps() {
+        let versions: Vec<i32> = super::MIGRATIONS.iter().map(|(v, _)| *v).collect();
+        assert!(versions.windows(2).all(|w| w[0] < w[1]), "{versions:?}");
+        assert!(versions.contains(&3), "{versions:?}");
+    }
 }
