@@ -513,12 +513,6 @@ impl Store {
         })
     }
 
-    /// Whether this is the embedded store (which alone keeps stacks and
-    /// state).
-    pub fn is_embedded(&self) -> bool {
-        self.sqlite.is_some()
-    }
-
     /// The connection pool, when this store is PostgreSQL: the control
     /// plane's other tables (stacks, runs, state, blobs, enrollments,
     /// notifications) are kept in the same database, each module with its
@@ -528,8 +522,9 @@ impl Store {
     }
 
     /// Runs `f` with the embedded store's connection on the blocking pool
-    /// (the tables of stacks and state; enrollments and notifications
-    /// when the store is embedded).
+    /// (the SQLite side of the control plane's other tables: stacks, runs,
+    /// state, enrollments, notifications); on PostgreSQL those modules
+    /// use [`Store::pg`] instead, and this is refused.
     pub(crate) async fn with<T, F>(&self, f: F) -> Result<T, StoreError>
     where
         T: Send + 'static,
@@ -538,7 +533,7 @@ impl Store {
         match &self.sqlite {
             Some(s) => s.with(f).await,
             None => Err(StoreError::Unsupported(
-                "stacks and state are kept in the embedded store only",
+                "a query written for the embedded store, on PostgreSQL",
             )),
         }
     }
