@@ -22,6 +22,21 @@ use crate::{AgentProc, bin, is_final, spawn_agent_process, write_agent_config_at
 /// an installation must share (README: "Several control-plane replicas").
 pub const REPLICA_KEYS: [&str; 2] = ["oidc-signing-key.p8", "iac/secrets.key"];
 
+/// Copies the keys of replica `from` that `to` lacks (as an operator
+/// would before `to` first starts).
+pub fn copy_keys(from: &StateDir, to: &StateDir) -> std::io::Result<()> {
+    for key in REPLICA_KEYS {
+        let (src, dst) = (from.data_dir().join(key), to.data_dir().join(key));
+        if src.exists() && !dst.exists() {
+            if let Some(dir) = dst.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            std::fs::copy(&src, &dst)?;
+        }
+    }
+    Ok(())
+}
+
 /// One replica process.
 pub struct Replica {
     pub state: StateDir,
@@ -78,14 +93,8 @@ impl Replicas {
         // Every replica of one installation holds the same keys: those the
         // first replica created, copied as an operator would.
         if i > 0 {
-            let first = StateDir::new(self.dir.path().join("r0")).data_dir();
-            for key in REPLICA_KEYS {
-                let (from, to) = (first.join(key), state.data_dir().join(key));
-                if from.exists() && !to.exists() {
-                    std::fs::create_dir_all(to.parent().expect("key dir")).expect("key dir");
-                    std::fs::copy(&from, &to).expect("copy a replica key");
-                }
-            }
+            copy_keys(&StateDir::new(self.dir.path().join("r0")), &state)
+                .expect("copy the first replica's keys");
         }
         let log = state.root.join("server.log");
         let child = Command::new(bin("outpost"))

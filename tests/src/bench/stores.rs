@@ -122,6 +122,10 @@ impl Setup<'_> {
         for (i, store) in stores.iter().enumerate() {
             let state = StateDir::new(self.base.root.join(format!("{slug}-r{i}")));
             copy_pki(self.base, &state)?;
+            if i > 0 {
+                let first = StateDir::new(self.base.root.join(format!("{slug}-r0")));
+                crate::replicas::copy_keys(&first, &state)?;
+            }
             servers.push(ServerProc::start_with(
                 &state,
                 "127.0.0.1:0",
