@@ -84,6 +84,12 @@ impl Replicas {
         r
     }
 
+    /// Starts one more replica.
+    pub async fn add_replica(&mut self) {
+        self.replicas.push(None);
+        self.spawn(self.replicas.len() - 1).await;
+    }
+
     /// Starts replica `i` (again, after a kill: on a new port).
     pub async fn spawn(&mut self, i: usize) {
         let state = StateDir::new(self.dir.path().join(format!("r{i}")));

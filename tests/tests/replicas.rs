@@ -222,6 +222,60 @@ async fn an_unreachable_database_stops_the_server_before_it_listens_without_leak
     assert!(!st.addr_file().exists(), "it never listened");
 }
 
+/// A replica started with keys of its own (a fresh data directory, the
+/// keys not copied from the first) refuses to start, names both files to
+/// copy and never listens; with the keys copied it starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_without_the_first_replicas_keys_refuses_to_start() {
+    let db = require_pg!(pg::database().await);
+    let mut r = Replicas::start(1, db.url(), "20s").await;
+    let st = outpost::client::StateDir::new(r.dir.path().join("stranger"));
+    std::fs::create_dir_all(&st.root).expect("state dir");
+    let copy = |from: &std::path::Path, to: &std::path::Path| {
+        std::fs::create_dir_all(to).expect("pki dir");
+        for e in std::fs::read_dir(from).expect("read pki") {
+            let e = e.expect("entry");
+            if e.file_type().expect("type").is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
+            }
+        }
+    };
+    copy(&r.base.pki().dir, &st.pki().dir);
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(outpost_tests::bin("outpost"))
+            .arg("--state-dir")
+            .arg(&st.root)
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .env("OUTPOST_STORE", db.url())
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the server gives up within 60 s")
+    .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    for file in outpost_tests::replicas::REPLICA_KEYS {
+        let path = st.data_dir().join(file);
+        assert!(
+            err.contains(&format!("copy {} from a running replica", path.display())),
+            "{file}: {err}"
+        );
+    }
+    assert!(!st.addr_file().exists(), "it never listened");
+    // The fixture's second replica gets the first one's keys: it starts.
+    r.add_replica().await;
+    assert!(
+        r.client(1)
+            .await
+            .list_agents(admin::ListAgentsRequest {})
+            .await
+            .is_ok()
+    );
+}
+
 /// Stacks on replicas: a stack declared through replica 0 plans on an
 /// agent whose session is on replica 1, is approved through replica 1 by
 /// another identity, and applies; the run, its state version and the
