@@ -703,24 +703,27 @@ impl Cluster {
 
     /// Bytes of attempt `epoch` of a job's log.
     pub async fn logs_of_epoch(&self, id: &str, epoch: u64) -> Vec<u8> {
-        let mut s = self
-            .client()
-            .await
-            .follow_logs(admin::FollowLogsRequest {
-                job_id: id.into(),
-                offset: 0,
-                follow: false,
-                epoch,
-            })
-            .await
-            .expect("logs")
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(d) = s.message().await.expect("log stream") {
-            out.extend_from_slice(&d.data);
-        }
-        out
+        stored_log(self.client().await, id, epoch).await
     }
+}
+
+/// The whole stored log of attempt `epoch` of job `id`, read through `c`.
+pub async fn stored_log(mut c: AdminServiceClient<Channel>, id: &str, epoch: u64) -> Vec<u8> {
+    let mut s = c
+        .follow_logs(admin::FollowLogsRequest {
+            job_id: id.into(),
+            offset: 0,
+            follow: false,
+            epoch,
+        })
+        .await
+        .expect("logs")
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(d) = s.message().await.expect("log stream") {
+        out.extend_from_slice(&d.data);
+    }
+    out
 }
 
 impl AgentProc {

@@ -264,23 +264,7 @@ impl Replicas {
 
     /// The whole stored log of attempt `epoch` of a job, read through `i`.
     pub async fn logs(&self, i: usize, id: &str, epoch: u64) -> Vec<u8> {
-        let mut s = self
-            .client(i)
-            .await
-            .follow_logs(admin::FollowLogsRequest {
-                job_id: id.into(),
-                offset: 0,
-                follow: false,
-                epoch,
-            })
-            .await
-            .expect("logs")
-            .into_inner();
-        let mut out = Vec::new();
-        while let Some(d) = s.message().await.expect("log stream") {
-            out.extend_from_slice(&d.data);
-        }
-        out
+        crate::stored_log(self.client(i).await, id, epoch).await
     }
 
     /// Writes agent `name`'s config: it dials the replicas `order` in turn.
