@@ -76,6 +76,9 @@ pub struct ServerConfig {
     pub identity: crate::enroll::IdentityConfig,
     /// Where jobs, leases and logs are kept.
     pub store: StoreLocation,
+    /// Where IaC blobs are kept (`--blob-store`); `None`: where the store
+    /// puts them (the data directory, or PostgreSQL).
+    pub blobs: Option<crate::iac::blobs::Blobs>,
 }
 
 /// Where the control plane keeps its jobs, leases and logs.
@@ -119,6 +122,7 @@ impl ServerConfig {
             metrics: None,
             identity: crate::enroll::IdentityConfig::default(),
             store: StoreLocation::Embedded,
+            blobs: None,
         }
     }
 }
@@ -144,6 +148,7 @@ pub struct Prepared {
     identity: crate::enroll::IdentityConfig,
     /// The database of the replicas, when the store is shared.
     replicas: Option<String>,
+    blobs: Option<crate::iac::blobs::Blobs>,
 }
 
 /// Reads the TLS identity, opens the store (a private `0700` data
@@ -194,6 +199,7 @@ pub async fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
         pki,
         identity: config.identity,
         replicas,
+        blobs: config.blobs,
     })
 }
 
@@ -227,6 +233,7 @@ impl Prepared {
             pki,
             identity,
             replicas,
+            blobs,
         } = self;
         let registry = crate::enroll::Registry::load(hub.store.clone(), &pki, identity).await?;
         let gate = crate::enroll::gate::Gate {
@@ -253,7 +260,7 @@ impl Prepared {
                     .map_err(|e| ServerError::Replicas(e.to_string()))?
             }
         };
-        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir).await?;
+        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir, blobs).await?;
         hub.spawn_tasks(tasks.clone());
         iac.spawn(leader, tasks.clone());
         crate::retention::spawn(hub.clone(), retention, tasks.clone());

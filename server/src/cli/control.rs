@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
+use tracing::info;
 
 use super::output::outln;
 use super::{IssueRole, OidcArgs, PkiCommand};
@@ -35,6 +36,13 @@ pub struct ServerArgs {
     /// Also read from OUTPOST_STORE.
     #[arg(long, env = "OUTPOST_STORE", default_value = "embedded", value_parser = crate::server::StoreLocation::parse, hide_env_values = true)]
     pub store: crate::server::StoreLocation,
+    /// Where IaC blobs (sources, plans, state versions) are kept:
+    /// `s3://BUCKET/PREFIX`, reached with the standard AWS environment
+    /// (AWS_REGION, AWS_ENDPOINT_URL_S3, AWS_ACCESS_KEY_ID, ...). Default:
+    /// with the store (the data directory, or PostgreSQL).
+    /// Also read from OUTPOST_BLOB_STORE.
+    #[arg(long, env = "OUTPOST_BLOB_STORE", value_parser = crate::iac::blobs::S3Location::parse)]
+    pub blob_store: Option<crate::iac::blobs::S3Location>,
     #[command(flatten)]
     pub oidc: OidcArgs,
     #[command(flatten)]
@@ -48,6 +56,7 @@ pub async fn server(state: &StateDir, args: &ServerArgs) -> Result<ExitCode> {
         agent_cert_ttl,
         metrics_listen,
         store,
+        blob_store,
         oidc,
         retention,
     } = args;
@@ -63,6 +72,11 @@ pub async fn server(state: &StateDir, args: &ServerArgs) -> Result<ExitCode> {
     let mut cfg = crate::server::ServerConfig::new(state.pki().dir, state.data_dir());
     cfg.oidc = oidc.config(&state.data_dir());
     cfg.store = store.clone();
+    if let Some(location) = blob_store {
+        let conn = crate::iac::blobs::S3Connection::from_env().map_err(anyhow::Error::msg)?;
+        info!(blob_store = %location, region = %conn.region, "iac blobs in s3");
+        cfg.blobs = Some(crate::iac::blobs::Blobs::s3(location.clone(), conn));
+    }
     cfg.metrics = metrics;
     cfg.timing.ttl = lease_ttl;
     cfg.timing.heartbeat = (lease_ttl / 6).max(Duration::from_millis(200));

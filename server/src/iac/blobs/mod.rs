@@ -1,16 +1,20 @@
 //! Content-addressed blobs (source tarballs, sealed plan bundles and state
-//! versions), named by the SHA-256 of their bytes, in one of two places:
+//! versions), named by the SHA-256 of their bytes, in one of three places:
 //!
 //! - `dir`: a directory under the data directory (`<data>/iac/blobs/<sha256
 //!   hex>`), for the embedded store: one control plane, one machine;
 //! - `pg`: the `iac_blobs` table of the PostgreSQL store, so every replica
-//!   reads the blobs any replica wrote.
+//!   reads the blobs any replica wrote;
+//! - `s3`: an S3 bucket (`<prefix>/sha256/<hex>`), with either store, when
+//!   the operator names one (`outpost server --blob-store s3://…`).
 //!
-//! **Invariants (both places):** a blob is either whole or absent (a file is
-//! written to a temporary name and renamed; a row is one `INSERT`); putting
-//! a blob that is already there is a no-op (concurrent puts of the same bytes
-//! from several replicas agree); every read is checked against its digest,
-//! so damaged bytes are reported, never served.
+//! The first two follow the store ([`Blobs::for_store`]); S3 is chosen.
+//!
+//! **Invariants (every place):** a blob is either whole or absent (a file is
+//! written to a temporary name and renamed; a row is one `INSERT`; an object
+//! one PUT); putting a blob that is already there is a no-op (concurrent puts
+//! of the same bytes from several replicas agree); every read is checked
+//! against its digest, so damaged bytes are reported, never served.
 
 use std::path::PathBuf;
 
@@ -21,6 +25,10 @@ use crate::store::Store;
 mod dir;
 /// Blobs in the PostgreSQL store's `iac_blobs` table.
 mod pg;
+/// Blobs in an S3 bucket.
+mod s3;
+
+pub use s3::{S3Connection, S3Location};
 
 #[cfg(test)]
 mod tests;
@@ -41,6 +49,7 @@ pub struct Blobs {
 enum Place {
     Dir(dir::DirBlobs),
     Pg(pg::PgBlobs),
+    S3(s3::S3Blobs),
 }
 
 impl std::fmt::Debug for Blobs {
@@ -50,6 +59,10 @@ impl std::fmt::Debug for Blobs {
             Place::Pg(_) => f
                 .debug_struct("Blobs")
                 .field("table", &"iac_blobs")
+                .finish(),
+            Place::S3(s) => f
+                .debug_struct("Blobs")
+                .field("s3", &s.location().to_string())
                 .finish(),
         }
     }
@@ -74,6 +87,14 @@ impl Blobs {
         }
     }
 
+    /// Blobs in the bucket and under the prefix of `location`, reached
+    /// with `conn`. Nothing is sent until the first put or get.
+    pub fn s3(location: S3Location, conn: S3Connection) -> Blobs {
+        Blobs {
+            place: Place::S3(s3::S3Blobs::new(location, conn)),
+        }
+    }
+
     /// Stores `data`; returns its digest.
     pub async fn put(&self, data: Vec<u8>) -> Result<String, IacError> {
         let digest = sha256_hex(&data);
@@ -81,6 +102,7 @@ impl Blobs {
         match &self.place {
             Place::Dir(d) => d.put(&digest, data).await?,
             Place::Pg(p) => p.put(&digest, data).await?,
+            Place::S3(s) => s.put(&digest, data).await?,
         }
         Ok(digest)
     }
@@ -91,6 +113,7 @@ impl Blobs {
         let data = match &self.place {
             Place::Dir(d) => d.get(digest).await?,
             Place::Pg(p) => p.get(digest).await?,
+            Place::S3(s) => s.get(digest).await?,
         }
         .ok_or_else(|| IacError::NotFound(format!("blob {digest}")))?;
         if sha256_hex(&data) != digest {

@@ -56,7 +56,13 @@ pub struct Engine {
 
 impl Engine {
     /// Opens the IaC tables and registers the lease tasks with the hub.
-    pub async fn start(hub: Arc<Hub>, data_dir: &std::path::Path) -> Result<Arc<Engine>, IacError> {
+    /// Blobs go to `blobs` when given, else where the store puts them
+    /// ([`Blobs::for_store`]).
+    pub async fn start(
+        hub: Arc<Hub>,
+        data_dir: &std::path::Path,
+        blobs: Option<Blobs>,
+    ) -> Result<Arc<Engine>, IacError> {
         let store = IacStore::open(hub.store.clone()).await?;
         store.open_state().await?;
         let key = secrets_key_file(data_dir);
@@ -70,7 +76,9 @@ impl Engine {
         let engine = Arc::new(Engine {
             store,
             hub: hub.clone(),
-            blobs: Blobs::for_store(&hub.store, data_dir.join("iac").join("blobs")),
+            blobs: blobs.unwrap_or_else(|| {
+                Blobs::for_store(&hub.store, data_dir.join("iac").join("blobs"))
+            }),
             git_dir: data_dir.join("iac").join("git"),
             fetching: tokio::sync::Mutex::new(()),
             wake: tokio::sync::Notify::new(),
