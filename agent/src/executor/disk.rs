@@ -9,7 +9,7 @@
 //! formatted **ahead of time**: a few spare ones of the agent's size
 //! (`spare-*.img`) wait in the directory, and taking one is a `rename`, so
 //! no filesystem is made on the pickup path; the spares are refilled in the
-//! background after each pickup. Only a job asking for a smaller workspace
+//! background once the job's container started (not while it starts). Only a job asking for a smaller workspace
 //! than the agent's gets an image formatted when it is picked up (a few
 //! milliseconds for a sparse image).
 //!
@@ -140,6 +140,7 @@ pub(super) fn attach(
         path: workspace.to_path_buf(),
         reason,
     };
+    let mut steps = crate::observe::Steps::new("workspace filesystem");
     let image = image_of(disks, workspace);
     let mut from_spare = false;
     if bytes == spare_bytes {
@@ -159,6 +160,11 @@ pub(super) fn attach(
     if !from_spare {
         format(&image, bytes, uid, gid)?;
     }
+    steps.done(if from_spare {
+        "spare taken"
+    } else {
+        "formatted"
+    });
     let out = std::process::Command::new("mount")
         .args(["-t", "ext4", "-o", "loop,nosuid,nodev"])
         .arg(&image)
@@ -172,6 +178,7 @@ pub(super) fn attach(
             String::from_utf8_lossy(&out.stderr).trim()
         )));
     }
+    steps.done("mounted");
     let prepared = std::fs::remove_dir(workspace.join("lost+found"))
         .or_else(|e| match e.kind() {
             io::ErrorKind::NotFound => Ok(()),

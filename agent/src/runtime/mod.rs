@@ -190,6 +190,7 @@ impl Runtime {
                 secret.value.clear();
             }
         }
+        let mut steps = crate::observe::Steps::new("lease accept");
         let encoded = for_disk.encode_to_vec();
         let lease = wire::lease_from_pb(raw)?;
         let key = lease.key.clone();
@@ -206,6 +207,7 @@ impl Runtime {
             .spool
             .create(&key, &encoded, lease.log_offset)
             .map_err(|e| format!("cannot create the job's log spool: {e}"))?;
+        steps.done("spool created");
         let refusal = self.check.as_ref().and_then(|check| check(&lease).err());
         if let Some(reason) = refusal {
             warn!(job = %key.job_id, epoch = key.epoch, reason = %reason, "job refused by local policy");
@@ -235,6 +237,7 @@ impl Runtime {
             self.limits.container_lease(lease.ttl, SystemTime::now()),
         );
         self.spawn(lease, Drive::Run);
+        steps.done("job spawned");
         Ok(())
     }
 

@@ -5,13 +5,19 @@
 //! command: it says so on stderr, retries with a bounded backoff for up to
 //! [`ClientConfig::reconnect_for`], and resumes the log at the offset it
 //! had written, so no byte is lost or printed twice.
+//!
+//! One command keeps one connection ([`Link`]): `submit --wait` submits,
+//! follows and reads the final state over one TLS handshake, and connects
+//! again only after that connection failed.
 
 use std::time::Duration;
 
 use anyhow::{Result, bail};
 use outpost_proto::admin::v1 as admin;
+use outpost_proto::admin::v1::admin_service_client::AdminServiceClient;
 use outpost_proto::agent::v1 as pb;
 use tokio::time::Instant;
+use tonic::transport::Channel;
 
 use super::output::{self, human, is_final, job_state, note};
 use crate::client::{ClientConfig, ClientError};
@@ -82,6 +88,34 @@ impl Reconnect {
     }
 }
 
+/// The connection of one command to the control plane: made on first use,
+/// kept for the command's later calls, made again after it failed.
+pub struct Link<'a> {
+    client: &'a ClientConfig,
+    conn: Option<AdminServiceClient<Channel>>,
+}
+
+impl<'a> Link<'a> {
+    pub fn new(client: &'a ClientConfig) -> Self {
+        Link { client, conn: None }
+    }
+
+    /// The client for the next call (a handle on the one connection).
+    pub async fn get(&mut self) -> Result<AdminServiceClient<Channel>, ClientError> {
+        if let Some(c) = &self.conn {
+            return Ok(c.clone());
+        }
+        let c = self.client.connect().await?;
+        self.conn = Some(c.clone());
+        Ok(c)
+    }
+
+    /// A call failed: the next one connects again.
+    pub fn lost(&mut self) {
+        self.conn = None;
+    }
+}
+
 /// Whether an error from the control plane may go away by itself.
 fn transient(s: &tonic::Status) -> bool {
     matches!(
@@ -140,10 +174,15 @@ impl LogCursor {
 
 /// Streams a job's log to stdout; with `follow`, until the job ends.
 pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Result<()> {
+    stream_logs_on(&mut Link::new(client), job, follow).await
+}
+
+/// [`stream_logs`] over `link`.
+pub async fn stream_logs_on(link: &mut Link<'_>, job: &str, follow: bool) -> Result<()> {
     let mut cursor = LogCursor::default();
-    let mut retry = Reconnect::new(client);
+    let mut retry = Reconnect::new(link.client);
     loop {
-        let mut c = match client.connect().await {
+        let mut c = match link.get().await {
             Ok(c) => c,
             Err(e) if transient_connect(&e) => {
                 retry.failed(&connect_reason(&e)).await?;
@@ -160,6 +199,7 @@ pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Resu
         let mut stream = match c.follow_logs(request).await {
             Ok(s) => s.into_inner(),
             Err(s) if transient(&s) => {
+                link.lost();
                 retry.failed(s.message()).await?;
                 continue;
             }
@@ -201,6 +241,7 @@ pub async fn stream_logs(client: &ClientConfig, job: &str, follow: bool) -> Resu
                 // The control plane closed the stream (shutting down) or
                 // the connection broke: resume from the cursor.
                 Ok(None) | Err(_) => {
+                    link.lost();
                     retry.failed("the log stream ended early").await?;
                     break;
                 }
@@ -234,9 +275,14 @@ fn connect_reason(e: &ClientError) -> String {
 
 /// Waits until the job is final, riding through control-plane restarts.
 pub async fn wait_final(client: &ClientConfig, job: &str) -> Result<admin::Job> {
-    let mut retry = Reconnect::new(client);
+    wait_final_on(&mut Link::new(client), job).await
+}
+
+/// [`wait_final`] over `link`.
+pub async fn wait_final_on(link: &mut Link<'_>, job: &str) -> Result<admin::Job> {
+    let mut retry = Reconnect::new(link.client);
     loop {
-        let mut c = match client.connect().await {
+        let mut c = match link.get().await {
             Ok(c) => c,
             Err(e) if transient_connect(&e) => {
                 retry.failed(&connect_reason(&e)).await?;
@@ -252,6 +298,7 @@ pub async fn wait_final(client: &ClientConfig, job: &str) -> Result<admin::Job> 
         {
             Ok(j) => j.into_inner(),
             Err(s) if transient(&s) => {
+                link.lost();
                 retry.failed(s.message()).await?;
                 continue;
             }
@@ -261,8 +308,10 @@ pub async fn wait_final(client: &ClientConfig, job: &str) -> Result<admin::Job> 
         if is_final(&j) {
             return Ok(j);
         }
-        // The log stream is the change notification: it ends when the job
-        // is final. Look again at least every few seconds.
+        // The log stream is the change notification: it ends (`eof`) when
+        // the job is final, and the state is read again at once. Look again
+        // at least every few seconds; a stream that fails at once is not
+        // asked again sooner than every 200 ms.
         let started = Instant::now();
         let watch = async {
             if let Ok(s) = c
@@ -277,13 +326,16 @@ pub async fn wait_final(client: &ClientConfig, job: &str) -> Result<admin::Job> 
                 let mut s = s.into_inner();
                 while let Ok(Some(d)) = s.message().await {
                     if d.eof {
-                        break;
+                        return true;
                     }
                 }
             }
+            false
         };
-        let _ = tokio::time::timeout(Duration::from_secs(5), watch).await;
-        if started.elapsed() < Duration::from_millis(200) {
+        let ended = tokio::time::timeout(Duration::from_secs(5), watch)
+            .await
+            .unwrap_or(false);
+        if !ended && started.elapsed() < Duration::from_millis(200) {
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
     }

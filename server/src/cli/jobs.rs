@@ -9,7 +9,7 @@ use clap::ValueEnum;
 use outpost_proto::admin::v1 as admin;
 use outpost_proto::agent::v1 as pb;
 
-use super::follow::{stream_logs, wait_final, watch_queue};
+use super::follow::{Link, stream_logs_on, wait_final, wait_final_on, watch_queue};
 use super::output::{
     between, bytes_text, human, is_final, job_state, note, now_ms, outln, rfc3339, shell_words,
     state_name, state_str,
@@ -32,8 +32,10 @@ pub fn exit_code_of(j: &admin::Job) -> ExitCode {
 }
 
 pub async fn submit(client: &ClientConfig, args: SubmitArgs) -> Result<ExitCode> {
-    let id = client
-        .connect()
+    // One connection for the submission, the log and the final state.
+    let mut link = Link::new(client);
+    let id = link
+        .get()
         .await?
         .submit_job(admin::SubmitJobRequest {
             spec: Some(args.spec()),
@@ -54,9 +56,9 @@ pub async fn submit(client: &ClientConfig, args: SubmitArgs) -> Result<ExitCode>
     let watcher = tokio::spawn(watch_queue(client.clone(), id.clone()));
     let ended = async {
         if args.follow {
-            stream_logs(client, &id, true).await?;
+            stream_logs_on(&mut link, &id, true).await?;
         }
-        wait_final(client, &id).await
+        wait_final_on(&mut link, &id).await
     }
     .await;
     watcher.abort();

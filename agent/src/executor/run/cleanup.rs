@@ -266,33 +266,44 @@ impl Drop for Cleanup {
 
 pub(super) async fn remove_job(docker: &Docker, job: &Leftovers) {
     let name = job.name.as_str();
-    let container_gone = match remove_container(docker, name).await {
-        Ok(_) => true,
-        Err(e) => {
-            tracing::warn!(container = name, error = %error_chain(&e), "removing the job container failed");
-            false
-        }
-    };
-    // The rules go only once the network (and so the container) is gone:
-    // a job must never run unfenced.
-    if job.egress && container_gone {
-        match network::remove_named(docker, name).await {
-            Ok(_) => {
-                if let Err(e) = network::remove_rules(&job.scope, &job.tag).await {
-                    tracing::warn!(error = %error_chain(&e), "removing the job's firewall rules failed");
+    // The container (then its network and rules), the workspace and the
+    // secrets go at the same time: none waits for another, and each goes
+    // whether or not the others could.
+    let container = async {
+        let container_gone = match remove_container(docker, name).await {
+            Ok(_) => true,
+            Err(e) => {
+                tracing::warn!(container = name, error = %error_chain(&e), "removing the job container failed");
+                false
+            }
+        };
+        // The rules go only once the network (and so the container) is gone:
+        // a job must never run unfenced.
+        if job.egress && container_gone {
+            match network::remove_named(docker, name).await {
+                Ok(_) => {
+                    if let Err(e) = network::remove_rules(&job.scope, &job.tag).await {
+                        tracing::warn!(error = %error_chain(&e), "removing the job's firewall rules failed");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(network = name, error = %error_chain(&e), "removing the job network failed; its firewall rules stay")
                 }
             }
-            Err(e) => {
-                tracing::warn!(network = name, error = %error_chain(&e), "removing the job network failed; its firewall rules stay")
-            }
         }
-    }
-    if let Err(e) = workspace::remove(&job.workspace, &job.disks).await {
-        tracing::warn!(error = %error_chain(&e), "removing the job workspace failed");
-    }
-    if let Err(e) = secrets::remove(&job.secrets).await {
-        tracing::warn!(error = %error_chain(&e), "removing the job's secrets failed");
-    }
+        container_gone
+    };
+    let workspace = async {
+        if let Err(e) = workspace::remove(&job.workspace, &job.disks).await {
+            tracing::warn!(error = %error_chain(&e), "removing the job workspace failed");
+        }
+    };
+    let secrets = async {
+        if let Err(e) = secrets::remove(&job.secrets).await {
+            tracing::warn!(error = %error_chain(&e), "removing the job's secrets failed");
+        }
+    };
+    let (container_gone, (), ()) = tokio::join!(container, workspace, secrets);
     // A container that could not be removed keeps the last lease it read.
     if container_gone && let Err(e) = fence::remove(&job.lease).await {
         tracing::warn!(error = %error_chain(&e), "removing the job's lease directory failed");

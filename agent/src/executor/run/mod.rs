@@ -9,6 +9,7 @@ mod supervise;
 
 use cleanup::remove_container;
 use output::{Forwarded, OutputFilter, forward_output, masker, parse_engine_time, spawn_output};
+use prepare::RefillSpares;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -39,6 +40,7 @@ use super::{
     ExecError, PullPolicy, SandboxConfig, disk, error_chain, fence, network, secrets, workspace,
 };
 use crate::job::{JobSpec, LeaseKey, Network, Outcome};
+use crate::observe::Steps;
 
 /// Reason reported when `cancel` stops a job (the token carries no reason;
 /// the caller knows it and may replace this one).
@@ -293,7 +295,9 @@ impl DockerExecutor {
             let outcome = self
                 .execute(key, spec, &name, &workspace, output, cancel, started, hooks)
                 .await;
+            let mut steps = Steps::new("job end");
             cleanup.run().await;
+            steps.done("clean-up");
             self.forget_lease(key);
             match &outcome {
                 Outcome::Failed { reason } => tracing::warn!(%reason, "job failed"),
@@ -317,20 +321,10 @@ impl DockerExecutor {
         started: oneshot::Sender<()>,
         hooks: Option<&dyn JobHooks>,
     ) -> Outcome {
+        let mut steps = Steps::new("job start");
         let mut body = match spec::container_config(key, spec, &self.cfg, workspace) {
             Ok(body) => body,
             Err(e) => return failed(e.into()),
-        };
-        // Only the pull can take long; the steps after it are not cut short,
-        // so that nothing is created behind the cleanup's back.
-        let image = tokio::select! {
-            biased;
-            () = cancel.cancelled() => return Stop::Cancelled.outcome(),
-            image = self.ensure_image(&spec.image) => image,
-        };
-        let image = match image {
-            Ok(image) => image,
-            Err(e) => return failed(e),
         };
         let ctx = HookContext {
             docker: &self.docker,
@@ -338,22 +332,45 @@ impl DockerExecutor {
             workspace,
             image: &spec.image,
         };
-        if let Some(h) = hooks
-            && let Err(e) = h.configure(&ctx, &mut body).await
-        {
-            return hooks::hook_failed("configuring the container", &e);
+        // The image, the hooks' configuration and the sandbox's check overlap
+        // the host's preparation (workspace, lease file, secrets, network).
+        // Only the pull can take long and only it is cut short by a cancel;
+        // both finish before anything else happens, so that nothing is
+        // created behind the cleanup's back.
+        let configured = async {
+            let image = tokio::select! {
+                biased;
+                () = cancel.cancelled() => return Err(Stop::Cancelled.outcome()),
+                image = self.ensure_image(&spec.image) => image,
+            };
+            let image = image.map_err(failed)?;
+            if let Some(h) = hooks
+                && let Err(e) = h.configure(&ctx, &mut body).await
+            {
+                return Err(hooks::hook_failed("configuring the container", &e));
+            }
+            // outpost-init runs whatever the container would have run.
+            spec::supervise(&mut body, image.as_ref(), &self.cfg, spec.timeout)
+                .map_err(|e| failed(e.into()))?;
+            // Whatever a hook changed, the sandbox must still hold.
+            spec::check_sandbox(&body, key, &self.cfg, workspace).map_err(|e| failed(e.into()))
+        };
+        let (configured, host) =
+            tokio::join!(configured, self.prepare_host(key, spec, name, workspace));
+        // A spare workspace image taken is formatted again once the
+        // container started (or the job ended before), not while it starts.
+        let refill = RefillSpares(matches!(host, Ok(true)).then_some(self));
+        if let Err(outcome) = configured {
+            return outcome;
         }
-        // outpost-init runs whatever the container would have run.
-        if let Err(e) = spec::supervise(&mut body, image.as_ref(), &self.cfg, spec.timeout) {
-            return failed(e.into());
-        }
-        // Whatever a hook changed, the sandbox must still hold.
-        if let Err(e) = spec::check_sandbox(&body, key, &self.cfg, workspace) {
-            return failed(e.into());
-        }
-        if let Err(e) = self.prepare(key, spec, name, workspace, body).await {
+        if let Err(e) = host {
             return failed(e);
         }
+        steps.done("image, configuration and host prepared");
+        if let Err(e) = self.create(name, body).await {
+            return failed(e);
+        }
+        steps.done("container created");
         if let Some(h) = hooks {
             let r = tokio::select! {
                 biased;
@@ -363,6 +380,7 @@ impl DockerExecutor {
             if let Err(e) = r {
                 return hooks::hook_failed("preparing the job", &e);
             }
+            steps.done("before-start hooks");
         }
 
         // Attach before start: the engine registers the attachment before it
@@ -390,6 +408,7 @@ impl DockerExecutor {
         let over_limit = CancellationToken::new();
         let filter = self.output_filter(masker(spec, Vec::new()), 0, &over_limit, true);
         let pump = spawn_output(attached.output, output, filter);
+        steps.done("attached");
         if cancel.is_cancelled() {
             return Stop::Cancelled.outcome();
         }
@@ -399,6 +418,8 @@ impl DockerExecutor {
                 source,
             });
         }
+        steps.done("started");
+        drop(refill);
         if let Some(h) = hooks {
             let r = tokio::select! {
                 biased;

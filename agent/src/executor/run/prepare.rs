@@ -1,47 +1,62 @@
 //! Before a container is created: its image (pulled by policy, checked)
-//! and its workspace, network, secrets and lease file.
+//! and its workspace, network, secrets and lease file; the container's
+//! creation; the spare workspace images formatted again.
 
 use super::*;
 
+/// Formats the successors of the spare workspace images a job took once
+/// dropped: after its container started, or when the job ended before.
+pub(super) struct RefillSpares<'a>(pub(super) Option<&'a DockerExecutor>);
+
+impl Drop for RefillSpares<'_> {
+    fn drop(&mut self) {
+        if let Some(exec) = self.0.take() {
+            exec.refill_spares();
+        }
+    }
+}
+
 impl DockerExecutor {
-    /// Workspace, secrets, network and container, ready to start.
-    pub(super) async fn prepare(
+    /// The job's host resources, ready for its container: no container or
+    /// network of an earlier, crashed attempt at the same lease, a fresh
+    /// workspace on its own filesystem, its lease file, its secrets and,
+    /// with egress, its fenced network. The engine's answers about stale
+    /// objects and the workspace's filesystem work overlap; the lease file,
+    /// the secrets and the network come once both are done. Returns whether
+    /// a spare workspace image was taken ([`Self::refill_spares`]).
+    pub(super) async fn prepare_host(
         &self,
         key: &LeaseKey,
         spec: &JobSpec,
         name: &str,
         workspace: &Path,
-        body: ContainerCreateBody,
-    ) -> Result<(), ExecError> {
-        // A container left by an earlier, crashed attempt at the same lease.
-        if remove_container(&self.docker, name).await? {
-            tracing::warn!(container = name, "removed a stale container of this lease");
-        }
+    ) -> Result<bool, ExecError> {
         let egress = spec.network == Network::Egress;
-        if egress && network::remove_named(&self.docker, name).await? {
-            tracing::warn!(network = name, "removed a stale network of this lease");
-        }
-        // A workspace left by a crashed earlier attempt: unmounted first.
-        workspace::remove(workspace, &spec::disks_dir(&self.cfg)).await?;
-        workspace::create(workspace, self.uid, self.gid).await?;
-        let bytes = spec::validate(key, spec, &self.cfg)?.workspace_bytes;
-        let disks = spec::disks_dir(&self.cfg);
-        let (size, uid, gid) = (self.cfg.workspace_bytes, self.uid, self.gid);
-        if workspace::attach_disk(&disks, workspace, bytes, size, uid, gid).await? {
-            // A spare was used: format its successor in the background.
-            let refilling = self.refilling.clone();
-            tokio::spawn(
-                async move {
-                    let Ok(_one_at_a_time) = refilling.try_lock() else {
-                        return;
-                    };
-                    if let Err(e) = workspace::refill_disks(&disks, size, uid, gid).await {
-                        tracing::warn!(error = %error_chain(&e), "formatting spare workspace filesystems failed");
-                    }
-                }
-                .in_current_span(),
-            );
-        }
+        let stale = async {
+            if remove_container(&self.docker, name).await? {
+                tracing::warn!(container = name, "removed a stale container of this lease");
+            }
+            if egress && network::remove_named(&self.docker, name).await? {
+                tracing::warn!(network = name, "removed a stale network of this lease");
+            }
+            Ok::<(), ExecError>(())
+        };
+        let filesystem = async {
+            let mut steps = Steps::new("workspace");
+            // A workspace left by a crashed earlier attempt: unmounted first.
+            workspace::remove(workspace, &spec::disks_dir(&self.cfg)).await?;
+            workspace::create(workspace, self.uid, self.gid).await?;
+            steps.done("workspace directory");
+            let bytes = spec::validate(key, spec, &self.cfg)?.workspace_bytes;
+            let disks = spec::disks_dir(&self.cfg);
+            let (size, uid, gid) = (self.cfg.workspace_bytes, self.uid, self.gid);
+            let spare = workspace::attach_disk(&disks, workspace, bytes, size, uid, gid).await?;
+            steps.done("workspace filesystem mounted");
+            Ok::<bool, ExecError>(spare)
+        };
+        let (stale, spare) = tokio::join!(stale, filesystem);
+        stale?;
+        let spare = spare?;
         let lease_dir = spec::lease_dir(key, &self.cfg)?;
         let lease = self
             .leases
@@ -63,6 +78,15 @@ impl DockerExecutor {
                 network::create(&self.docker, name, labels, &self.scope, &job_tag(key)).await?;
             tracing::info!(network = name, bridge = %net.bridge, "egress network ready and fenced");
         }
+        Ok(spare)
+    }
+
+    /// Creates the job's container from `body` (not started).
+    pub(super) async fn create(
+        &self,
+        name: &str,
+        body: ContainerCreateBody,
+    ) -> Result<(), ExecError> {
         let options = CreateContainerOptions {
             name: Some(name.to_string()),
             ..Default::default()
@@ -79,6 +103,28 @@ impl DockerExecutor {
             tracing::warn!(container = name, %warning, "docker engine warning");
         }
         Ok(())
+    }
+
+    /// Formats the successors of the spare workspace images taken, in the
+    /// background (one refill at a time).
+    pub(super) fn refill_spares(&self) {
+        let refilling = self.refilling.clone();
+        let disks = spec::disks_dir(&self.cfg);
+        let (size, uid, gid) = (self.cfg.workspace_bytes, self.uid, self.gid);
+        let refill = async move {
+            let Ok(_one_at_a_time) = refilling.try_lock() else {
+                return;
+            };
+            if let Err(e) = workspace::refill_disks(&disks, size, uid, gid).await {
+                tracing::warn!(error = %error_chain(&e), "formatting spare workspace filesystems failed");
+            }
+        };
+        match tokio::runtime::Handle::try_current() {
+            Ok(handle) => {
+                handle.spawn(refill.in_current_span());
+            }
+            Err(_) => tracing::debug!("no runtime: spares are formatted at the next pickup"),
+        }
     }
 
     /// Makes sure the image is present (pulling it if allowed); returns its

@@ -19,7 +19,9 @@ impl DockerExecutor {
         from_log: bool,
     ) -> Outcome {
         let began = Instant::now();
+        let mut steps = Steps::new("job run");
         let (outcome, exited) = self.supervise(name, timeout, cancel, over_limit).await;
+        steps.done("exited (wait, inspect)");
         if !exited {
             // Its end was not observed: make sure it is gone so that the
             // output stream ends.
@@ -37,6 +39,7 @@ impl DockerExecutor {
                 Err(e) => tracing::warn!(error = %e, "output task failed"),
             }
         }
+        steps.done("output complete");
         // A job that ended by itself right after going past the limit still
         // failed: its output is incomplete.
         match outcome {
