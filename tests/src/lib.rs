@@ -8,6 +8,8 @@ pub mod iac;
 pub mod identity;
 pub mod moto;
 pub mod pg;
+mod procs;
+mod raw;
 pub mod replicas;
 pub mod sandbox_helpers;
 pub mod webhook;
@@ -25,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 pub use outpost::dev::RUNNER_IMAGE;
+pub use procs::*;
+pub use raw::*;
 
 /// A control plane running in this process.
 pub struct Server {
@@ -388,16 +392,6 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// An agent running as its own `outpost-agent` process, so tests can kill,
-/// stop and signal it like an operator or a crash would.
-pub struct AgentProc {
-    pub name: String,
-    pub child: std::process::Child,
-    pub config: PathBuf,
-    pub log: PathBuf,
-    pub state_dir: PathBuf,
-}
-
 impl Cluster {
     /// Writes the config of agent `name` (certificate issued if missing) and
     /// returns its path. `extra` is appended to the top-level table.
@@ -496,190 +490,6 @@ impl Cluster {
     }
 }
 
-/// Opens a scripted agent session to the control plane at `url` (its CA
-/// in `ca`) with the certificate in `cert` and `key`, sends `hello` and
-/// waits for the welcome. A connection that cannot be made is
-/// `Unavailable` with its cause; what the server refuses is its status.
-pub async fn raw_session(
-    url: &str,
-    ca: &Path,
-    cert: &Path,
-    key: &Path,
-    hello: pb::Hello,
-) -> Result<RawAgent, tonic::Status> {
-    let tls = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(
-            std::fs::read(ca).expect("ca"),
-        ))
-        .identity(tonic::transport::Identity::from_pem(
-            std::fs::read(cert).expect("cert"),
-            std::fs::read(key).expect("key"),
-        ))
-        .domain_name("localhost");
-    let channel = tonic::transport::Endpoint::from_shared(url.to_string())
-        .expect("url")
-        .tls_config(tls)
-        .expect("tls")
-        .connect_timeout(Duration::from_secs(10))
-        .connect()
-        .await
-        .map_err(|e| tonic::Status::unavailable(error_chain(&e)))?;
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(hello)),
-    })
-    .await
-    .expect("queue hello");
-    let mut inbound = pb::agent_service_client::AgentServiceClient::new(channel)
-        .session(tokio_stream::wrappers::ReceiverStream::new(rx))
-        .await?
-        .into_inner();
-    let first = tokio::time::timeout(Duration::from_secs(30), inbound.message())
-        .await
-        .expect("a welcome within 30s")?;
-    match first.and_then(|m| m.msg) {
-        Some(pb::server_message::Msg::Welcome(welcome)) => Ok(RawAgent {
-            tx,
-            inbound,
-            welcome,
-        }),
-        other => panic!("expected a welcome, got {other:?}"),
-    }
-}
-
-/// Whose certificate a scripted agent session presents.
-pub enum RawIdentity<'a> {
-    /// The agent certificate of this name, issued by the cluster's CA if
-    /// missing.
-    Issued(&'a str),
-    /// A certificate and key already on disk (e.g. enrolled).
-    Files { cert: &'a Path, key: &'a Path },
-}
-
-/// A scripted agent session over real mTLS: the test decides every message.
-pub struct RawAgent {
-    pub tx: tokio::sync::mpsc::Sender<pb::AgentMessage>,
-    pub inbound: tonic::Streaming<pb::ServerMessage>,
-    pub welcome: pb::Welcome,
-}
-
-impl RawAgent {
-    pub async fn send(&self, msg: pb::agent_message::Msg) {
-        self.tx
-            .send(pb::AgentMessage { msg: Some(msg) })
-            .await
-            .expect("the session is open");
-    }
-
-    /// Receives until `pick` returns something (bounded); panics with every
-    /// message seen meanwhile.
-    pub async fn recv_until<T>(
-        &mut self,
-        limit: Duration,
-        mut pick: impl FnMut(&pb::server_message::Msg) -> Option<T>,
-    ) -> T {
-        let deadline = tokio::time::Instant::now() + limit;
-        let mut seen = Vec::new();
-        loop {
-            let m = tokio::time::timeout_at(deadline, self.inbound.message())
-                .await
-                .unwrap_or_else(|_| panic!("nothing expected arrived in {limit:?}; saw {seen:#?}"));
-            match m {
-                Ok(Some(pb::ServerMessage { msg: Some(m) })) => {
-                    if let Some(t) = pick(&m) {
-                        return t;
-                    }
-                    seen.push(m);
-                }
-                Ok(Some(_)) => {}
-                Ok(None) => panic!("the session ended; saw {seen:#?}"),
-                Err(s) => panic!("the session failed: {s:?}; saw {seen:#?}"),
-            }
-        }
-    }
-}
-
-/// Writes the config of agent `name` of the installation whose state is
-/// `state` (certificate issued if missing) under `dir/agents/name`, dialing
-/// `url`, and returns its path. `extra` is appended to the top-level table.
-pub fn write_agent_config_at(
-    state: &StateDir,
-    dir: &Path,
-    url: &str,
-    name: &str,
-    capacity: u32,
-    extra: &str,
-    sandbox_extra: &str,
-) -> PathBuf {
-    let pki = state.pki();
-    let paths = pki.issued(outpost::identity::Role::Agent, name);
-    if !paths.cert.exists() {
-        pki.issue(outpost::identity::Role::Agent, name)
-            .expect("issue agent cert");
-    }
-    let dir = dir.join("agents").join(name);
-    std::fs::create_dir_all(&dir).expect("agent dir");
-    let text = format!(
-        r#"server = "{url}"
-server_name = "localhost"
-agent_id = "{name}"
-capacity = {capacity}
-state_dir = "{state}"
-max_backoff = "500ms"
-{extra}
-[labels]
-zone = "test"
-[tls]
-ca = "{ca}"
-cert = "{cert}"
-key = "{key}"
-[sandbox]
-work_dir = "{work}"
-stop_grace = "2s"
-pull = "never"
-{sandbox_extra}
-"#,
-        sandbox_extra = with_runner_allowed(sandbox_extra),
-        url = url,
-        state = dir.join("state").display(),
-        ca = pki.ca_cert().display(),
-        cert = paths.cert.display(),
-        key = paths.key.display(),
-        work = dir.join("work").display(),
-    );
-    let path = dir.join("agent.toml");
-    std::fs::write(&path, text).expect("write agent config");
-    path
-}
-
-/// Starts `outpost-agent --config CONFIG` (log in `CONFIG.log`) without
-/// waiting for anything.
-pub fn spawn_agent_process(name: &str, config: &Path) -> AgentProc {
-    let log = config.with_extension("log");
-    let child = std::process::Command::new(bin("outpost-agent"))
-        .arg("--config")
-        .arg(config)
-        .env("OUTPOST_LOG", "info")
-        .stdout(std::process::Stdio::null())
-        .stderr(
-            std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(&log)
-                .expect("agent log"),
-        )
-        .spawn()
-        .expect("spawn outpost-agent");
-    let state_dir = config.parent().expect("dir").join("state");
-    AgentProc {
-        name: name.to_string(),
-        child,
-        config: config.to_path_buf(),
-        log,
-        state_dir,
-    }
-}
-
 impl Cluster {
     pub async fn wait_agent_connected(&self, name: &str, connected: bool, limit: Duration) {
         let deadline = tokio::time::Instant::now() + limit;
@@ -726,54 +536,6 @@ pub async fn stored_log(mut c: AdminServiceClient<Channel>, id: &str, epoch: u64
     out
 }
 
-impl AgentProc {
-    pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// Sends a signal by name (`KILL`, `TERM`, `STOP`, `CONT`, `QUIT`).
-    pub fn signal(&self, sig: &str) {
-        let st = std::process::Command::new("kill")
-            .arg(format!("-{sig}"))
-            .arg(self.pid().to_string())
-            .status()
-            .expect("kill");
-        assert!(st.success(), "kill -{sig} {}", self.pid());
-    }
-
-    /// Waits (bounded) for the process to exit; returns its exit code.
-    pub async fn wait_exit(&mut self, limit: Duration) -> Option<i32> {
-        let deadline = tokio::time::Instant::now() + limit;
-        loop {
-            if let Some(st) = self.child.try_wait().expect("try_wait") {
-                return st.code();
-            }
-            if tokio::time::Instant::now() > deadline {
-                let _ = self.child.kill();
-                panic!(
-                    "agent {} did not exit within {limit:?}; log:\n{}",
-                    self.name,
-                    std::fs::read_to_string(&self.log).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
-    pub fn log_text(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for AgentProc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 /// A job that prints `lines` numbered lines, pausing `pause` seconds (busybox
 /// `sleep` fraction) between them, and the exact log it must produce.
 pub fn numbered_job(lines: u32, pause: &str) -> (Vec<String>, Vec<u8>) {
@@ -809,18 +571,4 @@ pub async fn all_outpost_containers() -> Vec<String> {
         .into_iter()
         .filter_map(|c| c.id)
         .collect()
-}
-
-/// `sandbox_extra` with a `[policy]` table that allows the runner image: the
-/// agent allows no image by default. A `[policy]` table already in
-/// `sandbox_extra` gets the line too, unless it sets `allowed_images` itself.
-fn with_runner_allowed(sandbox_extra: &str) -> String {
-    let allow = format!("allowed_images = [\"{RUNNER_IMAGE}\"]");
-    if sandbox_extra.contains("allowed_images") {
-        sandbox_extra.to_string()
-    } else if sandbox_extra.contains("[policy]") {
-        sandbox_extra.replacen("[policy]", &format!("[policy]\n{allow}"), 1)
-    } else {
-        format!("{sandbox_extra}\n[policy]\n{allow}")
-    }
 }
