@@ -149,6 +149,8 @@ pub struct Prepared {
     /// The database of the replicas, when the store is shared.
     replicas: Option<String>,
     blobs: Option<crate::iac::blobs::Blobs>,
+    /// Seals stack and webhook secrets (`data/iac/secrets.key`).
+    sealer: Arc<crate::iac::secrets::Sealer>,
 }
 
 /// Reads the TLS identity, opens the store (a private `0700` data
@@ -176,15 +178,16 @@ pub async fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
     let hub = Hub::new(store, config.timing);
     let issuer = crate::oidc::Issuer::load_or_create(config.oidc.clone())?;
     info!(issuer = %config.oidc.issuer, kid = %issuer.kid(), "oidc token issuer ready");
+    // Read once here: the engine seals with it, and replicas compare it.
+    let secrets_file = crate::iac::runs::secrets_key_file(&config.data_dir);
+    let sealer = crate::iac::secrets::Sealer::load_or_create(&secrets_file)?;
     if replicas.is_some() {
         // Every replica must sign and seal with the same keys as the first.
-        let file = crate::iac::runs::secrets_key_file(&config.data_dir);
-        let sealer = crate::iac::secrets::Sealer::load_or_create(&file)?;
         crate::replicas::keys::check_keys(
             &hub.store,
             &[
                 crate::replicas::keys::ReplicaKey::oidc(&issuer),
-                crate::replicas::keys::ReplicaKey::secrets(&sealer, file),
+                crate::replicas::keys::ReplicaKey::secrets(&sealer, secrets_file),
             ],
         )
         .await?;
@@ -200,6 +203,7 @@ pub async fn prepare(config: ServerConfig) -> Result<Prepared, ServerError> {
         identity: config.identity,
         replicas,
         blobs: config.blobs,
+        sealer: Arc::new(sealer),
     })
 }
 
@@ -234,6 +238,7 @@ impl Prepared {
             identity,
             replicas,
             blobs,
+            sealer,
         } = self;
         let registry = crate::enroll::Registry::load(hub.store.clone(), &pki, identity).await?;
         let gate = crate::enroll::gate::Gate {
@@ -260,7 +265,7 @@ impl Prepared {
                     .map_err(|e| ServerError::Replicas(e.to_string()))?
             }
         };
-        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir, blobs).await?;
+        let iac = crate::iac::runs::Engine::start(hub.clone(), &data_dir, blobs, sealer).await?;
         hub.spawn_tasks(tasks.clone());
         iac.spawn(leader, tasks.clone());
         crate::retention::spawn(hub.clone(), retention, tasks.clone());

@@ -57,20 +57,16 @@ pub struct Engine {
 impl Engine {
     /// Opens the IaC tables and registers the lease tasks with the hub.
     /// Blobs go to `blobs` when given, else where the store puts them
-    /// ([`Blobs::for_store`]).
+    /// ([`Blobs::for_store`]); secrets are sealed with `sealer` (the key
+    /// in [`secrets_key_file`]).
     pub async fn start(
         hub: Arc<Hub>,
         data_dir: &std::path::Path,
         blobs: Option<Blobs>,
+        sealer: Arc<Sealer>,
     ) -> Result<Arc<Engine>, IacError> {
         let store = IacStore::open(hub.store.clone()).await?;
         store.open_state().await?;
-        let key = secrets_key_file(data_dir);
-        let sealer = tokio::task::spawn_blocking(move || Sealer::load_or_create(&key))
-            .await
-            .map_err(|_| IacError::Join)?
-            .map_err(|e| IacError::BadRequest(e.to_string()))?;
-        let sealer = Arc::new(sealer);
         let notifier =
             Notifier::open(hub.store.clone(), sealer.clone(), hub.metrics.iac.clone()).await?;
         let engine = Arc::new(Engine {
