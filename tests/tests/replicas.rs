@@ -193,25 +193,11 @@ async fn an_unreachable_database_stops_the_server_before_it_listens_without_leak
         .local_addr()
         .expect("addr")
         .port();
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(outpost_tests::bin("outpost"))
-            .arg("--state-dir")
-            .arg(&st.root)
-            .args(["server", "--listen", "127.0.0.1:0"])
-            .env(
-                "OUTPOST_STORE",
-                format!("postgres://bob:s3cret-pw@127.0.0.1:{port}/outpost"),
-            )
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
+    let err = refused_start(
+        &st,
+        &format!("postgres://bob:s3cret-pw@127.0.0.1:{port}/outpost"),
     )
-    .await
-    .expect("the server gives up within 60 s")
-    .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    .await;
     assert!(
         err.contains(&format!(
             "failed to connect to PostgreSQL at postgres://bob:***@127.0.0.1:{port}/outpost"
@@ -219,7 +205,29 @@ async fn an_unreachable_database_stops_the_server_before_it_listens_without_leak
         "{err}"
     );
     assert!(!err.contains("s3cret-pw"), "{err}");
-    assert!(!st.addr_file().exists(), "it never listened");
+}
+
+/// Runs `outpost server` over the store at `store` with state `st`,
+/// expecting it to give up (within 60 s) before it listens; its stderr.
+async fn refused_start(st: &outpost::client::StateDir, store: &str) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(outpost_tests::bin("outpost"))
+            .arg("--state-dir")
+            .arg(&st.root)
+            .args(["server", "--listen", "127.0.0.1:0"])
+            .env("OUTPOST_STORE", store)
+            .stdin(std::process::Stdio::null())
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the server gives up within 60 s")
+    .expect("run");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success(), "{err}");
+    assert!(!st.addr_file().exists(), "it never listened: {err}");
+    err
 }
 
 /// A replica started with keys of its own (a fresh data directory, the
@@ -231,32 +239,8 @@ async fn a_replica_without_the_first_replicas_keys_refuses_to_start() {
     let mut r = Replicas::start(1, db.url(), "20s").await;
     let st = outpost::client::StateDir::new(r.dir.path().join("stranger"));
     std::fs::create_dir_all(&st.root).expect("state dir");
-    let copy = |from: &std::path::Path, to: &std::path::Path| {
-        std::fs::create_dir_all(to).expect("pki dir");
-        for e in std::fs::read_dir(from).expect("read pki") {
-            let e = e.expect("entry");
-            if e.file_type().expect("type").is_file() {
-                std::fs::copy(e.path(), to.join(e.file_name())).expect("copy");
-            }
-        }
-    };
-    copy(&r.base.pki().dir, &st.pki().dir);
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(outpost_tests::bin("outpost"))
-            .arg("--state-dir")
-            .arg(&st.root)
-            .args(["server", "--listen", "127.0.0.1:0"])
-            .env("OUTPOST_STORE", db.url())
-            .stdin(std::process::Stdio::null())
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("the server gives up within 60 s")
-    .expect("run");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
+    outpost_tests::replicas::copy_dir(&r.base.pki().dir, &st.pki().dir);
+    let err = refused_start(&st, db.url()).await;
     for file in outpost_tests::replicas::REPLICA_KEYS {
         let path = st.data_dir().join(file);
         assert!(
@@ -264,7 +248,6 @@ async fn a_replica_without_the_first_replicas_keys_refuses_to_start() {
             "{file}: {err}"
         );
     }
-    assert!(!st.addr_file().exists(), "it never listened");
     // The fixture's second replica gets the first one's keys: it starts.
     r.add_replica().await;
     assert!(
